@@ -1,0 +1,328 @@
+"""Configuration dataclasses: the DiT architecture and the per-robot policy presets.
+
+Cheap to import (no torch). Field names follow upstream `transformer/config.json` and the
+LeRobot `LingBotVAConfig` so released files and configs map one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Keys upstream writes into transformer/config.json that do not change the math we run.
+_IGNORED_MODEL_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "attn_mode", "pos_embed_seq_len"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The dual-stream Wan DiT (DESIGN.md section 1). Defaults are the released ~5B model."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 24
+    attention_head_dim: int = 128
+    in_channels: int = 48
+    out_channels: int = 48
+    action_dim: int = 30
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 14336
+    num_layers: int = 30
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if len(self.patch_size) != 3 or self.patch_size[0] != 1:
+            raise ValueError(f"patch_size: expected (1, ph, pw), got {self.patch_size}")
+        if self.attention_head_dim % 2:
+            raise ValueError(f"attention_head_dim: must be even for RoPE, got {self.attention_head_dim}")
+        if not self.cross_attn_norm:
+            raise ValueError("cross_attn_norm: LingBot-VA checkpoints use cross_attn_norm=true")
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known - _IGNORED_MODEL_KEYS
+        if unknown:
+            raise ValueError(f"{source}: unknown transformer config keys {sorted(unknown)}; expected {sorted(known)}")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: invalid transformer config: {e}") from e
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of transformer config keys")
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return {"_class_name": "WanTransformer3DModel", **d}
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "full": ModelConfig(),
+    # DESIGN.md section 4: 2 blocks, 2 heads x 24, ffn 64, text_dim 32, latent ch 16, action_dim 8.
+    "tiny": ModelConfig(
+        num_attention_heads=2,
+        attention_head_dim=24,
+        in_channels=16,
+        out_channels=16,
+        action_dim=8,
+        text_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+    ),
+}
+
+# Spatial / temporal compression of the Wan2.2 VAE (and of the tiny stand-in).
+VAE_SPATIAL = 16
+VAE_TEMPORAL = 4
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Sampler + observation settings of one robot setup (DESIGN.md sections 3-4)."""
+
+    name: str
+    model: str  # key of MODEL_PRESETS the policy was trained with
+    height: int
+    width: int
+    obs_cam_keys: tuple[str, ...]
+    camera_layout: str = "width_concat"  # or "robotwin_tshape"
+    action_per_frame: int = 4
+    frame_chunk_size: int = 4
+    attn_window: int = 30
+    num_inference_steps: int = 20
+    action_num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    action_guidance_scale: float = 1.0
+    snr_shift: float = 5.0
+    action_snr_shift: float = 1.0
+    used_action_channel_ids: tuple[int, ...] = tuple(range(7))
+    # Quantiles over the full action_dim space (unused channels included, as upstream stores them).
+    action_q01: tuple[float, ...] = ()
+    action_q99: tuple[float, ...] = ()
+    max_sequence_length: int = 512
+    state_dim: int | None = None  # robot-side state/action size; defaults to len(used_action_channel_ids)
+
+    def __post_init__(self):
+        for name in ("obs_cam_keys", "used_action_channel_ids", "action_q01", "action_q99"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        action_dim = MODEL_PRESETS[self.model].action_dim if self.model in MODEL_PRESETS else None
+        if action_dim is None:
+            raise ValueError(f"model: unknown preset {self.model!r}; expected one of {sorted(MODEL_PRESETS)}")
+        if len(self.action_q01) != action_dim or len(self.action_q99) != action_dim:
+            raise ValueError(
+                f"action_q01/action_q99: expected {action_dim} values each (the model's action_dim), "
+                f"got {len(self.action_q01)}/{len(self.action_q99)}"
+            )
+        ids = self.used_action_channel_ids
+        if len(set(ids)) != len(ids) or not all(0 <= i < action_dim for i in ids):
+            raise ValueError(f"used_action_channel_ids: expected distinct ids in [0, {action_dim}), got {ids}")
+        if self.camera_layout not in ("width_concat", "robotwin_tshape"):
+            raise ValueError(f"camera_layout: expected 'width_concat' or 'robotwin_tshape', got {self.camera_layout!r}")
+        if self.camera_layout == "robotwin_tshape" and len(self.obs_cam_keys) != 3:
+            raise ValueError("obs_cam_keys: robotwin_tshape needs exactly 3 cameras (head, left wrist, right wrist)")
+        ph, pw = MODEL_PRESETS[self.model].patch_size[1:]
+        step = VAE_SPATIAL * (2 if self.camera_layout == "robotwin_tshape" else 1)
+        if self.height % (step * ph) or self.width % (step * pw):
+            raise ValueError(
+                f"height/width: {self.height}x{self.width} must be multiples of {step * ph}x{step * pw} "
+                "(VAE downsampling x patch size)"
+            )
+        if self.attn_window < 2:
+            raise ValueError(f"attn_window: must be >= 2 (the cache holds attn_window // 2 chunks), got {self.attn_window}")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return MODEL_PRESETS[self.model]
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """Latent height/width after the camera layout (cameras concatenated on width)."""
+        h, w = self.height // VAE_SPATIAL, self.width // VAE_SPATIAL
+        if self.camera_layout == "robotwin_tshape":
+            return (h * 3) // 2, w  # half-size wrists side by side on top of the head camera
+        return h, w * len(self.obs_cam_keys)
+
+    @property
+    def video_tokens_per_frame(self) -> int:
+        h, w = self.latent_hw
+        _, ph, pw = self.model_config.patch_size
+        return (h // ph) * (w // pw)
+
+    @property
+    def video_tokens_per_chunk(self) -> int:
+        return self.frame_chunk_size * self.video_tokens_per_frame
+
+    @property
+    def action_tokens_per_chunk(self) -> int:
+        return self.frame_chunk_size * self.action_per_frame
+
+    @property
+    def cache_capacity(self) -> int:
+        """Self-attention KV slots per block and CFG row (DESIGN.md section 2)."""
+        return (self.attn_window // 2) * (self.video_tokens_per_chunk + self.action_tokens_per_chunk)
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.guidance_scale > 1 or self.action_guidance_scale > 1
+
+    @property
+    def cfg_batch(self) -> int:
+        return 2 if self.use_cfg else 1
+
+    @property
+    def chunk_steps(self) -> int:
+        """Robot steps per chunk (the first chunk has action_per_frame fewer: frame 0 is the observation)."""
+        return self.frame_chunk_size * self.action_per_frame
+
+    def replace(self, **changes) -> PolicyConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_LIBERO_Q01 = (-0.6589, -0.84375, -0.9375, -0.1211, -0.1596, -0.2657, -1.0)
+_LIBERO_Q99 = (0.9, 0.8545, 0.9375, 0.1714, 0.1843, 0.3439, 1.0)
+# Upstream stores zeros for unused channels; quantile normalization maps them to -1 (see actions.py).
+_ROBOTWIN_Q01 = (
+    -0.06172713458538055, -3.6716461181640625e-05, -0.08783501386642456, -1, -1, -1, -1,
+    -0.3547105032205582, -1.3113021850585938e-06, -0.11975435614585876, -1, -1, -1, -1,
+) + (0.0,) * 16
+_ROBOTWIN_Q99 = (
+    0.3462600058317184, 0.39966784834861746, 0.14745532035827624, 1, 1, 1, 1,
+    0.034201726913452024, 0.39142737388610793, 0.1792279863357542, 1, 1, 1, 1,
+) + (0.0,) * 14 + (1.0, 1.0)
+
+
+def _pad30(values: tuple[float, ...], fill: float) -> tuple[float, ...]:
+    return tuple(values) + (fill,) * (30 - len(values))
+
+
+POLICY_PRESETS: dict[str, PolicyConfig] = {
+    "libero": PolicyConfig(
+        name="libero",
+        model="full",
+        height=128,
+        width=128,
+        obs_cam_keys=("observation.images.image", "observation.images.image2"),
+        action_per_frame=4,
+        frame_chunk_size=4,
+        attn_window=30,
+        num_inference_steps=20,
+        action_num_inference_steps=50,
+        guidance_scale=5.0,
+        action_guidance_scale=1.0,
+        snr_shift=5.0,
+        action_snr_shift=0.05,
+        used_action_channel_ids=tuple(range(7)),
+        action_q01=_pad30(_LIBERO_Q01, 0.0),
+        action_q99=_pad30(_LIBERO_Q99, 0.0),
+    ),
+    "robotwin": PolicyConfig(
+        name="robotwin",
+        model="full",
+        height=256,
+        width=320,
+        obs_cam_keys=(
+            "observation.images.cam_high",
+            "observation.images.cam_left_wrist",
+            "observation.images.cam_right_wrist",
+        ),
+        camera_layout="robotwin_tshape",
+        action_per_frame=16,
+        frame_chunk_size=2,
+        attn_window=72,
+        num_inference_steps=25,
+        action_num_inference_steps=50,
+        guidance_scale=5.0,
+        action_guidance_scale=1.0,
+        snr_shift=5.0,
+        action_snr_shift=1.0,
+        used_action_channel_ids=tuple(range(7)) + (28,) + tuple(range(7, 14)) + (29,),
+        action_q01=_ROBOTWIN_Q01,
+        action_q99=_ROBOTWIN_Q99,
+    ),
+    # SO-100: 5 joints + gripper in degrees-like units mapped onto the first 6 channels; the
+    # quantiles here are placeholders over LeRobot's default SO-100 joint ranges until a
+    # dataset's meta/stats.json replaces them (robot issue).
+    "so100": PolicyConfig(
+        name="so100",
+        model="full",
+        height=256,
+        width=256,
+        obs_cam_keys=(
+            "observation.images.camera_top",
+            "observation.images.camera_wrist_left",
+            "observation.images.camera_wrist_right",
+        ),
+        action_per_frame=4,
+        frame_chunk_size=4,
+        attn_window=30,
+        num_inference_steps=20,
+        action_num_inference_steps=50,
+        guidance_scale=5.0,
+        action_guidance_scale=1.0,
+        snr_shift=5.0,
+        action_snr_shift=1.0,
+        used_action_channel_ids=tuple(range(6)),
+        action_q01=_pad30((-100.0, -100.0, -100.0, -100.0, -100.0, 0.0), 0.0),
+        action_q99=_pad30((100.0, 100.0, 100.0, 100.0, 100.0, 100.0), 0.0),
+    ),
+    # Tests and the embedded demo: small enough for CPU, and the cache (2 chunks) wraps after
+    # the second chunk so eviction is exercised in every long run.
+    "tiny": PolicyConfig(
+        name="tiny",
+        model="tiny",
+        height=64,
+        width=64,
+        obs_cam_keys=("observation.images.image", "observation.images.image2"),
+        action_per_frame=2,
+        frame_chunk_size=2,
+        attn_window=4,
+        num_inference_steps=4,
+        action_num_inference_steps=5,
+        guidance_scale=5.0,
+        action_guidance_scale=1.0,
+        snr_shift=5.0,
+        action_snr_shift=0.05,
+        used_action_channel_ids=(0, 1, 2, 3, 5, 6),
+        action_q01=(-1.0, -0.5, -2.0, -0.1, -3.0, -0.2, 0.0, -1.0),
+        action_q99=(1.0, 0.5, 2.0, 0.3, 3.0, 0.2, 1.0, 1.0),
+    ),
+}
+
+
+def get_policy_config(name: str, **overrides) -> PolicyConfig:
+    if name not in POLICY_PRESETS:
+        raise ValueError(f"preset: unknown {name!r}; expected one of {sorted(POLICY_PRESETS)}")
+    cfg = POLICY_PRESETS[name]
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How the sampler runs (not what it computes)."""
+
+    compile: bool = True
+    compile_mode: str | None = None  # e.g. "max-autotune-no-cudagraphs" on GPU
+    extra: dict = field(default_factory=dict)

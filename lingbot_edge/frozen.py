@@ -1,0 +1,432 @@
+"""Frozen encoders of the policy: observations through the Wan2.2 VAE, prompts through UMT5.
+
+DESIGN.md section 3 ("Observation encoding", "Prompt"). Both encoders take already-built models
+(diffusers `AutoencoderKLWan`, transformers `UMT5EncoderModel`) plus a tokenizer callable, so loading
+the released folders later only needs a loader that builds those objects. For tests and the `tiny`
+preset, `build_tiny_vae` / `build_tiny_umt5` / `ByteTokenizer` build small stand-ins offline.
+
+diffusers / transformers are imported lazily so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5EncoderModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ByteTokenizer",
+    "HFTokenizer",
+    "ObservationEncoder",
+    "PromptEncoder",
+    "StreamingVAEEncoder",
+    "Tokenizer",
+    "build_tiny_umt5",
+    "build_tiny_vae",
+    "clean_prompt",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny stand-in models (ENVIRONMENT.md "Tiny frozen models")
+# --------------------------------------------------------------------------------------------------
+
+
+def build_tiny_vae(
+    z_dim: int = 16,
+    seed: int = 0,
+    latents_mean: Sequence[float] | None = None,
+    latents_std: Sequence[float] | None = None,
+) -> AutoencoderKLWan:
+    """A ~0.7M-parameter Wan2.2-style VAE (patch 2, 16x spatial, 4x temporal), weights from `seed`.
+
+    `latents_mean` / `latents_std` default to 0 / 1 (identity normalization); tests pass other values
+    to exercise the normalization.
+    """
+    from diffusers import AutoencoderKLWan
+
+    mean = [0.0] * z_dim if latents_mean is None else [float(v) for v in latents_mean]
+    std = [1.0] * z_dim if latents_std is None else [float(v) for v in latents_std]
+    if len(mean) != z_dim or len(std) != z_dim:
+        raise ValueError(
+            f"latents_mean/latents_std: expected {z_dim} values each, got {len(mean)}/{len(std)}"
+        )
+    # Forked RNG: building the model must not disturb the caller's global torch RNG stream.
+    # devices=[]: construction happens on CPU, no need to touch (or initialize) CUDA.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan(
+            base_dim=8,
+            decoder_base_dim=8,
+            z_dim=z_dim,
+            dim_mult=[1, 2, 4, 4],
+            num_res_blocks=1,
+            attn_scales=[],
+            temperal_downsample=[False, True, True],
+            is_residual=True,
+            in_channels=12,
+            out_channels=12,
+            patch_size=2,
+            scale_factor_spatial=16,
+            scale_factor_temporal=4,
+            latents_mean=mean,
+            latents_std=std,
+        )
+    vae.eval().requires_grad_(False)
+    logger.debug(
+        "built tiny VAE z_dim=%d seed=%d (%d params)", z_dim, seed, sum(p.numel() for p in vae.parameters())
+    )
+    return vae
+
+
+def build_tiny_umt5(d_model: int = 32, seed: int = 0) -> UMT5EncoderModel:
+    """A 2-layer UMT5 encoder (vocab 256) with weights from `seed`; pairs with `ByteTokenizer`."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=256,
+        d_model=d_model,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UMT5EncoderModel(config)
+    model.eval().requires_grad_(False)
+    logger.debug("built tiny UMT5 d_model=%d seed=%d", d_model, seed)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------------
+
+
+class Tokenizer(Protocol):
+    """What `PromptEncoder` needs: prompts -> (input_ids, attention_mask), both LongTensor [B, max_length]."""
+
+    def __call__(self, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class ByteTokenizer:
+    """Offline stand-in for the T5 tokenizer, used with the tiny UMT5 (tiny preset and tests only).
+
+    Each UTF-8 byte b maps to id `b % (vocab_size - 3) + 3` (ids 0..2 are T5's pad / eos / unk), then
+    eos (1) is appended and the row is right-padded with pad (0). Too-long prompts are truncated so
+    that eos stays the last real token, like the T5 tokenizer with `truncation=True`.
+    """
+
+    pad_id = 0
+    eos_id = 1
+
+    def __init__(self, vocab_size: int = 256) -> None:
+        if vocab_size <= 3:
+            raise ValueError(f"vocab_size: expected > 3 (ids 0..2 are reserved), got {vocab_size}")
+        self.vocab_size = vocab_size
+
+    def __call__(self, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts: expected list[str], got str")
+        if max_length < 1:
+            raise ValueError(f"max_length: expected >= 1, got {max_length}")
+        ids = torch.full((len(prompts), max_length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), max_length), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            tokens = [b % (self.vocab_size - 3) + 3 for b in prompt.encode("utf-8")][: max_length - 1]
+            tokens.append(self.eos_id)
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, : len(tokens)] = 1
+        return ids, mask
+
+
+class HFTokenizer:
+    """Adapts a transformers tokenizer (e.g. the released T5 tokenizer) to the `Tokenizer` protocol,
+    with the arguments Wan uses: pad to max_length, truncate, add special tokens (eos)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.tokenizer(
+            prompts,
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        return out["input_ids"].long(), out["attention_mask"].long()
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt encoder
+# --------------------------------------------------------------------------------------------------
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's `prompt_clean` without ftfy: unescape HTML twice (double-escaped input), collapse whitespace."""
+    text = html.unescape(html.unescape(text)).strip()
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+class PromptEncoder:
+    """Prompt -> UMT5 `last_hidden_state` [1, max_sequence_length, d_model], zeros past the real length.
+
+    Computed once per prompt (the policy caches the result); the text encoder is not needed afterwards,
+    so callers may drop this object to free it.
+    """
+
+    def __init__(
+        self,
+        text_encoder: UMT5EncoderModel,
+        tokenizer: Tokenizer,
+        max_sequence_length: int = 512,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length: expected >= 1, got {max_sequence_length}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_sequence_length = max_sequence_length
+        self.tokenizer = tokenizer
+        # Runs in the encoder's own dtype (T5 overflows in fp16); only the output is cast to `dtype`.
+        self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
+
+    def tokenize(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cleaned, padded (input_ids, attention_mask), each [1, max_sequence_length], on `device`."""
+        ids, mask = self.tokenizer([clean_prompt(prompt)], max_length=self.max_sequence_length)
+        expected = (1, self.max_sequence_length)
+        if tuple(ids.shape) != expected or tuple(mask.shape) != expected:
+            raise ValueError(
+                f"tokenizer: expected input_ids and attention_mask of shape {list(expected)}, "
+                f"got {list(ids.shape)} and {list(mask.shape)}"
+            )
+        return ids.to(self.device), mask.to(self.device)
+
+    # no_grad rather than inference_mode: the embeddings are kept and fed to other (possibly compiled)
+    # modules for a whole episode, and inference tensors cannot be used in-place/saved outside it.
+    @torch.no_grad()
+    def encode(self, prompt: str) -> torch.Tensor:
+        ids, mask = self.tokenize(prompt)
+        hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        # Zero at/after the real length (Wan trims to seq_len and re-pads with zeros); torch.where
+        # rather than a multiply so non-finite values at padded positions cannot leak through.
+        seq_len = mask.sum(dim=1, keepdim=True)
+        keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < seq_len
+        hidden = torch.where(
+            keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        )
+        return hidden.to(self.dtype)
+
+    def encode_pair(self, prompt: str, use_cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cond, uncond): uncond encodes the empty negative prompt, only when CFG is on."""
+        cond = self.encode(prompt)
+        uncond = self.encode("") if use_cfg else None
+        return cond, uncond
+
+
+# --------------------------------------------------------------------------------------------------
+# Observation (VAE) encoder
+# --------------------------------------------------------------------------------------------------
+
+
+def _patchify_fallback(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Same layout as diffusers' `autoencoder_kl_wan.patchify`: [B,C,T,H,W] -> [B, C*p*p, T, H/p, W/p]
+    with channel order (c, p_w, p_h). Used only if that private function moves."""
+    if patch_size == 1:
+        return x
+    b, c, t, h, w = x.shape
+    x = x.view(b, c, t, h // patch_size, patch_size, w // patch_size, patch_size)
+    x = x.permute(0, 1, 6, 4, 2, 3, 5).contiguous()
+    return x.view(b, c * patch_size * patch_size, t, h // patch_size, w // patch_size)
+
+
+def _wan_patchify() -> Any:
+    try:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+    except ImportError:  # pragma: no cover - depends on the installed diffusers
+        logger.warning("diffusers' Wan patchify not importable; using the local copy")
+        return _patchify_fallback
+    return patchify
+
+
+def _encoder_cache_size(vae: AutoencoderKLWan) -> int:
+    """Slots in the encoder's causal-conv cache, as diffusers sizes it in `clear_cache`."""
+    counts = getattr(vae, "_cached_conv_counts", None)
+    if isinstance(counts, Mapping) and "encoder" in counts:
+        return int(counts["encoder"])
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    return sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
+
+
+class StreamingVAEEncoder:
+    """Causal streaming encode with the Wan VAE: the conv cache persists across `encode` calls.
+
+    After `reset()`, the first call takes 1 frame (-> 1 latent frame); each later call takes 4k frames
+    (-> k latent frames). Concatenating the outputs equals diffusers' whole-clip `_encode` of
+    1 + 4k frames, which walks the clip in exactly this 1, 4, 4, ... pattern with the same cache.
+    Output: the posterior mean, normalized `(mu - latents_mean) / latents_std` in float32.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKLWan,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        vae = vae.to(self.device)
+        if vae.dtype != dtype:  # diffusers warns on any `.to(dtype=...)`, even a no-op one
+            vae = vae.to(dtype=dtype)
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        self.z_dim = int(cfg.z_dim)
+        self.patch_size = int(cfg.patch_size or 1)
+        self.in_channels = int(cfg.in_channels) // (self.patch_size * self.patch_size)
+        self.spatial_factor = int(getattr(cfg, "scale_factor_spatial", None) or 8)
+        self.temporal_factor = int(getattr(cfg, "scale_factor_temporal", None) or 4)
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=self.device)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=self.device)
+        if mean.numel() != self.z_dim or std.numel() != self.z_dim:
+            raise ValueError(
+                f"vae.config: latents_mean/latents_std need {self.z_dim} values, "
+                f"got {mean.numel()}/{std.numel()}"
+            )
+        self._mean = mean.view(1, -1, 1, 1, 1)
+        self._std = std.view(1, -1, 1, 1, 1)
+        self._patchify = _wan_patchify()
+        self._cache_size = _encoder_cache_size(vae)
+        self.feat_cache: list[Any] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream (episode): clear the causal conv cache."""
+        self.feat_cache = [None] * self._cache_size
+        self.frames_seen = 0
+        self._stream_shape: tuple[int, int, int] | None = None  # (N, H, W) fixed within a stream
+
+    def _check(self, video: torch.Tensor) -> None:
+        if not isinstance(video, torch.Tensor):
+            raise TypeError(
+                f"video: expected a torch.Tensor [N, {self.in_channels}, T, H, W], got {type(video)}"
+            )
+        shape = list(video.shape)
+        if video.ndim != 5 or shape[1] != self.in_channels:
+            raise ValueError(f"video: expected shape [N, {self.in_channels}, T, H, W], got {shape}")
+        n, _, t, h, w = shape
+        if self.frames_seen == 0 and t != 1:
+            raise ValueError(
+                f"video: expected [N, {self.in_channels}, 1, H, W] on the first call after reset(), "
+                f"got {shape}"
+            )
+        if self.frames_seen > 0 and (t == 0 or t % self.temporal_factor != 0):
+            raise ValueError(
+                f"video: expected [N, {self.in_channels}, {self.temporal_factor}k, H, W] (k >= 1) "
+                f"after the first call, got {shape}"
+            )
+        if h % self.spatial_factor != 0 or w % self.spatial_factor != 0:
+            raise ValueError(f"video: expected H and W divisible by {self.spatial_factor}, got {shape}")
+        if self._stream_shape is not None and (n, h, w) != self._stream_shape:
+            sn, sh, sw = self._stream_shape
+            raise ValueError(
+                f"video: expected [{sn}, {self.in_channels}, T, {sh}, {sw}] within one stream "
+                f"(call reset() to change), got {shape}"
+            )
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """video [N, 3, T, H, W] in [-1, 1] -> normalized latents [N, z_dim, T', H/16, W/16] in `dtype`."""
+        self._check(video)
+        x = self._patchify(video.to(device=self.device, dtype=self.dtype), self.patch_size)
+        # feat_idx restarts at 0 every call: it is the slot cursor, the slots themselves persist.
+        h = self.vae.encoder(x, feat_cache=self.feat_cache, feat_idx=[0])
+        h = self.vae.quant_conv(h)
+        mu = h[:, : self.z_dim].float()  # DiagonalGaussianDistribution: mean = first half of channels
+        latents = (mu - self._mean) / self._std
+        self._stream_shape = (video.shape[0], video.shape[3], video.shape[4])
+        self.frames_seen += video.shape[2]
+        return latents.to(self.dtype)
+
+
+class ObservationEncoder:
+    """Camera frames -> one latent observation [1, z_dim, T', height/16, (width/16) * num_cams].
+
+    Each camera is resized to (height, width), scaled to [-1, 1] and encoded as one batch row through
+    the shared streaming VAE cache; the camera latents are concatenated along width in camera order.
+    """
+
+    def __init__(
+        self, vae_encoder: StreamingVAEEncoder, camera_keys: list[str], height: int, width: int
+    ) -> None:
+        if not camera_keys:
+            raise ValueError("camera_keys: expected at least one camera key")
+        if len(set(camera_keys)) != len(camera_keys):
+            raise ValueError(f"camera_keys: expected unique keys, got {list(camera_keys)}")
+        f = vae_encoder.spatial_factor
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise ValueError(f"height/width: expected positive multiples of {f}, got {height}x{width}")
+        self.vae_encoder = vae_encoder
+        self.camera_keys = list(camera_keys)
+        self.height = height
+        self.width = width
+
+    def reset(self) -> None:
+        self.vae_encoder.reset()
+
+    def _to_video(self, key: str, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [T, H_in, W_in, 3] (or [H_in, W_in, 3]) -> float32 [T, 3, height, width] in [-1, 1]."""
+        expected = "[T, H, W, 3] uint8"
+        if isinstance(frames, np.ndarray):
+            ok_dtype = frames.dtype == np.uint8
+        elif isinstance(frames, torch.Tensor):
+            ok_dtype = frames.dtype == torch.uint8
+        else:
+            raise TypeError(
+                f"frames[{key!r}]: expected {expected} (numpy or torch), got {type(frames).__name__}"
+            )
+        shape = list(frames.shape)
+        if not ok_dtype or frames.ndim not in (3, 4) or shape[-1] != 3 or 0 in shape:
+            raise ValueError(f"frames[{key!r}]: expected {expected}, got shape {shape} dtype {frames.dtype}")
+        if isinstance(frames, np.ndarray):
+            frames = torch.from_numpy(np.ascontiguousarray(frames))
+        if frames.ndim == 3:
+            frames = frames.unsqueeze(0)
+        # Move the uint8 data first: 4x fewer bytes to transfer, and the resize runs on the device.
+        x = frames.to(self.vae_encoder.device).permute(0, 3, 1, 2).float()
+        if tuple(x.shape[-2:]) != (self.height, self.width):
+            x = F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False)
+        return x / 255.0 * 2.0 - 1.0
+
+    def encode(self, frames: Mapping[str, np.ndarray | torch.Tensor]) -> torch.Tensor:
+        videos = []
+        for key in self.camera_keys:
+            if key not in frames:
+                raise ValueError(f"frames: missing camera key {key!r}; expected keys {self.camera_keys}")
+            videos.append(self._to_video(key, frames[key]))
+        lengths = {key: v.shape[0] for key, v in zip(self.camera_keys, videos, strict=True)}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"frames: expected the same number of frames T for every camera, got {lengths}")
+        video = torch.stack(videos, dim=0).transpose(1, 2)  # [num_cams, 3, T, H, W]
+        latents = self.vae_encoder.encode(video)  # [num_cams, z, T', h, w]
+        return torch.cat(latents.unbind(0), dim=-1).unsqueeze(0)

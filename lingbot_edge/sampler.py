@@ -1,0 +1,262 @@
+"""Chunk samplers (DESIGN.md section 3): the eager reference and the static compiled one.
+
+Both compute the same thing from the same inputs (noise, prompt embeddings, observed latents,
+executed actions); they differ only in how:
+
+- `ReferenceSampler`: upstream's loop, eager, list KV cache with dynamic shapes, the prompt's
+  cross-attention K/V recomputed every forward, CFG rows for every forward. It is the oracle
+  and the benchmark baseline; keep it plain.
+- `StaticSampler`: ring KV cache, cross-attention K/V computed once per prompt, every per-step
+  input a device tensor of fixed shape (timesteps, Euler factors, frame offset, pin masks,
+  cache mode), so one `torch.compile(fullgraph=True, dynamic=False)` graph per stream serves
+  the first chunk, the steady state and the history writes, and nothing syncs to the host.
+
+Action tensors are model-normalized, in the full action_dim space: [1, A, F, apf, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import PolicyConfig
+from .kv_cache import CacheMode, ListKVCache, RingKVCache
+from .model import WanVATransformer, action_grid_ids, video_grid_ids
+from .scheduler import FlowMatchSchedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkResult:
+    actions: Tensor  # [1, A, F, apf, 1] normalized, unused channels zero
+    latents: Tensor  # [1, C, F, h, w] predicted video latents
+
+
+class _SamplerBase:
+    def __init__(self, model: WanVATransformer, cfg: PolicyConfig):
+        self.model = model
+        self.cfg = cfg
+        mc = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = model.dtype
+        self.video_schedule = FlowMatchSchedule(cfg.num_inference_steps, cfg.snr_shift)
+        self.action_schedule = FlowMatchSchedule(cfg.action_num_inference_steps, cfg.action_snr_shift)
+        self.latent_shape = (1, mc.in_channels, cfg.frame_chunk_size, *cfg.latent_hw)
+        self.action_shape = (1, mc.action_dim, cfg.frame_chunk_size, cfg.action_per_frame, 1)
+        mask = torch.zeros(mc.action_dim, dtype=torch.bool)
+        mask[list(cfg.used_action_channel_ids)] = True
+        self.action_channel_mask = mask.to(self.device)
+        self.frame_start = 0  # absolute frame id of the next chunk (host copy, for logging/tests)
+
+    def check_inputs(self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None) -> None:
+        _check("noise_video", noise_video, self.latent_shape)
+        _check("noise_action", noise_action, self.action_shape)
+        if first_latent is not None:
+            _check("first_latent", first_latent, (*self.latent_shape[:2], 1, *self.latent_shape[3:]))
+
+    def check_feedback(self, video_latents: Tensor, actions: Tensor) -> None:
+        _check("video_latents", video_latents, self.latent_shape)
+        _check("actions", actions, self.action_shape)
+
+    def _cfg(self, v: Tensor, scale: float) -> Tensor:
+        """Row 0 = prompt, row 1 = empty prompt: uncond + g * (cond - uncond)."""
+        if self.cfg.use_cfg and scale > 1:
+            return v[1:] + scale * (v[:1] - v[1:])
+        return v[:1]
+
+
+def _check(name: str, x: Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(x, Tensor) or tuple(x.shape) != tuple(shape):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a tensor of shape {tuple(shape)}, got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+
+
+class ReferenceSampler(_SamplerBase):
+    """Upstream semantics, eagerly, with the plain list cache."""
+
+    def reset(self, text_cond: Tensor, text_uncond: Tensor | None) -> None:
+        mc = self.model.config
+        self.cache = ListKVCache(mc.num_layers, self.cfg.cache_capacity)
+        text = [text_cond] + ([text_uncond] if self.cfg.use_cfg else [])
+        self.text_emb = torch.cat(text).to(self.device, self.dtype)
+        self.frame_start = 0
+
+    def _forward(self, x: Tensor, t: Tensor, mode: CacheMode, action: bool, frame_start: int) -> Tensor:
+        cfg = self.cfg
+        f = x.shape[2]
+        if action:
+            grid = action_grid_ids(f, cfg.action_per_frame, frame_start)
+        else:
+            _, ph, pw = self.model.config.patch_size
+            grid = video_grid_ids(f, x.shape[3] // ph, x.shape[4] // pw, frame_start)
+        xb = x.repeat(self.cfg.cfg_batch, 1, 1, 1, 1)
+        self.cache.begin(mode, grid.shape[1])
+        out = self.model(xb, t, grid.to(self.device), self.cache, action=action, text_emb=self.text_emb)
+        self.cache.end()
+        return out
+
+    @torch.no_grad()
+    def sample_chunk(self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None) -> ChunkResult:
+        self.check_inputs(noise_video, noise_action, first_latent)
+        cfg, f = self.cfg, self.cfg.frame_chunk_size
+        first = first_latent is not None
+
+        latents = noise_video.to(self.device, self.dtype).clone()
+        ts, ds = self.video_schedule.timesteps(), self.video_schedule.sigma_deltas()
+        for i in range(len(ts)):
+            last = i == len(ts) - 1
+            t_frames = torch.full((f,), float(ts[i]), device=self.device)
+            if first:  # frame 0 is the observation: pinned, t = 0
+                latents[:, :, :1] = first_latent
+                t_frames[0] = 0
+            v = self._forward(latents, t_frames, CacheMode.PREDICTED if last else CacheMode.TRANSIENT, False, self.frame_start)
+            if not last:
+                latents = latents + self._cfg(v, cfg.guidance_scale) * ds[i]
+        if first:
+            latents[:, :, :1] = first_latent
+
+        actions = noise_action.to(self.device, self.dtype).clone()
+        ts, ds = self.action_schedule.timesteps(), self.action_schedule.sigma_deltas()
+        for i in range(len(ts)):
+            last = i == len(ts) - 1
+            t_frames = torch.full((f,), float(ts[i]), device=self.device)
+            actions[:, ~self.action_channel_mask] = 0
+            if first:  # frame 0's actions are pinned to zeros, t = 0
+                actions[:, :, :1] = 0
+                t_frames[0] = 0
+            v = self._forward(actions, t_frames, CacheMode.PREDICTED if last else CacheMode.TRANSIENT, True, self.frame_start)
+            if not last:
+                actions = actions + self._cfg(v, cfg.action_guidance_scale) * ds[i]
+        if first:
+            actions[:, :, :1] = 0
+        actions[:, ~self.action_channel_mask] = 0
+        return ChunkResult(actions=actions, latents=latents)
+
+    @torch.no_grad()
+    def feedback(self, video_latents: Tensor, actions: Tensor) -> None:
+        """Write observed latents then executed actions as HISTORY (t = 0); advance the frame ids."""
+        self.check_feedback(video_latents, actions)
+        t0 = torch.zeros(video_latents.shape[2], device=self.device)
+        actions = actions.to(self.device, self.dtype).clone()
+        actions[:, ~self.action_channel_mask] = 0
+        self._forward(video_latents.to(self.device, self.dtype), t0, CacheMode.HISTORY, False, self.frame_start)
+        self._forward(actions, t0, CacheMode.HISTORY, True, self.frame_start)
+        self.frame_start += video_latents.shape[2]
+
+
+class StaticSampler(_SamplerBase):
+    """Fixed shapes, ring cache, per-prompt cross-attention K/V, compiled step per stream."""
+
+    def __init__(
+        self,
+        model: WanVATransformer,
+        cfg: PolicyConfig,
+        compile: bool = True,
+        compile_mode: str | None = None,
+    ):
+        super().__init__(model, cfg)
+        mc, dev, f = model.config, self.device, cfg.frame_chunk_size
+        b = cfg.cfg_batch
+        self.cache = RingKVCache(
+            mc.num_layers, b, cfg.cache_capacity, mc.num_attention_heads, mc.attention_head_dim, self.dtype, dev
+        )
+        # Prompt cross-attention K/V: one buffer per block, refilled in place by reset().
+        text_len = cfg.max_sequence_length
+        kv_shape = (b, text_len, mc.num_attention_heads, mc.attention_head_dim)
+        self.text_kv = [
+            (torch.zeros(kv_shape, dtype=self.dtype, device=dev), torch.zeros(kv_shape, dtype=self.dtype, device=dev))
+            for _ in range(mc.num_layers)
+        ]
+        # Grid ids split as (integer frame, fractional offset, h, w) so adding the frame offset
+        # rounds exactly like building the ids from scratch.
+        _, ph, pw = mc.patch_size
+        h, w = cfg.latent_hw
+        self.grids = {}
+        for action, grid in ((False, video_grid_ids(f, h // ph, w // pw)), (True, action_grid_ids(f, cfg.action_per_frame))):
+            frame_int = grid[0].floor()
+            self.grids[action] = (frame_int.to(dev), (grid[0] - frame_int).to(dev), grid[1:].to(dev))
+        self.frame_offset = torch.zeros((), dtype=torch.float32, device=dev)
+        self.modes = {m: torch.tensor(int(m), device=dev) for m in CacheMode}
+        self.no_pin = torch.zeros(f, dtype=torch.bool, device=dev)
+        self.pin_first = self.no_pin.clone()
+        self.pin_first[0] = True
+        # Distinct tensors for t and dsigma of history writes: aliased inputs would be a new graph.
+        self.history_t = torch.zeros((), device=dev)
+        self.history_dsigma = torch.zeros((), device=dev)
+        self.schedules = {}
+        for action, sched in ((False, self.video_schedule), (True, self.action_schedule)):
+            # One 0-d tensor per step, each its own storage, so the graph sees identical inputs.
+            ts = [t.to(dev).clone() for t in sched.timesteps()]
+            ds = [d.to(dev).clone() for d in sched.sigma_deltas()]
+            self.schedules[action] = list(zip(ts, ds, strict=True))
+        self.zero_video_pin = torch.zeros(*self.latent_shape[:2], 1, *self.latent_shape[3:], dtype=self.dtype, device=dev)
+        self.zero_action_pin = torch.zeros(*self.action_shape[:2], 1, *self.action_shape[3:], dtype=self.dtype, device=dev)
+        self.step = self._step
+        if compile:
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
+
+    def reset(self, text_cond: Tensor, text_uncond: Tensor | None) -> None:
+        text = [text_cond] + ([text_uncond] if self.cfg.use_cfg else [])
+        text = torch.cat(text).to(self.device, self.dtype)
+        with torch.no_grad():
+            for (k_buf, v_buf), (k, v) in zip(self.text_kv, self.model.text_kv(text), strict=True):
+                k_buf.copy_(k)
+                v_buf.copy_(v)
+        self.cache.reset()
+        self.frame_offset.zero_()
+        self.frame_start = 0
+
+    def _step(
+        self, x: Tensor, t: Tensor, dsigma: Tensor, mode: Tensor, pin: Tensor, pin_value: Tensor, action: bool
+    ) -> Tensor:
+        """One forward of one stream + CFG + Euler update. pin: [F] bool frames forced to pin_value, t = 0."""
+        pin5 = pin.view(1, 1, -1, 1, 1)
+        if action:
+            x = x * self.action_channel_mask.view(1, -1, 1, 1, 1)
+        x = torch.where(pin5, pin_value, x)
+        t_frames = torch.where(pin, 0.0, t)
+        frame_int, frame_frac, hw = self.grids[action]
+        grid = torch.cat([((frame_int + self.frame_offset) + frame_frac)[None], hw])
+        xb = x.expand(self.cfg.cfg_batch, -1, -1, -1, -1)
+        self.cache.begin(mode, grid.shape[1])
+        v = self.model(xb, t_frames, grid, self.cache, action=action, text_kv=self.text_kv)
+        self.cache.end(mode)
+        scale = self.cfg.action_guidance_scale if action else self.cfg.guidance_scale
+        x = x + self._cfg(v, scale) * dsigma
+        return torch.where(pin5, pin_value, x)
+
+    def _denoise(self, x: Tensor, action: bool, pin_value: Tensor | None) -> Tensor:
+        pin, value = (self.pin_first, pin_value) if pin_value is not None else (self.no_pin, pin_value)
+        if value is None:
+            value = self.zero_action_pin if action else self.zero_video_pin
+        steps = self.schedules[action]
+        for i, (t, ds) in enumerate(steps):
+            mode = self.modes[CacheMode.PREDICTED if i == len(steps) - 1 else CacheMode.TRANSIENT]
+            out = self.step(x, t, ds, mode, pin, value, action)
+            if i < len(steps) - 1:  # the last forward only writes the cache
+                x = out
+        return x
+
+    @torch.no_grad()
+    def sample_chunk(self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None) -> ChunkResult:
+        self.check_inputs(noise_video, noise_action, first_latent)
+        first = first_latent is not None
+        latents = self._denoise(noise_video.to(self.device, self.dtype), False, first_latent.to(self.dtype) if first else None)
+        actions = self._denoise(noise_action.to(self.device, self.dtype), True, self.zero_action_pin if first else None)
+        actions = actions * self.action_channel_mask.view(1, -1, 1, 1, 1)
+        return ChunkResult(actions=actions, latents=latents)
+
+    @torch.no_grad()
+    def feedback(self, video_latents: Tensor, actions: Tensor) -> None:
+        self.check_feedback(video_latents, actions)
+        hist = self.modes[CacheMode.HISTORY]
+        self.step(video_latents.to(self.device, self.dtype), self.history_t, self.history_dsigma, hist, self.no_pin, self.zero_video_pin, False)
+        self.step(actions.to(self.device, self.dtype), self.history_t, self.history_dsigma, hist, self.no_pin, self.zero_action_pin, True)
+        self.frame_offset.add_(video_latents.shape[2])
+        self.frame_start += video_latents.shape[2]
