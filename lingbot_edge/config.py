@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # Keys upstream writes into transformer/config.json that do not change the math we run.
@@ -150,6 +150,9 @@ class PolicyConfig:
                 f"height/width: {self.height}x{self.width} must be multiples of {step * ph}x{step * pw} "
                 "(VAE downsampling x patch size)"
             )
+        if self.action_per_frame % VAE_TEMPORAL:
+            # Feedback records one keyframe every action_per_frame / 4 steps (4 frames per latent).
+            raise ValueError(f"action_per_frame: must be a multiple of {VAE_TEMPORAL}, got {self.action_per_frame}")
         if self.attn_window < 2:
             raise ValueError(f"attn_window: must be >= 2 (the cache holds attn_window // 2 chunks), got {self.attn_window}")
 
@@ -193,9 +196,9 @@ class PolicyConfig:
         return 2 if self.use_cfg else 1
 
     @property
-    def chunk_steps(self) -> int:
-        """Robot steps per chunk (the first chunk has action_per_frame fewer: frame 0 is the observation)."""
-        return self.frame_chunk_size * self.action_per_frame
+    def keyframe_stride(self) -> int:
+        """Robot steps between recorded keyframes (4 keyframes per latent frame)."""
+        return self.action_per_frame // VAE_TEMPORAL
 
     def replace(self, **changes) -> PolicyConfig:
         return dataclasses.replace(self, **changes)
@@ -296,7 +299,7 @@ POLICY_PRESETS: dict[str, PolicyConfig] = {
         height=64,
         width=64,
         obs_cam_keys=("observation.images.image", "observation.images.image2"),
-        action_per_frame=2,
+        action_per_frame=4,
         frame_chunk_size=2,
         attn_window=4,
         num_inference_steps=4,
@@ -317,12 +320,3 @@ def get_policy_config(name: str, **overrides) -> PolicyConfig:
         raise ValueError(f"preset: unknown {name!r}; expected one of {sorted(POLICY_PRESETS)}")
     cfg = POLICY_PRESETS[name]
     return cfg.replace(**overrides) if overrides else cfg
-
-
-@dataclass(frozen=True)
-class SamplerOptions:
-    """How the sampler runs (not what it computes)."""
-
-    compile: bool = True
-    compile_mode: str | None = None  # e.g. "max-autotune-no-cudagraphs" on GPU
-    extra: dict = field(default_factory=dict)

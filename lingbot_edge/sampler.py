@@ -69,6 +69,11 @@ class _SamplerBase:
         return v[:1]
 
 
+def _mark(timer, phase: str) -> None:
+    if timer is not None:
+        timer.mark(phase)
+
+
 def _check(name: str, x: Tensor, shape: tuple[int, ...]) -> None:
     if not isinstance(x, Tensor) or tuple(x.shape) != tuple(shape):
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -102,7 +107,9 @@ class ReferenceSampler(_SamplerBase):
         return out
 
     @torch.no_grad()
-    def sample_chunk(self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None) -> ChunkResult:
+    def sample_chunk(
+        self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None, timer=None
+    ) -> ChunkResult:
         self.check_inputs(noise_video, noise_action, first_latent)
         cfg, f = self.cfg, self.cfg.frame_chunk_size
         first = first_latent is not None
@@ -120,6 +127,7 @@ class ReferenceSampler(_SamplerBase):
                 latents = latents + self._cfg(v, cfg.guidance_scale) * ds[i]
         if first:
             latents[:, :, :1] = first_latent
+        _mark(timer, "video")
 
         actions = noise_action.to(self.device, self.dtype).clone()
         ts, ds = self.action_schedule.timesteps(), self.action_schedule.sigma_deltas()
@@ -136,10 +144,11 @@ class ReferenceSampler(_SamplerBase):
         if first:
             actions[:, :, :1] = 0
         actions[:, ~self.action_channel_mask] = 0
+        _mark(timer, "action")
         return ChunkResult(actions=actions, latents=latents)
 
     @torch.no_grad()
-    def feedback(self, video_latents: Tensor, actions: Tensor) -> None:
+    def feedback(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
         """Write observed latents then executed actions as HISTORY (t = 0); advance the frame ids."""
         self.check_feedback(video_latents, actions)
         t0 = torch.zeros(video_latents.shape[2], device=self.device)
@@ -147,6 +156,7 @@ class ReferenceSampler(_SamplerBase):
         actions[:, ~self.action_channel_mask] = 0
         self._forward(video_latents.to(self.device, self.dtype), t0, CacheMode.HISTORY, False, self.frame_start)
         self._forward(actions, t0, CacheMode.HISTORY, True, self.frame_start)
+        _mark(timer, "history")
         self.frame_start += video_latents.shape[2]
 
 
@@ -244,19 +254,25 @@ class StaticSampler(_SamplerBase):
         return x
 
     @torch.no_grad()
-    def sample_chunk(self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None) -> ChunkResult:
+    def sample_chunk(
+        self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None, timer=None
+    ) -> ChunkResult:
         self.check_inputs(noise_video, noise_action, first_latent)
         first = first_latent is not None
-        latents = self._denoise(noise_video.to(self.device, self.dtype), False, first_latent.to(self.dtype) if first else None)
+        pin = first_latent.to(self.device, self.dtype) if first else None
+        latents = self._denoise(noise_video.to(self.device, self.dtype), False, pin)
+        _mark(timer, "video")
         actions = self._denoise(noise_action.to(self.device, self.dtype), True, self.zero_action_pin if first else None)
         actions = actions * self.action_channel_mask.view(1, -1, 1, 1, 1)
+        _mark(timer, "action")
         return ChunkResult(actions=actions, latents=latents)
 
     @torch.no_grad()
-    def feedback(self, video_latents: Tensor, actions: Tensor) -> None:
+    def feedback(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
         self.check_feedback(video_latents, actions)
         hist = self.modes[CacheMode.HISTORY]
         self.step(video_latents.to(self.device, self.dtype), self.history_t, self.history_dsigma, hist, self.no_pin, self.zero_video_pin, False)
         self.step(actions.to(self.device, self.dtype), self.history_t, self.history_dsigma, hist, self.no_pin, self.zero_action_pin, True)
+        _mark(timer, "history")
         self.frame_offset.add_(video_latents.shape[2])
         self.frame_start += video_latents.shape[2]

@@ -1,0 +1,167 @@
+"""Load / save the DiT in upstream's `transformer/` folder layout.
+
+    transformer/config.json                                   (diffusers-style config)
+    transformer/diffusion_pytorch_model.safetensors           (single file), or
+    transformer/diffusion_pytorch_model.safetensors.index.json + shards
+
+The model is built on the meta device and each tensor is read from safetensors straight into
+the target dtype and device, one at a time: a full fp32 (or even full bf16 CPU) copy of the
+model never exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .model import WanVATransformer
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                seed: int | None = 0) -> WanVATransformer:
+    """A randomly initialised model (tests, the tiny demo, full-size memory/speed runs)."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.device(device):
+            model = WanVATransformer(cfg)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def build_meta_model(cfg: ModelConfig) -> WanVATransformer:
+    """Shapes only, no memory: for loading and for byte counts of the full model."""
+    with torch.device("meta"):
+        return WanVATransformer(cfg).eval().requires_grad_(False)
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it."""
+    indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
+    if indexes:
+        index = indexes[0]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: expected a JSON object with a 'weight_map'") from e
+        files = {name: folder / fname for name, fname in weight_map.items()}
+        missing = sorted({str(p) for p in files.values() if not p.is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index}: shard files missing: {missing}")
+        return files
+    singles = sorted(folder.glob("*.safetensors"))
+    if not singles:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (expected {WEIGHTS_NAME} or a sharded index)")
+    if len(singles) > 1:
+        raise ValueError(f"{folder}: several .safetensors files but no *{INDEX_SUFFIX} to say which is which")
+    from safetensors import safe_open
+
+    with safe_open(str(singles[0]), framework="pt") as f:
+        return {name: singles[0] for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+
+def load_transformer(
+    folder: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    prefix: str = "",
+) -> WanVATransformer:
+    """Load a LingBot-VA DiT from a `transformer/` folder (or a checkpoint root containing one).
+
+    `prefix` strips a key prefix (LeRobot-converted policies store `transformer.` keys).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    if (folder / "transformer").is_dir() and not (folder / "config.json").is_file():
+        folder = folder / "transformer"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected upstream's transformer/ layout)")
+    cfg = ModelConfig.from_json(folder / "config.json")
+    files = {k[len(prefix):]: p for k, p in _weight_files(folder).items() if k.startswith(prefix)}
+
+    model = build_meta_model(cfg)
+    expected = dict(model.named_parameters())
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(set(files) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder}: checkpoint keys do not match the LingBot-VA transformer: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in names:
+                    tensor = f.get_tensor(prefix + name)
+                    want = expected[name].shape
+                    if tensor.shape != want:
+                        raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want)}")
+                    _set_param(model, name, tensor.to(device=device, dtype=dtype))
+        except SafetensorError as e:
+            raise ValueError(f"{path}: unreadable safetensors file ({e})") from e
+    log.info("loaded %s (%d tensors) as %s on %s", folder, len(files), dtype, device)
+    return model
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def save_transformer(model: WanVATransformer, folder: str | Path, max_shard_bytes: int | None = None) -> Path:
+    """Write `folder` (config.json + safetensors, sharded above max_shard_bytes) atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            stem = WEIGHTS_NAME.removesuffix(".safetensors")
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / (WEIGHTS_NAME + ".index.json")).write_text(json.dumps(index, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
