@@ -67,7 +67,7 @@ class ListKVCache:
             self.k[layer], self.v[layer] = k[:, : k.shape[1] - self.n_new], v[:, : v.shape[1] - self.n_new]
         return out
 
-    def end(self) -> None:
+    def end(self, mode: CacheMode) -> None:
         n_old = len(self)
         evict = max(0, n_old + self.n_new - self.capacity)
         pred = self.predicted[evict:] if self.predicted is not None else torch.zeros(0, dtype=torch.bool)

@@ -103,7 +103,7 @@ class ReferenceSampler(_SamplerBase):
         xb = x.repeat(self.cfg.cfg_batch, 1, 1, 1, 1)
         self.cache.begin(mode, grid.shape[1])
         out = self.model(xb, t, grid.to(self.device), self.cache, action=action, text_emb=self.text_emb)
-        self.cache.end()
+        self.cache.end(mode)
         return out
 
     @torch.no_grad()
