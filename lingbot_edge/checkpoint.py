@@ -11,6 +11,7 @@ model never exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -66,9 +67,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights (expected {WEIGHTS_NAME} or a sharded index)")
     if len(singles) > 1:
         raise ValueError(f"{folder}: several .safetensors files but no *{INDEX_SUFFIX} to say which is which")
-    from safetensors import safe_open
-
-    with safe_open(str(singles[0]), framework="pt") as f:
+    with _open(singles[0]) as f:
         return {name: singles[0] for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
 
 
@@ -82,8 +81,6 @@ def load_transformer(
 
     `prefix` strips a key prefix (LeRobot-converted policies store `transformer.` keys).
     """
-    from safetensors import SafetensorError, safe_open
-
     folder = Path(folder)
     if (folder / "transformer").is_dir() and not (folder / "config.json").is_file():
         folder = folder / "transformer"
@@ -106,19 +103,30 @@ def load_transformer(
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
+    # Check every shape from the headers first, so a bad file fails before any device memory is used.
     for path, names in by_file.items():
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in names:
-                    tensor = f.get_tensor(prefix + name)
-                    want = expected[name].shape
-                    if tensor.shape != want:
-                        raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want)}")
-                    _set_param(model, name, tensor.to(device=device, dtype=dtype))
-        except SafetensorError as e:
-            raise ValueError(f"{path}: unreadable safetensors file ({e})") from e
+        with _open(path) as f:
+            for name in names:
+                shape = tuple(f.get_slice(prefix + name).get_shape())
+                if shape != tuple(expected[name].shape):
+                    raise ValueError(f"{path}: {name} has shape {shape}, expected {tuple(expected[name].shape)}")
+    for path, names in by_file.items():
+        with _open(path) as f:
+            for name in names:
+                _set_param(model, name, f.get_tensor(prefix + name).to(device=device, dtype=dtype))
     log.info("loaded %s (%d tensors) as %s on %s", folder, len(files), dtype, device)
     return model
+
+
+@contextlib.contextmanager
+def _open(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: unreadable safetensors file ({e})") from e
 
 
 def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """`lingbot-edge` command line.
 
-    lingbot-edge demo [--chunks N] [--eager] [--sampler static|reference]
+    lingbot-edge demo [--chunks N] [--compile auto|on|off] [--sampler static|reference] [--device D]
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 import sys
 
 import numpy as np
+import torch
 
 log = logging.getLogger("lingbot_edge")
 
@@ -44,11 +45,15 @@ class ToyScene:
 def run_demo(args: argparse.Namespace) -> int:
     from .policy import build_tiny_policy
 
-    policy = build_tiny_policy(sampler=args.sampler, compile=not args.eager, seed=args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # torch.compile pays off on a GPU; on a CPU its ~30 s cold compile outweighs the tiny model.
+    compile = args.compile == "on" or (args.compile == "auto" and device.startswith("cuda"))
+    policy = build_tiny_policy(sampler=args.sampler, compile=compile, seed=args.seed, device=device)
     cfg = policy.cfg
     scene = ToyScene(cfg.obs_cam_keys, seed=args.seed)
     policy.reset(prompt=args.prompt)
-    log.info("tiny policy ready (sampler=%s, compile=%s); first chunk compiles", args.sampler, not args.eager)
+    log.info("tiny policy on %s (sampler=%s, compile=%s)%s", device, args.sampler, compile,
+             "; the first chunk compiles" if compile else "")
     obs = scene.render()
     np.set_printoptions(precision=3, suppress=True, linewidth=120)
     for chunk in range(args.chunks):
@@ -76,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--chunks", type=int, default=4)
     demo.add_argument("--prompt", default="push the disk to the left")
     demo.add_argument("--sampler", choices=("static", "reference"), default="static")
-    demo.add_argument("--eager", action="store_true", help="do not torch.compile the static sampler")
+    demo.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                      help="torch.compile the static sampler (auto: only on CUDA)")
+    demo.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
 

@@ -154,7 +154,8 @@ class PolicyConfig:
             # Feedback records one keyframe every action_per_frame / 4 steps (4 frames per latent).
             raise ValueError(f"action_per_frame: must be a multiple of {VAE_TEMPORAL}, got {self.action_per_frame}")
         if self.attn_window < 2:
-            raise ValueError(f"attn_window: must be >= 2 (the cache holds attn_window // 2 chunks), got {self.attn_window}")
+            raise ValueError(f"attn_window: must be >= 2 (the cache holds attn_window // 2 chunks), "
+                             f"got {self.attn_window}")
 
     @property
     def model_config(self) -> ModelConfig:

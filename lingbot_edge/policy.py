@@ -171,8 +171,14 @@ def build_tiny_policy(sampler: str = "static", compile: bool = True, seed: int =
                       device: str = "cpu", dtype: torch.dtype = torch.float32) -> LingBotPolicy:
     """The embedded default: tiny DiT + tiny VAE / UMT5 / byte tokenizer, all built in-process."""
     from .checkpoint import build_model
-    from .frozen import ByteTokenizer, ObservationEncoder, PromptEncoder, StreamingVAEEncoder
-    from .frozen import build_tiny_umt5, build_tiny_vae
+    from .frozen import (
+        ByteTokenizer,
+        ObservationEncoder,
+        PromptEncoder,
+        StreamingVAEEncoder,
+        build_tiny_umt5,
+        build_tiny_vae,
+    )
 
     cfg = get_policy_config("tiny")
     mc = cfg.model_config

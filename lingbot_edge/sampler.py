@@ -122,7 +122,8 @@ class ReferenceSampler(_SamplerBase):
             if first:  # frame 0 is the observation: pinned, t = 0
                 latents[:, :, :1] = first_latent
                 t_frames[0] = 0
-            v = self._forward(latents, t_frames, CacheMode.PREDICTED if last else CacheMode.TRANSIENT, False, self.frame_start)
+            mode = CacheMode.PREDICTED if last else CacheMode.TRANSIENT
+            v = self._forward(latents, t_frames, mode, False, self.frame_start)
             if not last:
                 latents = latents + self._cfg(v, cfg.guidance_scale) * ds[i]
         if first:
@@ -138,7 +139,8 @@ class ReferenceSampler(_SamplerBase):
             if first:  # frame 0's actions are pinned to zeros, t = 0
                 actions[:, :, :1] = 0
                 t_frames[0] = 0
-            v = self._forward(actions, t_frames, CacheMode.PREDICTED if last else CacheMode.TRANSIENT, True, self.frame_start)
+            mode = CacheMode.PREDICTED if last else CacheMode.TRANSIENT
+            v = self._forward(actions, t_frames, mode, True, self.frame_start)
             if not last:
                 actions = actions + self._cfg(v, cfg.action_guidance_scale) * ds[i]
         if first:
@@ -163,50 +165,46 @@ class ReferenceSampler(_SamplerBase):
 class StaticSampler(_SamplerBase):
     """Fixed shapes, ring cache, per-prompt cross-attention K/V, compiled step per stream."""
 
-    def __init__(
-        self,
-        model: WanVATransformer,
-        cfg: PolicyConfig,
-        compile: bool = True,
-        compile_mode: str | None = None,
-    ):
+    def __init__(self, model: WanVATransformer, cfg: PolicyConfig, compile: bool = True,
+                 compile_mode: str | None = None):
         super().__init__(model, cfg)
-        mc, dev, f = model.config, self.device, cfg.frame_chunk_size
-        b = cfg.cfg_batch
-        self.cache = RingKVCache(
-            mc.num_layers, b, cfg.cache_capacity, mc.num_attention_heads, mc.attention_head_dim, self.dtype, dev
-        )
+        mc, dev, f, b = model.config, self.device, cfg.frame_chunk_size, cfg.cfg_batch
+        heads, head_dim = mc.num_attention_heads, mc.attention_head_dim
+        self.cache = RingKVCache(mc.num_layers, b, cfg.cache_capacity, heads, head_dim, self.dtype, dev)
         # Prompt cross-attention K/V: one buffer per block, refilled in place by reset().
-        text_len = cfg.max_sequence_length
-        kv_shape = (b, text_len, mc.num_attention_heads, mc.attention_head_dim)
+        kv_shape = (b, cfg.max_sequence_length, heads, head_dim)
         self.text_kv = [
             (torch.zeros(kv_shape, dtype=self.dtype, device=dev), torch.zeros(kv_shape, dtype=self.dtype, device=dev))
             for _ in range(mc.num_layers)
         ]
-        # Grid ids split as (integer frame, fractional offset, h, w) so adding the frame offset
-        # rounds exactly like building the ids from scratch.
+        # Grid ids split as (integer frame, fractional offset, h, w) so adding the episode's frame
+        # offset rounds exactly like building the ids from scratch.
         _, ph, pw = mc.patch_size
         h, w = cfg.latent_hw
         self.grids = {}
-        for action, grid in ((False, video_grid_ids(f, h // ph, w // pw)), (True, action_grid_ids(f, cfg.action_per_frame))):
+        for action, grid in ((False, video_grid_ids(f, h // ph, w // pw)),
+                             (True, action_grid_ids(f, cfg.action_per_frame))):
             frame_int = grid[0].floor()
             self.grids[action] = (frame_int.to(dev), (grid[0] - frame_int).to(dev), grid[1:].to(dev))
         self.frame_offset = torch.zeros((), dtype=torch.float32, device=dev)
+        # Per-step inputs as device tensors, each its own storage: identical graph inputs every call.
         self.modes = {m: torch.tensor(int(m), device=dev) for m in CacheMode}
-        self.no_pin = torch.zeros(f, dtype=torch.bool, device=dev)
-        self.pin_first = self.no_pin.clone()
-        self.pin_first[0] = True
-        # Distinct tensors for t and dsigma of history writes: aliased inputs would be a new graph.
-        self.history_t = torch.zeros((), device=dev)
-        self.history_dsigma = torch.zeros((), device=dev)
         self.schedules = {}
         for action, sched in ((False, self.video_schedule), (True, self.action_schedule)):
-            # One 0-d tensor per step, each its own storage, so the graph sees identical inputs.
             ts = [t.to(dev).clone() for t in sched.timesteps()]
             ds = [d.to(dev).clone() for d in sched.sigma_deltas()]
             self.schedules[action] = list(zip(ts, ds, strict=True))
-        self.zero_video_pin = torch.zeros(*self.latent_shape[:2], 1, *self.latent_shape[3:], dtype=self.dtype, device=dev)
-        self.zero_action_pin = torch.zeros(*self.action_shape[:2], 1, *self.action_shape[3:], dtype=self.dtype, device=dev)
+        # History writes: t = 0, no Euler update (distinct tensors: aliased inputs would be a new graph).
+        self.history_t = torch.zeros((), device=dev)
+        self.history_dsigma = torch.zeros((), device=dev)
+        # First-chunk pinning as data: frame 0 forced to pin_values[stream] with t = 0 when pinned.
+        self.no_pin = torch.zeros(f, dtype=torch.bool, device=dev)
+        self.pin_first = self.no_pin.clone()
+        self.pin_first[0] = True
+        self.pin_values = {
+            False: torch.zeros(*self.latent_shape[:2], 1, *self.latent_shape[3:], dtype=self.dtype, device=dev),
+            True: torch.zeros(*self.action_shape[:2], 1, *self.action_shape[3:], dtype=self.dtype, device=dev),
+        }
         self.step = self._step
         if compile:
             self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
@@ -222,11 +220,10 @@ class StaticSampler(_SamplerBase):
         self.frame_offset.zero_()
         self.frame_start = 0
 
-    def _step(
-        self, x: Tensor, t: Tensor, dsigma: Tensor, mode: Tensor, pin: Tensor, pin_value: Tensor, action: bool
-    ) -> Tensor:
-        """One forward of one stream + CFG + Euler update. pin: [F] bool frames forced to pin_value, t = 0."""
-        pin5 = pin.view(1, 1, -1, 1, 1)
+    def _step(self, x: Tensor, t: Tensor, dsigma: Tensor, mode: Tensor, pin: Tensor, action: bool) -> Tensor:
+        """One forward of one stream (cache insert in `mode`) + CFG + Euler update.
+        pin: [F] bool, frames forced to pin_values[action] with timestep 0."""
+        pin5, pin_value = pin.view(1, 1, -1, 1, 1), self.pin_values[action]
         if action:
             x = x * self.action_channel_mask.view(1, -1, 1, 1, 1)
         x = torch.where(pin5, pin_value, x)
@@ -241,15 +238,12 @@ class StaticSampler(_SamplerBase):
         x = x + self._cfg(v, scale) * dsigma
         return torch.where(pin5, pin_value, x)
 
-    def _denoise(self, x: Tensor, action: bool, pin_value: Tensor | None) -> Tensor:
-        pin, value = (self.pin_first, pin_value) if pin_value is not None else (self.no_pin, pin_value)
-        if value is None:
-            value = self.zero_action_pin if action else self.zero_video_pin
+    def _denoise(self, x: Tensor, action: bool, pin: Tensor) -> Tensor:
         steps = self.schedules[action]
         for i, (t, ds) in enumerate(steps):
-            mode = self.modes[CacheMode.PREDICTED if i == len(steps) - 1 else CacheMode.TRANSIENT]
-            out = self.step(x, t, ds, mode, pin, value, action)
-            if i < len(steps) - 1:  # the last forward only writes the cache
+            last = i == len(steps) - 1
+            out = self.step(x, t, ds, self.modes[CacheMode.PREDICTED if last else CacheMode.TRANSIENT], pin, action)
+            if not last:  # the last forward only writes the cache
                 x = out
         return x
 
@@ -258,11 +252,13 @@ class StaticSampler(_SamplerBase):
         self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None, timer=None
     ) -> ChunkResult:
         self.check_inputs(noise_video, noise_action, first_latent)
-        first = first_latent is not None
-        pin = first_latent.to(self.device, self.dtype) if first else None
+        pin = self.no_pin
+        if first_latent is not None:
+            self.pin_values[False].copy_(first_latent)
+            pin = self.pin_first
         latents = self._denoise(noise_video.to(self.device, self.dtype), False, pin)
         _mark(timer, "video")
-        actions = self._denoise(noise_action.to(self.device, self.dtype), True, self.zero_action_pin if first else None)
+        actions = self._denoise(noise_action.to(self.device, self.dtype), True, pin)
         actions = actions * self.action_channel_mask.view(1, -1, 1, 1, 1)
         _mark(timer, "action")
         return ChunkResult(actions=actions, latents=latents)
@@ -270,9 +266,9 @@ class StaticSampler(_SamplerBase):
     @torch.no_grad()
     def feedback(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
         self.check_feedback(video_latents, actions)
-        hist = self.modes[CacheMode.HISTORY]
-        self.step(video_latents.to(self.device, self.dtype), self.history_t, self.history_dsigma, hist, self.no_pin, self.zero_video_pin, False)
-        self.step(actions.to(self.device, self.dtype), self.history_t, self.history_dsigma, hist, self.no_pin, self.zero_action_pin, True)
+        hist, t, ds = self.modes[CacheMode.HISTORY], self.history_t, self.history_dsigma
+        self.step(video_latents.to(self.device, self.dtype), t, ds, hist, self.no_pin, False)
+        self.step(actions.to(self.device, self.dtype), t, ds, hist, self.no_pin, True)
         _mark(timer, "history")
         self.frame_offset.add_(video_latents.shape[2])
         self.frame_start += video_latents.shape[2]
