@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= frozen,dev
+EXTRAS ?= frozen,quant,serve,dev
 
 .PHONY: venv demo test test-all lint clean
 
