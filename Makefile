@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= frozen,quant,serve,dev
 
-.PHONY: venv demo test test-all lint clean
+.PHONY: venv demo test test-all lint clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,12 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+BENCH_DEVICE ?= cpu
+bench: venv
+	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
+	mkdir -p bench/results/$(BENCH_DEVICE)
+	$(BIN)/python -m pytest bench/test_ladder.py -q -p no:cacheprovider -o addopts="" \
+		--benchmark-json=bench/results/$(BENCH_DEVICE)/ladder.json
+	$(BIN)/python -m bench.report bench/results/$(BENCH_DEVICE)/ladder.json
+	$(BIN)/python -m bench.memory_model

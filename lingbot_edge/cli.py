@@ -8,11 +8,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib import import_module
 
 import numpy as np
 import torch
 
 log = logging.getLogger("lingbot_edge")
+
+# Subcommands living next to the code they drive; each module has `register(subparsers)` and
+# keeps its heavy imports inside the command function, so `lingbot-edge --help` stays fast.
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 
 class ToyScene:
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
+    for module in _COMMAND_MODULES:
+        import_module(f"lingbot_edge.{module}").register(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

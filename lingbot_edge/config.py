@@ -266,14 +266,15 @@ POLICY_PRESETS: dict[str, PolicyConfig] = {
         action_q01=_ROBOTWIN_Q01,
         action_q99=_ROBOTWIN_Q99,
     ),
-    # SO-100: 5 joints + gripper in degrees-like units mapped onto the first 6 channels; the
-    # quantiles here are placeholders over LeRobot's default SO-100 joint ranges until a
-    # dataset's meta/stats.json replaces them (robot issue).
+    # SO-100: 5 joints + gripper on the first 6 channels. 96x128 keeps the cameras' 3:4 aspect
+    # (480x640 in) at LIBERO's token budget (3 cameras -> 144 video tokens per chunk). The
+    # quantiles are placeholders over LeRobot's default SO-100 ranges until a dataset's
+    # meta/stats.json replaces them.
     "so100": PolicyConfig(
         name="so100",
         model="full",
-        height=256,
-        width=256,
+        height=96,
+        width=128,
         obs_cam_keys=(
             "observation.images.camera_top",
             "observation.images.camera_wrist_left",

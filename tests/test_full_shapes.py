@@ -14,7 +14,7 @@ from lingbot_edge.sampler import StaticSampler
     [
         ("libero", (8, 16), 128, 16, 15 * (128 + 16)),
         ("robotwin", (24, 20), 240, 32, 36 * (240 + 32)),
-        ("so100", (16, 48), 768, 16, 15 * (768 + 16)),
+        ("so100", (6, 24), 144, 16, 15 * (144 + 16)),
     ],
 )
 def test_full_preset_shapes_on_meta(preset, latent_hw, video_tokens, action_tokens, capacity):

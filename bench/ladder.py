@@ -1,0 +1,213 @@
+"""The accuracy-vs-latency ladder: every sampler / precision variant on the same inputs.
+
+A variant is a name plus a function building a sampler from a fresh model. `run_episode`
+drives any sampler through the same fixed-seed episode (same noise, same observed latents, same
+executed actions fed back), so outputs are comparable chunk by chunk; `forward_timers` gives the
+per-forward callables pytest-benchmark times. Accuracy is measured against the bf16 reference.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lingbot_edge.checkpoint import build_meta_model, build_model
+from lingbot_edge.config import MODEL_PRESETS, PolicyConfig, get_policy_config
+from lingbot_edge.kv_cache import CacheMode
+from lingbot_edge.sampler import ReferenceSampler, StaticSampler
+
+# Peak numbers per GPU model (dense, no sparsity): bytes/s and FLOP/s by dtype.
+GPU_PEAKS = {
+    "H100": {"bandwidth": 3.35e12, "bf16": 989e12, "fp8": 1979e12, "int8": 1979e12},
+    "H200": {"bandwidth": 4.8e12, "bf16": 989e12, "fp8": 1979e12, "int8": 1979e12},
+    "RTX 4090": {"bandwidth": 1.008e12, "bf16": 165e12, "fp8": 330e12, "int8": 330e12},
+    "RTX 3090": {"bandwidth": 0.936e12, "bf16": 71e12, "fp8": 71e12, "int8": 142e12},
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    description: str
+    build: Callable[[torch.nn.Module, PolicyConfig], object]  # (bf16 model, cfg) -> sampler
+    gpu_only: bool = False
+    mutates_model: bool = False  # quantizing variants get their own copy of the model
+
+
+def _static(compile: bool) -> Callable:
+    def build(model, cfg):
+        return StaticSampler(model, cfg, compile=compile)
+
+    return build
+
+
+def base_variants() -> list[Variant]:
+    return [
+        Variant("a_reference", "reference sampler, eager, dynamic list cache (upstream-style)",
+                lambda m, c: ReferenceSampler(m, c)),
+        Variant("b_static_eager", "static ring cache + per-prompt cross K/V, eager", _static(False)),
+        Variant("c_static_compiled", "static + torch.compile(fullgraph, dynamic=False)", _static(True)),
+    ]
+
+
+def all_variants() -> list[Variant]:
+    """The whole ladder; quantized rungs come from `quantize` (absent: base rungs only)."""
+    return base_variants()
+
+
+@dataclass
+class EpisodeInputs:
+    text: torch.Tensor
+    neg: torch.Tensor
+    first: torch.Tensor
+    chunks: list[dict[str, torch.Tensor]]
+
+
+def episode_inputs(cfg: PolicyConfig, chunks: int, seed: int = 0) -> EpisodeInputs:
+    mc = cfg.model_config
+    g = torch.Generator().manual_seed(seed)
+    latent = (1, mc.in_channels, cfg.frame_chunk_size, *cfg.latent_hw)
+    action = (1, mc.action_dim, cfg.frame_chunk_size, cfg.action_per_frame, 1)
+    text = torch.randn(1, cfg.max_sequence_length, mc.text_dim, generator=g)
+    neg = torch.randn(1, cfg.max_sequence_length, mc.text_dim, generator=g)
+    first = torch.randn(*latent[:2], 1, *latent[3:], generator=g)
+    steps = [
+        {
+            "noise_video": torch.randn(latent, generator=g),
+            "noise_action": torch.randn(action, generator=g),
+            "observed": torch.randn(latent, generator=g),
+            "executed": torch.randn(action, generator=g).clamp(-1, 1),
+        }
+        for _ in range(chunks)
+    ]
+    return EpisodeInputs(text, neg, first, steps)
+
+
+def run_episode(sampler, inputs: EpisodeInputs, sync: Callable[[], None] = lambda: None) -> list:
+    """All chunks with feedback; returns the ChunkResults (on their device)."""
+    sampler.reset(inputs.text, inputs.neg)
+    out = []
+    for i, s in enumerate(inputs.chunks):
+        r = sampler.sample_chunk(s["noise_video"], s["noise_action"], inputs.first if i == 0 else None)
+        sampler.feedback(s["observed"], s["executed"])
+        out.append(r)
+    sync()
+    return out
+
+
+def accuracy(results: list, reference: list) -> dict[str, float]:
+    """Action RMS / cosine (normalized units) and video-latent SQNR (dB) vs the reference run."""
+    a = torch.cat([r.actions.float().flatten().cpu() for r in results])
+    a_ref = torch.cat([r.actions.float().flatten().cpu() for r in reference])
+    v = torch.cat([r.latents.float().flatten().cpu() for r in results])
+    v_ref = torch.cat([r.latents.float().flatten().cpu() for r in reference])
+    err = (v - v_ref).pow(2).mean()
+    sqnr = float("inf") if err == 0 else float(10 * torch.log10(v_ref.pow(2).mean() / err))
+    return {
+        "action_rms": float((a - a_ref).pow(2).mean().sqrt()),
+        "action_cos": float(torch.nn.functional.cosine_similarity(a, a_ref, dim=0)),
+        "latent_sqnr_db": sqnr,
+    }
+
+
+def forward_timers(sampler, cfg: PolicyConfig) -> dict[str, Callable[[], None]]:
+    """One transient video forward and one transient action forward (cache left unchanged)."""
+    dev, dt = sampler.device, sampler.dtype
+    x_v = torch.randn(sampler.latent_shape, device=dev, dtype=dt)
+    x_a = torch.randn(sampler.action_shape, device=dev, dtype=dt)
+    if isinstance(sampler, StaticSampler):
+        t, ds = sampler.schedules[False][1]
+        mode = sampler.modes[CacheMode.TRANSIENT]
+        return {
+            "video": lambda: sampler.step(x_v, t, ds, mode, sampler.no_pin, False),
+            "action": lambda: sampler.step(x_a, t, ds, mode, sampler.no_pin, True),
+        }
+    t = torch.full((cfg.frame_chunk_size,), 500.0, device=dev)
+    return {
+        "video": lambda: sampler._forward(x_v, t, CacheMode.TRANSIENT, False, sampler.frame_start),
+        "action": lambda: sampler._forward(x_a, t, CacheMode.TRANSIENT, True, sampler.frame_start),
+    }
+
+
+def forward_flops_and_bytes(cfg: PolicyConfig, model: torch.nn.Module, action: bool) -> tuple[float, float]:
+    """FLOPs of one static-sampler forward (counted by torch's FlopCounterMode on the meta
+    device, cache full) and the weight bytes it reads."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = build_meta_model(model.config).to(model.dtype)
+    sampler = StaticSampler(meta, cfg.replace(num_inference_steps=1, action_num_inference_steps=1), compile=False)
+    sampler.cache.valid.fill_(True)
+    with FlopCounterMode(display=False) as counter:
+        forward_timers(sampler, cfg)["action" if action else "video"]()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return float(counter.get_total_flops()), float(weight_bytes)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def gpu_peaks(device: torch.device) -> dict[str, float] | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in GPU_PEAKS.items():
+        if key.replace("RTX ", "") in name:
+            return peaks
+    return None
+
+
+def tiny_setup(dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> tuple[PolicyConfig, torch.nn.Module]:
+    cfg = get_policy_config("tiny")
+    return cfg, build_model(MODEL_PRESETS["tiny"], dtype=dtype, device=device, seed=0)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of everything the model holds (parameters and buffers, quantized tensors included)."""
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        inner = getattr(t, "__tensor_flatten__", None)
+        if inner is not None:  # tensor subclass (e.g. torchao): count its component tensors
+            names, _ = t.__tensor_flatten__()
+            total += sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names)
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def peak_memory(device: torch.device) -> int:
+    """CUDA: max_memory_allocated since the last reset. CPU: the process's peak RSS (monotonic)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_cpu_peaks(seconds: float = 0.5) -> dict[str, float]:
+    """Copy bandwidth and bf16 / fp32 matmul throughput of this CPU, measured in this run."""
+    import time
+
+    def rate(fn, work):
+        fn()
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn()
+            n += 1
+        return work * n / (time.perf_counter() - start)
+
+    src = torch.empty(64 * 2**20 // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    bandwidth = rate(lambda: dst.copy_(src), 2 * src.numel() * 4)  # read + write
+    a32 = torch.randn(512, 512)
+    a16 = a32.bfloat16()
+    return {
+        "bandwidth": bandwidth,
+        "fp32": rate(lambda: a32 @ a32, 2 * 512**3),
+        "bf16": rate(lambda: a16 @ a16, 2 * 512**3),
+    }

@@ -1,0 +1,114 @@
+"""Turn a ladder run (pytest-benchmark JSON) into a markdown table and a Pareto plot.
+
+    python -m bench.report bench/results/cpu/ladder.json   # writes ladder.md + pareto.png beside it
+
+Ratios are against variant a (the upstream-style reference) from the same run. On a CPU only
+ratios are meaningful; absolute times are printed for GPU runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _rows(data: dict) -> tuple[dict, dict]:
+    chunks, forwards = {}, {}
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        if b["group"] == "chunk":
+            chunks[info["variant"]] = {"median_s": b["stats"]["median"], **info}
+        else:
+            forwards[(info["variant"], info["stream"])] = {"median_s": b["stats"]["median"], **info}
+    return chunks, forwards
+
+
+def render(data: dict) -> str:
+    chunks, forwards = _rows(data)
+    if not chunks:
+        raise ValueError("no 'chunk' benchmarks in this file (was it produced by bench/test_ladder.py?)")
+    first = next(iter(chunks.values()))
+    gpu = not first["device"].startswith("CPU")
+    base = chunks.get("a_reference", first)["median_s"]
+    lines = [
+        f"# Ladder: preset `{first['preset']}`, {first['device']}",
+        "",
+        f"torch {first['torch']}, {data.get('datetime', '')[:19]} UTC, pytest-benchmark {data.get('version', '')}. "
+        "Medians; every variant in one process on the same inputs. Accuracy vs variant a (bf16 reference): "
+        "action RMS and cosine in normalized units, video-latent SQNR.",
+        "",
+        "| variant | chunk " + ("ms" if gpu else "(x of a)") + " | speedup vs a | video fwd | action fwd "
+        "| actions/s | roofline frac (video/action) | weights MiB | peak mem MiB | action RMS | action cos "
+        "| latent SQNR dB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, c in chunks.items():
+        fv, fa = forwards.get((name, "video")), forwards.get((name, "action"))
+
+        def fwd(f):
+            if f is None:
+                return "-"
+            return f"{f['median_s'] * 1e3:.2f} ms" if gpu else f"{f['median_s'] / base * 100:.2f}% of a-chunk"
+
+        def frac(f):
+            return "-" if f is None else f"{f['roofline_s'] / f['median_s']:.3f}"
+
+        chunk_col = f"{c['median_s'] * 1e3:.1f}" if gpu else f"{c['median_s'] / base:.3f}"
+        lines.append(
+            f"| {name} | {chunk_col} | {base / c['median_s']:.2f}x | {fwd(fv)} | {fwd(fa)} "
+            f"| {c['actions_per_chunk'] / c['median_s']:.0f} | {frac(fv)} / {frac(fa)} "
+            f"| {c['weight_bytes'] / 2**20:.2f} | {c['peak_memory_bytes'] / 2**20:.0f} | {c['action_rms']:.2e} "
+            f"| {c['action_cos']:.5f} | {c['latent_sqnr_db']:.1f} |"
+        )
+    lines += ["", "Variants:", ""] + [f"- `{n}`: {c['description']}" for n, c in chunks.items()]
+    peaks = next(iter(forwards.values()))["peaks"] if forwards else {}
+    if peaks:
+        lines += [
+            "",
+            "Roofline per forward = max(weight bytes / bandwidth, FLOPs / bf16 peak), FLOPs counted by torch's "
+            "FlopCounterMode; peaks used: " + ", ".join(f"{k} {v:.3g}" for k, v in peaks.items())
+            + (" (measured in this run: copy bandwidth, matmul)" if not gpu else " (datasheet)"),
+        ]
+    if not gpu:
+        lines += ["", "Peak memory on CPU is the process's max RSS so far (monotonic over the run), not per variant."]
+    return "\n".join(lines)
+
+
+def pareto_png(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chunks, _ = _rows(data)
+    base = chunks.get("a_reference", next(iter(chunks.values())))["median_s"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in chunks.items():
+        x = c["median_s"] / base
+        y = max(c["action_rms"], 1e-7)
+        ax.scatter(x, y)
+        ax.annotate(name, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("chunk latency (fraction of reference)")
+    ax.set_ylabel("action RMS vs bf16 reference (normalized)")
+    ax.set_title(f"{next(iter(chunks.values()))['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("json", type=Path)
+    args = parser.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    text = render(data)
+    (args.json.parent / "ladder.md").write_text(text + "\n")
+    pareto_png(data, args.json.parent / "pareto.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""pytest-benchmark ladder: `make bench` (CPU, tiny preset) or `make bench-gpu` (CUDA, full preset).
+
+    pytest bench/test_ladder.py --benchmark-json=bench/results/<device>/ladder.json
+    python -m bench.report bench/results/<device>/ladder.json
+
+Every variant runs in this one process on the same inputs; warm-up rounds absorb compilation;
+each timed call ends with a device synchronize. Environment:
+    LINGBOT_BENCH_PRESET  tiny (default on CPU) | libero | robotwin (full model, GPU)
+    LINGBOT_BENCH_CHUNKS  chunks per accuracy episode (default 6)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from bench import ladder
+from lingbot_edge.config import MODEL_PRESETS, get_policy_config
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PRESET = os.environ.get("LINGBOT_BENCH_PRESET", "tiny" if DEVICE.type == "cpu" else "libero")
+CHUNKS = int(os.environ.get("LINGBOT_BENCH_CHUNKS", "6"))
+ROUNDS = int(os.environ.get("LINGBOT_BENCH_ROUNDS", "5"))
+VARIANTS = ladder.all_variants()
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="session")
+def setup():
+    cfg = get_policy_config(PRESET)
+    model = ladder.build_model(MODEL_PRESETS[cfg.model], dtype=torch.bfloat16, device=DEVICE, seed=0)
+    inputs = ladder.episode_inputs(cfg, CHUNKS)
+    reference = ladder.run_episode(ladder.base_variants()[0].build(model, cfg), inputs, _sync)
+    peaks = ladder.gpu_peaks(DEVICE) or ladder.measure_cpu_peaks()
+    flops = {s: ladder.forward_flops_and_bytes(cfg, model, s == "action")[0] for s in ("video", "action")}
+    return dict(cfg=cfg, model=model, inputs=inputs, reference=reference, peaks=peaks, flops=flops)
+
+
+def _sampler(setup, variant):
+    if variant.gpu_only and DEVICE.type != "cuda":
+        pytest.skip(f"{variant.name} needs a CUDA GPU")  # reported as 'not run on this device'
+    model = copy.deepcopy(setup["model"]) if variant.mutates_model else setup["model"]
+    return variant.build(model, setup["cfg"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+def test_chunk(benchmark, setup, variant):
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    sampler = _sampler(setup, variant)
+    results = ladder.run_episode(sampler, setup["inputs"], _sync)  # also the compile warm-up
+    chunk = setup["inputs"].chunks[1]
+
+    def one_chunk():
+        sampler.sample_chunk(chunk["noise_video"], chunk["noise_action"])
+        sampler.feedback(chunk["observed"], chunk["executed"])
+        _sync()
+
+    benchmark.group = "chunk"
+    benchmark.pedantic(one_chunk, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    cfg = setup["cfg"]
+    benchmark.extra_info.update(
+        variant=variant.name,
+        description=variant.description,
+        device=ladder.device_name(DEVICE),
+        preset=PRESET,
+        torch=torch.__version__,
+        peak_memory_bytes=ladder.peak_memory(DEVICE),
+        weight_bytes=ladder.weight_bytes(sampler.model),
+        actions_per_chunk=cfg.frame_chunk_size * cfg.action_per_frame,
+        forwards_per_chunk=cfg.num_inference_steps + cfg.action_num_inference_steps + 4,
+        **ladder.accuracy(results, setup["reference"]),
+    )
+
+
+@pytest.mark.parametrize("stream", ["video", "action"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+def test_forward(benchmark, setup, variant, stream):
+    sampler = _sampler(setup, variant)
+    ladder.run_episode(sampler, setup["inputs"], _sync)  # fill the cache, warm up / compile
+    fwd = ladder.forward_timers(sampler, setup["cfg"])[stream]
+
+    def one_forward():
+        fwd()
+        _sync()
+
+    benchmark.group = f"forward-{stream}"
+    benchmark.pedantic(one_forward, rounds=ROUNDS * 4, warmup_rounds=2, iterations=1)
+    weight_bytes = ladder.weight_bytes(sampler.model)
+    peaks = setup["peaks"]
+    benchmark.extra_info.update(
+        variant=variant.name,
+        stream=stream,
+        flops=setup["flops"][stream],
+        weight_bytes=weight_bytes,
+        roofline_s=max(weight_bytes / peaks["bandwidth"], setup["flops"][stream] / peaks["bf16"]),
+        peaks=peaks,
+    )
