@@ -121,9 +121,11 @@ def forward_timers(sampler, cfg: PolicyConfig) -> dict[str, Callable[[], None]]:
     if isinstance(sampler, StaticSampler):
         t, ds = sampler.schedules[False][1]
         mode = sampler.modes[CacheMode.TRANSIENT]
+        rows_v = cfg.cfg_batch if cfg.guidance_scale > 1 else 1  # as StaticSampler._denoise runs them
+        rows_a = cfg.cfg_batch if cfg.action_guidance_scale > 1 else 1
         return {
-            "video": lambda: sampler.step(x_v, t, ds, mode, sampler.no_pin, False),
-            "action": lambda: sampler.step(x_a, t, ds, mode, sampler.no_pin, True),
+            "video": lambda: sampler.step(x_v, t, ds, mode, sampler.no_pin, False, rows_v),
+            "action": lambda: sampler.step(x_a, t, ds, mode, sampler.no_pin, True, rows_a),
         }
     t = torch.full((cfg.frame_chunk_size,), 500.0, device=dev)
     return {

@@ -134,7 +134,9 @@ class RingKVCache(nn.Module):
         self._written = torch.zeros_like(self.valid).index_fill(0, self._slots, True)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        kc, vc = self.k[layer], self.v[layer]
+        # A forward may cover only the leading CFG rows (the cond row alone): rows are independent.
+        b = q.shape[0]
+        kc, vc = self.k[layer, :b], self.v[layer, :b]
         kc.index_copy_(1, self._slots, k)
         vc.index_copy_(1, self._slots, v)
         return sdpa(q, kc, vc, mask=(self.valid | self._written).view(1, 1, 1, -1))

@@ -8,8 +8,10 @@ executed actions); they differ only in how:
   and the benchmark baseline; keep it plain.
 - `StaticSampler`: ring KV cache, cross-attention K/V computed once per prompt, every per-step
   input a device tensor of fixed shape (timesteps, Euler factors, frame offset, pin masks,
-  cache mode), so one `torch.compile(fullgraph=True, dynamic=False)` graph per stream serves
-  the first chunk, the steady state and the history writes, and nothing syncs to the host.
+  cache mode), so a few `torch.compile(fullgraph=True, dynamic=False)` graphs serve the first
+  chunk, the steady state and the history writes, and nothing syncs to the host. Graphs: video
+  forward (CFG rows); action forward with the cond row alone (transient steps, when action
+  guidance is off); action forward with every row (its last step and history writes).
 
 Action tensors are model-normalized, in the full action_dim space: [1, A, F, apf, 1].
 """
@@ -220,9 +222,12 @@ class StaticSampler(_SamplerBase):
         self.frame_offset.zero_()
         self.frame_start = 0
 
-    def _step(self, x: Tensor, t: Tensor, dsigma: Tensor, mode: Tensor, pin: Tensor, action: bool) -> Tensor:
+    def _step(
+        self, x: Tensor, t: Tensor, dsigma: Tensor, mode: Tensor, pin: Tensor, action: bool, rows: int
+    ) -> Tensor:
         """One forward of one stream (cache insert in `mode`) + CFG + Euler update.
-        pin: [F] bool, frames forced to pin_values[action] with timestep 0."""
+        pin: [F] bool, frames forced to pin_values[action] with timestep 0.
+        rows: CFG rows to run (1 = the cond row alone, when guidance is off and nothing is kept)."""
         pin5, pin_value = pin.view(1, 1, -1, 1, 1), self.pin_values[action]
         if action:
             x = x * self.action_channel_mask.view(1, -1, 1, 1, 1)
@@ -230,19 +235,26 @@ class StaticSampler(_SamplerBase):
         t_frames = torch.where(pin, 0.0, t)
         frame_int, frame_frac, hw = self.grids[action]
         grid = torch.cat([((frame_int + self.frame_offset) + frame_frac)[None], hw])
-        xb = x.expand(self.cfg.cfg_batch, -1, -1, -1, -1)
+        xb = x.expand(rows, -1, -1, -1, -1)
+        text_kv = self.text_kv if rows == self.cfg.cfg_batch else [(k[:rows], v[:rows]) for k, v in self.text_kv]
         self.cache.begin(mode, grid.shape[1])
-        v = self.model(xb, t_frames, grid, self.cache, action=action, text_kv=self.text_kv)
+        v = self.model(xb, t_frames, grid, self.cache, action=action, text_kv=text_kv)
         self.cache.end(mode)
         scale = self.cfg.action_guidance_scale if action else self.cfg.guidance_scale
-        x = x + self._cfg(v, scale) * dsigma
+        x = x + self._cfg(v, scale if rows > 1 else 1.0) * dsigma
         return torch.where(pin5, pin_value, x)
 
     def _denoise(self, x: Tensor, action: bool, pin: Tensor) -> Tensor:
         steps = self.schedules[action]
+        # Without guidance only the cond row's output matters and CFG rows never mix, so transient
+        # forwards may skip the uncond row: half the KV-cache reads of a memory-bound forward.
+        # The last forward keeps its K/V (PREDICTED), so it fills every row.
+        guided = self.cfg.action_guidance_scale if action else self.cfg.guidance_scale
+        transient_rows = self.cfg.cfg_batch if guided > 1 else 1
         for i, (t, ds) in enumerate(steps):
             last = i == len(steps) - 1
-            out = self.step(x, t, ds, self.modes[CacheMode.PREDICTED if last else CacheMode.TRANSIENT], pin, action)
+            mode = self.modes[CacheMode.PREDICTED if last else CacheMode.TRANSIENT]
+            out = self.step(x, t, ds, mode, pin, action, self.cfg.cfg_batch if last else transient_rows)
             if not last:  # the last forward only writes the cache
                 x = out
         return x
@@ -267,8 +279,9 @@ class StaticSampler(_SamplerBase):
     def feedback(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
         self.check_feedback(video_latents, actions)
         hist, t, ds = self.modes[CacheMode.HISTORY], self.history_t, self.history_dsigma
-        self.step(video_latents.to(self.device, self.dtype), t, ds, hist, self.no_pin, False)
-        self.step(actions.to(self.device, self.dtype), t, ds, hist, self.no_pin, True)
+        b = self.cfg.cfg_batch
+        self.step(video_latents.to(self.device, self.dtype), t, ds, hist, self.no_pin, False, b)
+        self.step(actions.to(self.device, self.dtype), t, ds, hist, self.no_pin, True, b)
         _mark(timer, "history")
         self.frame_offset.add_(video_latents.shape[2])
         self.frame_start += video_latents.shape[2]
