@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= frozen,quant,serve,dev
 
-.PHONY: venv demo test test-all lint clean bench
+.PHONY: venv demo test test-all test-lerobot lint clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,23 @@ test-all: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# LeRobot lives in its own venv: its CUDA torchvision must not leak into the main one.
+LR_VENV := .venv-lerobot
+LR_BIN := $(LR_VENV)/bin
+LR_STAMP := $(LR_VENV)/.installed
+
+$(LR_STAMP): pyproject.toml constraints.txt
+	test -x $(LR_BIN)/python || $(PYTHON) -m venv $(LR_VENV)
+	$(LR_BIN)/pip install -q --upgrade pip
+	$(LR_BIN)/pip install -q torch==2.13.0
+	$(LR_BIN)/pip install -q -c constraints.txt -e ".[frozen,robot,dev]"
+	touch $(LR_STAMP)
+
+test-lerobot: $(LR_STAMP)
+	$(LR_BIN)/python -m pytest -q -m lerobot tests/test_lerobot_policy.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LR_VENV) .pytest_cache
 
 BENCH_DEVICE ?= cpu
 bench: venv
