@@ -1,24 +1,35 @@
 """Frozen encoders of the policy: observations through the Wan2.2 VAE, prompts through UMT5.
 
 DESIGN.md section 3 ("Observation encoding", "Prompt"). Both encoders take already-built models
-(diffusers `AutoencoderKLWan`, transformers `UMT5EncoderModel`) plus a tokenizer callable, so loading
-the released folders later only needs a loader that builds those objects. For tests and the `tiny`
-preset, `build_tiny_vae` / `build_tiny_umt5` / `ByteTokenizer` build small stand-ins offline.
+(diffusers `AutoencoderKLWan`, transformers `UMT5EncoderModel`) plus a tokenizer callable;
+`lingbot_edge.loading` builds them from the released folders and `lingbot_edge.prompt_cache` keeps
+prompt embeddings so UMT5 runs once per prompt, ever. For tests and the `tiny` preset,
+`build_tiny_vae` / `build_tiny_umt5` / `build_tiny_tokenizer` / `ByteTokenizer` build small stand-ins
+offline. `decode_latents` / `write_mp4` turn predicted latents into a video for debugging.
 
-diffusers / transformers are imported lazily so that importing this module stays cheap.
+diffusers / transformers / imageio are imported lazily so that importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import html
 import logging
+import math
+import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .torchvision_compat import ensure_torchvision_importable
+
+# transformers / diffusers import torchvision when it is installed; a LeRobot venv has a broken
+# CUDA build of it. Fix that before any of our lazy imports of them (no-op without torchvision).
+ensure_torchvision_importable()
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan
@@ -27,15 +38,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "LAYOUTS",
     "ByteTokenizer",
     "HFTokenizer",
     "ObservationEncoder",
     "PromptEncoder",
     "StreamingVAEEncoder",
     "Tokenizer",
+    "build_tiny_tokenizer",
     "build_tiny_umt5",
     "build_tiny_vae",
     "clean_prompt",
+    "decode_latents",
+    "write_mp4",
 ]
 
 
@@ -110,6 +125,66 @@ def build_tiny_umt5(d_model: int = 32, seed: int = 0) -> UMT5EncoderModel:
     model.eval().requires_grad_(False)
     logger.debug("built tiny UMT5 d_model=%d seed=%d", d_model, seed)
     return model
+
+
+# The tiny tokenizer's training corpus (robot-task words); its alphabet covers any ASCII prompt.
+_TINY_CORPUS = (
+    "pick up the red block",
+    "put the bowl on the plate",
+    "open the top drawer and put the cup inside",
+    "push the disk to the left",
+    "stack the blocks",
+    "close the microwave",
+    "turn on the stove and put the pot on it",
+    "place the hammer on the block",
+)
+
+
+def build_tiny_tokenizer(vocab_size: int = 128) -> Any:
+    """A T5-style tokenizer trained offline (no Hub): `tokenizers` Unigram + Metaspace, `</s>` appended.
+
+    Ids 0 / 1 / 2 are `<pad>` / `</s>` / `<unk>` like T5's; all ids are < `vocab_size` (<= 256 pairs it
+    with `build_tiny_umt5`). Returns a transformers fast tokenizer; `save_pretrained` writes the
+    `tokenizer/` folder that `AutoTokenizer.from_pretrained` reloads.
+    """
+    import string
+
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    alphabet = list(string.ascii_letters + string.digits + string.punctuation)
+    if vocab_size < 4 + len(alphabet):
+        raise ValueError(f"vocab_size: expected >= {4 + len(alphabet)} (specials, '\u2581' and the ASCII alphabet), "
+                         f"got {vocab_size}")
+    tok = RawTokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_TINY_CORPUS) * 4, trainer)
+    # The trainer picks the same pieces every run, but its EM scores (and so the id order) vary in the
+    # last digits between processes. Canonicalize: re-score each piece by its smoothed frequency in the
+    # corpus and order ids by (score, piece), so every build is the same tokenizer, id for id.
+    specials = ["<pad>", "</s>", "<unk>"]
+    pieces = sorted(set(tok.get_vocab()) - set(specials))
+    text = "".join("\u2581" + line.replace(" ", "\u2581") for line in _TINY_CORPUS)
+    total = sum(text.count(p) for p in pieces) + len(pieces)
+    scored = sorted(((math.log((text.count(p) + 1) / total), p) for p in pieces), key=lambda sp: (-sp[0], sp[1]))
+    vocab = [(sp, 0.0) for sp in specials] + [(p, sc) for sc, p in scored]
+    if len(vocab) > vocab_size:  # pragma: no cover - the trainer respects the cap
+        raise RuntimeError(f"tiny tokenizer: trained {len(vocab)} tokens, expected <= {vocab_size}")
+    tok = RawTokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.add_special_tokens(specials)
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,17 +300,34 @@ class PromptEncoder:
     # no_grad rather than inference_mode: the embeddings are kept and fed to other (possibly compiled)
     # modules for a whole episode, and inference tensors cannot be used in-place/saved outside it.
     @torch.no_grad()
-    def encode(self, prompt: str) -> torch.Tensor:
+    def _run(self, prompt: str) -> tuple[torch.Tensor, int]:
+        """(last_hidden_state [1, max_sequence_length, d_model] in the encoder's dtype, real length)."""
+        if self.text_encoder is None:
+            raise RuntimeError("PromptEncoder: the text encoder was released; build a new PromptEncoder")
         ids, mask = self.tokenize(prompt)
         hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden, int(mask[0].sum())
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        """[1, max_sequence_length, d_model] in `dtype`: UMT5 output, exactly zero past the real length."""
+        hidden, seq_len = self._run(prompt)
         # Zero at/after the real length (Wan trims to seq_len and re-pads with zeros); torch.where
         # rather than a multiply so non-finite values at padded positions cannot leak through.
-        seq_len = mask.sum(dim=1, keepdim=True)
         keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < seq_len
         hidden = torch.where(
             keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
         )
         return hidden.to(self.dtype)
+
+    def encode_trimmed(self, prompt: str) -> torch.Tensor:
+        """[seq_len, d_model] in `dtype`: the real positions only (what `encode` pads with zeros)."""
+        hidden, seq_len = self._run(prompt)
+        return hidden[0, :seq_len].to(self.dtype)
+
+    def release(self) -> None:
+        """Drop this object's reference to the text encoder (the caller frees memory once no other
+        reference is left; see `prompt_cache.PromptCache.release_encoder`)."""
+        self.text_encoder = None
 
     def encode_pair(self, prompt: str, use_cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cond, uncond): uncond encodes the empty negative prompt, only when CFG is on."""
@@ -285,7 +377,13 @@ class StreamingVAEEncoder:
     After `reset()`, the first call takes 1 frame (-> 1 latent frame); each later call takes 4k frames
     (-> k latent frames). Concatenating the outputs equals diffusers' whole-clip `_encode` of
     1 + 4k frames, which walks the clip in exactly this 1, 4, 4, ... pattern with the same cache.
-    Output: the posterior mean, normalized `(mu - latents_mean) / latents_std` in float32.
+    Output: the posterior mean, normalized `(mu - latents_mean) / latents_std`, in `dtype`.
+
+    Only the parts the encode runs (`vae.encoder`, `vae.quant_conv`) are moved to `device` / `dtype`
+    (in place); the decoder stays where it is (CPU after `loading.load_vae`), so the Wan2.2 VAE costs
+    its ~150M encoder parameters on the GPU, not all ~705M. The state of a stream is only `feat_cache`:
+    several encoders may share one `vae` module (the robotwin T-shape runs two streams on one set of
+    weights) as long as they use the same device and dtype.
     """
 
     def __init__(
@@ -296,9 +394,9 @@ class StreamingVAEEncoder:
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        vae = vae.to(self.device)
-        if vae.dtype != dtype:  # diffusers warns on any `.to(dtype=...)`, even a no-op one
-            vae = vae.to(dtype=dtype)
+        # Plain nn.Module.to on the submodules: no diffusers dtype warnings, no decoder copy.
+        for part in (vae.encoder, vae.quant_conv):
+            part.to(device=self.device, dtype=dtype)
         self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
         self.z_dim = int(cfg.z_dim)
@@ -369,33 +467,76 @@ class StreamingVAEEncoder:
         return latents.to(self.dtype)
 
 
-class ObservationEncoder:
-    """Camera frames -> one latent observation [1, z_dim, T', height/16, (width/16) * num_cams].
+LAYOUTS = ("width_concat", "robotwin_tshape")
 
-    Each camera is resized to (height, width), scaled to [-1, 1] and encoded as one batch row through
-    the shared streaming VAE cache; the camera latents are concatenated along width in camera order.
+
+class ObservationEncoder:
+    """Camera frames -> one latent observation [1, z_dim, T', h, w] in the configured camera layout.
+
+    Every camera is resized (bilinear) and scaled to [-1, 1], then encoded as one batch row of a
+    streaming VAE (the causal conv cache persists until `reset()`):
+
+    - `width_concat` (LIBERO, SO-100): all cameras at (height, width) through one stream, latents
+      concatenated along width in camera order: h = height/16, w = (width/16) * num_cams.
+    - `robotwin_tshape` (RoboTwin; exactly 3 cameras: head, left wrist, right wrist): the head at
+      (height, width) through `vae_encoder`, the two wrists at (height/2, width/2) as two batch rows of
+      a second stream `wrist_encoder` (its own causal cache; by default a second `StreamingVAEEncoder`
+      on the same VAE weights). The wrist latents side by side on width are stacked on top of the head
+      latent along height: h = (height/16) * 3 / 2, w = width/16 (upstream `_encode_obs`).
     """
 
     def __init__(
-        self, vae_encoder: StreamingVAEEncoder, camera_keys: list[str], height: int, width: int
+        self,
+        vae_encoder: StreamingVAEEncoder,
+        camera_keys: Sequence[str],
+        height: int,
+        width: int,
+        layout: str = "width_concat",
+        wrist_encoder: StreamingVAEEncoder | None = None,
     ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}")
         if not camera_keys:
             raise ValueError("camera_keys: expected at least one camera key")
         if len(set(camera_keys)) != len(camera_keys):
             raise ValueError(f"camera_keys: expected unique keys, got {list(camera_keys)}")
-        f = vae_encoder.spatial_factor
+        tshape = layout == "robotwin_tshape"
+        if tshape and len(camera_keys) != 3:
+            raise ValueError(
+                f"camera_keys: robotwin_tshape expects 3 keys (head, left wrist, right wrist), got {list(camera_keys)}"
+            )
+        f = vae_encoder.spatial_factor * (2 if tshape else 1)  # wrists at half size must still be /16
         if height <= 0 or width <= 0 or height % f or width % f:
-            raise ValueError(f"height/width: expected positive multiples of {f}, got {height}x{width}")
+            raise ValueError(f"height/width: expected positive multiples of {f} for {layout}, got {height}x{width}")
+        if tshape and wrist_encoder is None:
+            wrist_encoder = StreamingVAEEncoder(vae_encoder.vae, device=vae_encoder.device, dtype=vae_encoder.dtype)
+        if wrist_encoder is not None and (wrist_encoder is vae_encoder or not tshape):
+            raise ValueError("wrist_encoder: expected a separate StreamingVAEEncoder, and only for robotwin_tshape")
         self.vae_encoder = vae_encoder
+        self.wrist_encoder = wrist_encoder
         self.camera_keys = list(camera_keys)
         self.height = height
         self.width = width
+        self.layout = layout
+
+    @property
+    def vae(self) -> AutoencoderKLWan:
+        return self.vae_encoder.vae
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        f = self.vae_encoder.spatial_factor
+        if self.layout == "robotwin_tshape":
+            return (self.height // f) * 3 // 2, self.width // f
+        return self.height // f, (self.width // f) * len(self.camera_keys)
 
     def reset(self) -> None:
         self.vae_encoder.reset()
+        if self.wrist_encoder is not None:
+            self.wrist_encoder.reset()
 
-    def _to_video(self, key: str, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 [T, H_in, W_in, 3] (or [H_in, W_in, 3]) -> float32 [T, 3, height, width] in [-1, 1]."""
+    def _to_video(self, key: str, frames: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """uint8 [T, H_in, W_in, 3] (or [H_in, W_in, 3]) -> float32 [T, 3, *size] in [-1, 1]."""
         expected = "[T, H, W, 3] uint8"
         if isinstance(frames, np.ndarray):
             ok_dtype = frames.dtype == np.uint8
@@ -414,19 +555,93 @@ class ObservationEncoder:
             frames = frames.unsqueeze(0)
         # Move the uint8 data first: 4x fewer bytes to transfer, and the resize runs on the device.
         x = frames.to(self.vae_encoder.device).permute(0, 3, 1, 2).float()
-        if tuple(x.shape[-2:]) != (self.height, self.width):
-            x = F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False)
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x / 255.0 * 2.0 - 1.0
 
-    def encode(self, frames: Mapping[str, np.ndarray | torch.Tensor]) -> torch.Tensor:
+    def _videos(self, frames: Mapping[str, np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """Per camera [3, T, h_i, w_i] in [-1, 1], checked: every key present, same T everywhere."""
         videos = []
-        for key in self.camera_keys:
+        for i, key in enumerate(self.camera_keys):
             if key not in frames:
                 raise ValueError(f"frames: missing camera key {key!r}; expected keys {self.camera_keys}")
-            videos.append(self._to_video(key, frames[key]))
-        lengths = {key: v.shape[0] for key, v in zip(self.camera_keys, videos, strict=True)}
+            size = (self.height, self.width)
+            if self.layout == "robotwin_tshape" and i > 0:
+                size = (self.height // 2, self.width // 2)
+            videos.append(self._to_video(key, frames[key], size).transpose(0, 1))
+        lengths = {key: v.shape[1] for key, v in zip(self.camera_keys, videos, strict=True)}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"frames: expected the same number of frames T for every camera, got {lengths}")
-        video = torch.stack(videos, dim=0).transpose(1, 2)  # [num_cams, 3, T, H, W]
-        latents = self.vae_encoder.encode(video)  # [num_cams, z, T', h, w]
+        return videos
+
+    def encode(self, frames: Mapping[str, np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """{camera: uint8 [T, H, W, 3] or [H, W, 3]} -> normalized latents [1, z_dim, T', h, w].
+
+        T = 1 on the first call after `reset()`, then multiples of 4 (see `StreamingVAEEncoder`)."""
+        videos = self._videos(frames)
+        if self.layout == "robotwin_tshape":
+            head = self.vae_encoder.encode(videos[0].unsqueeze(0))  # [1, z, T', h, w]
+            wrists = self.wrist_encoder.encode(torch.stack(videos[1:]))  # [2, z, T', h/2, w/2]
+            top = torch.cat(wrists.unbind(0), dim=-1).unsqueeze(0)  # [1, z, T', h/2, w]
+            return torch.cat([top, head], dim=-2)
+        latents = self.vae_encoder.encode(torch.stack(videos))  # [num_cams, z, T', h, w]
         return torch.cat(latents.unbind(0), dim=-1).unsqueeze(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Predicted video (debugging): latents -> frames -> mp4
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def decode_latents(
+    vae: AutoencoderKLWan, latents: torch.Tensor, device: str | torch.device | None = None
+) -> np.ndarray:
+    """Normalized latents [1, z_dim, T', h, w] -> uint8 frames [1 + 4 (T' - 1), 16 h, 16 w, 3].
+
+    Denormalizes (`latents * latents_std + latents_mean`, the inverse of the encode) and runs the VAE
+    decoder (`post_quant_conv` + `decoder`, diffusers' `decode`) on `device` (default: where the
+    decoder is). The decoder is moved there for the call and back afterwards, so a GPU only holds it
+    while decoding. Camera layouts decode as one picture (side by side, or the T-shape).
+    """
+    cfg = vae.config
+    z_dim = int(cfg.z_dim)
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[:2] != (1, z_dim):
+        got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents: expected a tensor [1, {z_dim}, T, h, w], got {got}")
+    parts = (vae.decoder, vae.post_quant_conv)
+    home = next(vae.decoder.parameters())
+    dev = torch.device(device) if device is not None else home.device
+    try:
+        for part in parts:
+            part.to(dev)
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=dev).view(1, -1, 1, 1, 1)
+        z = (latents.to(dev, torch.float32) * std + mean).to(home.dtype)
+        video = vae.decode(z, return_dict=False)[0]  # [1, 3, T, H, W] in [-1, 1]
+    finally:
+        for part in parts:
+            part.to(home.device)
+    video = (video[0].float().clamp(-1, 1) + 1.0) / 2.0 * 255.0
+    return video.round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 10) -> Path:
+    """uint8 frames [T, H, W, 3] -> an H.264 mp4 at `path` (imageio + imageio-ffmpeg), written to a
+    temporary name first and renamed, so a crash never leaves a truncated file under `path`."""
+    import imageio.v2 as imageio
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"frames: expected uint8 [T, H, W, 3] with T >= 1, got {frames.dtype} {list(frames.shape)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.mp4'}")
+    try:
+        # macro_block_size=1: keep the exact size (the tiny presets are not multiples of 16).
+        imageio.mimwrite(tmp, list(frames), fps=fps, macro_block_size=1)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote %d frames (%dx%d) to %s", frames.shape[0], frames.shape[2], frames.shape[1], path)
+    return path

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch import Tensor
 from .actions import ActionCodec
 from .config import VAE_TEMPORAL, PolicyConfig, get_policy_config
 from .model import WanVATransformer
+from .prompt_cache import PromptCache
 from .sampler import ReferenceSampler, StaticSampler
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,15 @@ class PhaseTimer:
 
 
 class LingBotPolicy:
+    """One robot policy: DiT + sampler, observation encoder (streaming VAE), prompt embeddings.
+
+    `prompt_encoder` is a `prompt_cache.PromptCache` (UMT5 loaded on a miss only, released after;
+    `loading.load_policy` builds one over the checkpoint's files) or anything with
+    `encode_pair(prompt, use_cfg)` such as a `frozen.PromptEncoder` (its results are kept per prompt).
+    `record_predicted_video`: keep each chunk's predicted latents (on the CPU) for
+    `save_predicted_video`; off by default (it costs a host copy per chunk).
+    """
+
     def __init__(
         self,
         cfg: PolicyConfig,
@@ -69,9 +80,14 @@ class LingBotPolicy:
         sampler: str = "static",
         compile: bool = True,
         seed: int = 0,
+        record_predicted_video: bool = False,
     ):
         if model.config != cfg.model_config:
             raise ValueError(f"model: its config does not match preset {cfg.name!r}'s model {cfg.model!r}")
+        enc_hw = getattr(obs_encoder, "latent_hw", None)
+        if enc_hw is not None and tuple(enc_hw) != tuple(cfg.latent_hw):
+            raise ValueError(f"obs_encoder: produces latents of {tuple(enc_hw)} (h, w), expected {cfg.latent_hw} "
+                             f"for preset {cfg.name!r} ({cfg.camera_layout})")
         self.cfg = cfg
         self.model = model
         self.device = next(model.parameters()).device
@@ -87,38 +103,85 @@ class LingBotPolicy:
         self.seed = seed
         self._prompt_cache: dict[str, tuple[Tensor, Tensor | None]] = {}
         self.prompt: str | None = None
+        self.record_predicted_video = record_predicted_video
+        self.predicted_latents: list[Tensor] = []
+        self.load_report: dict[str, Any] = {}  # filled by loading.load_policy
+        self.checkpoint = None  # the loading.CheckpointLayout the policy came from, if any
+
+    @property
+    def memory_report(self) -> dict[str, Any]:
+        """GPU memory in bytes (None off CUDA):
+
+        - `gpu_allocated` / `gpu_max_allocated` / `gpu_reserved`: `torch.cuda.memory_allocated` /
+          `max_memory_allocated` / `memory_reserved` of the policy's device now;
+        - `gpu_allocated_at_start` / `_after_prompts` / `_after_dit` / `_after_vae`: allocated after each
+          stage of `loading.load_policy` (absent for policies built otherwise);
+        - `prompt`: the prompt cache's report: `text_encoder_loads`, `text_encoder_device`,
+          `gpu_allocated_before_release` / `gpu_allocated_after_release` (and `reserved`),
+          `gpu_freed_bytes`, measured around the last UMT5 release (None when UMT5 never ran on a GPU).
+        """
+        cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        report: dict[str, Any] = {
+            "device": str(self.device),
+            "gpu_allocated": torch.cuda.memory_allocated(self.device) if cuda else None,
+            "gpu_max_allocated": torch.cuda.max_memory_allocated(self.device) if cuda else None,
+            "gpu_reserved": torch.cuda.memory_reserved(self.device) if cuda else None,
+        }
+        report.update(self.load_report)
+        prompt = getattr(self.prompt_encoder, "memory_report", None)
+        if prompt is not None:
+            report["prompt"] = dict(prompt)
+        return report
 
     # ------------------------------------------------------------------ episode state
 
     def reset(self, prompt: str, seed: int | None = None) -> None:
-        """Start an episode: encode the prompt (once per distinct prompt), empty the caches."""
+        """Start an episode: look up / encode the prompt, empty the caches."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt: expected str, got {type(prompt).__name__}")
-        if prompt not in self._prompt_cache:
-            self._prompt_cache[prompt] = self.prompt_encoder.encode_pair(prompt, self.cfg.use_cfg)
-        cond, uncond = self._prompt_cache[prompt]
+        if isinstance(self.prompt_encoder, PromptCache):  # has its own memory tier
+            cond, uncond = self.prompt_encoder.encode_pair(prompt, self.cfg.use_cfg)
+        else:
+            if prompt not in self._prompt_cache:
+                self._prompt_cache[prompt] = self.prompt_encoder.encode_pair(prompt, self.cfg.use_cfg)
+            cond, uncond = self._prompt_cache[prompt]
+        self.text_embeds = (cond, uncond)
         self.sampler.reset(cond, uncond)
         self.obs_encoder.reset()
         self.prompt = prompt
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed if seed is None else seed)
-        self.chunk_index = 0
+        self.chunk_index = 0  # the next chunk to feed back
         self.init_latent: Tensor | None = None
+        self._pending: list = []  # ChunkResults inferred, not fed back yet (2 with one inferred ahead)
         self.awaiting_feedback = False
+        self.predicted_latents = []
 
     def _noise(self, shape: tuple[int, ...]) -> Tensor:
         return torch.randn(shape, generator=self.generator, device=self.device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ openpi interface
 
+    # infer(obs, ahead=True) is available (async execution with a one-chunk lag).
+    supports_lookahead = True
+
     @torch.no_grad()
-    def infer(self, obs: Mapping[str, Any]) -> dict[str, Any]:
-        """Predict the next chunk. The first chunk of an episode needs one frame per camera in obs."""
+    def infer(self, obs: Mapping[str, Any], ahead: bool = False) -> dict[str, Any]:
+        """Predict the next chunk. The first chunk of an episode needs one frame per camera in obs.
+
+        ahead=True: predict the chunk after the one awaiting feedback, while that one executes. It
+        conditions on the cache's PREDICTED entries of the pending chunk (the model's own prediction,
+        a one-chunk lag); `feedback` of the pending chunk then replaces them with what happened and
+        re-inserts this chunk's prediction, so the next `infer(ahead=True)` can follow it."""
         if self.prompt is None:
             raise RuntimeError("infer: call reset(prompt=...) first")
-        if self.awaiting_feedback:
-            raise RuntimeError("infer: call feedback(...) with the executed chunk before the next infer")
+        if ahead and len(self._pending) != 1:
+            raise RuntimeError("infer(ahead=True): needs exactly one chunk awaiting feedback, "
+                               f"{len(self._pending)} are")
+        if not ahead and self._pending:
+            raise RuntimeError("infer: call feedback(...) with the executed chunk before the next infer "
+                               "(or infer(..., ahead=True) to overlap it with execution)")
         timer = PhaseTimer(self.device)
-        first = self.chunk_index == 0
+        first = self.chunk_index == 0 and not self._pending
         first_latent = None
         if first:
             frames = {k: obs[k] for k in self.cfg.obs_cam_keys if k in obs}
@@ -128,16 +191,21 @@ class LingBotPolicy:
             first_latent = self.obs_encoder.encode(frames).to(self.sampler.dtype)
             self.init_latent = first_latent
             timer.mark("encode_obs")
+        shift = len(self._pending) * self.cfg.frame_chunk_size
         result = self.sampler.sample_chunk(
-            self._noise(self.sampler.latent_shape), self._noise(self.sampler.action_shape), first_latent, timer=timer
+            self._noise(self.sampler.latent_shape), self._noise(self.sampler.action_shape), first_latent, timer=timer,
+            frame_shift=shift,
         )
         actions = self.codec.to_robot(result.actions, first_chunk=first)  # host copy: syncs once
         self.last_result = result
+        if self.record_predicted_video:
+            self.predicted_latents.append(result.latents.detach().float().cpu())
+        self._pending.append(result)
         self.awaiting_feedback = True
         return {
             "actions": actions,
-            "chunk": self.chunk_index,
-            "frame_start": self.sampler.frame_start,
+            "chunk": self.chunk_index + len(self._pending) - 1,
+            "frame_start": self.sampler.frame_start + shift,
             "timing": timer.result(),
         }
 
@@ -145,7 +213,7 @@ class LingBotPolicy:
     def feedback(self, frames: Mapping[str, Any], executed_actions: np.ndarray) -> dict[str, float]:
         """Write what really happened into the cache: the keyframes observed while the chunk ran
         ({camera: [T, H, W, 3] uint8}, T = 4 * latent frames) and the actions executed."""
-        if not self.awaiting_feedback:
+        if not self._pending:
             raise RuntimeError("feedback: no chunk to feed back (call infer first)")
         timer = PhaseTimer(self.device)
         first = self.chunk_index == 0
@@ -162,9 +230,32 @@ class LingBotPolicy:
             latents = torch.cat([self.init_latent, latents], dim=2)
         timer.mark("encode_obs")
         self.sampler.feedback(latents, actions, timer=timer)
+        self._pending.pop(0)
+        if self._pending:  # a chunk inferred ahead: feedback dropped its PREDICTED entries, restore them
+            self.sampler.write_predicted(self._pending[0].latents, self._pending[0].actions, timer=timer)
         self.chunk_index += 1
-        self.awaiting_feedback = False
+        self.awaiting_feedback = bool(self._pending)
         return timer.result()
+
+    def save_predicted_video(self, path: str | Path, fps: int = 10, device: str | torch.device | None = None) -> Path:
+        """Decode this episode's predicted latents (all chunks so far, concatenated in time, as upstream)
+        with the VAE decoder and write them to an mp4; needs `record_predicted_video=True`.
+
+        The video shows the camera layout as one picture; `device` is where the decoder runs (default:
+        where it lives: the CPU for `load_policy`)."""
+        from .frozen import decode_latents, write_mp4
+
+        if not self.record_predicted_video:
+            raise RuntimeError("save_predicted_video: construct the policy with record_predicted_video=True "
+                               "(or set policy.record_predicted_video = True before reset)")
+        if not self.predicted_latents:
+            raise RuntimeError("save_predicted_video: no predicted chunk yet in this episode (call infer first)")
+        vae = getattr(self.obs_encoder, "vae", None)
+        if vae is None:
+            raise RuntimeError("save_predicted_video: the observation encoder has no VAE "
+                               "(expected a frozen.ObservationEncoder)")
+        frames = decode_latents(vae, torch.cat(self.predicted_latents, dim=2), device=device)
+        return write_mp4(frames, path, fps=fps)
 
 
 def build_tiny_policy(sampler: str = "static", compile: bool = True, seed: int = 0,
@@ -184,7 +275,13 @@ def build_tiny_policy(sampler: str = "static", compile: bool = True, seed: int =
     mc = cfg.model_config
     model = build_model(mc, dtype=dtype, device=device, seed=seed)
     vae = StreamingVAEEncoder(build_tiny_vae(z_dim=mc.in_channels, seed=seed), device=device, dtype=torch.float32)
-    obs_encoder = ObservationEncoder(vae, list(cfg.obs_cam_keys), cfg.height, cfg.width)
-    umt5 = build_tiny_umt5(d_model=mc.text_dim, seed=seed)
-    prompt_encoder = PromptEncoder(umt5, ByteTokenizer(), cfg.max_sequence_length, device=device, dtype=dtype)
-    return LingBotPolicy(cfg, model, obs_encoder, prompt_encoder, sampler=sampler, compile=compile, seed=seed)
+    obs_encoder = ObservationEncoder(vae, list(cfg.obs_cam_keys), cfg.height, cfg.width, layout=cfg.camera_layout)
+
+    def umt5_factory() -> PromptEncoder:  # built on a miss, released after: same lifetime as a real UMT5
+        umt5 = build_tiny_umt5(d_model=mc.text_dim, seed=seed)
+        return PromptEncoder(umt5, ByteTokenizer(), cfg.max_sequence_length, device=device, dtype=dtype)
+
+    prompts = PromptCache(umt5_factory, fingerprint=f"tiny-byte-umt5-seed{seed}", text_dim=mc.text_dim,
+                          max_sequence_length=cfg.max_sequence_length, encoder_dtype=dtype, device=device,
+                          dtype=dtype)
+    return LingBotPolicy(cfg, model, obs_encoder, prompts, sampler=sampler, compile=compile, seed=seed)

@@ -14,9 +14,12 @@ from lingbot_edge.frozen import (
     ObservationEncoder,
     PromptEncoder,
     StreamingVAEEncoder,
+    build_tiny_tokenizer,
     build_tiny_umt5,
     build_tiny_vae,
     clean_prompt,
+    decode_latents,
+    write_mp4,
 )
 
 Z = 16
@@ -243,22 +246,7 @@ def test_prompt_encoder_pair_and_dtype(umt5):
 
 
 def test_hf_tokenizer_adapter(umt5):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import T5TokenizerFast
-
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    corpus = ["pick up the red block", "put the bowl on the plate", "open the top drawer"] * 10
-    tok.train_from_iterator(
-        corpus,
-        trainers.UnigramTrainer(vocab_size=64, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"),
-    )
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    hf = T5TokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
-    )
-
+    hf = build_tiny_tokenizer()
     ids, mask = HFTokenizer(hf)(["pick up the block", ""], max_length=12)
     assert ids.shape == mask.shape == (2, 12)
     n = int(mask[0].sum())
@@ -266,3 +254,109 @@ def test_hf_tokenizer_adapter(umt5):
 
     out = PromptEncoder(umt5, HFTokenizer(hf), max_sequence_length=12).encode("pick up the block")
     assert torch.count_nonzero(out[:, n:]) == 0 and out[:, :n].abs().amin(dim=-1).gt(0).all()
+    # encode_trimmed = the real positions of encode, nothing else.
+    trimmed = PromptEncoder(umt5, HFTokenizer(hf), max_sequence_length=12).encode_trimmed("pick up the block")
+    assert trimmed.shape == (n, 32) and torch.equal(trimmed, out[0, :n])
+
+
+def test_tiny_tokenizer_offline_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.save_pretrained(str(tmp_path))
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = ["turn on the stove, then Pick UP the #7 block!", ""]
+    a = HFTokenizer(tok)(text, max_length=32)
+    b = HFTokenizer(again)(text, max_length=32)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert int(a[0].max()) < 128 and (a[0][0] != 2).all()  # in the tiny vocabulary, no <unk> for ASCII
+    assert build_tiny_tokenizer().get_vocab() == tok.get_vocab()  # deterministic training
+    # Truncation keeps eos as the last real token, like T5.
+    ids, mask = HFTokenizer(tok)(["pick up the red block " * 10], max_length=8)
+    assert mask.sum() == 8 and ids[0, -1] == 1
+
+
+# ------------------------------------------------------------------------------ robotwin T-shape
+
+
+def test_tshape_matches_reference(vae):
+    keys = ["head", "left", "right"]
+    h, w = 64, 96
+    enc = ObservationEncoder(StreamingVAEEncoder(vae), keys, h, w, layout="robotwin_tshape")
+    assert enc.latent_hw == (6, 6)
+    assert enc.wrist_encoder is not None and enc.wrist_encoder.vae is vae
+    # Inputs at other sizes than the targets (every camera is resized), 1 + 4 + 4 frames.
+    clips = {k: rand_frames(9, 48, 80, seed=i) for i, k in enumerate(keys)}
+    chunks = [slice(0, 1), slice(1, 5), slice(5, 9)]
+    out = torch.cat([enc.encode({k: v[c] for k, v in clips.items()}) for c in chunks], dim=2)
+    assert out.shape == (1, Z, 3, 6, 6)
+
+    def prep(frames, size):
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return (x / 255 * 2 - 1).transpose(0, 1).unsqueeze(0)
+
+    # Independent reference: whole clips through diffusers, assembled by hand as upstream `_encode_obs`.
+    head = reference_latents(vae, prep(clips["head"], (h, w)))  # [1, z, 3, 4, 6]
+    left = reference_latents(vae, prep(clips["left"], (h // 2, w // 2)))  # [1, z, 3, 2, 3]
+    right = reference_latents(vae, prep(clips["right"], (h // 2, w // 2)))
+    ref = torch.cat([torch.cat([left, right], dim=-1), head], dim=-2)
+    assert (out - ref).abs().max().item() <= ATOL
+
+    # The two streams have separate causal caches: reset() restarts both.
+    enc.reset()
+    assert (enc.encode({k: v[:1] for k, v in clips.items()}) - ref[:, :, :1]).abs().max().item() <= ATOL
+
+
+def test_tshape_rejects_bad_setup(vae):
+    with pytest.raises(ValueError, match="robotwin_tshape expects 3 keys"):
+        ObservationEncoder(StreamingVAEEncoder(vae), ["a", "b"], 64, 64, layout="robotwin_tshape")
+    with pytest.raises(ValueError, match="multiples of 32 for robotwin_tshape"):
+        ObservationEncoder(StreamingVAEEncoder(vae), ["a", "b", "c"], 48, 64, layout="robotwin_tshape")
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        ObservationEncoder(StreamingVAEEncoder(vae), ["a"], 64, 64, layout="stacked")
+
+
+def test_streaming_encoder_moves_only_the_encoder():
+    import copy
+
+    vae = build_tiny_vae(z_dim=Z)
+    StreamingVAEEncoder(copy.deepcopy(vae))  # fp32 -> fp32: nothing changes
+    enc = StreamingVAEEncoder(vae, dtype=torch.bfloat16)
+    assert {p.dtype for p in vae.encoder.parameters()} == {p.dtype for p in vae.quant_conv.parameters()} == {
+        torch.bfloat16}
+    # The decoder (4/5 of the full Wan2.2 VAE) stays where and as it was.
+    assert {p.dtype for p in vae.decoder.parameters()} == {torch.float32}
+    assert enc.encode(rand_video(1, 1, 32, 32)).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------ predicted video
+
+
+def test_decode_latents_matches_diffusers_decode(vae, tmp_path):
+    import imageio.v2 as imageio
+
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, Z, 3, 2, 4, generator=g)
+    frames = decode_latents(vae, latents)
+    assert frames.shape == (9, 32, 64, 3) and frames.dtype == np.uint8
+    # Independent reference: denormalize by hand, diffusers' public decode, to uint8.
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        video = vae.decode(latents * std + mean).sample
+    ref = ((video[0].clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    assert np.array_equal(frames, ref)
+    assert frames.std() > 1  # not a constant picture
+
+    path = write_mp4(frames, tmp_path / "v.mp4", fps=4)
+    assert np.stack(imageio.mimread(path)).shape == frames.shape
+    # A smooth moving picture survives H.264 (lossy, 4:2:0) closely: the frames are written in order.
+    yy, xx = np.mgrid[0:32, 0:64]
+    smooth = np.stack([np.stack([(xx * 4 + 20 * t) % 256, yy * 8, np.full_like(xx, 128)], -1) for t in range(6)])
+    back = np.stack(imageio.mimread(write_mp4(smooth.astype(np.uint8), tmp_path / "s.mp4")))
+    assert back.shape == smooth.shape and np.abs(back.astype(np.float32) - smooth).mean() < 8
+    with pytest.raises(ValueError, match=r"frames: expected uint8 \[T, H, W, 3\]"):
+        write_mp4(frames.astype(np.float32), tmp_path / "bad.mp4")
+    with pytest.raises(ValueError, match=r"latents: expected a tensor \[1, 16, T, h, w\]"):
+        decode_latents(vae, latents[:, :8])

@@ -1,0 +1,710 @@
+"""Load a LingBot-VA checkpoint folder into a ready `LingBotPolicy`, validating everything first.
+
+Two layouts (all paths local; nothing is downloaded):
+
+- released (upstream / Hugging Face `robbyant/lingbot-va-*`)::
+
+      <root>/transformer/   config.json + diffusion_pytorch_model.safetensors (or index + shards)
+      <root>/vae/           diffusers AutoencoderKLWan: config.json + diffusion_pytorch_model.safetensors
+      <root>/text_encoder/  transformers UMT5EncoderModel: config.json + model.safetensors (or index + shards)
+      <root>/tokenizer/     T5 tokenizer: tokenizer.json (+ tokenizer_config.json, ...)
+
+- LeRobot-converted policy (`lerobot/lingbot_va_*`): `<root>/config.json` (a LeRobot policy config,
+  `"type": "lingbot_va"`, whose architecture fields map onto `ModelConfig`) + `<root>/model.safetensors`
+  (the DiT under a `transformer.` key prefix). Its frozen parts come from the config's
+  `wan_pretrained_path` when that is a local folder, else from `vae/`, `text_encoder/`, `tokenizer/`
+  inside the policy folder; `vae=` / `text_encoder=` / `tokenizer=` override either.
+
+`resolve_checkpoint` checks all four parts from their config files and safetensors headers only
+(names, shapes, dtypes, file sizes: `safe_open` reads the header and checks that the data is all
+there), so a missing folder, a wrong `config.json` or a truncated file fails with a message naming
+the folder and what was expected before a single weight is read or any device memory is taken.
+`load_policy` then loads in the order that keeps the GPU peak lowest: prompt embeddings first (UMT5,
+by default on the CPU, released right after), then the DiT, then the VAE encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import MODEL_PRESETS, VAE_SPATIAL, VAE_TEMPORAL, ModelConfig, PolicyConfig, get_policy_config
+from .torchvision_compat import ensure_torchvision_importable
+
+# transformers / diffusers import torchvision when it is installed; a LeRobot venv has a broken
+# CUDA build of it. Fix that before any of our lazy imports of them (no-op without torchvision).
+ensure_torchvision_importable()
+
+log = logging.getLogger(__name__)
+
+PARTS = ("transformer", "vae", "text_encoder", "tokenizer")
+LEROBOT_WEIGHTS = "model.safetensors"
+LEROBOT_PREFIX = "transformer."
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+# LeRobot `LingBotVAConfig` inference fields that have the same name and meaning in `PolicyConfig`.
+LEROBOT_POLICY_FIELDS = (
+    "height", "width", "obs_cam_keys", "camera_layout", "action_per_frame", "frame_chunk_size", "attn_window",
+    "num_inference_steps", "action_num_inference_steps", "guidance_scale", "action_guidance_scale",
+    "snr_shift", "action_snr_shift", "max_sequence_length", "used_action_channel_ids",
+)
+_MODEL_FIELDS = (
+    "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "action_dim",
+    "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps", "rope_max_seq_len",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing a part or does not hold what the policy expects."""
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where every part of a validated checkpoint lives, and what it holds."""
+
+    root: Path
+    kind: str  # "released", "lerobot", or "frozen" (only frozen parts were asked for and present)
+    model_config: ModelConfig | None
+    transformer: Path | None  # the folder with the DiT weights (released: transformer/, lerobot: root)
+    transformer_files: dict[str, Path] = field(repr=False)  # checkpoint key -> safetensors file
+    transformer_prefix: str
+    vae: Path | None
+    text_encoder: Path | None
+    tokenizer: Path | None
+    vae_config: dict = field(default_factory=dict, repr=False)
+    text_encoder_config: dict = field(default_factory=dict, repr=False)
+    policy_fields: dict = field(default_factory=dict)  # LeRobot inference fields (PolicyConfig names)
+    lerobot_config: dict = field(default_factory=dict, repr=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: no config.json (expected {what})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); expected {what}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({what}), got {type(data).__name__}")
+    return data
+
+
+def _require_dir(path: Path, part: str, expected: str) -> Path:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: missing {part} folder (expected {expected})")
+    return path
+
+
+def _weight_files(folder: Path, what: str) -> dict[str, Path]:
+    """Every tensor name -> its safetensors file (a single file, or an index + shards); headers only."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        index = _read_json(indexes[0], "a safetensors index with a 'weight_map'")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{indexes[0]}: expected a non-empty 'weight_map' of tensor name -> shard file")
+        files = {name: folder / fname for name, fname in weight_map.items()}
+        missing = sorted({p.name for p in files.values() if not p.is_file()})
+        if missing:
+            raise CheckpointError(f"{indexes[0]}: shard files missing: {missing} (expected {what})")
+        return files
+    singles = sorted(folder.glob("*.safetensors"))
+    if not singles:
+        raise CheckpointError(f"{folder}: no *.safetensors weights (expected {what})")
+    if len(singles) > 1:
+        raise CheckpointError(f"{folder}: several .safetensors files {[p.name for p in singles]} but no "
+                              f"*.safetensors.index.json to map tensors to them (expected {what})")
+    return _all_keys(singles[0])
+
+
+def _headers(files: Mapping[str, Path], prefix: str = "") -> dict[str, tuple[tuple[int, ...], str]]:
+    """name (prefix stripped) -> (shape, safetensors dtype) from the headers of `files`."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    out = {}
+    for path, names in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise CheckpointError(f"{path}: the index lists tensor {name!r} but the file does not hold it")
+                    if not name.startswith(prefix):
+                        continue
+                    sl = f.get_slice(name)
+                    out[name[len(prefix):]] = (tuple(sl.get_shape()), sl.get_dtype())
+        except CheckpointError:
+            raise
+        except Exception as e:  # SafetensorError (truncated / corrupt header), OSError
+            raise CheckpointError(
+                f"{path}: unreadable safetensors file ({e}); expected a complete safetensors file "
+                "(truncated download?)"
+            ) from e
+    return out
+
+
+def _expected_tensors(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], list[list[str]]]:
+    """(state-dict name -> shape, groups of names sharing one tensor, e.g. tied embeddings)."""
+    state = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, t in state.items():
+        groups.setdefault(id(t), []).append(name)
+    return {k: tuple(v.shape) for k, v in state.items()}, list(groups.values())
+
+
+def _check_tensors(
+    where: Path, what: str, headers: Mapping[str, tuple[tuple[int, ...], str]], model: torch.nn.Module,
+    strict_unexpected: bool = True,
+) -> None:
+    """Every tensor of `model` present (one name per tied group suffices) with its shape and a float dtype."""
+    shapes, groups = _expected_tensors(model)
+    missing = [g[0] for g in groups if not any(n in headers for n in g)]
+    unexpected = sorted(set(headers) - set(shapes))
+    if missing or (unexpected and strict_unexpected):
+        raise CheckpointError(
+            f"{where}: tensors do not match {what}: missing {sorted(missing)[:8]}{'...' if len(missing) > 8 else ''}"
+            f" ({len(missing)}), unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
+        )
+    if unexpected:
+        log.warning("%s: ignoring %d tensors %s does not use, e.g. %s", where, len(unexpected), what, unexpected[:4])
+    for name, (shape, dtype) in sorted(headers.items()):
+        if name not in shapes:
+            continue
+        if shape != shapes[name]:
+            raise CheckpointError(f"{where}: tensor {name} has shape {list(shape)}, expected {list(shapes[name])} "
+                                  f"for {what}")
+        if dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{where}: tensor {name} has dtype {dtype}, expected one of {sorted(_FLOAT_DTYPES)}")
+
+
+def _meta(build):
+    with torch.device("meta"):
+        return build()
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-part validation (headers and config files only)
+# --------------------------------------------------------------------------------------------------
+
+
+def validate_transformer(files: Mapping[str, Path], cfg: ModelConfig, where: Path, prefix: str = "") -> None:
+    from .checkpoint import build_meta_model
+
+    headers = _headers(files, prefix)
+    what = f"the LingBot-VA transformer of config.json ({cfg.num_layers} blocks, dim {cfg.dim})"
+    _check_tensors(where, what, headers, build_meta_model(cfg))
+    other = sorted(k for k in files if not k.startswith(prefix))
+    if other:
+        raise CheckpointError(f"{where}: tensors without the {prefix!r} prefix: {other[:8]} (expected only DiT keys)")
+
+
+def validate_vae(folder: Path, z_dim: int | None = None) -> dict:
+    """vae/: a diffusers `AutoencoderKLWan` of the Wan2.2 family (patch 2, 16x / 4x compression)."""
+    expected = "a diffusers AutoencoderKLWan folder: config.json + diffusion_pytorch_model.safetensors"
+    folder = _require_dir(folder, "vae/", expected)
+    cfg = _read_json(folder / "config.json", "the AutoencoderKLWan config")
+    name = cfg.get("_class_name", "AutoencoderKLWan")
+    if name != "AutoencoderKLWan":
+        raise CheckpointError(f"{folder / 'config.json'}: _class_name is {name!r}, expected 'AutoencoderKLWan'")
+    zd = cfg.get("z_dim")
+    if z_dim is not None and zd != z_dim:
+        raise CheckpointError(f"{folder / 'config.json'}: z_dim is {zd}, expected {z_dim} (the DiT's in_channels)")
+    for key, want in (("scale_factor_spatial", VAE_SPATIAL), ("scale_factor_temporal", VAE_TEMPORAL)):
+        if cfg.get(key, want) != want:
+            raise CheckpointError(f"{folder / 'config.json'}: {key} is {cfg.get(key)}, expected {want} (Wan2.2 VAE)")
+    for key in ("latents_mean", "latents_std"):
+        v = cfg.get(key)
+        if not isinstance(v, list) or len(v) != zd or not all(isinstance(x, int | float) for x in v):
+            got = f"{len(v)} values" if isinstance(v, list) else type(v).__name__
+            raise CheckpointError(f"{folder / 'config.json'}: {key} must be a list of {zd} numbers (one per latent "
+                                  f"channel), got {got}")
+    if key_std := [x for x in cfg["latents_std"] if x <= 0]:
+        raise CheckpointError(f"{folder / 'config.json'}: latents_std must be > 0, got {key_std[:4]}")
+    from diffusers import AutoencoderKLWan
+
+    try:
+        model = _meta(lambda: AutoencoderKLWan.from_config(cfg))
+    except Exception as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not a valid AutoencoderKLWan config ({e})") from e
+    _check_tensors(folder, "the AutoencoderKLWan of this config.json", _headers(_weight_files(folder, expected)),
+                   model, strict_unexpected=False)
+    return cfg
+
+
+def validate_text_encoder(folder: Path, d_model: int | None = None) -> dict:
+    """text_encoder/: a transformers `UMT5EncoderModel` whose d_model is the DiT's text_dim."""
+    expected = "a transformers UMT5EncoderModel folder: config.json + model.safetensors (or index + shards)"
+    folder = _require_dir(folder, "text_encoder/", expected)
+    cfg = _read_json(folder / "config.json", "a UMT5 config (model_type 'umt5')")
+    if cfg.get("model_type") != "umt5":
+        raise CheckpointError(f"{folder / 'config.json'}: model_type is {cfg.get('model_type')!r}, expected 'umt5' "
+                              "(the UMT5 text encoder)")
+    if d_model is not None and cfg.get("d_model") != d_model:
+        raise CheckpointError(f"{folder / 'config.json'}: d_model is {cfg.get('d_model')}, expected {d_model} "
+                              "(the DiT's text_dim)")
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    try:
+        model = _meta(lambda: UMT5EncoderModel(UMT5Config.from_dict(cfg)))
+    except Exception as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not a valid UMT5 config ({e})") from e
+    # Unexpected tensors are tolerated (a full T5 checkpoint also holds the decoder).
+    _check_tensors(folder, "the UMT5 encoder of this config.json", _headers(_weight_files(folder, expected)),
+                   model, strict_unexpected=False)
+    return cfg
+
+
+def validate_tokenizer(folder: Path, vocab_size: int | None = None) -> None:
+    """tokenizer/: T5 tokenizer files; every id it can produce must be < the text encoder's vocab_size."""
+    expected = "the T5 tokenizer files: tokenizer.json (+ tokenizer_config.json)"
+    folder = _require_dir(folder, "tokenizer/", expected)
+    tok_json = folder / "tokenizer.json"
+    if not tok_json.is_file():
+        if (folder / "spiece.model").is_file():
+            try:
+                import sentencepiece  # noqa: F401
+            except ImportError as e:
+                raise CheckpointError(f"{folder}: no tokenizer.json, and spiece.model needs the sentencepiece "
+                                      f"package (not installed); expected {expected}") from e
+            return
+        raise CheckpointError(f"{folder}: no tokenizer.json or spiece.model (expected {expected})")
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.exists():
+        _read_json(cfg_path, "the tokenizer config")
+    try:
+        tok = json.loads(tok_json.read_text())
+        vocab = tok["model"]["vocab"]
+        ids = [len(vocab) - 1] if isinstance(vocab, list) else list(vocab.values())
+        ids += [int(t["id"]) for t in tok.get("added_tokens") or []]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{tok_json}: not a valid tokenizers file ({e}); expected {expected}") from e
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        raise CheckpointError(f"{tok_json}: produces token ids up to {max(ids)}, but the text encoder's vocab_size "
+                              f"is {vocab_size} (tokenizer and text_encoder do not belong together)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------------------
+
+
+def _lerobot_model_config(cfg: dict, where: Path) -> ModelConfig:
+    kwargs = {k: cfg[k] for k in _MODEL_FIELDS if k in cfg}
+    try:
+        return ModelConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: invalid LingBot-VA architecture fields ({e})") from e
+
+
+def resolve_checkpoint(
+    path: str | Path,
+    *,
+    vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    parts: Iterable[str] = PARTS,
+) -> CheckpointLayout:
+    """Find and validate the parts of a checkpoint (released or LeRobot layout) without loading weights.
+
+    `vae` / `text_encoder` / `tokenizer` override where those parts are taken from; `parts` limits the
+    validation (e.g. `encode-prompt` needs only the tokenizer and the text encoder)."""
+    parts = tuple(parts)
+    if unknown := sorted(set(parts) - set(PARTS)):
+        raise ValueError(f"parts: unknown {unknown}; expected a subset of {list(PARTS)}")
+    root = Path(path).expanduser()
+    layout_help = ("the released layout (transformer/ vae/ text_encoder/ tokenizer/) or a LeRobot policy folder "
+                   f"(config.json with \"type\": \"lingbot_va\" + {LEROBOT_WEIGHTS})")
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint folder not found (expected {layout_help})")
+
+    lerobot: dict = {}
+    if (root / "transformer").is_dir():
+        kind, frozen_root, prefix = "released", root, ""
+        tdir = root / "transformer"
+        if "transformer" in parts:
+            model_cfg = _model_config_from_json(tdir)
+            files = _weight_files(tdir, "the transformer weights: diffusion_pytorch_model.safetensors or an index")
+        else:
+            model_cfg, files = _model_config_from_json(tdir), {}
+    elif (root / "config.json").is_file():
+        kind, prefix, tdir = "lerobot", LEROBOT_PREFIX, root
+        lerobot = _read_json(root / "config.json", f"a LeRobot LingBot-VA policy config, or {layout_help}")
+        if lerobot.get("type") != "lingbot_va":
+            raise CheckpointError(
+                f"{root / 'config.json'}: \"type\" is {lerobot.get('type')!r}, expected \"lingbot_va\" "
+                f"(a LeRobot LingBot-VA policy); or use {layout_help}"
+            )
+        model_cfg = _lerobot_model_config(lerobot, root / "config.json")
+        files = {}
+        if "transformer" in parts:
+            weights = root / LEROBOT_WEIGHTS
+            if not weights.is_file():
+                raise CheckpointError(f"{root}: no {LEROBOT_WEIGHTS} (expected the LeRobot policy weights, "
+                                      f"DiT keys prefixed {LEROBOT_PREFIX!r})")
+            files = _all_keys(weights)
+        overridden = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+        needed = any(overridden[p] is None for p in parts if p in overridden)
+        frozen_root = _lerobot_frozen_root(root, lerobot) if needed else root
+    elif "transformer" not in parts and any((root / part).is_dir() for part in parts):
+        # Only frozen parts asked for (encode-prompt) from a folder that holds just those.
+        kind, frozen_root, prefix, tdir, model_cfg, files = "frozen", root, "", None, None, {}
+    else:
+        raise CheckpointError(f"{root}: neither a transformer/ folder nor a config.json (expected {layout_help})")
+
+    vae_dir = Path(vae).expanduser() if vae is not None else frozen_root / "vae"
+    te_dir = Path(text_encoder).expanduser() if text_encoder is not None else frozen_root / "text_encoder"
+    tok_dir = Path(tokenizer).expanduser() if tokenizer is not None else frozen_root / "tokenizer"
+
+    # Validate in the order of the cheapest failure first; nothing below reads a weight.
+    if "transformer" in parts:
+        validate_transformer(files, model_cfg, tdir, prefix)
+    vae_cfg = validate_vae(vae_dir, model_cfg and model_cfg.in_channels) if "vae" in parts else {}
+    te_cfg = validate_text_encoder(te_dir, model_cfg and model_cfg.text_dim) if "text_encoder" in parts else {}
+    if "tokenizer" in parts:
+        validate_tokenizer(tok_dir, te_cfg.get("vocab_size"))
+
+    policy_fields = {k: lerobot[k] for k in LEROBOT_POLICY_FIELDS if k in lerobot}
+    for k in ("obs_cam_keys", "used_action_channel_ids"):
+        if k in policy_fields and isinstance(policy_fields[k], list):
+            policy_fields[k] = tuple(policy_fields[k])
+    layout = CheckpointLayout(
+        root=root, kind=kind, model_config=model_cfg,
+        transformer=tdir if "transformer" in parts else None, transformer_files=files, transformer_prefix=prefix,
+        vae=vae_dir if "vae" in parts else None,
+        text_encoder=te_dir if "text_encoder" in parts else None,
+        tokenizer=tok_dir if "tokenizer" in parts else None,
+        vae_config=vae_cfg, text_encoder_config=te_cfg, policy_fields=policy_fields, lerobot_config=lerobot,
+    )
+    log.info("checkpoint %s (%s layout) validated: %s", root, kind, ", ".join(parts))
+    return layout
+
+
+def _model_config_from_json(folder: Path) -> ModelConfig:
+    _read_json(folder / "config.json", "the transformer config (upstream's transformer/config.json)")
+    try:
+        return ModelConfig.from_json(folder / "config.json")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _all_keys(path: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict.fromkeys(f.keys(), path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e}); expected a complete safetensors file "
+                              "(truncated download?)") from e
+
+
+def _lerobot_frozen_root(root: Path, cfg: dict) -> Path:
+    """Where a LeRobot policy's vae/ text_encoder/ tokenizer/ live: wan_pretrained_path if local
+    (relative paths are relative to the policy folder), else the policy folder itself."""
+    wan = cfg.get("wan_pretrained_path")
+    if isinstance(wan, str) and wan:
+        candidate = Path(wan).expanduser()
+        if not candidate.is_absolute():
+            candidate = root / candidate
+        if candidate.is_dir():
+            return candidate
+        if not (root / "vae").is_dir():
+            raise CheckpointError(
+                f"{root / 'config.json'}: wan_pretrained_path {wan!r} is not a local folder and {root} has no "
+                "vae/ text_encoder/ tokenizer/ of its own; download the frozen parts (e.g. the released "
+                "checkpoint) and point wan_pretrained_path, or vae= / text_encoder= / tokenizer=, at them"
+            )
+    return root
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders (each one reads weights: call after resolve_checkpoint)
+# --------------------------------------------------------------------------------------------------
+
+
+def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """The AutoencoderKLWan from a vae/ folder, in `dtype`, frozen, on `device` (default CPU:
+    `StreamingVAEEncoder` moves only the encoder to the GPU).
+
+    Built on the meta device and filled tensor by tensor in `dtype` (diffusers' `from_pretrained`
+    without `accelerate` would first random-initialise all ~705M fp32 parameters)."""
+    from diffusers import AutoencoderKLWan
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    cfg = validate_vae(folder)  # cheap (headers), and makes this loader safe to call on its own
+    vae = _meta(lambda: AutoencoderKLWan.from_config(cfg))
+    wanted = set(vae.state_dict())
+    by_file: dict[Path, list[str]] = {}
+    for name, path in _weight_files(folder, "the VAE weights").items():
+        if name in wanted:
+            by_file.setdefault(path, []).append(name)
+    state = {}
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in names:
+                state[name] = f.get_tensor(name).to(dtype=dtype)
+    vae.load_state_dict(state, strict=True, assign=True)
+    vae = vae.to(device).eval().requires_grad_(False)
+    log.info("loaded VAE %s (%d tensors) as %s on %s", folder, len(state), dtype, device)
+    return vae
+
+
+def load_text_encoder(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+    """The UMT5EncoderModel from a text_encoder/ folder, in `dtype`, frozen, on `device`."""
+    from transformers import UMT5EncoderModel
+
+    model = UMT5EncoderModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    model = model.to(device).eval().requires_grad_(False)
+    log.info("loaded text encoder %s as %s on %s", folder, dtype, device)
+    return model
+
+
+def load_tokenizer(folder: str | Path):
+    """The T5 tokenizer of a tokenizer/ folder wrapped as a `frozen.Tokenizer` (pad to max length)."""
+    from transformers import AutoTokenizer
+
+    from .frozen import HFTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+
+
+def load_dit(layout: CheckpointLayout, dtype: torch.dtype, device: str | torch.device):
+    """The DiT of a validated layout, tensor by tensor straight into `dtype` on `device`."""
+    from . import checkpoint
+
+    if layout.kind == "released":
+        return checkpoint.load_transformer(layout.transformer, dtype=dtype, device=device)
+    model = checkpoint.build_meta_model(layout.model_config)
+    names = list(model.state_dict())
+    from safetensors import safe_open
+
+    path = next(iter(set(layout.transformer_files.values())))
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name in names:
+            checkpoint._set_param(model, name, f.get_tensor(layout.transformer_prefix + name).to(device=device,
+                                                                                                   dtype=dtype))
+    log.info("loaded %s (%d tensors, LeRobot layout) as %s on %s", path, len(names), dtype, device)
+    return model
+
+
+def build_prompt_cache(
+    layout: CheckpointLayout,
+    *,
+    max_sequence_length: int = 512,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    text_encoder_device: str | torch.device = "cpu",
+    text_encoder_dtype: torch.dtype = torch.bfloat16,
+    cache_dir: str | Path | None | bool = None,
+):
+    """A `PromptCache` over the layout's tokenizer + text encoder; both are loaded only on a miss.
+
+    `cache_dir`: None -> `prompt_cache.default_cache_dir()`, False -> memory only."""
+    from .frozen import PromptEncoder
+    from .prompt_cache import PromptCache, default_cache_dir, tokenizer_fingerprint, weights_fingerprint
+
+    if layout.text_encoder is None or layout.tokenizer is None:
+        raise ValueError("layout: validate the text_encoder and tokenizer parts to build a prompt cache")
+    te_dir, tok_dir = layout.text_encoder, layout.tokenizer
+    fingerprint = f"{tokenizer_fingerprint(tok_dir)}:{weights_fingerprint(te_dir)}"
+
+    def factory() -> PromptEncoder:
+        # Module-level lookups at call time (tests replace them to prove a warm start loads nothing).
+        encoder = load_text_encoder(te_dir, dtype=text_encoder_dtype, device=text_encoder_device)
+        return PromptEncoder(encoder, load_tokenizer(tok_dir), max_sequence_length,
+                             device=text_encoder_device, dtype=text_encoder_dtype)
+
+    if cache_dir is None or cache_dir is True:
+        cache_dir = default_cache_dir()
+    return PromptCache(
+        factory,
+        fingerprint=fingerprint,
+        text_dim=int(layout.text_encoder_config["d_model"]),
+        max_sequence_length=max_sequence_length,
+        encoder_dtype=text_encoder_dtype,
+        device=device,
+        dtype=dtype,
+        cache_dir=None if cache_dir is False else cache_dir,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy
+# --------------------------------------------------------------------------------------------------
+
+
+def _config_diff(a: ModelConfig, b: ModelConfig) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    return ", ".join(f"{k}: {da[k]} vs {db[k]}" for k in da if da[k] != db[k])
+
+
+def policy_config_for(layout: CheckpointLayout, preset: str, apply_checkpoint_fields: bool = True,
+                      overrides: Mapping[str, Any] | None = None) -> PolicyConfig:
+    """The preset, updated with the LeRobot config's inference fields (if any) and `overrides`; its
+    model must be the checkpoint's architecture."""
+    if layout.model_config is None:
+        raise CheckpointError(f"{layout.root}: no DiT (transformer/ or a LeRobot config.json) to build a policy from")
+    cfg = get_policy_config(preset)
+    changes: dict[str, Any] = {}
+    if apply_checkpoint_fields:
+        for k, v in layout.policy_fields.items():
+            if getattr(cfg, k) != v:
+                log.info("checkpoint config.json sets %s = %r (preset %r: %r)", k, v, preset, getattr(cfg, k))
+                changes[k] = v
+    changes.update(overrides or {})
+    try:
+        cfg = cfg.replace(**changes) if changes else cfg
+    except (TypeError, ValueError) as e:
+        src = layout.root / "config.json" if layout.kind == "lerobot" else "overrides"
+        raise CheckpointError(f"{src}: the policy settings do not fit preset {preset!r} ({e})") from e
+    if cfg.model_config != layout.model_config:
+        matches = [name for name, mc in MODEL_PRESETS.items() if mc == layout.model_config]
+        where = layout.transformer or layout.root
+        raise CheckpointError(
+            f"{where}: the checkpoint's DiT does not match preset {preset!r} (model {cfg.model!r}): "
+            f"{_config_diff(layout.model_config, cfg.model_config)}"
+            + (f"; it is model preset {matches[0]!r}" if matches else "; it matches no model preset")
+        )
+    return cfg
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_policy(
+    checkpoint_dir: str | Path,
+    preset: str = "libero",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    prompt_cache_dir: str | Path | None | bool = None,
+    prompts: Sequence[str] = (),
+    sampler: str = "static",
+    compile: bool | None = None,
+    seed: int = 0,
+    text_encoder_device: str | torch.device = "cpu",
+    text_encoder_dtype: torch.dtype = torch.bfloat16,
+    vae_dtype: torch.dtype | None = None,
+    vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    record_predicted_video: bool | None = None,
+    apply_checkpoint_config: bool = True,
+    policy_overrides: Mapping[str, Any] | None = None,
+):
+    """Validate every part of `checkpoint_dir`, then build a `LingBotPolicy` from it.
+
+    device: default CUDA if available; dtype: the DiT's (default bf16 on CUDA, fp32 on CPU); vae_dtype:
+    the VAE encoder's (default `dtype`). The prompt cache (`prompt_cache_dir`: None -> the default
+    cache folder, False -> memory only) encodes with UMT5 on `text_encoder_device` (default CPU: UMT5
+    never touches the GPU) in `text_encoder_dtype` (part of the cache key; `encode-prompt` uses the same
+    default). `prompts` are looked up / encoded before the DiT is loaded, so UMT5 and the DiT are never
+    in memory together. `compile`: default on CUDA only. `record_predicted_video`: keep predicted
+    latents for `policy.save_predicted_video` (default: the LeRobot config's `save_predicted_video`,
+    else off). The LeRobot config's inference fields (height, cameras, steps, ...) override the preset
+    unless `apply_checkpoint_config=False`; `policy_overrides` apply last.
+
+    `policy.memory_report` then holds the GPU bytes allocated after each stage and the text encoder's
+    release numbers (see `LingBotPolicy.memory_report`).
+    """
+    from .frozen import ObservationEncoder, StreamingVAEEncoder
+    from .policy import LingBotPolicy
+    from .prompt_cache import gpu_memory
+
+    device = torch.device(device if device is not None else _default_device())
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae_dtype = vae_dtype or dtype
+    if compile is None:
+        compile = device.type == "cuda"
+
+    # 1. Everything validated from headers and configs: no weight read, no device memory.
+    layout = resolve_checkpoint(checkpoint_dir, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    cfg = policy_config_for(layout, preset, apply_checkpoint_config, policy_overrides)
+    if record_predicted_video is None:
+        record_predicted_video = bool(layout.lerobot_config.get("save_predicted_video", False))
+
+    report: dict[str, Any] = {"gpu_allocated_at_start": gpu_memory(device)["allocated"]}
+    # 2. Prompt embeddings first: UMT5 (if it runs at all) is gone before the DiT arrives.
+    prompt_cache = build_prompt_cache(
+        layout, max_sequence_length=cfg.max_sequence_length, device=device, dtype=dtype,
+        text_encoder_device=text_encoder_device, text_encoder_dtype=text_encoder_dtype, cache_dir=prompt_cache_dir,
+    )
+    if prompts:
+        prompt_cache.precompute(prompts, negative=cfg.use_cfg)
+    report["gpu_allocated_after_prompts"] = gpu_memory(device)["allocated"]
+    # 3. The DiT, tensor by tensor.
+    model = load_dit(layout, dtype, device)
+    report["gpu_allocated_after_dit"] = gpu_memory(device)["allocated"]
+    # 4. The VAE: read on the CPU, only encoder + quant_conv go to the device (one copy for both streams).
+    vae_model = load_vae(layout.vae, dtype=vae_dtype, device="cpu")
+    obs_encoder = ObservationEncoder(
+        StreamingVAEEncoder(vae_model, device=device, dtype=vae_dtype), list(cfg.obs_cam_keys), cfg.height,
+        cfg.width, layout=cfg.camera_layout,
+    )
+    report["gpu_allocated_after_vae"] = gpu_memory(device)["allocated"]
+    policy = LingBotPolicy(cfg, model, obs_encoder, prompt_cache, sampler=sampler, compile=compile, seed=seed,
+                           record_predicted_video=record_predicted_video)
+    policy.load_report = report
+    policy.checkpoint = layout
+    return policy
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny checkpoints (tests, demos): the real layouts with stand-in weights
+# --------------------------------------------------------------------------------------------------
+
+
+def save_tiny_checkpoint(
+    root: str | Path, seed: int = 0, layout: str = "released", frozen_from: str | Path | None = None,
+    latents_mean: Sequence[float] | None = None, latents_std: Sequence[float] | None = None,
+) -> Path:
+    """Write a `tiny`-preset checkpoint: the DiT, a tiny Wan2.2-family VAE (z_dim 16, patch 2), a tiny
+    UMT5 (d_model 32) and a tokenizer trained offline, in the released layout (`layout="released"`), or
+    a LeRobot policy folder (`layout="lerobot"`) whose `wan_pretrained_path` is `frozen_from` (a
+    released-layout folder; default: the frozen parts are written inside the policy folder)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import build_model, save_transformer
+    from .frozen import build_tiny_tokenizer, build_tiny_umt5, build_tiny_vae
+
+    if layout not in ("released", "lerobot"):
+        raise ValueError(f"layout: expected 'released' or 'lerobot', got {layout!r}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = get_policy_config("tiny")
+    mc = cfg.model_config
+    model = build_model(mc, seed=seed)
+    if layout == "released":
+        save_transformer(model, root / "transformer")
+    else:
+        state = {LEROBOT_PREFIX + k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(root / LEROBOT_WEIGHTS), metadata={"format": "pt"})
+        lerobot = {"type": "lingbot_va", **{k: v for k, v in mc.to_dict().items() if k in _MODEL_FIELDS},
+                   **{k: list(v) if isinstance(v, tuple) else v
+                      for k, v in ((f, getattr(cfg, f)) for f in LEROBOT_POLICY_FIELDS)},
+                   "wan_pretrained_path": str(frozen_from) if frozen_from is not None else "robbyant/lingbot-va-base",
+                   "dtype": "float32", "text_encoder_device": "cpu", "save_predicted_video": False}
+        (root / "config.json").write_text(json.dumps(lerobot, indent=2))
+        if frozen_from is not None:
+            return root
+    build_tiny_vae(z_dim=mc.in_channels, seed=seed, latents_mean=latents_mean,
+                   latents_std=latents_std).save_pretrained(str(root / "vae"))
+    build_tiny_umt5(d_model=mc.text_dim, seed=seed).save_pretrained(str(root / "text_encoder"))
+    build_tiny_tokenizer().save_pretrained(str(root / "tokenizer"))
+    return root
