@@ -110,11 +110,15 @@ class ReferenceSampler(_SamplerBase):
 
     @torch.no_grad()
     def sample_chunk(
-        self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None, timer=None
+        self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None, timer=None,
+        frame_shift: int = 0,
     ) -> ChunkResult:
+        """frame_shift: latent frames between frame_start and this chunk (a chunk inferred ahead of
+        the one awaiting feedback sits frame_chunk_size frames later)."""
         self.check_inputs(noise_video, noise_action, first_latent)
         cfg, f = self.cfg, self.cfg.frame_chunk_size
         first = first_latent is not None
+        frame_start = self.frame_start + frame_shift
 
         latents = noise_video.to(self.device, self.dtype).clone()
         ts, ds = self.video_schedule.timesteps(), self.video_schedule.sigma_deltas()
@@ -125,7 +129,7 @@ class ReferenceSampler(_SamplerBase):
                 latents[:, :, :1] = first_latent
                 t_frames[0] = 0
             mode = CacheMode.PREDICTED if last else CacheMode.TRANSIENT
-            v = self._forward(latents, t_frames, mode, False, self.frame_start)
+            v = self._forward(latents, t_frames, mode, False, frame_start)
             if not last:
                 latents = latents + self._cfg(v, cfg.guidance_scale) * ds[i]
         if first:
@@ -142,7 +146,7 @@ class ReferenceSampler(_SamplerBase):
                 actions[:, :, :1] = 0
                 t_frames[0] = 0
             mode = CacheMode.PREDICTED if last else CacheMode.TRANSIENT
-            v = self._forward(actions, t_frames, mode, True, self.frame_start)
+            v = self._forward(actions, t_frames, mode, True, frame_start)
             if not last:
                 actions = actions + self._cfg(v, cfg.action_guidance_scale) * ds[i]
         if first:
@@ -162,6 +166,18 @@ class ReferenceSampler(_SamplerBase):
         self._forward(actions, t0, CacheMode.HISTORY, True, self.frame_start)
         _mark(timer, "history")
         self.frame_start += video_latents.shape[2]
+
+    @torch.no_grad()
+    def write_predicted(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
+        """Insert a chunk's own prediction as PREDICTED (t = 0) at frame_start, like the last forward of
+        `sample_chunk`: restores a chunk inferred ahead after `feedback` dropped the predicted entries."""
+        self.check_feedback(video_latents, actions)
+        t0 = torch.zeros(video_latents.shape[2], device=self.device)
+        actions = actions.to(self.device, self.dtype).clone()
+        actions[:, ~self.action_channel_mask] = 0
+        self._forward(video_latents.to(self.device, self.dtype), t0, CacheMode.PREDICTED, False, self.frame_start)
+        self._forward(actions, t0, CacheMode.PREDICTED, True, self.frame_start)
+        _mark(timer, "predicted")
 
 
 class StaticSampler(_SamplerBase):
@@ -261,16 +277,22 @@ class StaticSampler(_SamplerBase):
 
     @torch.no_grad()
     def sample_chunk(
-        self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None, timer=None
+        self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None, timer=None,
+        frame_shift: int = 0,
     ) -> ChunkResult:
         self.check_inputs(noise_video, noise_action, first_latent)
         pin = self.no_pin
         if first_latent is not None:
             self.pin_values[False].copy_(first_latent)
             pin = self.pin_first
-        latents = self._denoise(noise_video.to(self.device, self.dtype), False, pin)
-        _mark(timer, "video")
-        actions = self._denoise(noise_action.to(self.device, self.dtype), True, pin)
+        # The frame offset is a graph input: shifting it in place changes values, not graphs.
+        self.frame_offset.add_(frame_shift)
+        try:
+            latents = self._denoise(noise_video.to(self.device, self.dtype), False, pin)
+            _mark(timer, "video")
+            actions = self._denoise(noise_action.to(self.device, self.dtype), True, pin)
+        finally:
+            self.frame_offset.sub_(frame_shift)
         actions = actions * self.action_channel_mask.view(1, -1, 1, 1, 1)
         _mark(timer, "action")
         return ChunkResult(actions=actions, latents=latents)
@@ -285,3 +307,13 @@ class StaticSampler(_SamplerBase):
         _mark(timer, "history")
         self.frame_offset.add_(video_latents.shape[2])
         self.frame_start += video_latents.shape[2]
+
+    @torch.no_grad()
+    def write_predicted(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
+        """See ReferenceSampler.write_predicted (same graphs as the history writes, PREDICTED mode)."""
+        self.check_feedback(video_latents, actions)
+        mode, t, ds = self.modes[CacheMode.PREDICTED], self.history_t, self.history_dsigma
+        b = self.cfg.cfg_batch
+        self.step(video_latents.to(self.device, self.dtype), t, ds, mode, self.no_pin, False, b)
+        self.step(actions.to(self.device, self.dtype), t, ds, mode, self.no_pin, True, b)
+        _mark(timer, "predicted")
