@@ -20,6 +20,7 @@ venv: $(STAMP)
 
 demo: venv
 	$(BIN)/lingbot-edge demo
+	$(BIN)/lingbot-edge run-so100 --robot sim --model tiny --seconds 5 --video out/demo_so100.mp4
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -22,6 +22,11 @@ _LAZY = {
     "load_transformer": "checkpoint",
     "save_transformer": "checkpoint",
     "build_model": "checkpoint",
+    "load_policy": "loading",
+    "resolve_checkpoint": "loading",
+    "CheckpointError": "loading",
+    "save_tiny_checkpoint": "loading",
+    "PromptCache": "prompt_cache",
 }
 
 __all__ = list(_LAZY)

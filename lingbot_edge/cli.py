@@ -17,7 +17,7 @@ log = logging.getLogger("lingbot_edge")
 
 # Subcommands living next to the code they drive; each module has `register(subparsers)` and
 # keeps its heavy imports inside the command function, so `lingbot-edge --help` stays fast.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("cli_frozen", "cli_robot")
 
 
 class ToyScene:
