@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # import-time noise of optional backends (ENVIRONMENT.md: harmless)
+        for name in ("bitsandbytes", "torchao", "torch.utils._pytree", "diffusers.models.modeling_utils"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     return args.func(args)
 
 
