@@ -3,14 +3,12 @@ key names) and against the upstream state-dict layout."""
 
 import pytest
 import torch
+from diffusers.models.embeddings import get_timestep_embedding  # independent oracles (the `frozen` extra)
+from diffusers.models.transformers import transformer_wan as dwan
 
 from lingbot_edge.checkpoint import build_meta_model, build_model
 from lingbot_edge.config import MODEL_PRESETS, get_policy_config
 from lingbot_edge.model import NoCache, action_grid_ids, rope_angles, timestep_sinusoid, video_grid_ids
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers.models.embeddings import get_timestep_embedding  # noqa: E402
-from diffusers.models.transformers import transformer_wan as dwan  # noqa: E402
 
 TINY = MODEL_PRESETS["tiny"]
 
