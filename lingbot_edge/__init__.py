@@ -27,6 +27,9 @@ _LAZY = {
     "CheckpointError": "loading",
     "save_tiny_checkpoint": "loading",
     "PromptCache": "prompt_cache",
+    "load_quantized": "quantized",
+    "save_quantized": "quantized",
+    "QuantizedLinear": "quantized",
 }
 
 __all__ = list(_LAZY)

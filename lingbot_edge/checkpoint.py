@@ -166,6 +166,7 @@ def save_transformer(model: WanVATransformer, folder: str | Path, max_shard_byte
             total = sum(v.numel() * v.element_size() for v in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / (WEIGHTS_NAME + ".index.json")).write_text(json.dumps(index, indent=2))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint should not be
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

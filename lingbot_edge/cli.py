@@ -1,6 +1,10 @@
 """`lingbot-edge` command line.
 
     lingbot-edge demo [--chunks N] [--compile auto|on|off] [--sampler static|reference] [--device D]
+    lingbot-edge encode-prompt --checkpoint DIR --prompt TEXT [--prompt TEXT ...]
+    lingbot-edge quantize --checkpoint DIR (--scheme NAME | --plan plan.json) --out DIR [--dry-run]
+    lingbot-edge serve --preset so100 --model tiny|full [--checkpoint DIR] --host 127.0.0.1 --port N
+    lingbot-edge run-so100 --robot sim|mujoco|lerobot|remote [...]
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ log = logging.getLogger("lingbot_edge")
 
 # Subcommands living next to the code they drive; each module has `register(subparsers)` and
 # keeps its heavy imports inside the command function, so `lingbot-edge --help` stays fast.
-_COMMAND_MODULES: tuple[str, ...] = ("cli_frozen", "cli_robot")
+_COMMAND_MODULES: tuple[str, ...] = ("cli_frozen", "cli_quantize", "cli_robot")
 
 
 class ToyScene:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .config import MODEL_PRESETS, VAE_SPATIAL, VAE_TEMPORAL, ModelConfig, PolicyConfig, get_policy_config
+from .quantized import MANIFEST_NAME as QUANT_MANIFEST
 from .torchvision_compat import ensure_torchvision_importable
 
 # transformers / diffusers import torchvision when it is installed; a LeRobot venv has a broken
@@ -80,6 +81,7 @@ class CheckpointLayout:
     text_encoder_config: dict = field(default_factory=dict, repr=False)
     policy_fields: dict = field(default_factory=dict)  # LeRobot inference fields (PolicyConfig names)
     lerobot_config: dict = field(default_factory=dict, repr=False)
+    quantized: bool = False  # transformer is a `lingbot_edge.quantized` folder (quantization.json)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,12 +317,14 @@ def resolve_checkpoint(
     vae: str | Path | None = None,
     text_encoder: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    transformer: str | Path | None = None,
     parts: Iterable[str] = PARTS,
 ) -> CheckpointLayout:
     """Find and validate the parts of a checkpoint (released or LeRobot layout) without loading weights.
 
-    `vae` / `text_encoder` / `tokenizer` override where those parts are taken from; `parts` limits the
-    validation (e.g. `encode-prompt` needs only the tokenizer and the text encoder)."""
+    `vae` / `text_encoder` / `tokenizer` / `transformer` override where those parts are taken from (e.g.
+    `transformer=` a folder written by `lingbot-edge quantize`); `parts` limits the validation (e.g.
+    `encode-prompt` needs only the tokenizer and the text encoder)."""
     parts = tuple(parts)
     if unknown := sorted(set(parts) - set(PARTS)):
         raise ValueError(f"parts: unknown {unknown}; expected a subset of {list(PARTS)}")
@@ -331,14 +335,14 @@ def resolve_checkpoint(
         raise CheckpointError(f"{root}: checkpoint folder not found (expected {layout_help})")
 
     lerobot: dict = {}
-    if (root / "transformer").is_dir():
+    quantized = False
+    if transformer is not None or (root / "transformer").is_dir():
         kind, frozen_root, prefix = "released", root, ""
-        tdir = root / "transformer"
-        if "transformer" in parts:
-            model_cfg = _model_config_from_json(tdir)
+        tdir = Path(transformer).expanduser() if transformer is not None else root / "transformer"
+        quantized = (tdir / QUANT_MANIFEST).is_file()  # written by `lingbot-edge quantize`
+        model_cfg, files = _model_config_from_json(tdir), {}
+        if "transformer" in parts and not quantized:
             files = _weight_files(tdir, "the transformer weights: diffusion_pytorch_model.safetensors or an index")
-        else:
-            model_cfg, files = _model_config_from_json(tdir), {}
     elif (root / "config.json").is_file():
         kind, prefix, tdir = "lerobot", LEROBOT_PREFIX, root
         lerobot = _read_json(root / "config.json", f"a LeRobot LingBot-VA policy config, or {layout_help}")
@@ -369,7 +373,11 @@ def resolve_checkpoint(
     tok_dir = Path(tokenizer).expanduser() if tokenizer is not None else frozen_root / "tokenizer"
 
     # Validate in the order of the cheapest failure first; nothing below reads a weight.
-    if "transformer" in parts:
+    if "transformer" in parts and quantized:
+        from .quantized import read_manifest, verify_files
+
+        verify_files(tdir, read_manifest(tdir), checksums=False)  # sizes now; sha256 when loading
+    elif "transformer" in parts:
         validate_transformer(files, model_cfg, tdir, prefix)
     vae_cfg = validate_vae(vae_dir, model_cfg and model_cfg.in_channels) if "vae" in parts else {}
     te_cfg = validate_text_encoder(te_dir, model_cfg and model_cfg.text_dim) if "text_encoder" in parts else {}
@@ -387,6 +395,7 @@ def resolve_checkpoint(
         text_encoder=te_dir if "text_encoder" in parts else None,
         tokenizer=tok_dir if "tokenizer" in parts else None,
         vae_config=vae_cfg, text_encoder_config=te_cfg, policy_fields=policy_fields, lerobot_config=lerobot,
+        quantized=quantized,
     )
     log.info("checkpoint %s (%s layout) validated: %s", root, kind, ", ".join(parts))
     return layout
@@ -486,6 +495,10 @@ def load_dit(layout: CheckpointLayout, dtype: torch.dtype, device: str | torch.d
     """The DiT of a validated layout, tensor by tensor straight into `dtype` on `device`."""
     from . import checkpoint
 
+    if layout.quantized:
+        from .quantized import load_quantized
+
+        return load_quantized(layout.transformer, dtype=dtype, device=device)
     if layout.kind == "released":
         return checkpoint.load_transformer(layout.transformer, dtype=dtype, device=device)
     model = checkpoint.build_meta_model(layout.model_config)
@@ -603,6 +616,7 @@ def load_policy(
     vae: str | Path | None = None,
     text_encoder: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    transformer: str | Path | None = None,
     record_predicted_video: bool | None = None,
     apply_checkpoint_config: bool = True,
     policy_overrides: Mapping[str, Any] | None = None,
@@ -634,7 +648,8 @@ def load_policy(
         compile = device.type == "cuda"
 
     # 1. Everything validated from headers and configs: no weight read, no device memory.
-    layout = resolve_checkpoint(checkpoint_dir, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    layout = resolve_checkpoint(checkpoint_dir, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                transformer=transformer)
     cfg = policy_config_for(layout, preset, apply_checkpoint_config, policy_overrides)
     if record_predicted_video is None:
         record_predicted_video = bool(layout.lerobot_config.get("save_predicted_video", False))
