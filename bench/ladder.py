@@ -8,9 +8,11 @@ per-forward callables pytest-benchmark times. Accuracy is measured against the b
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -53,9 +55,36 @@ def base_variants() -> list[Variant]:
     ]
 
 
+def _quantized(scheme: str, plan_path: str | None = None) -> Callable:
+    def build(model, cfg):
+        from quantize import SCHEMES, QuantPlan, quantize_
+
+        quantize_(model, QuantPlan.from_json(plan_path) if plan_path else SCHEMES[scheme])
+        return StaticSampler(model, cfg, compile=True)
+
+    return build
+
+
+def quant_variants() -> list[Variant]:
+    """Rungs d-g: the compiled static sampler with the block Linears in 8 bits (default plan)."""
+    variants = [
+        Variant("d_int8_weight_only", "+ int8 weight-only (torchao scales, runtime QuantizedLinear)",
+                _quantized("int8_weight_only"), mutates_model=True),
+        Variant("e_int8_w8a8", "+ int8 dynamic activations x int8 weights", _quantized("int8_dynamic"),
+                mutates_model=True),
+        Variant("f_fp8_weight_only", "+ fp8 e4m3 weight-only", _quantized("fp8_weight_only"), mutates_model=True),
+        Variant("f_fp8_w8a8", "+ fp8 dynamic W8A8 (CUDA sm >= 8.9)", _quantized("fp8_dynamic"), gpu_only=True,
+                mutates_model=True),
+    ]
+    plan = os.environ.get("LINGBOT_BENCH_PLAN")  # a calibrated plan JSON (lingbot-edge calibrate plan)
+    if plan:
+        variants.append(Variant("g_calibrated_plan", f"+ calibrated mixed plan {Path(plan).name}",
+                                _quantized("", plan), mutates_model=True))
+    return variants
+
+
 def all_variants() -> list[Variant]:
-    """The whole ladder; quantized rungs come from `quantize` (absent: base rungs only)."""
-    return base_variants()
+    return base_variants() + quant_variants()
 
 
 @dataclass
