@@ -48,27 +48,37 @@ def build_meta_model(cfg: ModelConfig) -> WanVATransformer:
         return WanVATransformer(cfg).eval().requires_grad_(False)
 
 
-def _weight_files(folder: Path) -> dict[str, Path]:
-    """Map every tensor name to the safetensors file holding it."""
+def weight_files(folder: Path, what: str = f"{WEIGHTS_NAME} or a sharded index",
+                 error: type[Exception] = ValueError) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it (a single file, or an index +
+    shards); reads headers only. Problems raise `error` naming the file and `what` was expected."""
     indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
     if indexes:
         index = indexes[0]
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: expected a JSON object with a 'weight_map'") from e
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise error(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> shard file") from e
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise error(f"{index}: expected a non-empty 'weight_map' of tensor name -> shard file")
         files = {name: folder / fname for name, fname in weight_map.items()}
-        missing = sorted({str(p) for p in files.values() if not p.is_file()})
+        missing = sorted({p.name for p in files.values() if not p.is_file()})
         if missing:
-            raise FileNotFoundError(f"{index}: shard files missing: {missing}")
+            raise error(f"{index}: shard files missing: {missing} (expected {what})")
         return files
     singles = sorted(folder.glob("*.safetensors"))
     if not singles:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights (expected {WEIGHTS_NAME} or a sharded index)")
+        raise error(f"{folder}: no *.safetensors weights (expected {what})")
     if len(singles) > 1:
-        raise ValueError(f"{folder}: several .safetensors files but no *{INDEX_SUFFIX} to say which is which")
-    with _open(singles[0]) as f:
-        return {name: singles[0] for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        raise error(f"{folder}: several .safetensors files {[p.name for p in singles]} but no *{INDEX_SUFFIX} "
+                    f"to map tensors to them (expected {what})")
+    return tensor_files(singles[0], error)
+
+
+def tensor_files(path: Path, error: type[Exception] = ValueError) -> dict[str, Path]:
+    """Every tensor name of one safetensors file -> that file (headers only)."""
+    with open_safetensors(path, error) as f:
+        return dict.fromkeys(f.keys(), path)
 
 
 def load_transformer(
@@ -87,7 +97,7 @@ def load_transformer(
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected upstream's transformer/ layout)")
     cfg = ModelConfig.from_json(folder / "config.json")
-    files = {k[len(prefix):]: p for k, p in _weight_files(folder).items() if k.startswith(prefix)}
+    files = {k[len(prefix):]: p for k, p in weight_files(folder).items() if k.startswith(prefix)}
 
     model = build_meta_model(cfg)
     expected = dict(model.named_parameters())
@@ -105,13 +115,13 @@ def load_transformer(
         by_file.setdefault(path, []).append(name)
     # Check every shape from the headers first, so a bad file fails before any device memory is used.
     for path, names in by_file.items():
-        with _open(path) as f:
+        with open_safetensors(path) as f:
             for name in names:
                 shape = tuple(f.get_slice(prefix + name).get_shape())
                 if shape != tuple(expected[name].shape):
                     raise ValueError(f"{path}: {name} has shape {shape}, expected {tuple(expected[name].shape)}")
     for path, names in by_file.items():
-        with _open(path) as f:
+        with open_safetensors(path) as f:
             for name in names:
                 _set_param(model, name, f.get_tensor(prefix + name).to(device=device, dtype=dtype))
     log.info("loaded %s (%d tensors) as %s on %s", folder, len(files), dtype, device)
@@ -119,14 +129,16 @@ def load_transformer(
 
 
 @contextlib.contextmanager
-def _open(path: Path):
+def open_safetensors(path: Path, error: type[Exception] = ValueError):
+    """`safe_open` on the CPU; a damaged file raises `error` naming it."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             yield f
-    except SafetensorError as e:
-        raise ValueError(f"{path}: unreadable safetensors file ({e})") from e
+    except (SafetensorError, OSError) as e:
+        raise error(f"{path}: unreadable safetensors file ({e}); expected a complete safetensors file "
+                    "(truncated download?)") from e
 
 
 def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:

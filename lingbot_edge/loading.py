@@ -109,24 +109,9 @@ def _require_dir(path: Path, part: str, expected: str) -> Path:
 
 def _weight_files(folder: Path, what: str) -> dict[str, Path]:
     """Every tensor name -> its safetensors file (a single file, or an index + shards); headers only."""
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        index = _read_json(indexes[0], "a safetensors index with a 'weight_map'")
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{indexes[0]}: expected a non-empty 'weight_map' of tensor name -> shard file")
-        files = {name: folder / fname for name, fname in weight_map.items()}
-        missing = sorted({p.name for p in files.values() if not p.is_file()})
-        if missing:
-            raise CheckpointError(f"{indexes[0]}: shard files missing: {missing} (expected {what})")
-        return files
-    singles = sorted(folder.glob("*.safetensors"))
-    if not singles:
-        raise CheckpointError(f"{folder}: no *.safetensors weights (expected {what})")
-    if len(singles) > 1:
-        raise CheckpointError(f"{folder}: several .safetensors files {[p.name for p in singles]} but no "
-                              f"*.safetensors.index.json to map tensors to them (expected {what})")
-    return _all_keys(singles[0])
+    from .checkpoint import weight_files
+
+    return weight_files(folder, what, CheckpointError)
 
 
 def _headers(files: Mapping[str, Path], prefix: str = "") -> dict[str, tuple[tuple[int, ...], str]]:
@@ -410,14 +395,9 @@ def _model_config_from_json(folder: Path) -> ModelConfig:
 
 
 def _all_keys(path: Path) -> dict[str, Path]:
-    from safetensors import safe_open
+    from .checkpoint import tensor_files
 
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict.fromkeys(f.keys(), path)
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({e}); expected a complete safetensors file "
-                              "(truncated download?)") from e
+    return tensor_files(path, CheckpointError)
 
 
 def _lerobot_frozen_root(root: Path, cfg: dict) -> Path:

@@ -25,7 +25,6 @@ bf16 weights of the quantized Linears never exist anywhere at load time.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import build_meta_model
+from .checkpoint import build_meta_model, open_safetensors
 from .config import ModelConfig
 from .model import WanVATransformer
 
@@ -520,15 +519,8 @@ _SAFETENSORS_DTYPES = {"I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn, "F32": 
                        "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-@contextlib.contextmanager
 def _open(path: Path):
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            yield f
-    except SafetensorError as e:
-        raise QuantizedCheckpointError(f"{path}: unreadable safetensors file ({e})") from e
+    return open_safetensors(path, QuantizedCheckpointError)
 
 
 def _assign(model: nn.Module, name: str, value: Tensor) -> None:
