@@ -1,0 +1,175 @@
+"""`lingbot-edge calibrate`: activation statistics, per-layer sensitivity, mixed-precision plans.
+
+    lingbot-edge calibrate capture     --out DIR (--checkpoint CKPT --preset P | --model tiny) [--data PATH ...]
+    lingbot-edge calibrate sensitivity --out DIR (same model and data) --schemes int8_dynamic,int8_weight_only
+    lingbot-edge calibrate plan        --out DIR (same model and data) --max-action-rms 0.003
+    lingbot-edge quantize --checkpoint CKPT --plan DIR/plan.json --out CKPT-mixed
+
+Data: `--data` takes a LeRobot dataset folder (v2.x; needs pyarrow) or `.npz` recordings (see
+calib/data.py); without it, random-input episodes (`--synthetic N`). The runtime never imports
+`calib/` or `quantize/` at import time: the commands import them when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+_SCHEMES_HELP = "comma-separated scheme names, in order of preference (quantize.SCHEMES)"
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "calibrate",
+        help="calibration: activation statistics, per-layer sensitivity, mixed-precision quantization plans",
+        description="Capture activation statistics over calibration episodes, measure each Linear's sensitivity "
+                    "to quantization end to end, and choose a per-module plan that meets an action-error or "
+                    "weight-bytes budget (the plan JSON `lingbot-edge quantize --plan` reads). Steps share an "
+                    "output folder; capture and sensitivity resume where a stopped run ended.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="output folder shared by the three steps")
+    common.add_argument("--checkpoint", help="checkpoint folder (released or LeRobot layout); default: --model tiny")
+    common.add_argument("--preset", default="libero", help="policy preset of --checkpoint (default libero)")
+    common.add_argument("--model", choices=("tiny", "tiny-outliers"), default="tiny",
+                        help="embedded tiny model without --checkpoint; tiny-outliers: with the outlier channels "
+                             "of calib.outliers (the tests' construction)")
+    common.add_argument("--seed", type=int, default=0, help="tiny model seed")
+    common.add_argument("--device", help="cpu / cuda (default: cuda if available)")
+    common.add_argument("--steps", help="video,action denoising steps (default: the preset's)")
+    common.add_argument("--data", nargs="+", help="LeRobot dataset folder, or .npz recordings / folders of them")
+    common.add_argument("--camera-map", nargs="*", default=[], metavar="DATASET_KEY=PRESET_KEY",
+                        help="rename LeRobot video keys to the preset's camera keys")
+    common.add_argument("--synthetic", type=int, default=4, help="random-input episodes when no --data (default 4)")
+    common.add_argument("--chunks", type=int, default=2, help="chunks per episode (default 2)")
+    common.add_argument("--max-episodes", type=int, help="use at most this many episodes of --data")
+    steps = p.add_subparsers(dest="calibrate_step", required=True)
+
+    cap = steps.add_parser("capture", parents=[common], help="record activation statistics (resumable)")
+    cap.add_argument("--no-resume", action="store_true", help="start over instead of continuing OUT/stats.safetensors")
+    cap.set_defaults(func=_run_capture)
+
+    sens = steps.add_parser("sensitivity", parents=[common], help="quantize one module at a time, measure the error")
+    sens.add_argument("--schemes", default="int8_dynamic,int8_weight_only", help=_SCHEMES_HELP)
+    sens.add_argument("--episodes", type=int, default=2, help="episodes each measurement runs (default 2)")
+    sens.add_argument("--granularity", choices=("module", "block"), default="module")
+    sens.add_argument("--modules", default=r"blocks\.\d+\.(attn1|attn2|ffn)\..+",
+                      help="regex of the candidate Linears (default: the block Linears)")
+    sens.add_argument("--smooth", type=float, metavar="ALPHA",
+                      help="fold SmoothQuant factors (alpha, e.g. 0.5) into the foldable Linears first")
+    sens.set_defaults(func=_run_sensitivity)
+
+    plan = steps.add_parser("plan", parents=[common], help="choose a per-module plan under a budget")
+    plan.add_argument("--max-action-rms", type=float, help="action RMS error budget (normalized units)")
+    plan.add_argument("--max-weight-gb", type=float, help="weight bytes budget of the whole DiT (GB, 1e9)")
+    plan.add_argument("--schemes", help=f"{_SCHEMES_HELP}; default: those of sensitivity.json")
+    plan.set_defaults(func=_run_plan)
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _load(args: argparse.Namespace):
+    """(model, cfg, policy) of the arguments; the policy encodes recorded data."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.checkpoint:
+        from lingbot_edge.loading import load_policy
+
+        policy = load_policy(args.checkpoint, preset=args.preset, device=device, compile=False)
+    else:
+        from lingbot_edge.policy import build_tiny_policy
+
+        policy = build_tiny_policy(compile=False, seed=args.seed, device=device)
+        if args.model == "tiny-outliers":
+            from calib.outliers import inject_outlier_channels
+
+            inject_outlier_channels(policy.model)
+    cfg = policy.cfg
+    if args.steps:
+        video, action = (int(x) for x in args.steps.split(","))
+        cfg = cfg.replace(num_inference_steps=video, action_num_inference_steps=action)
+    return policy.model, cfg, policy
+
+
+def _source(args: argparse.Namespace, cfg, policy):
+    from calib.data import SyntheticEpisodes, open_source
+
+    if args.data:
+        camera_map = dict(kv.split("=", 1) for kv in args.camera_map)
+        return open_source(args.data, policy, max_chunks=args.chunks, max_episodes=args.max_episodes,
+                           camera_map=camera_map)
+    return SyntheticEpisodes(cfg, args.synthetic, chunks=args.chunks, seed=args.seed)
+
+
+def _errors(fn):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            print(f"lingbot-edge calibrate {args.calibrate_step}: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_errors
+def _run_capture(args: argparse.Namespace) -> int:
+    from calib.pipeline import STATS_FILE, capture_step
+
+    model, cfg, policy = _load(args)
+    stats = capture_step(model, cfg, _source(args, cfg, policy), args.out, resume=not args.no_resume, progress=True)
+    print(f"{len(stats.episodes)} episodes, {len(stats.modules)} Linears, {len(stats.groups())} groups, "
+          f"{stats.nbytes:,} bytes of statistics -> {args.out}/{STATS_FILE}")
+    return 0
+
+
+@_errors
+def _run_sensitivity(args: argparse.Namespace) -> int:
+    from calib.pipeline import SENSITIVITY_FILE, load_stats, sensitivity_step, setup
+    from quantize import get_scheme
+
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    for name in schemes:
+        get_scheme(name, source="--schemes")
+    model, cfg, policy = _load(args)
+    s = setup(model, cfg, _source(args, cfg, policy), load_stats(args.out), episodes=args.episodes,
+              smooth_alpha=args.smooth, pattern=args.modules, granularity=args.granularity)
+    sens = sensitivity_step(s, schemes, args.out, progress=True)
+    worst = sorted(sens.entries, key=lambda e: -e.action_rms)[:5]
+    print(f"{len(sens.targets)} targets x {len(schemes)} schemes -> {args.out}/{SENSITIVITY_FILE}; most sensitive:")
+    for e in worst:
+        print(f"  {e.target:32s} {e.scheme:18s} action RMS {e.action_rms:.3g}  latent SQNR {e.latent_sqnr:.1f} dB")
+    return 0
+
+
+@_errors
+def _run_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from calib.pipeline import SENSITIVITY_FILE, load_stats, plan_step, setup
+    from calib.planner import Budget
+    from calib.sensitivity import Sensitivity
+
+    path = Path(args.out) / SENSITIVITY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run `lingbot-edge calibrate sensitivity --out {args.out}` first")
+    meta = Sensitivity.load(path).meta  # the plan runs the same episodes, smoothing and targets
+    budget = Budget(args.max_action_rms, int(args.max_weight_gb * 1e9) if args.max_weight_gb is not None else None)
+    schemes = [s.strip() for s in args.schemes.split(",")] if args.schemes else None
+    model, cfg, policy = _load(args)
+    stats = load_stats(args.out)
+    s = setup(model, cfg, _source(args, cfg, policy), stats, episodes=len(meta["episodes"]),
+              smooth_alpha=meta["smooth_alpha"], pattern=meta["pattern"], granularity=meta["granularity"])
+    result, paths = plan_step(s, budget, args.out, schemes, stats=stats, progress=True)
+    for name, err in result.naive.items():
+        print(f"every candidate on {name}: action RMS {err.action_rms:.3g}")
+    print(f"plan: action RMS {result.error.action_rms:.3g} ({'meets' if result.feasible else 'MISSES'} the budget), "
+          f"weights {result.weight_bytes:,} bytes (bf16 {result.weight_bytes_bf16:,}), kept: {result.kept}")
+    for name, p in paths.items():
+        print(f"{name}: {p}")
+    checkpoint = paths.get("transformer", args.checkpoint or "CHECKPOINT")
+    print(f"next: lingbot-edge quantize --checkpoint {checkpoint} --plan {paths['plan']} --out QUANTIZED_DIR")
+    return 0 if result.feasible else 1
