@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= frozen,quant,serve,dev
+EXTRAS ?= frozen,quant,calib,serve,dev
 
 .PHONY: venv demo test test-all test-lerobot lint clean bench
 

@@ -3,6 +3,7 @@
     lingbot-edge demo [--chunks N] [--compile auto|on|off] [--sampler static|reference] [--device D]
     lingbot-edge encode-prompt --checkpoint DIR --prompt TEXT [--prompt TEXT ...]
     lingbot-edge quantize --checkpoint DIR (--scheme NAME | --plan plan.json) --out DIR [--dry-run]
+    lingbot-edge calibrate {capture,sensitivity,plan} --out DIR [...]
     lingbot-edge serve --preset so100 --model tiny|full [--checkpoint DIR] --host 127.0.0.1 --port N
     lingbot-edge run-so100 --robot sim|mujoco|lerobot|remote [...]
 """
@@ -21,7 +22,7 @@ log = logging.getLogger("lingbot_edge")
 
 # Subcommands living next to the code they drive; each module has `register(subparsers)` and
 # keeps its heavy imports inside the command function, so `lingbot-edge --help` stays fast.
-_COMMAND_MODULES: tuple[str, ...] = ("cli_frozen", "cli_quantize", "cli_robot")
+_COMMAND_MODULES: tuple[str, ...] = ("cli_frozen", "cli_quantize", "cli_calibrate", "cli_robot")
 
 
 class ToyScene:

@@ -33,6 +33,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="dtype of the kept modules and of the source weights when loaded (default bfloat16)")
     p.add_argument("--device", help="device the quantized model will run on (default: cuda if available, else cpu)")
     p.add_argument("--max-shard-gb", type=float, default=4.0, help="safetensors shard size limit (default 4)")
+    p.add_argument("--calibration", help="calibration.json of `lingbot-edge calibrate plan`: its static activation "
+                   "scales replace the synthetic calibration episode")
     p.add_argument("--calib-chunks", type=int, default=2,
                    help="chunks of the synthetic calibration episode for calibrated activations (default 2)")
     p.add_argument("--calib-preset", help="policy preset of the calibration episode (default: libero for the "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +62,7 @@ def quantize_(
     filter_fn: FilterFn | None = None,
     *,
     calibrate: CalibrateFn | None = None,
+    input_scales: Mapping[str, float] | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
     check_hardware: bool = True,
@@ -72,9 +73,10 @@ def quantize_(
     `filter_fn(module, fqn)` further restricts which planned Linears are quantized. Schemes with
     calibrated activations need `calibrate(model)`, which runs representative forwards (eagerly).
     `device` is where the model will run (default: where it is); schemes it cannot run are refused
-    before anything changes; `check_hardware=False` builds them anyway, to study their numerics
-    where their kernel only runs as a slow reference (torch._scaled_mm on CPU). Returns the scheme
-    of every quantized Linear, by FQN.
+    before anything changes; `input_scales` (FQN -> static activation scale, e.g. `calibration.json`'s
+    `static_input_scales` from `lingbot-edge calibrate plan`) replaces `calibrate`. `check_hardware=False`
+    builds schemes anyway, to study their numerics where their kernel only runs as a slow reference
+    (torch._scaled_mm on CPU). Returns the scheme of every quantized Linear, by FQN.
     """
     plan = as_plan(config)
     assignment = {name: s for name, s in plan.resolve(model).items() if s is not None}
@@ -84,10 +86,15 @@ def quantize_(
     if check_hardware:
         check_schemes_supported(dict.fromkeys(assignment.values()), device)
     static = [name for name, s in assignment.items() if needs_calibration(s)]
-    if static and calibrate is None:
+    if static and input_scales is not None:
+        if missing := sorted(set(static) - set(input_scales)):
+            raise ValueError(f"input_scales: no static activation scale for {missing[:8]} (expected one per "
+                             "static-activation Linear of the plan, as `lingbot-edge calibrate plan` writes them)")
+    elif static and calibrate is None:
         names = sorted({scheme_name(assignment[n]) for n in static})
         raise ValueError(f"{', '.join(names)} quantize activations with calibrated scales: pass calibrate=fn(model) "
-                         f"that runs representative forwards (e.g. quantize.metrics.synthetic_calibration)")
+                         f"that runs representative forwards (e.g. quantize.metrics.synthetic_calibration) or "
+                         f"input_scales from `lingbot-edge calibrate plan`")
 
     groups: dict[str, list[str]] = {}
     for name in assignment:
@@ -98,7 +105,10 @@ def quantize_(
             bar.set_postfix_str(group)
             for name in names:
                 model.set_submodule(name, quantize_linear(assignment[name], model.get_submodule(name)))
-    if static:
+    if static and input_scales is not None:
+        for name in static:
+            model.get_submodule(name).input_scale.fill_(float(input_scales[name]))
+    elif static:
         calibrate_input_scales(model, static, calibrate)
     log.info("quantized %d Linears (%s)", len(assignment),
              ", ".join(sorted({scheme_name(s) for s in assignment.values()})) or "none")
@@ -183,6 +193,7 @@ def quantize_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     calibrate: CalibrateFn | None = None,
+    input_scales: Mapping[str, float] | None = None,
     progress: bool = True,
     max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
 ) -> QuantizeResult:
@@ -194,7 +205,8 @@ def quantize_checkpoint(
     src = transformer_folder(checkpoint)
     source = {"path": str(src.resolve()), "sha256": checkpoint_sha256(src)}
     model = load_transformer(src, dtype=dtype, device=device)
-    assignment = quantize_(model, plan, calibrate=calibrate, device=device, progress=progress)
+    assignment = quantize_(model, plan, calibrate=calibrate, input_scales=input_scales, device=device,
+                           progress=progress)
     folder = save_quantized(model, out, provenance(assignment), source=source, max_shard_bytes=max_shard_bytes)
     return QuantizeResult(folder, assignment, summarize(model.config, model, assignment, dtype))
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -64,8 +66,13 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--checkpoint DIR and --out DIR are required (or use --dry-run)")
     schemes = plan_schemes(plan)
     check_schemes_supported(schemes, device)
-    calibrate = None
-    if any(needs_calibration(s) for s in schemes):
+    calibrate, input_scales = None, None
+    if args.calibration:  # scales the calibration planner verified (calibration.json)
+        input_scales = json.loads(Path(args.calibration).read_text()).get("static_input_scales")
+        if not isinstance(input_scales, dict):
+            raise ValueError(f"--calibration {args.calibration}: expected a JSON object with 'static_input_scales' "
+                             "(written by `lingbot-edge calibrate plan`)")
+    elif any(needs_calibration(s) for s in schemes):
         from .metrics import synthetic_calibration
 
         cfg = ModelConfig.from_json(transformer_folder(args.checkpoint) / "config.json")
@@ -78,7 +85,8 @@ def _run(args: argparse.Namespace) -> int:
                     "observations); real recorded inputs calibrate better", names, preset, args.calib_chunks)
         calibrate = synthetic_calibration(get_policy_config(preset), chunks=args.calib_chunks)
     result = quantize_checkpoint(args.checkpoint, plan, args.out, dtype=dtype, device=device, calibrate=calibrate,
-                                 progress=True, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+                                 input_scales=input_scales, progress=True,
+                                 max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
     print(format_summary(result.summary, dtype))
     print(f"wrote {result.folder}")
     return 0
