@@ -98,6 +98,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 VAE_SPATIAL = 16
 VAE_TEMPORAL = 4
 
+# PolicyConfig.image_transform: applied to every camera frame before resizing (policy.orient_frames).
+IMAGE_TRANSFORMS = ("none", "vflip", "hflip", "rot180")
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -124,6 +127,10 @@ class PolicyConfig:
     action_q99: tuple[float, ...] = ()
     max_sequence_length: int = 512
     state_dim: int | None = None  # robot-side state/action size; defaults to len(used_action_channel_ids)
+    # Orientation fix for incoming camera frames, applied before resizing (first observation and
+    # feedback keyframes): "none", "vflip" (rows), "hflip" (columns), "rot180" (both). Set it so that
+    # what the model sees has the orientation its checkpoint was trained with (see the libero preset).
+    image_transform: str = "none"
 
     def __post_init__(self):
         for name in ("obs_cam_keys", "used_action_channel_ids", "action_q01", "action_q99"):
@@ -153,6 +160,9 @@ class PolicyConfig:
         if self.action_per_frame % VAE_TEMPORAL:
             # Feedback records one keyframe every action_per_frame / 4 steps (4 frames per latent).
             raise ValueError(f"action_per_frame: must be a multiple of {VAE_TEMPORAL}, got {self.action_per_frame}")
+        if self.image_transform not in IMAGE_TRANSFORMS:
+            raise ValueError(f"image_transform: expected one of {list(IMAGE_TRANSFORMS)}, "
+                             f"got {self.image_transform!r}")
         if self.attn_window < 2:
             raise ValueError(f"attn_window: must be >= 2 (the cache holds attn_window // 2 chunks), "
                              f"got {self.attn_window}")
@@ -241,6 +251,13 @@ POLICY_PRESETS: dict[str, PolicyConfig] = {
         used_action_channel_ids=tuple(range(7)),
         action_q01=_pad30(_LIBERO_Q01, 0.0),
         action_q99=_pad30(_LIBERO_Q99, 0.0),
+        # The preset takes frames as LeRobot's LIBERO env delivers them: rotated 180 degrees from the
+        # raw render. Upstream's LIBERO client (the released checkpoint's training orientation) flips
+        # the raw render vertically only, so LeRobot's frames carry one extra horizontal flip, which
+        # "hflip" undoes. Frames already in upstream's orientation (e.g. from upstream's own client
+        # through `serve`): "none"; raw LIBERO renders: "vflip"; a checkpoint fine-tuned on frames in
+        # LeRobot's orientation: "none" (LeRobot's own lingbot_va equivalent: image_hflip=True/False).
+        image_transform="hflip",
     ),
     "robotwin": PolicyConfig(
         name="robotwin",

@@ -35,6 +35,23 @@ from .sampler import ReferenceSampler, StaticSampler
 log = logging.getLogger(__name__)
 
 
+def orient_frames(frames: Mapping[str, Any], transform: str) -> Mapping[str, Any]:
+    """Apply `PolicyConfig.image_transform` to {camera: [H, W, 3] or [T, H, W, 3]} frames (numpy or torch):
+    "vflip" reverses rows, "hflip" columns, "rot180" both. Values of another kind pass through
+    unchanged, for the observation encoder to reject with its own message."""
+    axes = {"none": (), "vflip": (-3,), "hflip": (-2,), "rot180": (-3, -2)}[transform]
+    if not axes:
+        return frames
+    out = {}
+    for key, img in frames.items():
+        if isinstance(img, np.ndarray) and img.ndim in (3, 4):
+            img = np.flip(img, axis=axes)
+        elif isinstance(img, torch.Tensor) and img.dim() in (3, 4):
+            img = torch.flip(img, dims=axes)
+        out[key] = img
+    return out
+
+
 class PhaseTimer:
     """Wall time per phase; on CUDA with events so phases cost no extra host sync."""
 
@@ -184,7 +201,7 @@ class LingBotPolicy:
         first = self.chunk_index == 0 and not self._pending
         first_latent = None
         if first:
-            frames = {k: obs[k] for k in self.cfg.obs_cam_keys if k in obs}
+            frames = orient_frames({k: obs[k] for k in self.cfg.obs_cam_keys if k in obs}, self.cfg.image_transform)
             missing = [k for k in self.cfg.obs_cam_keys if k not in obs]
             if missing:
                 raise ValueError(f"obs: the first chunk needs camera images {missing} (HxWx3 uint8)")
@@ -225,7 +242,7 @@ class LingBotPolicy:
             if t != want_t:
                 raise ValueError(f"frames[{key!r}]: expected {want_t} keyframes [T, H, W, 3], got {t}")
         actions = self.codec.from_robot(executed_actions, first_chunk=first).to(self.device)
-        latents = self.obs_encoder.encode(frames).to(self.sampler.dtype)
+        latents = self.obs_encoder.encode(orient_frames(frames, self.cfg.image_transform)).to(self.sampler.dtype)
         if first:  # the conditioning frame is the chunk's latent frame 0
             latents = torch.cat([self.init_latent, latents], dim=2)
         timer.mark("encode_obs")

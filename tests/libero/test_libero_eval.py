@@ -1,0 +1,224 @@
+"""`eval-libero` and the LIBERO plumbing: what it says when LIBERO / assets / checkpoint are missing,
+the closed-loop episode runner and the side-by-side table (on a stand-in env), the orientation
+conversions, the image_transform field, the committed data, and the runtime never importing quantize."""
+
+import argparse
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lingbot_edge import cli_libero, libero
+from lingbot_edge.config import IMAGE_TRANSFORMS, POLICY_PRESETS, PolicyConfig, get_policy_config
+from lingbot_edge.policy import orient_frames
+
+# ------------------------------------------------------------------------------ eval-libero: missing parts
+
+
+def _eval_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lingbot-edge")
+    cli_libero.register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["eval-libero", *argv])
+
+
+def test_eval_libero_without_libero_lists_what_is_missing(monkeypatch, capsys):
+    monkeypatch.setattr(libero, "_libero_package_dir", lambda: None)
+    args = _eval_args("--suite", "libero_10", "--episodes", "3")
+    assert (args.suite, args.episodes, args.task_ids) == ("libero_10", 3, None)
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot run LIBERO episodes here; missing:" in err
+    assert "hf-libero" in err and "constraints.txt" in err  # the package, installed without touching torch
+    assert "--checkpoint DIR" in err  # no checkpoint given
+    assert "Traceback" not in err
+
+
+def test_missing_requirements_names_assets_checkpoint_and_quantized(monkeypatch, tmp_path, data_dir):
+    tiny_checkpoint = data_dir / libero.CHECKPOINT_DIR  # a tiny DiT, not the libero preset's
+    pkg = tmp_path / "site" / "libero" / "libero"  # an installed hf-libero without its assets
+    for sub in ("bddl_files", "init_files"):
+        (pkg / sub / "libero_10").mkdir(parents=True)
+    monkeypatch.setattr(libero, "_libero_package_dir", lambda: pkg)
+    monkeypatch.setattr(libero, "module_available", lambda name: name != "robosuite")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    missing = libero.missing_requirements("libero_10", tiny_checkpoint, {"int8": tmp_path / "nope"}, device="cpu")
+    text = "\n".join(missing)
+    assert len(missing) == 4, text
+    assert "robosuite 1.4" in missing[0]
+    assert "LIBERO assets" in missing[1] and "lerobot/libero-assets" in missing[1]
+    assert str(tmp_path / "home" / ".cache" / "libero" / "assets") in missing[1]
+    assert f"LIBERO checkpoint at {tiny_checkpoint}" in missing[2] and "does not match preset 'libero'" in missing[2]
+    assert "quantized variant 'int8'" in missing[3] and "lingbot-edge quantize" in missing[3]
+
+    for sub in libero.LIBERO_ASSET_DIRS:  # assets present, suite files of another suite missing
+        (pkg / "assets" / sub).mkdir(parents=True)
+    missing = libero.missing_requirements("libero_goal", None)
+    assert [m.split(":")[0] for m in missing] == [
+        "robosuite 1.4 (the simulator)", "LIBERO task definitions of libero_goal",
+        "LIBERO initial states of libero_goal", "a LingBot-VA LIBERO checkpoint"]
+
+
+def test_quantized_option_parses_name_and_folder():
+    args = _eval_args("--quantized", "int8=/q/int8", "--quantized", "fp8=/q/fp8", "--tasks", "0", "3")
+    assert args.quantized == [("int8", "/q/int8"), ("fp8", "/q/fp8")] and args.task_ids == [0, 3]
+    with pytest.raises(SystemExit):
+        _eval_args("--quantized", "no-folder")
+
+
+def test_ensure_libero_config_writes_defaults_once(monkeypatch, tmp_path):
+    """hf-libero's import asks on stdin for paths when its config.yaml is missing: write it first."""
+    pkg = tmp_path / "libero" / "libero"
+    pkg.mkdir(parents=True)
+    monkeypatch.setattr(libero, "_libero_package_dir", lambda: pkg)
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "cfg"))
+    libero.ensure_libero_config()
+    text = (tmp_path / "cfg" / "config.yaml").read_text()
+    assert f"bddl_files: {pkg / 'bddl_files'}\n" in text and f"init_states: {pkg / 'init_files'}\n" in text
+    (tmp_path / "cfg" / "config.yaml").write_text("mine: 1\n")
+    libero.ensure_libero_config()
+    assert (tmp_path / "cfg" / "config.yaml").read_text() == "mine: 1\n"
+
+
+# ------------------------------------------------------------------------------ the episode runner
+
+
+class StandInEnv:
+    """LIBERO's interface with synthesized frames: raw renders (upside down, as OpenGL rows come out)
+    converted like `LiberoEnv`; succeeds after `succeed_at` steps (never if None)."""
+
+    def __init__(self, succeed_at=None, seed=0):
+        self.prompt = "put the black bowl on the plate"
+        self.succeed_at = succeed_at
+        self.scene = libero.synthesize_episode(self.prompt, seed, chunks=3, size=64).transformed("hflip")
+        self.actions = []
+
+    def _obs(self):
+        t = min(len(self.actions), self.scene.num_frames - 1)
+        raw = {key: self.scene.frames[cam][t][::-1] for key, cam in libero.LIBERO_RAW_CAMERAS.items()}
+        return libero.LiberoEnv.frames(raw)
+
+    def reset(self, episode):
+        self.actions = []
+        return self._obs()
+
+    def step(self, action):
+        assert action.shape == (7,) and np.isfinite(action).all()
+        self.actions.append(action)
+        return self._obs(), self.succeed_at is not None and len(self.actions) >= self.succeed_at
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def fast_policy(data_dir):
+    """tiny-LIBERO with 2 + 2 sampling steps: the loop logic, not the numbers, is under test."""
+    return libero.load_tiny_libero_policy(data_dir / libero.CHECKPOINT_DIR, num_inference_steps=2,
+                                          action_num_inference_steps=2)
+
+
+def test_episode_stops_at_success_and_feeds_back_whole_chunks(fast_policy, monkeypatch):
+    calls = []
+    feedback = fast_policy.feedback
+    monkeypatch.setattr(fast_policy, "feedback", lambda f, a: calls.append((f, a)) or feedback(f, a))
+    env = StandInEnv(succeed_at=20)
+    out = libero.run_libero_episode(fast_policy, env, episode=0, max_steps=100, task_id=4)
+    assert (out.success, out.steps, out.chunks, out.task_id) == (True, 20, 2, 4)  # 12 + 8 of 16 steps
+    assert len(calls) == 1  # chunk 0 fed back (12 keyframes, 12 actions); the cut chunk is not
+    frames, actions = calls[0]
+    assert {k: v.shape for k, v in frames.items()} == {k: (12, 64, 64, 3) for k in libero.LIBERO_CAMERAS}
+    np.testing.assert_array_equal(actions, np.stack(env.actions[:12]))
+    # Keyframes are what the env showed after each executed step, in LeRobot's orientation.
+    np.testing.assert_array_equal(frames[libero.LIBERO_CAMERAS[0]], env.scene.transformed("hflip").frames[
+        libero.LIBERO_CAMERAS[0]][1:13])
+
+
+def test_episode_without_success_runs_max_steps(fast_policy):
+    out = libero.run_libero_episode(fast_policy, StandInEnv(), episode=1, max_steps=30)
+    assert (out.success, out.steps, out.chunks) == (False, 30, 3) and out.infer_ms > 0
+
+
+def test_evaluate_runs_every_variant_on_the_same_tasks_and_tabulates(fast_policy):
+    built = []
+
+    def variant(name):
+        return lambda: built.append(name) or fast_policy
+
+    envs = {0: StandInEnv(succeed_at=5), 1: StandInEnv()}
+    results = libero.evaluate({"bfloat16": variant("bf16"), "int8": variant("int8")}, envs.__getitem__,
+                              task_ids=[0, 1], episodes=2, max_steps=14)
+    assert built == ["bf16", "int8"]
+    assert [(o.task_id, o.episode, o.success) for o in results["int8"]] == [
+        (0, 0, True), (0, 1, True), (1, 0, False), (1, 1, False)]
+    table = libero.success_table(results, {0: "pick", 1: "place"})
+    assert "| task | bfloat16 | int8 |" in table
+    assert "| 0: pick | 100% (2/2) | 100% (2/2) |" in table
+    assert "| **all** | 50% (2/4) | 50% (2/4) |" in table
+
+
+# ------------------------------------------------------------------------------ orientation
+
+
+def test_libero_frame_orientations():
+    """Upstream's training frames U; LIBERO's raw render is U upside down (vflip); LeRobot's env
+    rotates the raw render 180 degrees (= hflip of U), which the libero preset's "hflip" undoes."""
+    u = np.random.default_rng(0).integers(0, 255, size=(6, 10, 3), dtype=np.uint8)
+    raw = {"agentview_image": u[::-1], "robot0_eye_in_hand_image": u[::-1]}
+    lerobot = libero.LiberoEnv.frames(raw)[libero.LIBERO_CAMERAS[0]]
+    np.testing.assert_array_equal(lerobot, u[:, ::-1])
+    assert get_policy_config("libero").image_transform == "hflip"
+    np.testing.assert_array_equal(orient_frames({"c": lerobot}, "hflip")["c"], u)
+    np.testing.assert_array_equal(orient_frames({"c": u[::-1]}, "vflip")["c"], u)  # raw render
+
+
+def test_orient_frames_numpy_and_torch_single_and_keyframes():
+    x = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
+    for frames in (x, x[0], torch.from_numpy(x), torch.from_numpy(x[0])):
+        a = np.asarray(frames)
+        out = {t: np.asarray(orient_frames({"c": frames}, t)["c"]) for t in IMAGE_TRANSFORMS}
+        np.testing.assert_array_equal(out["none"], a)
+        np.testing.assert_array_equal(out["vflip"], a[..., ::-1, :, :])
+        np.testing.assert_array_equal(out["hflip"], a[..., ::-1, :])
+        np.testing.assert_array_equal(out["rot180"], a[..., ::-1, ::-1, :])
+        assert type(orient_frames({"c": frames}, "hflip")["c"]) is type(frames)
+    same = {"c": x}
+    assert orient_frames(same, "none") is same
+    assert orient_frames({"c": [1, 2]}, "hflip")["c"] == [1, 2]  # left for the encoder to reject
+
+
+def test_image_transform_is_validated_and_preset_defaults():
+    assert {name: cfg.image_transform for name, cfg in POLICY_PRESETS.items()} == {
+        "libero": "hflip", "robotwin": "none", "so100": "none", "tiny": "none"}
+    with pytest.raises(ValueError, match=r"image_transform: expected one of \['none', 'vflip', 'hflip', 'rot180'\]"):
+        get_policy_config("tiny", image_transform="flip")
+    assert isinstance(get_policy_config("libero", image_transform="none"), PolicyConfig)
+
+
+# ------------------------------------------------------------------------------ committed data, isolation
+
+
+def test_committed_data_is_small_and_regenerates(data_dir, episode):
+    ckpt = sum(p.stat().st_size for p in (data_dir / libero.CHECKPOINT_DIR).rglob("*") if p.is_file())
+    other = sum(p.stat().st_size for p in data_dir.glob("*.npz"))
+    assert ckpt < 2_000_000 and other < 1_000_000, (ckpt, other)
+    cfg = libero.tiny_libero_config()
+    assert episode.num_frames == libero.frames_per_episode(cfg, 8) == 125 and episode.num_chunks(cfg) == 8
+    assert {k: v.shape for k, v in episode.frames.items()} == {k: (125, 128, 128, 3) for k in libero.LIBERO_CAMERAS}
+    stem, prompt, seed, chunks = libero.EPISODES[0]
+    again = libero.synthesize_episode(prompt, seed, chunks)  # what `make-observations` writes
+    assert again.prompt == episode.prompt
+    for k in episode.frames:
+        np.testing.assert_array_equal(again.frames[k], episode.frames[k])
+
+
+def test_runtime_modules_never_import_quantize_or_calib():
+    """Every import statement of the runtime modules this suite adds or changes, lazy ones included."""
+    root = Path(libero.__file__).parent
+    for name in ("libero.py", "cli_libero.py", "policy.py", "config.py"):
+        tree = ast.parse((root / name).read_text())
+        for node in ast.walk(tree):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            assert not [m for m in mods if m.split(".")[0] in ("quantize", "calib")], (name, node.lineno, mods)
