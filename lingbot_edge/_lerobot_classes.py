@@ -44,7 +44,9 @@ class LingBotEdgeConfig(PreTrainedConfig):
     # Policy camera key (preset.obs_cam_keys) -> batch key, for cameras named otherwise in LeRobot.
     # Unlisted cameras are read from the batch under their own key.
     image_key_map: dict[str, str] = field(default_factory=dict)
-    # Flip images horizontally before encoding (an env that flips relative to the training data).
+    # Flip images horizontally before the wrapped policy sees them (an env that flips relative to the
+    # training data). The policy preset's own `image_transform` applies after this: the libero preset
+    # already undoes LeRobot's LIBERO orientation ("hflip"), so leave this False there.
     image_hflip: bool = False
 
     # Actions leave the wrapped policy in robot units and images are encoded inside it.

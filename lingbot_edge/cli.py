@@ -6,6 +6,7 @@
     lingbot-edge calibrate {capture,sensitivity,plan} --out DIR [...]
     lingbot-edge serve --preset so100 --model tiny|full [--checkpoint DIR] --host 127.0.0.1 --port N
     lingbot-edge run-so100 --robot sim|mujoco|lerobot|remote [...]
+    lingbot-edge eval-libero --suite libero_10 --episodes N --checkpoint DIR [--quantized NAME=DIR ...]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ log = logging.getLogger("lingbot_edge")
 
 # Subcommands living next to the code they drive; each module has `register(subparsers)` and
 # keeps its heavy imports inside the command function, so `lingbot-edge --help` stays fast.
-_COMMAND_MODULES: tuple[str, ...] = ("cli_frozen", "cli_quantize", "cli_calibrate", "cli_robot")
+_COMMAND_MODULES: tuple[str, ...] = ("cli_frozen", "cli_quantize", "cli_calibrate", "cli_robot", "cli_libero")
 
 
 class ToyScene:

@@ -373,6 +373,10 @@ def resolve_checkpoint(
     for k in ("obs_cam_keys", "used_action_channel_ids"):
         if k in policy_fields and isinstance(policy_fields[k], list):
             policy_fields[k] = tuple(policy_fields[k])
+    if isinstance(lerobot.get("image_hflip"), bool):
+        # LeRobot's flag undoes its LIBERO env's extra horizontal flip on LeRobot-oriented frames: the
+        # same frames our presets expect, so it maps one to one onto image_transform.
+        policy_fields["image_transform"] = "hflip" if lerobot["image_hflip"] else "none"
     layout = CheckpointLayout(
         root=root, kind=kind, model_config=model_cfg,
         transformer=tdir if "transformer" in parts else None, transformer_files=files, transformer_prefix=prefix,
