@@ -9,7 +9,7 @@ sensitivity and plan verification all run the same fixed inputs through the stat
   policy's own observation encoder (streaming VAE), prompt encoder and action codec.
 - `LeRobotEpisodes`: a LeRobot dataset folder (v2.x layout: meta/info.json, meta/episodes.jsonl,
   meta/tasks.jsonl, data/chunk-*/episode_*.parquet, videos/chunk-*/<camera>/episode_*.mp4). Reading
-  the parquet tables needs `pyarrow` (not a lingbot-edge dependency: `pip install pyarrow`); videos
+  the parquet tables needs `pyarrow` (the `calib` extra: pip install "lingbot-edge[calib]"); videos
   are decoded with imageio-ffmpeg (the `frozen` extra).
 
 Recorded episode `.npz` (`RecordedEpisode.save` / `.load`):
@@ -206,7 +206,8 @@ def read_parquet_columns(path: Path, columns: Sequence[str]) -> dict[str, np.nda
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise ImportError("reading a LeRobot dataset's parquet tables needs pyarrow: pip install pyarrow") from e
+        raise ImportError("reading a LeRobot dataset's parquet tables needs pyarrow: "
+                          "pip install 'lingbot-edge[calib]'") from e
     table = pq.read_table(path, columns=list(columns))
     return {c: np.asarray(table.column(c).to_pylist()) for c in columns}
 

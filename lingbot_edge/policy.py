@@ -276,8 +276,10 @@ class LingBotPolicy:
 
 
 def build_tiny_policy(sampler: str = "static", compile: bool = True, seed: int = 0,
-                      device: str = "cpu", dtype: torch.dtype = torch.float32) -> LingBotPolicy:
-    """The embedded default: tiny DiT + tiny VAE / UMT5 / byte tokenizer, all built in-process."""
+                      device: str = "cpu", dtype: torch.dtype = torch.float32,
+                      cfg: PolicyConfig | None = None) -> LingBotPolicy:
+    """The embedded default: tiny DiT + tiny VAE / UMT5 / byte tokenizer, all built in-process.
+    `cfg`: a config of the tiny model (default the `tiny` preset; e.g. SO-100 cameras and channels)."""
     from .checkpoint import build_model
     from .frozen import (
         ByteTokenizer,
@@ -288,7 +290,9 @@ def build_tiny_policy(sampler: str = "static", compile: bool = True, seed: int =
         build_tiny_vae,
     )
 
-    cfg = get_policy_config("tiny")
+    cfg = cfg or get_policy_config("tiny")
+    if cfg.model != "tiny":
+        raise ValueError(f"cfg: model {cfg.model!r} needs a checkpoint (only the tiny model is embedded)")
     mc = cfg.model_config
     model = build_model(mc, dtype=dtype, device=device, seed=seed)
     vae = StreamingVAEEncoder(build_tiny_vae(z_dim=mc.in_channels, seed=seed), device=device, dtype=torch.float32)

@@ -141,13 +141,9 @@ def so100_policy_config(model: str = "full", q01: Sequence[float] | None = None,
 
 def build_policy(cfg: PolicyConfig, checkpoint: str | Path | None = None, sampler: str = "static",
                  compile: bool = False, seed: int = 0, device: str = "cpu"):
-    """A `LingBotPolicy` for `cfg`. No checkpoint: the embedded tiny model (cfg.model must be "tiny").
-
-    The tiny branch mirrors `policy.build_tiny_policy` for an arbitrary config (cameras, channels,
-    quantiles); a checkpoint goes through `loading.load_policy` with cfg's cameras, channel map and
-    quantiles as overrides of its preset."""
-    import torch
-
+    """A `LingBotPolicy` for `cfg`. No checkpoint: the embedded tiny model (cfg.model must be "tiny")
+    with cfg's cameras, channels and quantiles; a checkpoint goes through `loading.load_policy` with
+    cfg's cameras, channel map and quantiles as overrides of its preset."""
     from . import policy as policy_mod
 
     if checkpoint is not None:
@@ -160,25 +156,7 @@ def build_policy(cfg: PolicyConfig, checkpoint: str | Path | None = None, sample
                            policy_overrides=overrides)
     if cfg.model != "tiny":
         raise ValueError(f"model {cfg.model!r} needs --checkpoint DIR (only the tiny model is embedded)")
-    from .checkpoint import build_model
-    from .frozen import (
-        ByteTokenizer,
-        ObservationEncoder,
-        PromptEncoder,
-        StreamingVAEEncoder,
-        build_tiny_umt5,
-        build_tiny_vae,
-    )
-
-    mc = cfg.model_config
-    model = build_model(mc, dtype=torch.float32, device=device, seed=seed)
-    vae = StreamingVAEEncoder(build_tiny_vae(z_dim=mc.in_channels, seed=seed), device=device, dtype=torch.float32)
-    obs_encoder = ObservationEncoder(vae, list(cfg.obs_cam_keys), cfg.height, cfg.width)
-    umt5 = build_tiny_umt5(d_model=mc.text_dim, seed=seed)
-    prompt_encoder = PromptEncoder(umt5, ByteTokenizer(), cfg.max_sequence_length, device=device,
-                                   dtype=torch.float32)
-    return policy_mod.LingBotPolicy(cfg, model, obs_encoder, prompt_encoder, sampler=sampler, compile=compile,
-                                    seed=seed)
+    return policy_mod.build_tiny_policy(sampler=sampler, compile=compile, seed=seed, device=device, cfg=cfg)
 
 
 # ------------------------------------------------------------------------------------------- safety

@@ -208,10 +208,13 @@ def test_recording_too_short_is_refused(tiny_policy):
         encode_episode(short, tiny_policy, seed=0)
 
 
-def test_lerobot_v2_dataset_folder(tiny_policy, tmp_path, monkeypatch):
+def test_lerobot_v2_dataset_folder(tiny_policy, tmp_path):
     """A LeRobot v2.1 folder: meta/info.json + episodes.jsonl, one mp4 per camera and episode (real
-    files, decoded with imageio-ffmpeg), one parquet per episode. Parquet needs pyarrow, which
-    lingbot-edge does not install: the table reader is replaced by one reading an npz twin."""
+    files, decoded with imageio-ffmpeg), one parquet per episode with `action` as a list column, as
+    LeRobot writes it (pyarrow: the `calib` extra)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from lingbot_edge.frozen import write_mp4
 
     cfg = tiny_policy.cfg
@@ -235,13 +238,12 @@ def test_lerobot_v2_dataset_folder(tiny_policy, tmp_path, monkeypatch):
             write_mp4(rng.integers(0, 256, size=(steps + 1, 32, 32, 3), dtype=np.uint8), video)
         data = root / info["data_path"].format(episode_chunk=0, episode_index=i)
         data.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(data.with_suffix(".npz"), action=rng.uniform(-1, 1, size=(steps, 6)).astype(np.float32))
-
-    def read_npz_twin(path, columns):
-        with np.load(path.with_suffix(".npz")) as z:
-            return {c: z[c] for c in columns}
-
-    monkeypatch.setattr("calib.data.read_parquet_columns", read_npz_twin)
+        actions = rng.uniform(-1, 1, size=(steps, 6)).astype(np.float32)
+        if i == 1:
+            expected_actions = actions
+        table = pa.table({"action": pa.array(list(actions), type=pa.list_(pa.float32())),
+                          "frame_index": pa.array(np.arange(steps, dtype=np.int64))})
+        pq.write_table(table, data)
     camera_map = {"observation.images.top": cfg.obs_cam_keys[0], "observation.images.wrist": cfg.obs_cam_keys[1]}
     source = open_source([root], tiny_policy, max_chunks=2, camera_map=camera_map)
     assert isinstance(source, LeRobotEpisodes)
@@ -252,5 +254,6 @@ def test_lerobot_v2_dataset_folder(tiny_policy, tmp_path, monkeypatch):
     stride = cfg.keyframe_stride
     assert next(iter(rec.frames.values())).shape == (math.ceil((steps + 1) / stride), 32, 32, 3)
     assert rec.actions.shape == (steps, 6)
+    np.testing.assert_array_equal(rec.actions, expected_actions)
     ep = source.load("episode_000001")
     assert len(ep.chunks) == 2
