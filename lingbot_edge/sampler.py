@@ -183,6 +183,8 @@ class ReferenceSampler(_SamplerBase):
 class StaticSampler(_SamplerBase):
     """Fixed shapes, ring cache, per-prompt cross-attention K/V, compiled step per stream."""
 
+    _compiled_instances = 0
+
     def __init__(self, model: WanVATransformer, cfg: PolicyConfig, compile: bool = True,
                  compile_mode: str | None = None):
         super().__init__(model, cfg)
@@ -225,6 +227,12 @@ class StaticSampler(_SamplerBase):
         }
         self.step = self._step
         if compile:
+            # Dynamo caches graphs per code object, so every StaticSampler in the process shares
+            # `_step`'s cache (at most 3 graphs each, see the module docstring). Make room for them
+            # instead of hitting the default limit of 8 with a third sampler (benchmarks, servers).
+            StaticSampler._compiled_instances += 1
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 3 * StaticSampler._compiled_instances + 2)
             self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
 
     def reset(self, text_cond: Tensor, text_uncond: Tensor | None) -> None:
