@@ -157,15 +157,7 @@ def save_transformer(model: WanVATransformer, folder: str | Path, max_shard_byte
     try:
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
+        shards = shard_state(state, max_shard_bytes)
         if len(shards) == 1:
             save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         else:
@@ -178,11 +170,48 @@ def save_transformer(model: WanVATransformer, folder: str | Path, max_shard_byte
             total = sum(v.numel() * v.element_size() for v in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / (WEIGHTS_NAME + ".index.json")).write_text(json.dumps(index, indent=2))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint should not be
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        chmod_like_new_files(tmp)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def shard_state(state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    """Split a state dict, in order, into shards of at most max_shard_bytes (None: one shard)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    return shards
+
+
+def chmod_like_new_files(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder: give it and its files the modes the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.iterdir():
+        p.chmod(0o666 & ~umask)
+
+
+def replace_dir(tmp: Path, folder: Path) -> None:
+    """Move tmp to folder; an existing folder is swapped out first and removed only on success."""
+    old = None
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+        os.replace(folder, old / folder.name)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        if old is not None:
+            os.replace(old / folder.name, folder)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -42,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import build_meta_model, open_safetensors
+from .checkpoint import build_meta_model, chmod_like_new_files, open_safetensors, replace_dir, shard_state
 from .config import ModelConfig
 from .model import WanVATransformer
 
@@ -351,7 +350,7 @@ def save_quantized(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp.", dir=folder.parent))
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2))
-        shards = _shard(state, max_shard_bytes)
+        shards = shard_state(state, max_shard_bytes)
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"{WEIGHTS_STEM}.safetensors" if len(shards) == 1 else \
@@ -372,52 +371,14 @@ def save_quantized(
             "weight_map": weight_map,
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        _chmod_like_new_files(tmp)
-        _replace_dir(tmp, folder)
+        chmod_like_new_files(tmp)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("saved quantized model to %s (%d quantized Linears, %d kept, %d files)", folder, len(entries),
              len(kept), len(files) - 1)
     return folder
-
-
-def _shard(state: dict[str, Tensor], max_shard_bytes: int | None) -> list[dict[str, Tensor]]:
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    return shards
-
-
-def _chmod_like_new_files(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder: give it and its files the modes the umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.iterdir():
-        p.chmod(0o666 & ~umask)
-
-
-def _replace_dir(tmp: Path, folder: Path) -> None:
-    """Move tmp to folder; an existing folder is swapped out first and removed only on success."""
-    old = None
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-        os.replace(folder, old / folder.name)
-    try:
-        os.replace(tmp, folder)
-    except BaseException:
-        if old is not None:
-            os.replace(old / folder.name, folder)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
