@@ -94,15 +94,17 @@ def budget(preset: str, scheme: str, counts: DiTBytes) -> dict[str, float]:
         "KV cache (bf16)": kv_cache_bytes(cfg),
         "prompt cross-attn K/V": text_kv_bytes(cfg),
         "activations (peak forward)": activation_bytes(cfg),
-        "CUDA context + slack": CUDA_RESERVE_GIB * GIB,
     }
-    rows["total"] = sum(rows.values())
+    # What torch.cuda.max_memory_allocated reports, then what the card must hold.
+    rows["allocated (tensors)"] = sum(rows.values())
+    rows["CUDA context + slack"] = CUDA_RESERVE_GIB * GIB
+    rows["total"] = rows["allocated (tensors)"] + rows["CUDA context + slack"]
     return {k: v / GIB for k, v in rows.items()}
 
 
 def render(counts: DiTBytes) -> str:
     lines = [
-        "# Memory model: full LingBot-VA on one GPU (GiB, computed)",
+        "# Memory model: full LingBot-VA on one GPU (GiB = 2**30 bytes, computed)",
         "",
         f"DiT: {counts.quantizable / 1e9:.2f}B quantizable block-Linear weights + {counts.other / 1e9:.2f}B other "
         "parameters (bf16). UMT5-XXL "
