@@ -60,9 +60,10 @@ def render(data: dict) -> str:
             return "-" if f is None else f"{f['roofline_s'] / f['median_s']:.3f}"
 
         chunk_col = f"{c['median_s'] * 1e3:.1f}" if gpu else f"{c['median_s'] / base:.3f}"
+        rate = f"{c['actions_per_chunk'] / c['median_s']:.0f}" if gpu else "-"  # absolute: GPU only
         lines.append(
             f"| {name} | {chunk_col} | {base / c['median_s']:.2f}x | {fwd(fv)} | {fwd(fa)} "
-            f"| {c['actions_per_chunk'] / c['median_s']:.0f} | {frac(fv)} / {frac(fa)} "
+            f"| {rate} | {frac(fv)} / {frac(fa)} "
             f"| {c['weight_bytes'] / 2**20:.2f} | {c['peak_memory_bytes'] / 2**20:.0f} | {c['action_rms']:.2e} "
             f"| {c['action_cos']:.5f} | {c['latent_sqnr_db']:.1f} |"
         )
