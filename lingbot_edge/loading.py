@@ -49,6 +49,7 @@ LEROBOT_WEIGHTS = "model.safetensors"
 LEROBOT_PREFIX = "transformer."
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # LeRobot `LingBotVAConfig` inference fields that have the same name and meaning in `PolicyConfig`.
+LEROBOT_POSTPROCESSOR = "policy_postprocessor.json"  # LeRobot's saved action unnormalizer (q01 / q99)
 LEROBOT_POLICY_FIELDS = (
     "height", "width", "obs_cam_keys", "camera_layout", "action_per_frame", "frame_chunk_size", "attn_window",
     "num_inference_steps", "action_num_inference_steps", "guidance_scale", "action_guidance_scale",
@@ -82,6 +83,8 @@ class CheckpointLayout:
     policy_fields: dict = field(default_factory=dict)  # LeRobot inference fields (PolicyConfig names)
     lerobot_config: dict = field(default_factory=dict, repr=False)
     quantized: bool = False  # transformer is a `lingbot_edge.quantized` folder (quantization.json)
+    # LeRobot folders: q01 / q99 of the used action channels from policy_postprocessor.json.
+    action_quantiles: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,6 +376,7 @@ def resolve_checkpoint(
     for k in ("obs_cam_keys", "used_action_channel_ids"):
         if k in policy_fields and isinstance(policy_fields[k], list):
             policy_fields[k] = tuple(policy_fields[k])
+    quantiles = _lerobot_action_quantiles(root) if kind == "lerobot" else None
     if isinstance(lerobot.get("image_hflip"), bool):
         # LeRobot's flag undoes its LIBERO env's extra horizontal flip on LeRobot-oriented frames: the
         # same frames our presets expect, so it maps one to one onto image_transform.
@@ -384,7 +388,7 @@ def resolve_checkpoint(
         text_encoder=te_dir if "text_encoder" in parts else None,
         tokenizer=tok_dir if "tokenizer" in parts else None,
         vae_config=vae_cfg, text_encoder_config=te_cfg, policy_fields=policy_fields, lerobot_config=lerobot,
-        quantized=quantized,
+        quantized=quantized, action_quantiles=quantiles,
     )
     log.info("checkpoint %s (%s layout) validated: %s", root, kind, ", ".join(parts))
     return layout
@@ -402,6 +406,32 @@ def _all_keys(path: Path) -> dict[str, Path]:
     from .checkpoint import tensor_files
 
     return tensor_files(path, CheckpointError)
+
+
+def _lerobot_action_quantiles(root: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """q01 / q99 of the actions from LeRobot's saved post-processor (its unnormalizer step's state
+    file, keys `action.q01` / `action.q99`); None (with a warning) when the folder has none."""
+    path = root / LEROBOT_POSTPROCESSOR
+    if not path.is_file():
+        log.warning("%s: no %s; using the preset's action quantiles", root, LEROBOT_POSTPROCESSOR)
+        return None
+    pipeline = _read_json(path, "a LeRobot processor pipeline (\"steps\" with state files)")
+    steps = pipeline.get("steps") if isinstance(pipeline, dict) else None
+    state_files = [st.get("state_file") for st in steps or [] if isinstance(st, dict)
+                   and "unnormalizer" in str(st.get("registry_name", "")) and st.get("state_file")]
+    if not state_files:
+        raise CheckpointError(f"{path}: no unnormalizer step with a state_file (expected LeRobot's QUANTILES "
+                              "unnormalizer holding action.q01 / action.q99)")
+    from .checkpoint import open_safetensors
+
+    with open_safetensors(root / state_files[0], CheckpointError) as f:
+        keys = set(f.keys())
+        if not {"action.q01", "action.q99"} <= keys:
+            raise CheckpointError(f"{root / state_files[0]}: no action.q01 / action.q99 (has {sorted(keys)[:8]})")
+        q01, q99 = (f.get_tensor(k).double().flatten() for k in ("action.q01", "action.q99"))
+    if q01.shape != q99.shape or not bool((q99 >= q01).all()):
+        raise CheckpointError(f"{root / state_files[0]}: action.q01 / action.q99 must have one shape and q99 >= q01")
+    return tuple(q01.tolist()), tuple(q99.tolist())
 
 
 def _lerobot_frozen_root(root: Path, cfg: dict) -> Path:
@@ -562,6 +592,18 @@ def policy_config_for(layout: CheckpointLayout, preset: str, apply_checkpoint_fi
             if getattr(cfg, k) != v:
                 log.info("checkpoint config.json sets %s = %r (preset %r: %r)", k, v, preset, getattr(cfg, k))
                 changes[k] = v
+    if apply_checkpoint_fields and layout.action_quantiles is not None:
+        # LeRobot stores q01 / q99 of the used channels only; the model space is action_dim wide.
+        used = changes.get("used_action_channel_ids", cfg.used_action_channel_ids)
+        q01, q99 = layout.action_quantiles
+        if len(q01) != len(used):
+            raise CheckpointError(f"{layout.root / LEROBOT_POSTPROCESSOR}: action q01/q99 have {len(q01)} values, "
+                                  f"expected {len(used)} (one per used_action_channel_ids {list(used)})")
+        full01, full99 = list(cfg.action_q01), list(cfg.action_q99)
+        for i, ch in enumerate(used):
+            full01[ch], full99[ch] = q01[i], q99[i]
+        changes["action_q01"], changes["action_q99"] = tuple(full01), tuple(full99)
+        log.info("action quantiles from %s", layout.root / LEROBOT_POSTPROCESSOR)
     changes.update(overrides or {})
     try:
         cfg = cfg.replace(**changes) if changes else cfg
@@ -700,6 +742,17 @@ def save_tiny_checkpoint(
                    "wan_pretrained_path": str(frozen_from) if frozen_from is not None else "robbyant/lingbot-va-base",
                    "dtype": "float32", "text_encoder_device": "cpu", "save_predicted_video": False}
         (root / "config.json").write_text(json.dumps(lerobot, indent=2))
+        # LeRobot's post-processor: a QUANTILES unnormalizer whose state holds the used channels' q01 / q99.
+        used = list(cfg.used_action_channel_ids)
+        state_file = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+        save_file({"action.q01": torch.tensor([cfg.action_q01[i] for i in used], dtype=torch.float64),
+                   "action.q99": torch.tensor([cfg.action_q99[i] for i in used], dtype=torch.float64)},
+                  str(root / state_file))
+        pipeline = {"name": "policy_postprocessor", "steps": [
+            {"registry_name": "unnormalizer_processor", "config": {"norm_map": {"ACTION": "QUANTILES"}},
+             "state_file": state_file},
+            {"registry_name": "device_processor", "config": {"device": "cpu"}}]}
+        (root / LEROBOT_POSTPROCESSOR).write_text(json.dumps(pipeline, indent=2))
         if frozen_from is not None:
             return root
     build_tiny_vae(z_dim=mc.in_channels, seed=seed, latents_mean=latents_mean,

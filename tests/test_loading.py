@@ -145,7 +145,9 @@ def test_lerobot_layout_matches_released(tiny_checkpoint, tmp_path):
                                       frozen_from=tiny_checkpoint)
     conf = json.loads((policy_dir / "config.json").read_text())
     assert conf["type"] == "lingbot_va" and conf["num_layers"] == 2
-    assert sorted(p.name for p in policy_dir.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in policy_dir.iterdir()) == [
+        "config.json", "model.safetensors", "policy_postprocessor.json",
+        "policy_postprocessor_step_0_unnormalizer_processor.safetensors"]
     layout = resolve_checkpoint(policy_dir)
     assert layout.kind == "lerobot" and layout.transformer_prefix == "transformer."
     assert layout.vae == tiny_checkpoint / "vae"
@@ -173,11 +175,35 @@ def test_lerobot_config_fields_override_preset(tiny_checkpoint, tmp_path):
     conf = json.loads((policy_dir / "config.json").read_text())
     conf.update(num_inference_steps=3, used_action_channel_ids=[0, 1, 2])
     (policy_dir / "config.json").write_text(json.dumps(conf))
+    _write_action_quantiles(policy_dir, [-2.0, -3.0, -4.0], [2.0, 3.0, 4.0])  # LeRobot: used channels only
     policy = load_policy(policy_dir, "tiny", prompt_cache_dir=False, **F32)
     assert policy.cfg.num_inference_steps == 3 and policy.cfg.used_action_channel_ids == (0, 1, 2)
+    tiny = get_policy_config("tiny")
+    assert policy.cfg.action_q01 == (-2.0, -3.0, -4.0) + tiny.action_q01[3:]
+    assert policy.cfg.action_q99 == (2.0, 3.0, 4.0) + tiny.action_q99[3:]
     assert run_episode(policy, 1)[0].shape == (4, 3)
     kept = load_policy(policy_dir, "tiny", prompt_cache_dir=False, apply_checkpoint_config=False, **F32)
-    assert kept.cfg == get_policy_config("tiny")
+    assert kept.cfg == tiny
+
+
+def _write_action_quantiles(policy_dir, q01, q99):
+    from safetensors.torch import save_file
+
+    state = next(policy_dir.glob("policy_postprocessor_step_*_unnormalizer_processor.safetensors"))
+    save_file({"action.q01": torch.tensor(q01), "action.q99": torch.tensor(q99)}, str(state))
+
+
+def test_lerobot_action_quantiles_are_checked(tiny_checkpoint, tmp_path):
+    policy_dir = save_tiny_checkpoint(tmp_path / "p", layout="lerobot", frozen_from=tiny_checkpoint)
+    # The post-processor written like LeRobot's reproduces the preset's quantiles exactly.
+    policy = load_policy(policy_dir, "tiny", prompt_cache_dir=False, **F32)
+    assert policy.cfg.action_q01 == pytest.approx(get_policy_config("tiny").action_q01)
+    _write_action_quantiles(policy_dir, [0.0] * 4, [1.0] * 4)  # 4 values for 6 used channels
+    with pytest.raises(CheckpointError, match=r"policy_postprocessor.json: action q01/q99 have 4 values, expected 6"):
+        load_policy(policy_dir, "tiny", prompt_cache_dir=False, **F32)
+    _write_action_quantiles(policy_dir, [1.0] * 6, [0.0] * 6)
+    with pytest.raises(CheckpointError, match="q99 >= q01"):
+        load_policy(policy_dir, "tiny", prompt_cache_dir=False, **F32)
 
 
 def test_lerobot_frozen_parts_inside_policy_folder(tmp_path):
