@@ -120,6 +120,7 @@ class LingBotPolicy:
         self.seed = seed
         self._prompt_cache: dict[str, tuple[Tensor, Tensor | None]] = {}
         self.prompt: str | None = None
+        self._pending: list = []
         self.record_predicted_video = record_predicted_video
         self.predicted_latents: list[Tensor] = []
         self.load_report: dict[str, Any] = {}  # filled by loading.load_policy
@@ -170,11 +171,15 @@ class LingBotPolicy:
         self.chunk_index = 0  # the next chunk to feed back
         self.init_latent: Tensor | None = None
         self._pending: list = []  # ChunkResults inferred, not fed back yet (2 with one inferred ahead)
-        self.awaiting_feedback = False
         self.predicted_latents = []
 
     def _noise(self, shape: tuple[int, ...]) -> Tensor:
         return torch.randn(shape, generator=self.generator, device=self.device, dtype=torch.float32)
+
+    @property
+    def awaiting_feedback(self) -> bool:
+        """A chunk was inferred and its execution not fed back yet."""
+        return bool(self._pending)
 
     # ------------------------------------------------------------------ openpi interface
 
@@ -218,7 +223,6 @@ class LingBotPolicy:
         if self.record_predicted_video:
             self.predicted_latents.append(result.latents.detach().float().cpu())
         self._pending.append(result)
-        self.awaiting_feedback = True
         return {
             "actions": actions,
             "chunk": self.chunk_index + len(self._pending) - 1,
@@ -251,7 +255,6 @@ class LingBotPolicy:
         if self._pending:  # a chunk inferred ahead: feedback dropped its PREDICTED entries, restore them
             self.sampler.write_predicted(self._pending[0].latents, self._pending[0].actions, timer=timer)
         self.chunk_index += 1
-        self.awaiting_feedback = bool(self._pending)
         return timer.result()
 
     def save_predicted_video(self, path: str | Path, fps: int = 10, device: str | torch.device | None = None) -> Path:
