@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
 from importlib import import_module
 
 import numpy as np
@@ -53,6 +54,24 @@ class ToyScene:
         return out
 
 
+def toy_episode(policy, chunks: int, prompt: str, seed: int = 0) -> Iterator[dict]:
+    """Closed loop on a ToyScene: infer, execute the chunk while recording a keyframe every
+    keyframe_stride steps, feed back; yields each infer() output (+ "feedback_timing")."""
+    cfg = policy.cfg
+    scene = ToyScene(cfg.obs_cam_keys, seed=seed)
+    policy.reset(prompt=prompt)
+    for chunk in range(chunks):
+        out = policy.infer(scene.render() if chunk == 0 else {})
+        keyframes: dict[str, list[np.ndarray]] = {k: [] for k in cfg.obs_cam_keys}
+        for step, action in enumerate(out["actions"]):
+            scene.step(action)
+            if (step + 1) % cfg.keyframe_stride == 0:
+                for k, img in scene.render().items():
+                    keyframes[k].append(img)
+        out["feedback_timing"] = policy.feedback({k: np.stack(v) for k, v in keyframes.items()}, out["actions"])
+        yield out
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from .policy import build_tiny_policy
 
@@ -60,26 +79,14 @@ def run_demo(args: argparse.Namespace) -> int:
     # torch.compile pays off on a GPU; on a CPU its ~30 s cold compile outweighs the tiny model.
     compile = args.compile == "on" or (args.compile == "auto" and device.startswith("cuda"))
     policy = build_tiny_policy(sampler=args.sampler, compile=compile, seed=args.seed, device=device)
-    cfg = policy.cfg
-    scene = ToyScene(cfg.obs_cam_keys, seed=args.seed)
-    policy.reset(prompt=args.prompt)
     log.info("tiny policy on %s (sampler=%s, compile=%s)%s", device, args.sampler, compile,
              "; the first chunk compiles" if compile else "")
-    obs = scene.render()
     np.set_printoptions(precision=3, suppress=True, linewidth=120)
-    for chunk in range(args.chunks):
-        out = policy.infer(obs if chunk == 0 else {})
+    for chunk, out in enumerate(toy_episode(policy, args.chunks, args.prompt, seed=args.seed)):
         actions = out["actions"]
         timing = ", ".join(f"{k[:-3]} {v:.0f}" for k, v in out["timing"].items())
         print(f"chunk {chunk}: {actions.shape[0]} actions x {actions.shape[1]} channels  [{timing} ms]")
         print(actions)
-        keyframes: dict[str, list[np.ndarray]] = {k: [] for k in cfg.obs_cam_keys}
-        for step, action in enumerate(actions):
-            scene.step(action)
-            if (step + 1) % cfg.keyframe_stride == 0:
-                for k, img in scene.render().items():
-                    keyframes[k].append(img)
-        policy.feedback({k: np.stack(v) for k, v in keyframes.items()}, actions)
     return 0
 
 
@@ -106,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if not args.verbose:  # import-time noise of optional backends (ENVIRONMENT.md: harmless)
-        for name in ("bitsandbytes", "torchao", "torch.utils._pytree", "diffusers.models.modeling_utils"):
+        for name in ("bitsandbytes", "torchao", "torch.utils._pytree", "diffusers.models.modeling_utils",
+                     "diffusers.quantizers"):
             logging.getLogger(name).setLevel(logging.ERROR)
     return args.func(args)
 

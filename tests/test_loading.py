@@ -12,7 +12,7 @@ import torch
 
 from lingbot_edge import checkpoint, loading
 from lingbot_edge.checkpoint import build_model
-from lingbot_edge.cli import ToyScene
+from lingbot_edge.cli import toy_episode
 from lingbot_edge.config import get_policy_config
 from lingbot_edge.frozen import (
     HFTokenizer,
@@ -30,22 +30,8 @@ F32 = {"device": "cpu", "dtype": torch.float32, "text_encoder_dtype": torch.floa
 
 
 def run_episode(policy, chunks, seed=0, prompt="pick up the red block"):
-    """Closed loop on the toy scene: infer, execute, record keyframes, feed back; returns the actions."""
-    cfg = policy.cfg
-    scene = ToyScene(cfg.obs_cam_keys, seed=seed)
-    policy.reset(prompt=prompt)
-    actions = []
-    for c in range(chunks):
-        out = policy.infer(scene.render() if c == 0 else {})
-        frames = {k: [] for k in cfg.obs_cam_keys}
-        for step, a in enumerate(out["actions"]):
-            scene.step(a)
-            if (step + 1) % cfg.keyframe_stride == 0:
-                for k, img in scene.render().items():
-                    frames[k].append(img)
-        policy.feedback({k: np.stack(v) for k, v in frames.items()}, out["actions"])
-        actions.append(out["actions"])
-    return actions
+    """Closed loop on the toy scene; returns each chunk's actions."""
+    return [out["actions"] for out in toy_episode(policy, chunks, prompt, seed=seed)]
 
 
 def in_process_policy(ckpt_vae_config) -> LingBotPolicy:

@@ -5,27 +5,13 @@ import pytest
 import torch
 
 from lingbot_edge.actions import QUANTILE_EPS, ActionCodec
-from lingbot_edge.cli import ToyScene
+from lingbot_edge.cli import ToyScene, toy_episode
 from lingbot_edge.config import get_policy_config
 from lingbot_edge.policy import build_tiny_policy
 
 
 def _run_episode(policy, chunks, seed=0, prompt="stack the blocks"):
-    cfg = policy.cfg
-    scene = ToyScene(cfg.obs_cam_keys, seed=seed)
-    policy.reset(prompt=prompt)
-    outs = []
-    for c in range(chunks):
-        out = policy.infer(scene.render() if c == 0 else {})
-        frames = {k: [] for k in cfg.obs_cam_keys}
-        for step, a in enumerate(out["actions"]):
-            scene.step(a)
-            if (step + 1) % cfg.keyframe_stride == 0:
-                for k, img in scene.render().items():
-                    frames[k].append(img)
-        out["feedback_timing"] = policy.feedback({k: np.stack(v) for k, v in frames.items()}, out["actions"])
-        outs.append(out)
-    return outs
+    return list(toy_episode(policy, chunks, prompt, seed=seed))
 
 
 @pytest.fixture(scope="module")
