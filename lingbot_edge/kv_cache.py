@@ -110,9 +110,10 @@ class RingKVCache(nn.Module):
         self.register_buffer("predicted", torch.zeros(capacity, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer("pred_start", torch.zeros((), dtype=torch.long, device=device), persistent=False)
-        # Per-forward scratch set by begin(): the slots this insert writes.
+        # Per-forward scratch set by begin(): the slots this insert writes and the keys it sees.
         self._slots: Tensor | None = None
         self._written: Tensor | None = None
+        self._key_mask: Tensor | None = None
 
     def reset(self) -> None:
         """Empty the cache in place (buffers keep their addresses: compiled graphs stay valid)."""
@@ -132,6 +133,8 @@ class RingKVCache(nn.Module):
         self.predicted.copy_(self.predicted & ~history)
         self._slots = (self.ptr + torch.arange(n_new, device=self.ptr.device)) % self.capacity
         self._written = torch.zeros_like(self.valid).index_fill(0, self._slots, True)
+        # Same for every block: computed once per forward, not once per layer.
+        self._key_mask = (self.valid | self._written).view(1, 1, 1, -1)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # A forward may cover only the leading CFG rows (the cond row alone): rows are independent.
@@ -139,7 +142,7 @@ class RingKVCache(nn.Module):
         kc, vc = self.k[layer, :b], self.v[layer, :b]
         kc.index_copy_(1, self._slots, k)
         vc.index_copy_(1, self._slots, v)
-        return sdpa(q, kc, vc, mask=(self.valid | self._written).view(1, 1, 1, -1))
+        return sdpa(q, kc, vc, mask=self._key_mask)
 
     def end(self, mode: Tensor) -> None:
         keep = mode != CacheMode.TRANSIENT.value
