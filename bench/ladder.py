@@ -150,8 +150,7 @@ def forward_timers(sampler, cfg: PolicyConfig) -> dict[str, Callable[[], None]]:
     if isinstance(sampler, StaticSampler):
         t, ds = sampler.schedules[False][1]
         mode = sampler.modes[CacheMode.TRANSIENT]
-        rows_v = cfg.cfg_batch if cfg.guidance_scale > 1 else 1  # as StaticSampler._denoise runs them
-        rows_a = cfg.cfg_batch if cfg.action_guidance_scale > 1 else 1
+        rows_v, rows_a = sampler.transient_rows(False), sampler.transient_rows(True)
         return {
             "video": lambda: sampler.step(x_v, t, ds, mode, sampler.no_pin, False, rows_v),
             "action": lambda: sampler.step(x_a, t, ds, mode, sampler.no_pin, True, rows_a),

@@ -268,13 +268,16 @@ class StaticSampler(_SamplerBase):
         x = x + self._cfg(v, scale if rows > 1 else 1.0) * dsigma
         return torch.where(pin5, pin_value, x)
 
+    def transient_rows(self, action: bool) -> int:
+        """CFG rows of a transient forward. Without guidance only the cond row's output matters and
+        rows never mix, so it may skip the uncond row: half the KV-cache reads of a memory-bound
+        forward. Forwards that keep their K/V (PREDICTED, HISTORY) fill every row."""
+        guided = self.cfg.action_guidance_scale if action else self.cfg.guidance_scale
+        return self.cfg.cfg_batch if guided > 1 else 1
+
     def _denoise(self, x: Tensor, action: bool, pin: Tensor) -> Tensor:
         steps = self.schedules[action]
-        # Without guidance only the cond row's output matters and CFG rows never mix, so transient
-        # forwards may skip the uncond row: half the KV-cache reads of a memory-bound forward.
-        # The last forward keeps its K/V (PREDICTED), so it fills every row.
-        guided = self.cfg.action_guidance_scale if action else self.cfg.guidance_scale
-        transient_rows = self.cfg.cfg_batch if guided > 1 else 1
+        transient_rows = self.transient_rows(action)
         for i, (t, ds) in enumerate(steps):
             last = i == len(steps) - 1
             mode = self.modes[CacheMode.PREDICTED if last else CacheMode.TRANSIENT]
