@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from lingbot_edge.checkpoint import build_meta_model, build_model
-from lingbot_edge.config import MODEL_PRESETS, PolicyConfig, get_policy_config
-from lingbot_edge.kv_cache import CacheMode
-from lingbot_edge.sampler import ReferenceSampler, StaticSampler
+from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
+from lingbot_edge.core.kv_cache import CacheMode
+from lingbot_edge.core.sampler import ReferenceSampler, StaticSampler
+from lingbot_edge.io.checkpoint import build_meta_model, build_model
 
 # Peak numbers per GPU model (dense, no sparsity): bytes/s and FLOP/s by dtype.
 GPU_PEAKS = {

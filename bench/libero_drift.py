@@ -6,7 +6,7 @@ The committed regression episode of tests/libero (8 chunks, 124 control steps, t
 is replayed by the tiny-LIBERO policy (libero preset on the tiny DiT, committed checkpoint, CPU) and
 by every quantization scheme of `quantize.SCHEMES` applied to its DiT, with the same prompt
 embeddings, noise, observed latents and the reference run's executed actions fed back, so the runs
-compare step by step (`lingbot_edge.libero.DriftHarness`). Two settings:
+compare step by step (`lingbot_edge.eval.libero.DriftHarness`). Two settings:
 
 - fp32 compute: reference = the fp32 model; each scheme keeps its other modules in fp32. This isolates
   the quantization error; the float8 W8A8 schemes need sm >= 8.9 and are refused on a CPU, so their
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lingbot_edge import libero
+from lingbot_edge.eval import libero
 from quantize import SCHEMES, quantize_
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "libero" / "data"

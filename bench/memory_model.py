@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from lingbot_edge.checkpoint import build_meta_model
-from lingbot_edge.config import MODEL_PRESETS, PolicyConfig, get_policy_config
+from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
+from lingbot_edge.io.checkpoint import build_meta_model
 
 GIB = 2**30
 # Parameter counts of the frozen parts (diffusers AutoencoderKLWan Wan2.2 config, UMT5-XXL encoder).

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bench import ladder
-from lingbot_edge.config import MODEL_PRESETS, get_policy_config
+from lingbot_edge.core.config import MODEL_PRESETS, get_policy_config
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = os.environ.get("LINGBOT_BENCH_PRESET", "tiny" if DEVICE.type == "cpu" else "libero")

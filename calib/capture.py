@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lingbot_edge.config import PolicyConfig
-from lingbot_edge.sampler import StaticSampler
+from lingbot_edge.core.config import PolicyConfig
+from lingbot_edge.core.sampler import StaticSampler
 from quantize.metrics import run_episode
 
 from .data import EpisodeSource

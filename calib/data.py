@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from lingbot_edge.config import VAE_TEMPORAL, PolicyConfig
+from lingbot_edge.core.config import VAE_TEMPORAL, PolicyConfig
 from quantize.metrics import Episode, make_episode
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def encode_episode(rec: RecordedEpisode, policy, seed: int, max_chunks: int | No
     """A recording as fixed sampler inputs, through the policy's own encoders: the prompt pair, the
     first observation and each chunk's keyframes (streaming VAE, in order), the executed actions
     (normalized, channel-mapped) and seeded noise."""
-    from lingbot_edge.policy import orient_frames
+    from lingbot_edge.core.policy import orient_frames
 
     cfg = policy.cfg
     chunks = rec.num_chunks(cfg)

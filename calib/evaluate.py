@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lingbot_edge.config import PolicyConfig
-from lingbot_edge.sampler import StaticSampler
+from lingbot_edge.core.config import PolicyConfig
+from lingbot_edge.core.sampler import StaticSampler
 from quantize import Scheme
 from quantize.api import needs_calibration
 from quantize.metrics import Episode, episode_error, run_episode

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lingbot_edge.config import PolicyConfig
+from lingbot_edge.core.config import PolicyConfig
 from quantize.plan import BLOCK_LINEARS
 
 from .capture import capture
@@ -95,7 +95,7 @@ def plan_step(s: Setup, budget: Budget, out: str | Path, schemes: list[str] | No
     result = choose_plan(sensitivity, s.evaluator, budget, schemes, progress=progress)
     paths = write_outputs(out, result, sensitivity, stats, s.input_absmax, s.factors, s.meta["smooth_alpha"])
     if s.factors:  # the plan is for the smoothed weights: write them next to it
-        from lingbot_edge.checkpoint import save_transformer
+        from lingbot_edge.io.checkpoint import save_transformer
 
         paths["transformer"] = save_transformer(s.evaluator.model, out / "transformer")
     return result, paths

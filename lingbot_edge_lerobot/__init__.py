@@ -5,7 +5,7 @@ parsing its arguments. Importing it registers `LingBotEdgeConfig` under the conf
 `lingbot_edge` and teaches LeRobot's hard-coded policy factory the `LingBotEdgePolicy` class.
 """
 
-from lingbot_edge.lerobot_policy import LingBotEdgeConfig, LingBotEdgePolicy, register_with_lerobot
+from lingbot_edge.lerobot.adapter import LingBotEdgeConfig, LingBotEdgePolicy, register_with_lerobot
 
 register_with_lerobot()
 

@@ -6,7 +6,7 @@
     quantize_(model, QuantPlan.from_json("plan.json"))          # per-FQN / regex plan
     quantize_checkpoint("ckpt/transformer", SCHEMES["fp8_weight_only"], "ckpt-fp8")
 
-Backends only quantize (compute the 8-bit data and scales); the runtime `lingbot_edge.quantized`
+Backends only quantize (compute the 8-bit data and scales); the runtime `lingbot_edge.io.quantized`
 owns the stored format, the kernels and the loader (`load_quantized`), so deployed models need
 none of these libraries. Import direction: `calib -> quantize -> lingbot_edge`, never back.
 """

@@ -14,17 +14,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lingbot_edge.checkpoint import build_meta_model, load_transformer
-from lingbot_edge.config import ModelConfig
-from lingbot_edge.model import WanVATransformer
-from lingbot_edge.quantized import (
-    QuantizedLinear,
-    build_quantized_skeleton,
-    check_device_support,
-    quantized_linears,
-    save_quantized,
-    sha256_file,
-)
+from lingbot_edge.core.config import ModelConfig
+from lingbot_edge.core.model import WanVATransformer
+from lingbot_edge.core.qlinear import QuantizedLinear, check_device_support, quantized_linears
+from lingbot_edge.io.checkpoint import build_meta_model, load_transformer
+from lingbot_edge.io.quantized import build_quantized_skeleton, save_quantized, sha256_file
 
 from .plan import QuantPlan, default_plan
 from .schemes import Scheme, quantize_linear, scheme_name

@@ -1,4 +1,4 @@
-"""The `lingbot-edge quantize` command (arguments: lingbot_edge/cli_quantize.py)."""
+"""The `lingbot-edge quantize` command (arguments: quantize/commands.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from lingbot_edge.config import MODEL_PRESETS, ModelConfig, get_policy_config
-from lingbot_edge.quantized import QuantizedCheckpointError, UnsupportedSchemeError
+from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, get_policy_config
+from lingbot_edge.core.qlinear import UnsupportedSchemeError
+from lingbot_edge.io.quantized import QuantizedCheckpointError
 
 from .api import (
     as_plan,

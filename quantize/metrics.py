@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lingbot_edge.config import PolicyConfig
-from lingbot_edge.quantized import quantized_linears
-from lingbot_edge.sampler import ChunkResult, StaticSampler
+from lingbot_edge.core.config import PolicyConfig
+from lingbot_edge.core.qlinear import quantized_linears
+from lingbot_edge.core.sampler import ChunkResult, StaticSampler
 
 
 def sqnr(ref: Tensor, test: Tensor) -> float:

@@ -3,7 +3,7 @@
 A scheme knows three things:
 - how its library quantizes a Linear's weight (`quantize_weight`: the int8 / float8 data and the
   per-output-channel scales, computed by torchao / optimum-quanto / bitsandbytes themselves);
-- which runtime kernel computes the result (`runtime_format`, a `lingbot_edge.quantized.QuantFormat`);
+- which runtime kernel computes the result (`runtime_format`, a `lingbot_edge.io.quantized.QuantFormat`);
 - how to build the library's own quantized module (`native_linear`): the reference the runtime
   kernels are tested against.
 
@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
-from lingbot_edge.quantized import QuantFormat, QuantizedLinear
+from lingbot_edge.core.qlinear import QuantFormat, QuantizedLinear
 
 
 class Scheme(Protocol):

@@ -15,9 +15,9 @@ def _seed():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A `tiny`-preset checkpoint in the released layout (transformer/ vae/ text_encoder/ tokenizer/),
-    written once per session with `lingbot_edge.loading.save_tiny_checkpoint`. Treat it as read-only:
+    written once per session with `lingbot_edge.testing.checkpoints.save_tiny_checkpoint`. Treat it as read-only:
     tests that damage a checkpoint copy it first. The VAE has non-trivial latents_mean/std."""
-    from lingbot_edge.loading import save_tiny_checkpoint
+    from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 
     g = torch.Generator().manual_seed(123)
     mean = (torch.randn(16, generator=g) * 0.1).tolist()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bench import ladder, memory_model, report
-from lingbot_edge.config import MODEL_PRESETS, get_policy_config
-from lingbot_edge.sampler import ChunkResult
+from lingbot_edge.core.config import MODEL_PRESETS, get_policy_config
+from lingbot_edge.core.sampler import ChunkResult
 
 
 def test_memory_model_kv_and_dit_bytes():

@@ -22,8 +22,8 @@ from calib.data import (
     open_source,
 )
 from calib.stats import CLEAN, PROMPT, ActivationStats, bucket_label, histogram
-from lingbot_edge.checkpoint import build_model
-from lingbot_edge.config import get_policy_config
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.io.checkpoint import build_model
 
 # Fewer denoising steps than the tiny preset: the same code paths (pinned first frame, transient,
 # predicted and history forwards), a third of the forwards.
@@ -162,7 +162,7 @@ def test_failed_save_keeps_the_previous_file(model, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_policy():
-    from lingbot_edge.policy import build_tiny_policy
+    from lingbot_edge.io.tiny import build_tiny_policy
 
     return build_tiny_policy(compile=False, seed=0)
 
@@ -215,7 +215,7 @@ def test_lerobot_v2_dataset_folder(tiny_policy, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lingbot_edge.frozen import write_mp4
+    from lingbot_edge.io.frozen import write_mp4
 
     cfg = tiny_policy.cfg
     steps = actions_needed(cfg, 2) + 3

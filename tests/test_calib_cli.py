@@ -6,12 +6,12 @@ import json
 
 import torch
 
+from calib import commands as cli_calibrate
 from calib.outliers import DEFAULT_TARGETS
-from lingbot_edge import cli_calibrate
-from lingbot_edge.checkpoint import load_transformer
-from lingbot_edge.cli import main as lingbot_edge_main
-from lingbot_edge.config import get_policy_config
-from lingbot_edge.quantized import load_quantized
+from lingbot_edge.cli.main import main as lingbot_edge_main
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.io.checkpoint import load_transformer
+from lingbot_edge.io.quantized import load_quantized
 from quantize.metrics import episode_error, make_episode, run_episode
 
 COMMON = ["--model", "tiny-outliers", "--steps", "2,3", "--synthetic", "2", "--chunks", "2"]

@@ -23,8 +23,8 @@ from calib.planner import Budget, choose_plan
 from calib.report import write_outputs
 from calib.sensitivity import measure_sensitivity, sensitivity_targets
 from calib.smoothing import apply_smoothing, smoothed_absmax, smoothing_factors
-from lingbot_edge.checkpoint import build_model
-from lingbot_edge.config import get_policy_config
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.io.checkpoint import build_model
 from quantize import SCHEMES, QuantPlan, quantize_
 from quantize.metrics import episode_error, run_episode
 

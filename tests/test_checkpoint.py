@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from lingbot_edge.checkpoint import build_model, load_transformer, save_transformer
-from lingbot_edge.config import get_policy_config
-from lingbot_edge.model import NoCache, action_grid_ids, video_grid_ids
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.core.model import NoCache, action_grid_ids, video_grid_ids
+from lingbot_edge.io.checkpoint import build_model, load_transformer, save_transformer
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 import re
 
-from lingbot_edge.cli import main
+from lingbot_edge.cli.main import main
 
 
 def test_demo_prints_actions(capsys):

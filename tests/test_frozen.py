@@ -8,19 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lingbot_edge.frozen import (
+from lingbot_edge.io.frozen import (
     ByteTokenizer,
     HFTokenizer,
     ObservationEncoder,
     PromptEncoder,
     StreamingVAEEncoder,
-    build_tiny_tokenizer,
-    build_tiny_umt5,
-    build_tiny_vae,
     clean_prompt,
     decode_latents,
     write_mp4,
 )
+from lingbot_edge.io.tiny import build_tiny_tokenizer, build_tiny_umt5, build_tiny_vae
 
 Z = 16
 # Streaming vs whole-clip runs the very same kernels on the same chunk shapes (diffusers' `_encode`
@@ -109,7 +107,7 @@ def test_streaming_bf16_close_to_fp32(vae):
 def test_patchify_fallback_matches_diffusers():
     from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
 
-    from lingbot_edge.frozen import _patchify_fallback
+    from lingbot_edge.io.frozen import _patchify_fallback
 
     x = torch.randn(2, 3, 5, 8, 12)
     assert torch.equal(_patchify_fallback(x, 2), patchify(x, 2))

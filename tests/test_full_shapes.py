@@ -4,9 +4,9 @@ model, the LIBERO / RoboTwin / SO-100 caches and a whole chunk, with no memory a
 import pytest
 import torch
 
-from lingbot_edge.checkpoint import build_meta_model
-from lingbot_edge.config import MODEL_PRESETS, get_policy_config
-from lingbot_edge.sampler import StaticSampler
+from lingbot_edge.core.config import MODEL_PRESETS, get_policy_config
+from lingbot_edge.core.sampler import StaticSampler
+from lingbot_edge.io.checkpoint import build_meta_model
 
 
 @pytest.mark.parametrize(

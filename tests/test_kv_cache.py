@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from lingbot_edge.kv_cache import CacheMode, ListKVCache, RingKVCache
+from lingbot_edge.core.kv_cache import CacheMode, ListKVCache, RingKVCache
 
 T, P, H = CacheMode.TRANSIENT, CacheMode.PREDICTED, CacheMode.HISTORY
 

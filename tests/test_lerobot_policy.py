@@ -1,4 +1,4 @@
-"""The LeRobot adapter (lingbot_edge.lerobot_policy).
+"""The LeRobot adapter (lingbot_edge.lerobot.adapter).
 
 Unmarked tests run everywhere (no LeRobot needed): the lazy-import error, the step <-> chunk
 bookkeeping against a recording fake policy, image / prompt conversion, the torchvision fallback
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from lingbot_edge import lerobot_policy as lp
-from lingbot_edge.config import VAE_TEMPORAL, get_policy_config
-from lingbot_edge.torchvision_compat import nms_cpu
+from lingbot_edge.core.config import VAE_TEMPORAL, get_policy_config
+from lingbot_edge.io.torchvision_compat import nms_cpu
+from lingbot_edge.lerobot import adapter as lp
 
 HAS_LEROBOT = importlib.util.find_spec("lerobot") is not None
 needs_lerobot = pytest.mark.skipif(not HAS_LEROBOT, reason="LeRobot not installed (make test-lerobot)")
@@ -242,7 +242,7 @@ def adapter(lerobot_api):
 
 @pytest.fixture(scope="module")
 def reference():
-    from lingbot_edge.policy import build_tiny_policy
+    from lingbot_edge.io.tiny import build_tiny_policy
 
     return reference_chunks(build_tiny_policy(compile=False), 5)
 
@@ -253,7 +253,7 @@ def test_config_registered_and_round_trips(lerobot_api, tmp_path):
     factory = lerobot_api
     from lerobot.configs.policies import PreTrainedConfig
 
-    from lingbot_edge.lerobot_policy import LingBotEdgeConfig, LingBotEdgePolicy
+    from lingbot_edge.lerobot.adapter import LingBotEdgeConfig, LingBotEdgePolicy
 
     assert PreTrainedConfig.get_choice_class("lingbot_edge") is LingBotEdgeConfig
     assert factory.get_policy_class("lingbot_edge") is LingBotEdgePolicy
@@ -282,7 +282,7 @@ def test_lerobot_cli_plugin_and_make_policy(lerobot_api, monkeypatch):
     from lerobot.configs import parser
     from lerobot.configs.policies import PreTrainedConfig
 
-    from lingbot_edge.lerobot_policy import LingBotEdgePolicy
+    from lingbot_edge.lerobot.adapter import LingBotEdgePolicy
 
     @dataclass
     class Pipeline:
@@ -321,7 +321,7 @@ BUILT = []
 
 def so100_builder(config):
     """A `--policy.builder` stand-in for a checkpoint loader (the tiny weights, CPU, eager)."""
-    from lingbot_edge.policy import build_tiny_policy
+    from lingbot_edge.io.tiny import build_tiny_policy
 
     BUILT.append(config)
     return build_tiny_policy(compile=False, seed=config.seed, device=config.device)
@@ -337,7 +337,7 @@ def test_so100_record_loop_path(lerobot_api, tmp_path):
     from lerobot.datasets.utils import build_dataset_frame, hw_to_dataset_features
     from lerobot.utils.control_utils import predict_action
 
-    from lingbot_edge.lerobot_policy import LingBotEdgePolicy
+    from lingbot_edge.lerobot.adapter import LingBotEdgePolicy
 
     factory = lerobot_api
     motors = {f"{m}.pos": float for m in SO100_MOTORS}  # SO100Follower.action_features
@@ -429,7 +429,7 @@ def test_predict_action_chunk(adapter, reference):
 @needs_lerobot
 def test_transformers_and_diffusers_import_next_to_lerobot(lerobot_api):
     """LeRobot's torchvision must not break the frozen encoders' libraries (ENVIRONMENT.md)."""
-    from lingbot_edge.torchvision_compat import ensure_torchvision_importable, fallback_installed
+    from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable, fallback_installed
 
     ensure_torchvision_importable()
     import torchvision  # noqa: F401

@@ -10,21 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from lingbot_edge import checkpoint, loading
-from lingbot_edge.checkpoint import build_model
-from lingbot_edge.cli import toy_episode
-from lingbot_edge.config import get_policy_config
-from lingbot_edge.frozen import (
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.core.policy import LingBotPolicy
+from lingbot_edge.io import checkpoint, loading
+from lingbot_edge.io.checkpoint import build_model
+from lingbot_edge.io.frozen import (
     HFTokenizer,
     ObservationEncoder,
     PromptEncoder,
     StreamingVAEEncoder,
-    build_tiny_tokenizer,
-    build_tiny_umt5,
-    build_tiny_vae,
+    save_predicted_video,
 )
-from lingbot_edge.loading import CheckpointError, load_policy, resolve_checkpoint, save_tiny_checkpoint
-from lingbot_edge.policy import LingBotPolicy
+from lingbot_edge.io.loading import CheckpointError, load_policy, resolve_checkpoint
+from lingbot_edge.io.tiny import build_tiny_tokenizer, build_tiny_umt5, build_tiny_vae
+from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
+from lingbot_edge.testing.toy import toy_episode
 
 F32 = {"device": "cpu", "dtype": torch.float32, "text_encoder_dtype": torch.float32, "compile": False}
 
@@ -224,12 +224,12 @@ def test_save_predicted_video(tiny_checkpoint, tmp_path):
     assert not policy.record_predicted_video  # off by default
     run_episode(policy, 1)
     with pytest.raises(RuntimeError, match="record_predicted_video=True"):
-        policy.save_predicted_video(tmp_path / "x.mp4")
+        save_predicted_video(policy, tmp_path / "x.mp4")
 
     policy = load_policy(tiny_checkpoint, "tiny", prompt_cache_dir=False, record_predicted_video=True, **F32)
     run_episode(policy, 3)
     assert [tuple(x.shape) for x in policy.predicted_latents] == [(1, 16, 2, 4, 8)] * 3
-    path = policy.save_predicted_video(tmp_path / "pred" / "episode.mp4", fps=5)
+    path = save_predicted_video(policy, tmp_path / "pred" / "episode.mp4", fps=5)
     frames = np.stack(imageio.mimread(path))
     # 6 latent frames -> 1 + 4 * 5 video frames; 2 cameras side by side at 64x64.
     assert frames.shape == (21, 64, 128, 3) and frames.dtype == np.uint8

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lingbot_edge.cli import ToyScene
-from lingbot_edge.loading import load_policy
+from lingbot_edge.io.loading import load_policy
+from lingbot_edge.testing.toy import ToyScene
 from quantize import SCHEMES, quantize_checkpoint
 
 

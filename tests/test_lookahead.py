@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lingbot_edge.cli import ToyScene
-from lingbot_edge.policy import build_tiny_policy
+from lingbot_edge.io.tiny import build_tiny_policy
+from lingbot_edge.testing.toy import ToyScene
 
 
 def _lookahead_episode(policy, chunks, prompt="stack the blocks"):

@@ -6,9 +6,9 @@ import torch
 from diffusers.models.embeddings import get_timestep_embedding  # independent oracles (the `frozen` extra)
 from diffusers.models.transformers import transformer_wan as dwan
 
-from lingbot_edge.checkpoint import build_meta_model, build_model
-from lingbot_edge.config import MODEL_PRESETS, get_policy_config
-from lingbot_edge.model import NoCache, action_grid_ids, rope_angles, timestep_sinusoid, video_grid_ids
+from lingbot_edge.core.config import MODEL_PRESETS, get_policy_config
+from lingbot_edge.core.model import NoCache, action_grid_ids, rope_angles, timestep_sinusoid, video_grid_ids
+from lingbot_edge.io.checkpoint import build_meta_model, build_model
 
 TINY = MODEL_PRESETS["tiny"]
 

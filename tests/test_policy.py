@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from lingbot_edge.actions import QUANTILE_EPS, ActionCodec
-from lingbot_edge.cli import ToyScene, toy_episode
-from lingbot_edge.config import get_policy_config
-from lingbot_edge.policy import build_tiny_policy
+from lingbot_edge.core.actions import QUANTILE_EPS, ActionCodec
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.io.tiny import build_tiny_policy
+from lingbot_edge.testing.toy import ToyScene, toy_episode
 
 
 def _run_episode(policy, chunks, seed=0, prompt="stack the blocks"):

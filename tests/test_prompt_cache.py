@@ -13,16 +13,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lingbot_edge import cli_frozen, loading
-from lingbot_edge.frozen import ByteTokenizer, PromptEncoder, build_tiny_umt5, clean_prompt
-from lingbot_edge.loading import build_prompt_cache, load_policy, resolve_checkpoint
-from lingbot_edge.prompt_cache import (
+from lingbot_edge.cli import frozen as cli_frozen
+from lingbot_edge.io import loading
+from lingbot_edge.io.frozen import ByteTokenizer, PromptEncoder, clean_prompt
+from lingbot_edge.io.loading import build_prompt_cache, load_policy, resolve_checkpoint
+from lingbot_edge.io.prompt_cache import (
     CACHE_ENV,
     PromptCache,
     default_cache_dir,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from lingbot_edge.io.tiny import build_tiny_umt5
 
 PROMPT = "pick up the red block"
 F32 = {"device": "cpu", "dtype": torch.float32, "text_encoder_dtype": torch.float32, "compile": False}
@@ -191,7 +193,7 @@ def test_bad_disk_entry_is_re_encoded(tmp_path, damage, caplog):
         save_file({"embeds": bad}, str(path), metadata={"format": "lingbot_edge.prompt_embeds/1",
                                                        "key": path.stem})
     cache = _tiny_cache(tmp_path, loads)
-    with caplog.at_level("WARNING", logger="lingbot_edge.prompt_cache"):
+    with caplog.at_level("WARNING", logger="lingbot_edge.io.prompt_cache"):
         again = cache.get(PROMPT)
     assert "re-encoding" in caplog.text and str(path) in caplog.text
     assert cache.stats["disk_rejects"] == 1 and cache.stats["misses"] == 1 and len(loads) == 2

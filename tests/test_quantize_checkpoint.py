@@ -11,19 +11,13 @@ import shutil
 import pytest
 import torch
 
-from lingbot_edge.checkpoint import build_model, load_transformer, save_transformer
-from lingbot_edge.cli_quantize import register
-from lingbot_edge.config import MODEL_PRESETS, get_policy_config
-from lingbot_edge.quantized import (
-    MANIFEST_NAME,
-    QuantizedCheckpointError,
-    UnsupportedSchemeError,
-    load_quantized,
-    quantized_linears,
-    save_quantized,
-)
+from lingbot_edge.core.config import MODEL_PRESETS, get_policy_config
+from lingbot_edge.core.qlinear import UnsupportedSchemeError, quantized_linears
+from lingbot_edge.io.checkpoint import build_model, load_transformer, save_transformer
+from lingbot_edge.io.quantized import MANIFEST_NAME, QuantizedCheckpointError, load_quantized, save_quantized
 from quantize import SCHEMES, QuantPlan, plan_summary, provenance, quantize_, quantize_checkpoint
 from quantize.api import checkpoint_sha256
+from quantize.commands import register
 from quantize.metrics import make_episode, run_episode, synthetic_calibration
 from quantize.schemes import quantize_linear
 

@@ -10,10 +10,10 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from lingbot_edge.checkpoint import build_model
-from lingbot_edge.config import get_policy_config
-from lingbot_edge.quantized import quantized_linears
-from lingbot_edge.sampler import StaticSampler
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.core.qlinear import quantized_linears
+from lingbot_edge.core.sampler import StaticSampler
+from lingbot_edge.io.checkpoint import build_model
 from quantize import SCHEMES, QuantPlan, quantize_
 from quantize.metrics import episode_error, make_episode, run_episode, synthetic_calibration
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from lingbot_edge.checkpoint import build_model
-from lingbot_edge.config import MODEL_PRESETS
+from lingbot_edge.core.config import MODEL_PRESETS
+from lingbot_edge.io.checkpoint import build_model
 from quantize import SCHEMES, quantize_
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from lingbot_edge.checkpoint import build_model
-from lingbot_edge.config import get_policy_config
-from lingbot_edge.quantized import QuantFormat, QuantizedLinear, UnsupportedSchemeError, quantized_linears
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.core.qlinear import QuantFormat, QuantizedLinear, UnsupportedSchemeError, quantized_linears
+from lingbot_edge.io.checkpoint import build_model
 from quantize import KEEP, SCHEMES, QuantoScheme, QuantPlan, TorchAOScheme, default_plan, get_scheme, quantize_
 from quantize.api import needs_calibration
 from quantize.metrics import layer_sqnr, make_episode, run_episode, sqnr, synthetic_calibration

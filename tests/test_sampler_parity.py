@@ -6,9 +6,9 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from lingbot_edge.checkpoint import build_model
-from lingbot_edge.config import get_policy_config
-from lingbot_edge.sampler import ReferenceSampler, StaticSampler
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.core.sampler import ReferenceSampler, StaticSampler
+from lingbot_edge.io.checkpoint import build_model
 
 CHUNKS = 40
 WARMUP = 2  # chunk 0 (first-chunk pinning) and chunk 1 (steady state): same graphs, by design

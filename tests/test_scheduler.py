@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lingbot_edge.scheduler import FlowMatchSchedule
+from lingbot_edge.core.scheduler import FlowMatchSchedule
 
 
 def test_two_steps_by_hand():

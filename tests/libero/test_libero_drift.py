@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 
-from lingbot_edge import libero
-from lingbot_edge.quantized import UnsupportedSchemeError, quantized_linears
+from lingbot_edge.core.qlinear import UnsupportedSchemeError, quantized_linears
+from lingbot_edge.eval import libero
 from quantize import SCHEMES, quantize_
 
 FP8_W8A8 = ("fp8_dynamic", "quanto_fp8_a8")  # need CUDA sm >= 8.9: refused on a CPU

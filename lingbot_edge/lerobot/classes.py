@@ -1,4 +1,4 @@
-"""The LeRobot classes of the adapter; import through `lingbot_edge.lerobot_policy` (needs LeRobot).
+"""The LeRobot classes of the adapter; import through `lingbot_edge.lerobot.adapter` (needs LeRobot).
 
 Written against LeRobot 0.3.2's `PreTrainedConfig` / `PreTrainedPolicy` (Python 3.11, torch 2.13).
 """
@@ -17,9 +17,10 @@ from lerobot.optim.optimizers import AdamWConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
 from torch import Tensor
 
-from .config import POLICY_PRESETS, PolicyConfig, get_policy_config
-from .lerobot_policy import POLICY_TYPE, EpisodeRunner, batch_prompt, lerobot_image_to_uint8
-from .policy import LingBotPolicy, build_tiny_policy
+from lingbot_edge.core.config import POLICY_PRESETS, PolicyConfig, get_policy_config
+from lingbot_edge.core.policy import LingBotPolicy
+from lingbot_edge.io.tiny import build_tiny_policy
+from lingbot_edge.lerobot.adapter import POLICY_TYPE, EpisodeRunner, batch_prompt, lerobot_image_to_uint8
 
 ACTION = "action"
 

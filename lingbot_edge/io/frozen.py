@@ -2,10 +2,10 @@
 
 DESIGN.md section 3 ("Observation encoding", "Prompt"). Both encoders take already-built models
 (diffusers `AutoencoderKLWan`, transformers `UMT5EncoderModel`) plus a tokenizer callable;
-`lingbot_edge.loading` builds them from the released folders and `lingbot_edge.prompt_cache` keeps
+`lingbot_edge.io.loading` builds them from the released folders and `lingbot_edge.io.prompt_cache` keeps
 prompt embeddings so UMT5 runs once per prompt, ever. For tests and the `tiny` preset,
-`build_tiny_vae` / `build_tiny_umt5` / `build_tiny_tokenizer` / `ByteTokenizer` build small stand-ins
-offline. `decode_latents` / `write_mp4` turn predicted latents into a video for debugging.
+`ByteTokenizer` and the builders of `lingbot_edge.io.tiny` make small stand-ins offline.
+`decode_latents` / `write_mp4` turn predicted latents into a video for debugging.
 
 diffusers / transformers / imageio are imported lazily so that importing this module stays cheap.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import logging
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .torchvision_compat import ensure_torchvision_importable
+from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
 
 # transformers / diffusers import torchvision when it is installed; a LeRobot venv has a broken
 # CUDA build of it. Fix that before any of our lazy imports of them (no-op without torchvision).
@@ -45,146 +44,20 @@ __all__ = [
     "PromptEncoder",
     "StreamingVAEEncoder",
     "Tokenizer",
-    "build_tiny_tokenizer",
-    "build_tiny_umt5",
-    "build_tiny_vae",
     "clean_prompt",
     "decode_latents",
+    "save_predicted_video",
     "write_mp4",
 ]
 
 
-# --------------------------------------------------------------------------------------------------
-# Tiny stand-in models (ENVIRONMENT.md "Tiny frozen models")
-# --------------------------------------------------------------------------------------------------
 
 
-def build_tiny_vae(
-    z_dim: int = 16,
-    seed: int = 0,
-    latents_mean: Sequence[float] | None = None,
-    latents_std: Sequence[float] | None = None,
-) -> AutoencoderKLWan:
-    """A ~0.7M-parameter Wan2.2-style VAE (patch 2, 16x spatial, 4x temporal), weights from `seed`.
-
-    `latents_mean` / `latents_std` default to 0 / 1 (identity normalization); tests pass other values
-    to exercise the normalization.
-    """
-    from diffusers import AutoencoderKLWan
-
-    mean = [0.0] * z_dim if latents_mean is None else [float(v) for v in latents_mean]
-    std = [1.0] * z_dim if latents_std is None else [float(v) for v in latents_std]
-    if len(mean) != z_dim or len(std) != z_dim:
-        raise ValueError(
-            f"latents_mean/latents_std: expected {z_dim} values each, got {len(mean)}/{len(std)}"
-        )
-    # Forked RNG: building the model must not disturb the caller's global torch RNG stream.
-    # devices=[]: construction happens on CPU, no need to touch (or initialize) CUDA.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKLWan(
-            base_dim=8,
-            decoder_base_dim=8,
-            z_dim=z_dim,
-            dim_mult=[1, 2, 4, 4],
-            num_res_blocks=1,
-            attn_scales=[],
-            temperal_downsample=[False, True, True],
-            is_residual=True,
-            in_channels=12,
-            out_channels=12,
-            patch_size=2,
-            scale_factor_spatial=16,
-            scale_factor_temporal=4,
-            latents_mean=mean,
-            latents_std=std,
-        )
-    vae.eval().requires_grad_(False)
-    logger.debug(
-        "built tiny VAE z_dim=%d seed=%d (%d params)", z_dim, seed, sum(p.numel() for p in vae.parameters())
-    )
-    return vae
-
-
-def build_tiny_umt5(d_model: int = 32, seed: int = 0) -> UMT5EncoderModel:
-    """A 2-layer UMT5 encoder (vocab 256) with weights from `seed`; pairs with `ByteTokenizer`."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(
-        vocab_size=256,
-        d_model=d_model,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        feed_forward_proj="gated-gelu",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UMT5EncoderModel(config)
-    model.eval().requires_grad_(False)
-    logger.debug("built tiny UMT5 d_model=%d seed=%d", d_model, seed)
-    return model
 
 
 # The tiny tokenizer's training corpus (robot-task words); its alphabet covers any ASCII prompt.
-_TINY_CORPUS = (
-    "pick up the red block",
-    "put the bowl on the plate",
-    "open the top drawer and put the cup inside",
-    "push the disk to the left",
-    "stack the blocks",
-    "close the microwave",
-    "turn on the stove and put the pot on it",
-    "place the hammer on the block",
-)
 
 
-def build_tiny_tokenizer(vocab_size: int = 128) -> Any:
-    """A T5-style tokenizer trained offline (no Hub): `tokenizers` Unigram + Metaspace, `</s>` appended.
-
-    Ids 0 / 1 / 2 are `<pad>` / `</s>` / `<unk>` like T5's; all ids are < `vocab_size` (<= 256 pairs it
-    with `build_tiny_umt5`). Returns a transformers fast tokenizer; `save_pretrained` writes the
-    `tokenizer/` folder that `AutoTokenizer.from_pretrained` reloads.
-    """
-    import string
-
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-    from transformers import T5TokenizerFast
-
-    alphabet = list(string.ascii_letters + string.digits + string.punctuation)
-    if vocab_size < 4 + len(alphabet):
-        raise ValueError(f"vocab_size: expected >= {4 + len(alphabet)} (specials, '\u2581' and the ASCII alphabet), "
-                         f"got {vocab_size}")
-    tok = RawTokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        initial_alphabet=alphabet,
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(_TINY_CORPUS) * 4, trainer)
-    # The trainer picks the same pieces every run, but its EM scores (and so the id order) vary in the
-    # last digits between processes. Canonicalize: re-score each piece by its smoothed frequency in the
-    # corpus and order ids by (score, piece), so every build is the same tokenizer, id for id.
-    specials = ["<pad>", "</s>", "<unk>"]
-    pieces = sorted(set(tok.get_vocab()) - set(specials))
-    text = "".join("\u2581" + line.replace(" ", "\u2581") for line in _TINY_CORPUS)
-    total = sum(text.count(p) for p in pieces) + len(pieces)
-    scored = sorted(((math.log((text.count(p) + 1) / total), p) for p in pieces), key=lambda sp: (-sp[0], sp[1]))
-    vocab = [(sp, 0.0) for sp in specials] + [(p, sc) for sc, p in scored]
-    if len(vocab) > vocab_size:  # pragma: no cover - the trainer respects the cap
-        raise RuntimeError(f"tiny tokenizer: trained {len(vocab)} tokens, expected <= {vocab_size}")
-    tok = RawTokenizer(models.Unigram(vocab, unk_id=2))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tok.add_special_tokens(specials)
-    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -645,3 +518,22 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 10) -> Path:
         tmp.unlink(missing_ok=True)
     logger.info("wrote %d frames (%dx%d) to %s", frames.shape[0], frames.shape[2], frames.shape[1], path)
     return path
+
+
+def save_predicted_video(policy, path: str | Path, fps: int = 10, device: str | torch.device | None = None) -> Path:
+    """Decode `policy`'s episode's predicted latents (all chunks so far, concatenated in time, as upstream)
+    with the VAE decoder and write them to an mp4; needs `record_predicted_video=True`.
+
+    The video shows the camera layout as one picture; `device` is where the decoder runs (default:
+    where it lives: the CPU for `load_policy`)."""
+    if not policy.record_predicted_video:
+        raise RuntimeError("save_predicted_video: construct the policy with record_predicted_video=True "
+                           "(or set policy.record_predicted_video = True before reset)")
+    if not policy.predicted_latents:
+        raise RuntimeError("save_predicted_video: no predicted chunk yet in this episode (call infer first)")
+    vae = getattr(policy.obs_encoder, "vae", None)
+    if vae is None:
+        raise RuntimeError("save_predicted_video: the observation encoder has no VAE "
+                           "(expected a frozen.ObservationEncoder)")
+    frames = decode_latents(vae, torch.cat(policy.predicted_latents, dim=2), device=device)
+    return write_mp4(frames, path, fps=fps)

@@ -55,7 +55,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .config import MODEL_PRESETS, PolicyConfig, get_policy_config
+from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,10 @@ def build_policy(cfg: PolicyConfig, checkpoint: str | Path | None = None, sample
     """A `LingBotPolicy` for `cfg`. No checkpoint: the embedded tiny model (cfg.model must be "tiny")
     with cfg's cameras, channels and quantiles; a checkpoint goes through `loading.load_policy` with
     cfg's cameras, channel map and quantiles as overrides of its preset."""
-    from . import policy as policy_mod
+    from lingbot_edge.io import tiny as policy_mod
 
     if checkpoint is not None:
-        from .loading import load_policy
+        from lingbot_edge.io.loading import load_policy
 
         preset = "so100" if cfg.name.startswith("so100") else cfg.name
         overrides = {f: getattr(cfg, f) for f in ("obs_cam_keys", "used_action_channel_ids", "action_q01",

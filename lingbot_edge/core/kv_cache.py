@@ -20,7 +20,7 @@ import enum
 import torch
 from torch import Tensor, nn
 
-from .model import sdpa
+from lingbot_edge.core.model import sdpa
 
 
 class CacheMode(enum.IntEnum):

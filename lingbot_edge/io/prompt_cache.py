@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .frozen import PromptEncoder, clean_prompt
+from lingbot_edge.io.frozen import PromptEncoder, clean_prompt
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,8 @@ class PromptCache:
       device just before and after the last release; `gpu_freed_bytes`: allocated before - after.
     `stats`: `memory_hits`, `disk_hits`, `misses` (texts encoded), `disk_writes`, `disk_rejects`.
     """
+
+    caches_prompts = True  # LingBotPolicy keeps no second memory tier over it
 
     def __init__(
         self,

@@ -39,7 +39,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .serve import EpisodeServer, PolicyServer, build_server_policy
+    from lingbot_edge.serve.server import EpisodeServer, PolicyServer, build_server_policy
 
     device = _device(args.device)
     policy, keys = build_server_policy(args.preset, args.model, args.checkpoint, args.stats, device=device,
@@ -72,7 +72,7 @@ def _parse_camera(spec: str) -> tuple[str, tuple[int | str, int, int]]:
 
 
 def run_so100(args: argparse.Namespace) -> int:
-    from .so100 import (
+    from lingbot_edge.robot.so100 import (
         SO100_CAMERAS,
         AsyncController,
         KinematicSO100,
@@ -89,7 +89,7 @@ def run_so100(args: argparse.Namespace) -> int:
 
     h, w = (int(v) for v in args.sim_size.lower().split("x"))
     if args.robot == "remote":
-        from .serve import RemotePolicy
+        from lingbot_edge.serve.server import RemotePolicy
 
         if not args.server:
             raise SystemExit("--robot remote needs --server HOST:PORT")
@@ -169,7 +169,7 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m lingbot_edge.cli_robot ...`) until cli.py registers these commands."""
+    """Stand-alone entry (`python -m lingbot_edge.cli.robot ...`) until cli.py registers these commands."""
     parser = argparse.ArgumentParser(prog="lingbot-edge")
     parser.add_argument("-v", "--verbose", action="store_true")
     register(parser.add_subparsers(dest="command", required=True))

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import PolicyConfig
-from .kv_cache import CacheMode, ListKVCache, RingKVCache
-from .model import WanVATransformer, action_grid_ids, video_grid_ids
-from .scheduler import FlowMatchSchedule
+from lingbot_edge.core.config import PolicyConfig
+from lingbot_edge.core.kv_cache import CacheMode, ListKVCache, RingKVCache
+from lingbot_edge.core.model import WanVATransformer, action_grid_ids, video_grid_ids
+from lingbot_edge.core.scheduler import FlowMatchSchedule
 
 log = logging.getLogger(__name__)
 

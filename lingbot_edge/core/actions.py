@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import PolicyConfig
+from lingbot_edge.core.config import PolicyConfig
 
 # Upstream adds this to (q99 - q01) on both directions, so constant channels do not divide by 0.
 QUANTILE_EPS = 1e-6

@@ -34,9 +34,16 @@ from typing import Any
 
 import torch
 
-from .config import MODEL_PRESETS, VAE_SPATIAL, VAE_TEMPORAL, ModelConfig, PolicyConfig, get_policy_config
-from .quantized import MANIFEST_NAME as QUANT_MANIFEST
-from .torchvision_compat import ensure_torchvision_importable
+from lingbot_edge.core.config import (
+    MODEL_PRESETS,
+    VAE_SPATIAL,
+    VAE_TEMPORAL,
+    ModelConfig,
+    PolicyConfig,
+    get_policy_config,
+)
+from lingbot_edge.io.quantized import MANIFEST_NAME as QUANT_MANIFEST
+from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
 
 # transformers / diffusers import torchvision when it is installed; a LeRobot venv has a broken
 # CUDA build of it. Fix that before any of our lazy imports of them (no-op without torchvision).
@@ -82,7 +89,7 @@ class CheckpointLayout:
     text_encoder_config: dict = field(default_factory=dict, repr=False)
     policy_fields: dict = field(default_factory=dict)  # LeRobot inference fields (PolicyConfig names)
     lerobot_config: dict = field(default_factory=dict, repr=False)
-    quantized: bool = False  # transformer is a `lingbot_edge.quantized` folder (quantization.json)
+    quantized: bool = False  # transformer is a `lingbot_edge.io.quantized` folder (quantization.json)
     # LeRobot folders: q01 / q99 of the used action channels from policy_postprocessor.json.
     action_quantiles: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
@@ -112,7 +119,7 @@ def _require_dir(path: Path, part: str, expected: str) -> Path:
 
 def _weight_files(folder: Path, what: str) -> dict[str, Path]:
     """Every tensor name -> its safetensors file (a single file, or an index + shards); headers only."""
-    from .checkpoint import weight_files
+    from lingbot_edge.io.checkpoint import weight_files
 
     return weight_files(folder, what, CheckpointError)
 
@@ -191,7 +198,7 @@ def _meta(build):
 
 
 def validate_transformer(files: Mapping[str, Path], cfg: ModelConfig, where: Path, prefix: str = "") -> None:
-    from .checkpoint import build_meta_model
+    from lingbot_edge.io.checkpoint import build_meta_model
 
     headers = _headers(files, prefix)
     what = f"the LingBot-VA transformer of config.json ({cfg.num_layers} blocks, dim {cfg.dim})"
@@ -362,7 +369,7 @@ def resolve_checkpoint(
 
     # Validate in the order of the cheapest failure first; nothing below reads a weight.
     if "transformer" in parts and quantized:
-        from .quantized import read_manifest, verify_files
+        from lingbot_edge.io.quantized import read_manifest, verify_files
 
         verify_files(tdir, read_manifest(tdir), checksums=False)  # sizes now; sha256 when loading
     elif "transformer" in parts:
@@ -403,7 +410,7 @@ def _model_config_from_json(folder: Path) -> ModelConfig:
 
 
 def _all_keys(path: Path) -> dict[str, Path]:
-    from .checkpoint import tensor_files
+    from lingbot_edge.io.checkpoint import tensor_files
 
     return tensor_files(path, CheckpointError)
 
@@ -422,7 +429,7 @@ def _lerobot_action_quantiles(root: Path) -> tuple[tuple[float, ...], tuple[floa
     if not state_files:
         raise CheckpointError(f"{path}: no unnormalizer step with a state_file (expected LeRobot's QUANTILES "
                               "unnormalizer holding action.q01 / action.q99)")
-    from .checkpoint import open_safetensors
+    from lingbot_edge.io.checkpoint import open_safetensors
 
     with open_safetensors(root / state_files[0], CheckpointError) as f:
         keys = set(f.keys())
@@ -500,17 +507,17 @@ def load_tokenizer(folder: str | Path):
     """The T5 tokenizer of a tokenizer/ folder wrapped as a `frozen.Tokenizer` (pad to max length)."""
     from transformers import AutoTokenizer
 
-    from .frozen import HFTokenizer
+    from lingbot_edge.io.frozen import HFTokenizer
 
     return HFTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
 
 
 def load_dit(layout: CheckpointLayout, dtype: torch.dtype, device: str | torch.device):
     """The DiT of a validated layout, tensor by tensor straight into `dtype` on `device`."""
-    from . import checkpoint
+    from lingbot_edge.io import checkpoint
 
     if layout.quantized:
-        from .quantized import load_quantized
+        from lingbot_edge.io.quantized import load_quantized
 
         return load_quantized(layout.transformer, dtype=dtype, device=device)
     if layout.kind == "released":
@@ -541,8 +548,8 @@ def build_prompt_cache(
     """A `PromptCache` over the layout's tokenizer + text encoder; both are loaded only on a miss.
 
     `cache_dir`: None -> `prompt_cache.default_cache_dir()`, False -> memory only."""
-    from .frozen import PromptEncoder
-    from .prompt_cache import PromptCache, default_cache_dir, tokenizer_fingerprint, weights_fingerprint
+    from lingbot_edge.io.frozen import PromptEncoder
+    from lingbot_edge.io.prompt_cache import PromptCache, default_cache_dir, tokenizer_fingerprint, weights_fingerprint
 
     if layout.text_encoder is None or layout.tokenizer is None:
         raise ValueError("layout: validate the text_encoder and tokenizer parts to build a prompt cache")
@@ -662,9 +669,9 @@ def load_policy(
     `policy.memory_report` then holds the GPU bytes allocated after each stage and the text encoder's
     release numbers (see `LingBotPolicy.memory_report`).
     """
-    from .frozen import ObservationEncoder, StreamingVAEEncoder
-    from .policy import LingBotPolicy
-    from .prompt_cache import gpu_memory
+    from lingbot_edge.core.policy import LingBotPolicy
+    from lingbot_edge.io.frozen import ObservationEncoder, StreamingVAEEncoder
+    from lingbot_edge.io.prompt_cache import gpu_memory
 
     device = torch.device(device if device is not None else _default_device())
     if dtype is None:
@@ -711,52 +718,3 @@ def load_policy(
 # --------------------------------------------------------------------------------------------------
 
 
-def save_tiny_checkpoint(
-    root: str | Path, seed: int = 0, layout: str = "released", frozen_from: str | Path | None = None,
-    latents_mean: Sequence[float] | None = None, latents_std: Sequence[float] | None = None,
-) -> Path:
-    """Write a `tiny`-preset checkpoint: the DiT, a tiny Wan2.2-family VAE (z_dim 16, patch 2), a tiny
-    UMT5 (d_model 32) and a tokenizer trained offline, in the released layout (`layout="released"`), or
-    a LeRobot policy folder (`layout="lerobot"`) whose `wan_pretrained_path` is `frozen_from` (a
-    released-layout folder; default: the frozen parts are written inside the policy folder)."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import build_model, save_transformer
-    from .frozen import build_tiny_tokenizer, build_tiny_umt5, build_tiny_vae
-
-    if layout not in ("released", "lerobot"):
-        raise ValueError(f"layout: expected 'released' or 'lerobot', got {layout!r}")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = get_policy_config("tiny")
-    mc = cfg.model_config
-    model = build_model(mc, seed=seed)
-    if layout == "released":
-        save_transformer(model, root / "transformer")
-    else:
-        state = {LEROBOT_PREFIX + k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(root / LEROBOT_WEIGHTS), metadata={"format": "pt"})
-        lerobot = {"type": "lingbot_va", **{k: v for k, v in mc.to_dict().items() if k in _MODEL_FIELDS},
-                   **{k: list(v) if isinstance(v, tuple) else v
-                      for k, v in ((f, getattr(cfg, f)) for f in LEROBOT_POLICY_FIELDS)},
-                   "wan_pretrained_path": str(frozen_from) if frozen_from is not None else "robbyant/lingbot-va-base",
-                   "dtype": "float32", "text_encoder_device": "cpu", "save_predicted_video": False}
-        (root / "config.json").write_text(json.dumps(lerobot, indent=2))
-        # LeRobot's post-processor: a QUANTILES unnormalizer whose state holds the used channels' q01 / q99.
-        used = list(cfg.used_action_channel_ids)
-        state_file = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
-        save_file({"action.q01": torch.tensor([cfg.action_q01[i] for i in used], dtype=torch.float64),
-                   "action.q99": torch.tensor([cfg.action_q99[i] for i in used], dtype=torch.float64)},
-                  str(root / state_file))
-        pipeline = {"name": "policy_postprocessor", "steps": [
-            {"registry_name": "unnormalizer_processor", "config": {"norm_map": {"ACTION": "QUANTILES"}},
-             "state_file": state_file},
-            {"registry_name": "device_processor", "config": {"device": "cpu"}}]}
-        (root / LEROBOT_POSTPROCESSOR).write_text(json.dumps(pipeline, indent=2))
-        if frozen_from is not None:
-            return root
-    build_tiny_vae(z_dim=mc.in_channels, seed=seed, latents_mean=latents_mean,
-                   latents_std=latents_std).save_pretrained(str(root / "vae"))
-    build_tiny_umt5(d_model=mc.text_dim, seed=seed).save_pretrained(str(root / "text_encoder"))
-    build_tiny_tokenizer().save_pretrained(str(root / "tokenizer"))
-    return root

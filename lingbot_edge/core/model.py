@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from lingbot_edge.core.config import ModelConfig
 
 
 class SelfAttentionBackend(Protocol):

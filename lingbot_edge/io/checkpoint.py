@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .model import WanVATransformer
+from lingbot_edge.core.config import ModelConfig
+from lingbot_edge.core.model import WanVATransformer
 
 log = logging.getLogger(__name__)
 

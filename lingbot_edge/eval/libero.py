@@ -7,7 +7,7 @@ Everything here hands the policy frames in LeRobot's orientation, and `PolicyCon
 (libero preset: "hflip") turns them into upstream's; `eval-libero` rotates raw renders the way LeRobot
 does, so `--image-transform` means the same thing in every path.
 
-Regression data (`tests/libero/data`, regenerate with `python -m lingbot_edge.libero ...`):
+Regression data (`tests/libero/data`, regenerate with `python -m lingbot_edge.eval.libero ...`):
 
 - `make-checkpoint`: a tiny released-layout checkpoint (transformer/ vae/ text_encoder/ tokenizer/,
   weights stored in bf16 like the released one): goldens do not depend on torch / diffusers /
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import VAE_TEMPORAL, PolicyConfig, get_policy_config
+from lingbot_edge.core.config import VAE_TEMPORAL, PolicyConfig, get_policy_config
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def load_tiny_libero_policy(checkpoint: str | Path, sampler: str = "static", dty
     (the DiT in `dtype` if given; VAE and UMT5 fp32), eager, prompt embeddings kept in memory only."""
     import torch
 
-    from .loading import load_policy
+    from lingbot_edge.io.loading import load_policy
 
     return load_policy(checkpoint, preset="tiny", device="cpu", dtype=dtype or torch.float32,
                        vae_dtype=torch.float32, text_encoder_dtype=torch.float32, compile=False,
@@ -154,7 +154,7 @@ class ObservationSequence:
 
     def transformed(self, transform: str) -> ObservationSequence:
         """The same episode with `policy.orient_frames(frames, transform)` applied (contiguous copies)."""
-        from .policy import orient_frames
+        from lingbot_edge.core.policy import orient_frames
 
         out = orient_frames(self.frames, transform)
         return ObservationSequence(self.prompt, {k: np.ascontiguousarray(v) for k, v in out.items()}, self.seed)
@@ -323,7 +323,7 @@ def replay_episode(policy, seq: ObservationSequence, chunks: int | None = None,
 
 def normalized_actions(actions: np.ndarray, cfg: PolicyConfig) -> np.ndarray:
     """Robot actions [steps, used] -> model-normalized units (the q01..q99 range maps to [-1, 1])."""
-    from .actions import QUANTILE_EPS
+    from lingbot_edge.core.actions import QUANTILE_EPS
 
     used = list(cfg.used_action_channel_ids)
     q01, q99 = np.asarray(cfg.action_q01)[used], np.asarray(cfg.action_q99)[used]
@@ -420,7 +420,7 @@ class DriftHarness:
     executed actions fed back, so only the DiT differs and the runs compare step by step."""
 
     def __init__(self, policy, seq: ObservationSequence, chunks: int | None = None):
-        from .policy import LingBotPolicy
+        from lingbot_edge.core.policy import LingBotPolicy
 
         self.seq, self.chunks = seq, chunks
         self.cfg, self.seed = policy.cfg, policy.seed
@@ -437,7 +437,7 @@ class DriftHarness:
     def policy(self, model, real_encoder: bool = False):
         """A policy over `model` sharing the reference's prompts and seed; its observations are the
         recorded ones (or, `real_encoder=True`, encoded: for other sequences, e.g. calibration)."""
-        from .policy import LingBotPolicy
+        from lingbot_edge.core.policy import LingBotPolicy
 
         encoder = self.real_encoder if real_encoder else self.observations
         return LingBotPolicy(self.cfg, model, encoder, self.prompt_encoder, sampler="static", compile=False,
@@ -479,7 +479,7 @@ def latent_statistics(vae, seq: ObservationSequence) -> tuple[list[float], list[
     its training data."""
     import torch
 
-    from .frozen import StreamingVAEEncoder
+    from lingbot_edge.io.frozen import StreamingVAEEncoder
 
     enc = StreamingVAEEncoder(vae)
     enc._mean.zero_()
@@ -507,7 +507,8 @@ def make_checkpoint(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0) -> P
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .loading import load_vae, save_tiny_checkpoint
+    from lingbot_edge.io.loading import load_vae
+    from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 
     out = Path(data_dir) / CHECKPOINT_DIR
     with tempfile.TemporaryDirectory() as tmp:
@@ -656,20 +657,15 @@ def missing_requirements(suite: str, checkpoint: str | Path | None, quantized: M
         missing.append("a LingBot-VA LIBERO checkpoint: --checkpoint DIR (released layout: transformer/ vae/ "
                        "text_encoder/ tokenizer/, or a LeRobot lingbot_va policy folder)")
     else:
-        from .loading import CheckpointError, policy_config_for, resolve_checkpoint
+        from lingbot_edge.io.loading import CheckpointError, policy_config_for, resolve_checkpoint
 
         try:
             policy_config_for(resolve_checkpoint(checkpoint), "libero")
         except (CheckpointError, ValueError) as e:
             missing.append(f"a usable LIBERO checkpoint at {checkpoint}: {e}")
     if quantized:
-        from .quantized import (
-            QuantFormat,
-            QuantizedCheckpointError,
-            UnsupportedSchemeError,
-            check_device_support,
-            read_manifest,
-        )
+        from lingbot_edge.core.qlinear import QuantFormat, UnsupportedSchemeError, check_device_support
+        from lingbot_edge.io.quantized import QuantizedCheckpointError, read_manifest
 
         for name, folder in quantized.items():
             try:
@@ -830,11 +826,11 @@ def success_table(results: Mapping[str, Sequence[EpisodeOutcome]], task_names: M
 class FrozenParts:
     """What every DiT variant of one checkpoint shares: the config, the prompt cache (UMT5 on the CPU,
     once per prompt) and the VAE encoder. `policy(None)` wraps the checkpoint's own DiT, `policy(folder)`
-    a quantized checkpoint's (`lingbot_edge.quantized.load_quantized`)."""
+    a quantized checkpoint's (`lingbot_edge.io.quantized.load_quantized`)."""
 
     def __init__(self, checkpoint: str | Path, device: str, dtype, overrides: Mapping[str, Any] | None = None):
-        from .frozen import ObservationEncoder, StreamingVAEEncoder
-        from .loading import build_prompt_cache, load_vae, policy_config_for, resolve_checkpoint
+        from lingbot_edge.io.frozen import ObservationEncoder, StreamingVAEEncoder
+        from lingbot_edge.io.loading import build_prompt_cache, load_vae, policy_config_for, resolve_checkpoint
 
         self.layout = resolve_checkpoint(checkpoint)
         self.cfg = policy_config_for(self.layout, "libero", overrides=overrides)
@@ -846,9 +842,9 @@ class FrozenParts:
                                               layout=self.cfg.camera_layout)
 
     def policy(self, quantized: str | Path | None, compile: bool, seed: int = 0):
-        from .loading import load_dit
-        from .policy import LingBotPolicy
-        from .quantized import load_quantized
+        from lingbot_edge.core.policy import LingBotPolicy
+        from lingbot_edge.io.loading import load_dit
+        from lingbot_edge.io.quantized import load_quantized
 
         if quantized is None:
             model = load_dit(self.layout, self.dtype, self.device)
@@ -931,12 +927,12 @@ def parse_variant(spec: str) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# python -m lingbot_edge.libero make-checkpoint | make-observations | make-goldens | check-goldens
+# python -m lingbot_edge.eval.libero make-checkpoint | make-observations | make-goldens | check-goldens
 # --------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lingbot_edge.libero",
+    parser = argparse.ArgumentParser(prog="python -m lingbot_edge.eval.libero",
                                      description="Regenerate / check the LIBERO regression data of tests/libero.")
     parser.add_argument("command", choices=("make-checkpoint", "make-observations", "make-goldens", "check-goldens"))
     parser.add_argument("--data", default=str(DEFAULT_DATA_DIR), help=f"data folder (default {DEFAULT_DATA_DIR})")

@@ -16,7 +16,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "quantize",
         help="quantize the DiT's Linears to int8 / fp8 and write a quantized checkpoint",
         description="Quantize a LingBot-VA transformer/ checkpoint (torchao, optimum-quanto, bitsandbytes "
-                    "schemes) into a quantized checkpoint that lingbot_edge.quantized.load_quantized loads. "
+                    "schemes) into a quantized checkpoint that lingbot_edge.io.quantized.load_quantized loads. "
                     "Schemes: int8_weight_only, int8_dynamic, fp8_weight_only, fp8_dynamic (torchao), "
                     "quanto_int8, quanto_fp8, quanto_int8_a8, quanto_fp8_a8 (optimum-quanto), "
                     "llm_int8 (bitsandbytes).",

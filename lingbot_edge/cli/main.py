@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
 from importlib import import_module
 
 import numpy as np
@@ -22,58 +21,33 @@ import torch
 
 log = logging.getLogger("lingbot_edge")
 
-# Subcommands living next to the code they drive; each module has `register(subparsers)` and
-# keeps its heavy imports inside the command function, so `lingbot-edge --help` stays fast.
-_COMMAND_MODULES: tuple[str, ...] = ("cli_frozen", "cli_quantize", "cli_calibrate", "cli_robot", "cli_libero")
+# Runtime subcommands: each module has `register(subparsers)` and keeps its heavy imports inside the
+# command function, so `lingbot-edge --help` stays fast.
+_COMMAND_MODULES: tuple[str, ...] = ("frozen", "robot", "libero")
+# Offline tools (quantize/, calib/) register their commands through this entry-point group from their
+# own packages: the runtime never imports them (imports point calib -> quantize -> lingbot_edge).
+COMMAND_ENTRY_POINTS = "lingbot_edge.commands"
 
 
-class ToyScene:
-    """A camera-only stand-in world for the tiny demo: a disk per camera that the first two
-    action channels push around. It only has to produce plausible frames for the loop."""
+def _register_plugins(sub) -> None:
+    from importlib.metadata import entry_points
 
-    def __init__(self, cameras: tuple[str, ...], size: int = 96, seed: int = 0):
-        self.cameras = cameras
-        self.size = size
-        rng = np.random.default_rng(seed)
-        self.pos = rng.uniform(0.3, 0.7, size=2)
-        self.colors = rng.integers(64, 255, size=(len(cameras), 3))
-
-    def step(self, action: np.ndarray) -> None:
-        self.pos = np.clip(self.pos + 0.01 * np.tanh(action[:2]), 0.05, 0.95)
-
-    def render(self) -> dict[str, np.ndarray]:
-        yy, xx = np.mgrid[0 : self.size, 0 : self.size] / self.size
-        out = {}
-        for i, cam in enumerate(self.cameras):
-            # Each camera sees the disk from a slightly shifted viewpoint.
-            cy, cx = self.pos + 0.05 * i
-            disk = ((yy - cy) ** 2 + (xx - cx) ** 2) < 0.02
-            img = np.full((self.size, self.size, 3), 30, dtype=np.uint8)
-            img[disk] = self.colors[i]
-            out[cam] = img
-        return out
+    for ep in sorted(entry_points(group=COMMAND_ENTRY_POINTS), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except ImportError as e:  # a tool whose package is not installed: the rest of the CLI still works
+            log.debug("command %s not available: %s", ep.name, e)
+            continue
+        register(sub)
 
 
-def toy_episode(policy, chunks: int, prompt: str, seed: int = 0) -> Iterator[dict]:
-    """Closed loop on a ToyScene: infer, execute the chunk while recording a keyframe every
-    keyframe_stride steps, feed back; yields each infer() output (+ "feedback_timing")."""
-    cfg = policy.cfg
-    scene = ToyScene(cfg.obs_cam_keys, seed=seed)
-    policy.reset(prompt=prompt)
-    for chunk in range(chunks):
-        out = policy.infer(scene.render() if chunk == 0 else {})
-        keyframes: dict[str, list[np.ndarray]] = {k: [] for k in cfg.obs_cam_keys}
-        for step, action in enumerate(out["actions"]):
-            scene.step(action)
-            if (step + 1) % cfg.keyframe_stride == 0:
-                for k, img in scene.render().items():
-                    keyframes[k].append(img)
-        out["feedback_timing"] = policy.feedback({k: np.stack(v) for k, v in keyframes.items()}, out["actions"])
-        yield out
+
+
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .policy import build_tiny_policy
+    from lingbot_edge.io.tiny import build_tiny_policy
+    from lingbot_edge.testing.toy import toy_episode
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # torch.compile pays off on a GPU; on a CPU its ~30 s cold compile outweighs the tiny model.
@@ -105,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
     for module in _COMMAND_MODULES:
-        import_module(f"lingbot_edge.{module}").register(sub)
+        import_module(f"lingbot_edge.cli.{module}").register(sub)
+    _register_plugins(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

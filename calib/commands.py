@@ -76,11 +76,11 @@ def _load(args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.checkpoint:
-        from lingbot_edge.loading import load_policy
+        from lingbot_edge.io.loading import load_policy
 
         policy = load_policy(args.checkpoint, preset=args.preset, device=device, compile=False)
     else:
-        from lingbot_edge.policy import build_tiny_policy
+        from lingbot_edge.io.tiny import build_tiny_policy
 
         policy = build_tiny_policy(compile=False, seed=args.seed, device=device)
         if args.model == "tiny-outliers":

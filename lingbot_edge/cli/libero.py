@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .libero import LIBERO_SUITES, parse_variant
+from lingbot_edge.eval.libero import LIBERO_SUITES, parse_variant
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -50,6 +50,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         raise SystemExit("eval-libero: --episodes must be >= 1")
-    from .libero import run_eval_libero
+    from lingbot_edge.eval.libero import run_eval_libero
 
     return run_eval_libero(args)

@@ -2,7 +2,7 @@
 
 Protocol `lingbot-edge/1` (one policy, one episode at a time; all maps have str keys)
 ------------------------------------------------------------------------------------
-Transport: websocket, binary frames, msgpack with the numpy encoding of `lingbot_edge.msgpack_numpy`
+Transport: websocket, binary frames, msgpack with the numpy encoding of `lingbot_edge.serve.msgpack_numpy`
 (`{b"__ndarray__": True, b"data", b"dtype", b"shape"}`; object / void / complex dtypes refused).
 HTTP `GET /healthz` answers `200 OK` (no key needed). With `--api-key`, the websocket handshake needs the
 header `Authorization: Api-Key <key>` (compared in constant time), else `401`.
@@ -59,8 +59,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import VAE_TEMPORAL
-from .msgpack_numpy import DecodeError, packb, unpackb
+from lingbot_edge.core.config import VAE_TEMPORAL
+from lingbot_edge.serve.msgpack_numpy import DecodeError, packb, unpackb
 
 log = logging.getLogger(__name__)
 
@@ -397,8 +397,8 @@ def build_server_policy(preset: str = "so100", model: str = "tiny", checkpoint: 
                         stats: str | None = None, device: str = "cpu", compile: bool = False, seed: int = 0):
     """(policy, action_keys) for `serve`. preset "so100" uses the SO-100 cameras / 6-d actions (quantiles
     from `stats`, a LeRobot dataset's meta/stats.json); other presets come from config.py as they are."""
-    from .config import get_policy_config
-    from .so100 import SO100_ACTION_KEYS, build_policy, load_dataset_quantiles, so100_policy_config
+    from lingbot_edge.core.config import get_policy_config
+    from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, build_policy, load_dataset_quantiles, so100_policy_config
 
     if preset == "so100":
         q01, q99 = load_dataset_quantiles(stats) if stats else (None, None)

@@ -19,18 +19,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .actions import ActionCodec
-from .config import VAE_TEMPORAL, PolicyConfig, get_policy_config
-from .model import WanVATransformer
-from .prompt_cache import PromptCache
-from .sampler import ReferenceSampler, StaticSampler
+from lingbot_edge.core.actions import ActionCodec
+from lingbot_edge.core.config import VAE_TEMPORAL, PolicyConfig
+from lingbot_edge.core.model import WanVATransformer
+from lingbot_edge.core.sampler import ReferenceSampler, StaticSampler
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +83,7 @@ class LingBotPolicy:
     `loading.load_policy` builds one over the checkpoint's files) or anything with
     `encode_pair(prompt, use_cfg)` such as a `frozen.PromptEncoder` (its results are kept per prompt).
     `record_predicted_video`: keep each chunk's predicted latents (on the CPU) for
-    `save_predicted_video`; off by default (it costs a host copy per chunk).
+    `lingbot_edge.io.frozen.save_predicted_video`; off by default (it costs a host copy per chunk).
     """
 
     def __init__(
@@ -157,7 +155,7 @@ class LingBotPolicy:
         """Start an episode: look up / encode the prompt, empty the caches."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt: expected str, got {type(prompt).__name__}")
-        if isinstance(self.prompt_encoder, PromptCache):  # has its own memory tier
+        if getattr(self.prompt_encoder, "caches_prompts", False):  # a PromptCache: has its own memory tier
             cond, uncond = self.prompt_encoder.encode_pair(prompt, self.cfg.use_cfg)
         else:
             if prompt not in self._prompt_cache:
@@ -257,55 +255,4 @@ class LingBotPolicy:
         self.chunk_index += 1
         return timer.result()
 
-    def save_predicted_video(self, path: str | Path, fps: int = 10, device: str | torch.device | None = None) -> Path:
-        """Decode this episode's predicted latents (all chunks so far, concatenated in time, as upstream)
-        with the VAE decoder and write them to an mp4; needs `record_predicted_video=True`.
 
-        The video shows the camera layout as one picture; `device` is where the decoder runs (default:
-        where it lives: the CPU for `load_policy`)."""
-        from .frozen import decode_latents, write_mp4
-
-        if not self.record_predicted_video:
-            raise RuntimeError("save_predicted_video: construct the policy with record_predicted_video=True "
-                               "(or set policy.record_predicted_video = True before reset)")
-        if not self.predicted_latents:
-            raise RuntimeError("save_predicted_video: no predicted chunk yet in this episode (call infer first)")
-        vae = getattr(self.obs_encoder, "vae", None)
-        if vae is None:
-            raise RuntimeError("save_predicted_video: the observation encoder has no VAE "
-                               "(expected a frozen.ObservationEncoder)")
-        frames = decode_latents(vae, torch.cat(self.predicted_latents, dim=2), device=device)
-        return write_mp4(frames, path, fps=fps)
-
-
-def build_tiny_policy(sampler: str = "static", compile: bool = True, seed: int = 0,
-                      device: str = "cpu", dtype: torch.dtype = torch.float32,
-                      cfg: PolicyConfig | None = None) -> LingBotPolicy:
-    """The embedded default: tiny DiT + tiny VAE / UMT5 / byte tokenizer, all built in-process.
-    `cfg`: a config of the tiny model (default the `tiny` preset; e.g. SO-100 cameras and channels)."""
-    from .checkpoint import build_model
-    from .frozen import (
-        ByteTokenizer,
-        ObservationEncoder,
-        PromptEncoder,
-        StreamingVAEEncoder,
-        build_tiny_umt5,
-        build_tiny_vae,
-    )
-
-    cfg = cfg or get_policy_config("tiny")
-    if cfg.model != "tiny":
-        raise ValueError(f"cfg: model {cfg.model!r} needs a checkpoint (only the tiny model is embedded)")
-    mc = cfg.model_config
-    model = build_model(mc, dtype=dtype, device=device, seed=seed)
-    vae = StreamingVAEEncoder(build_tiny_vae(z_dim=mc.in_channels, seed=seed), device=device, dtype=torch.float32)
-    obs_encoder = ObservationEncoder(vae, list(cfg.obs_cam_keys), cfg.height, cfg.width, layout=cfg.camera_layout)
-
-    def umt5_factory() -> PromptEncoder:  # built on a miss, released after: same lifetime as a real UMT5
-        umt5 = build_tiny_umt5(d_model=mc.text_dim, seed=seed)
-        return PromptEncoder(umt5, ByteTokenizer(), cfg.max_sequence_length, device=device, dtype=dtype)
-
-    prompts = PromptCache(umt5_factory, fingerprint=f"tiny-byte-umt5-seed{seed}", text_dim=mc.text_dim,
-                          max_sequence_length=cfg.max_sequence_length, encoder_dtype=dtype, device=device,
-                          dtype=dtype)
-    return LingBotPolicy(cfg, model, obs_encoder, prompts, sampler=sampler, compile=compile, seed=seed)

@@ -30,7 +30,7 @@ From LeRobot's own tools (0.3.2 hard-codes its policy list, so the plugin packag
 
 From Python:
 
-    from lingbot_edge.lerobot_policy import LingBotEdgeConfig, LingBotEdgePolicy
+    from lingbot_edge.lerobot.adapter import LingBotEdgeConfig, LingBotEdgePolicy
     policy = LingBotEdgePolicy(LingBotEdgeConfig(preset="tiny", device="cpu", compile=False))
     policy = LingBotEdgePolicy(config, policy=my_lingbot_policy)   # any already-built LingBotPolicy
 """
@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._lerobot_classes import LingBotEdgeConfig, LingBotEdgePolicy
-    from .policy import LingBotPolicy
+    from lingbot_edge.core.policy import LingBotPolicy
+    from lingbot_edge.lerobot.classes import LingBotEdgeConfig, LingBotEdgePolicy
 
 __all__ = [
     "INSTALL_HINT",
@@ -76,7 +76,7 @@ _CACHE: dict[str, Any] = {}
 
 def require_lerobot() -> Any:
     """Import LeRobot (after making a broken CUDA torchvision importable); ImportError names the extra."""
-    from .torchvision_compat import ensure_torchvision_importable
+    from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
 
     try:
         ensure_torchvision_importable()

@@ -1,0 +1,1 @@
+"""eval: closed-loop evaluation in real simulators (LIBERO)."""
