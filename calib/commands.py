@@ -74,19 +74,15 @@ def _load(args: argparse.Namespace):
     """(model, cfg, policy) of the arguments; the policy encodes recorded data."""
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.checkpoint:
-        from lingbot_edge.io.loading import load_policy
+    from lingbot_edge.io.loading import load_policy
 
-        policy = load_policy(args.checkpoint, preset=args.preset, device=device, compile=False)
-    else:
-        from lingbot_edge.io.tiny import build_tiny_policy
+    # Calibration measures in fp32 (eager): statistics and errors of the model itself, not of bf16 rounding.
+    policy = load_policy(args.checkpoint or "tiny", preset=args.preset if args.checkpoint else None,
+                         device=args.device, dtype=torch.float32, compile=False, seed=args.seed)
+    if not args.checkpoint and args.model == "tiny-outliers":
+        from calib.outliers import inject_outlier_channels
 
-        policy = build_tiny_policy(compile=False, seed=args.seed, device=device)
-        if args.model == "tiny-outliers":
-            from calib.outliers import inject_outlier_channels
-
-            inject_outlier_channels(policy.model)
+        inject_outlier_channels(policy.model)
     cfg = policy.cfg
     if args.steps:
         video, action = (int(x) for x in args.steps.split(","))

@@ -21,7 +21,8 @@ from lingbot_edge.io.frozen import (
     StreamingVAEEncoder,
     save_predicted_video,
 )
-from lingbot_edge.io.loading import CheckpointError, load_policy, resolve_checkpoint
+from lingbot_edge.io.layout import CheckpointError, resolve_checkpoint
+from lingbot_edge.io.loading import load_policy
 from lingbot_edge.io.tiny import build_tiny_tokenizer, build_tiny_umt5, build_tiny_vae
 from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 from lingbot_edge.testing.toy import toy_episode
@@ -109,7 +110,7 @@ def test_loaded_vae_streams_like_whole_clip(tiny_checkpoint):
 
 
 def test_policy_runs_10_chunks_from_released_layout(tiny_checkpoint, tmp_path):
-    policy = load_policy(tiny_checkpoint, "tiny", prompt_cache_dir=tmp_path / "prompts", **F32)
+    policy = load_policy(tiny_checkpoint, preset="tiny", prompt_cache_dir=tmp_path / "prompts", **F32)
     actions = run_episode(policy, 10)
     cfg = policy.cfg
     assert [a.shape for a in actions] == [(4, 6)] + [(8, 6)] * 9
@@ -143,8 +144,8 @@ def test_lerobot_layout_matches_released(tiny_checkpoint, tmp_path):
     ref = checkpoint.load_transformer(tiny_checkpoint / "transformer", dtype=torch.float32)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in dit.state_dict().items())
 
-    a = run_episode(load_policy(policy_dir, "tiny", prompt_cache_dir=False, **F32), 3)
-    b = run_episode(load_policy(tiny_checkpoint, "tiny", prompt_cache_dir=False, **F32), 3)
+    a = run_episode(load_policy(policy_dir, preset="tiny", prompt_cache_dir=False, **F32), 3)
+    b = run_episode(load_policy(tiny_checkpoint, preset="tiny", prompt_cache_dir=False, **F32), 3)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -162,14 +163,15 @@ def test_lerobot_config_fields_override_preset(tiny_checkpoint, tmp_path):
     conf.update(num_inference_steps=3, used_action_channel_ids=[0, 1, 2])
     (policy_dir / "config.json").write_text(json.dumps(conf))
     _write_action_quantiles(policy_dir, [-2.0, -3.0, -4.0], [2.0, 3.0, 4.0])  # LeRobot: used channels only
-    policy = load_policy(policy_dir, "tiny", prompt_cache_dir=False, **F32)
+    policy = load_policy(policy_dir, preset="tiny", prompt_cache_dir=False, **F32)
     assert policy.cfg.num_inference_steps == 3 and policy.cfg.used_action_channel_ids == (0, 1, 2)
     tiny = get_policy_config("tiny")
     assert policy.cfg.action_q01 == (-2.0, -3.0, -4.0) + tiny.action_q01[3:]
     assert policy.cfg.action_q99 == (2.0, 3.0, 4.0) + tiny.action_q99[3:]
     assert run_episode(policy, 1)[0].shape == (4, 3)
-    kept = load_policy(policy_dir, "tiny", prompt_cache_dir=False, apply_checkpoint_config=False, **F32)
-    assert kept.cfg == tiny
+    # Overrides (the CLIs' --set) come last: they beat the checkpoint's own settings.
+    kept = load_policy(policy_dir, preset="tiny", prompt_cache_dir=False, num_inference_steps=4, **F32)
+    assert kept.cfg.num_inference_steps == 4 and kept.cfg.used_action_channel_ids == (0, 1, 2)
 
 
 def _write_action_quantiles(policy_dir, q01, q99):
@@ -182,14 +184,14 @@ def _write_action_quantiles(policy_dir, q01, q99):
 def test_lerobot_action_quantiles_are_checked(tiny_checkpoint, tmp_path):
     policy_dir = save_tiny_checkpoint(tmp_path / "p", layout="lerobot", frozen_from=tiny_checkpoint)
     # The post-processor written like LeRobot's reproduces the preset's quantiles exactly.
-    policy = load_policy(policy_dir, "tiny", prompt_cache_dir=False, **F32)
+    policy = load_policy(policy_dir, preset="tiny", prompt_cache_dir=False, **F32)
     assert policy.cfg.action_q01 == pytest.approx(get_policy_config("tiny").action_q01)
     _write_action_quantiles(policy_dir, [0.0] * 4, [1.0] * 4)  # 4 values for 6 used channels
     with pytest.raises(CheckpointError, match=r"policy_postprocessor.json: action q01/q99 have 4 values, expected 6"):
-        load_policy(policy_dir, "tiny", prompt_cache_dir=False, **F32)
+        load_policy(policy_dir, preset="tiny", prompt_cache_dir=False, **F32)
     _write_action_quantiles(policy_dir, [1.0] * 6, [0.0] * 6)
     with pytest.raises(CheckpointError, match="q99 >= q01"):
-        load_policy(policy_dir, "tiny", prompt_cache_dir=False, **F32)
+        load_policy(policy_dir, preset="tiny", prompt_cache_dir=False, **F32)
 
 
 def test_lerobot_frozen_parts_inside_policy_folder(tmp_path):
@@ -208,8 +210,8 @@ def test_lerobot_frozen_parts_inside_policy_folder(tmp_path):
 
 def test_robotwin_tshape_policy_runs(tiny_checkpoint):
     keys = ("observation.images.cam_high", "observation.images.cam_left_wrist", "observation.images.cam_right_wrist")
-    policy = load_policy(tiny_checkpoint, "tiny", prompt_cache_dir=False,
-                         policy_overrides={"camera_layout": "robotwin_tshape", "obs_cam_keys": keys}, **F32)
+    policy = load_policy(tiny_checkpoint, preset="tiny", prompt_cache_dir=False,
+                         camera_layout="robotwin_tshape", obs_cam_keys=keys, **F32)
     assert policy.cfg.latent_hw == (6, 4) and policy.obs_encoder.latent_hw == (6, 4)
     assert policy.obs_encoder.wrist_encoder is not None
     assert policy.obs_encoder.wrist_encoder.vae is policy.obs_encoder.vae_encoder.vae  # one set of weights
@@ -220,13 +222,13 @@ def test_robotwin_tshape_policy_runs(tiny_checkpoint):
 def test_save_predicted_video(tiny_checkpoint, tmp_path):
     import imageio.v2 as imageio
 
-    policy = load_policy(tiny_checkpoint, "tiny", prompt_cache_dir=False, **F32)
+    policy = load_policy(tiny_checkpoint, preset="tiny", prompt_cache_dir=False, **F32)
     assert not policy.record_predicted_video  # off by default
     run_episode(policy, 1)
     with pytest.raises(RuntimeError, match="record_predicted_video=True"):
         save_predicted_video(policy, tmp_path / "x.mp4")
 
-    policy = load_policy(tiny_checkpoint, "tiny", prompt_cache_dir=False, record_predicted_video=True, **F32)
+    policy = load_policy(tiny_checkpoint, preset="tiny", prompt_cache_dir=False, record_predicted_video=True, **F32)
     run_episode(policy, 3)
     assert [tuple(x.shape) for x in policy.predicted_latents] == [(1, 16, 2, 4, 8)] * 3
     path = save_predicted_video(policy, tmp_path / "pred" / "episode.mp4", fps=5)
@@ -302,32 +304,46 @@ def test_bad_folder_fails_before_loading(case, tiny_checkpoint, tmp_path, no_loa
     damage, message = BAD[case]
     damage(root)
     with pytest.raises(CheckpointError, match=message):
-        load_policy(root, "tiny", prompt_cache_dir=False, **F32)
+        load_policy(root, preset="tiny", prompt_cache_dir=False, **F32)
 
 
 def test_bad_lerobot_config(tiny_checkpoint, tmp_path, no_loading):
     policy_dir = save_tiny_checkpoint(tmp_path / "p", layout="lerobot", frozen_from=tiny_checkpoint)
     _edit_json(policy_dir / "config.json", type="pi0")
     with pytest.raises(CheckpointError, match=r"p/config.json: \"type\" is 'pi0', expected \"lingbot_va\""):
-        load_policy(policy_dir, "tiny", **F32)
+        load_policy(policy_dir, preset="tiny", **F32)
     _edit_json(policy_dir / "config.json", type="lingbot_va", attention_head_dim=25)
     with pytest.raises(CheckpointError, match="invalid LingBot-VA architecture fields.*attention_head_dim"):
-        load_policy(policy_dir, "tiny", **F32)
+        load_policy(policy_dir, preset="tiny", **F32)
     _edit_json(policy_dir / "config.json", attention_head_dim=24, height=50)
     with pytest.raises(CheckpointError, match="config.json: the policy settings do not fit preset 'tiny'.*height"):
-        load_policy(policy_dir, "tiny", **F32)
+        load_policy(policy_dir, preset="tiny", **F32)
     _edit_json(policy_dir / "config.json", height=64)
     (policy_dir / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"p: no model.safetensors \(expected the LeRobot policy weights"):
-        load_policy(policy_dir, "tiny", **F32)
+        load_policy(policy_dir, preset="tiny", **F32)
 
 
-def test_preset_must_match_checkpoint(tiny_checkpoint, no_loading):
-    with pytest.raises(CheckpointError, match=r"does not match preset 'libero' \(model 'full'\).*"
-                                              r"it is model preset 'tiny'"):
-        load_policy(tiny_checkpoint, "libero", **F32)
+def test_tiny_checkpoint_takes_a_full_presets_robot_side(tiny_checkpoint):
+    # A tiny checkpoint takes a full-model preset's robot side on its own DiT (config.tiny_variant).
+    policy = load_policy(tiny_checkpoint, preset="libero", prompt_cache_dir=False, **F32)
+    assert policy.cfg.model == "tiny" and policy.cfg.obs_cam_keys == get_policy_config("libero").obs_cam_keys
+    assert policy.cfg.used_action_channel_ids == tuple(range(7))  # 0-5 + 28 packed into the tiny 8
+
+
+def test_preset_must_match_checkpoint(tiny_checkpoint, tmp_path, no_loading):
+    # A full-size DiT under the tiny preset: refused with both architectures named (from the layout only).
+    from dataclasses import replace
+
+    from lingbot_edge.core.config import MODEL_PRESETS
+    from lingbot_edge.io.loading import policy_config_for
+
+    layout = replace(resolve_checkpoint(tiny_checkpoint), model_config=MODEL_PRESETS["full"])
+    with pytest.raises(CheckpointError, match=r"does not match preset 'tiny' \(model 'tiny'\).*"
+                                              r"it is model preset 'full'"):
+        policy_config_for(layout, "tiny")
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):
-        load_policy(tiny_checkpoint / "nope", "tiny", **F32)
+        load_policy(tiny_checkpoint / "nope", preset="tiny", **F32)
 
 
 @pytest.mark.gpu
@@ -337,5 +353,5 @@ def test_bad_folder_takes_no_gpu_memory(tiny_checkpoint, tmp_path):
     _truncate(root / "text_encoder" / "model.safetensors", 0.5)
     before = torch.cuda.memory_allocated()
     with pytest.raises(CheckpointError, match="unreadable safetensors"):
-        load_policy(root, "tiny", device="cuda", prompt_cache_dir=False)
+        load_policy(root, preset="tiny", device="cuda", prompt_cache_dir=False)
     assert torch.cuda.memory_allocated() == before

@@ -77,25 +77,46 @@ def test_bad_calls_get_clear_errors():
     assert policy.infer({})["actions"].shape == (8, 6)
 
 
+def test_libero_preset_is_upstreams_config():
+    """Pinned to upstream's published LIBERO config: Robbyant/lingbot-va `wan_va/configs/va_libero_cfg.py`
+    (the released LIBERO checkpoint's config; DESIGN.md section 4). LeRobot's port uses 0-6 and 0.05."""
+    cfg = get_policy_config("libero")
+    assert cfg.used_action_channel_ids == (0, 1, 2, 3, 4, 5, 28)
+    assert cfg.action_snr_shift == 1.0 and cfg.snr_shift == 5.0
+    assert (cfg.height, cfg.width, cfg.action_per_frame, cfg.frame_chunk_size, cfg.attn_window) == (128, 128, 4, 4, 30)
+    assert (cfg.num_inference_steps, cfg.action_num_inference_steps) == (20, 50)
+    assert (cfg.guidance_scale, cfg.action_guidance_scale) == (5.0, 1.0)
+    assert cfg.obs_cam_keys == ("observation.images.agentview_rgb", "observation.images.eye_in_hand_rgb")
+    q01 = [-0.6589285731315613, -0.84375, -0.9375, -0.12107142806053162, -0.15964286029338837,
+           -0.26571428775787354] + [0.0] * 22 + [-1.0, 0.0]
+    q99 = [0.8999999761581421, 0.8544642925262451, 0.9375, 0.17142857611179352, 0.1842857152223587,
+           0.34392857551574707] + [0.0] * 22 + [1.0, 0.0]
+    assert list(cfg.action_q01) == q01 and list(cfg.action_q99) == q99
+    # LeRobot's camera names are accepted for upstream's.
+    assert cfg.camera_key("observation.images.image") == "observation.images.agentview_rgb"
+    assert cfg.camera_key("observation.images.image2") == "observation.images.eye_in_hand_rgb"
+
+
 def test_action_codec_libero_numbers():
     cfg = get_policy_config("libero")
     codec = ActionCodec(cfg)
     model = torch.zeros(1, 30, 4, 4, 1)
     model[0, 0, :, :, 0] = -1.0  # channel 0 at -1 -> q01
-    model[0, 6, :, :, 0] = 1.0  # gripper at +1 -> q99 (+ eps, as upstream)
+    model[0, 28, :, :, 0] = 1.0  # gripper (channel 28) at +1 -> q99 (+ eps, as upstream)
     robot = codec.to_robot(model, first_chunk=False)
     assert robot.shape == (16, 7)
-    assert robot[:, 0] == pytest.approx(-0.6589)
+    assert robot[:, 0] == pytest.approx(-0.6589285731315613)
     assert robot[:, 6] == pytest.approx(1.0 + QUANTILE_EPS)
     # channel 1 at 0 -> midpoint of [q01, q99]
-    assert robot[:, 1] == pytest.approx((-0.84375 + 0.8545) / 2, abs=1e-6)
+    assert robot[:, 1] == pytest.approx((-0.84375 + 0.8544642925262451) / 2, abs=1e-6)
     first = codec.to_robot(model, first_chunk=True)
     assert first.shape == (12, 7)
     # robot -> model -> robot round trip; unused channels and the first chunk's frame 0 are zero
     x = np.random.default_rng(0).uniform(-0.5, 0.5, size=(12, 7)).astype(np.float32)
     back = codec.from_robot(x, first_chunk=True)
     assert back.shape == (1, 30, 4, 4, 1)
-    assert (back[:, 7:] == 0).all() and (back[:, :, :1] == 0).all()
+    unused = [c for c in range(30) if c not in cfg.used_action_channel_ids]
+    assert (back[:, unused] == 0).all() and (back[:, :, :1] == 0).all()
     np.testing.assert_allclose(codec.to_robot(back, first_chunk=True), x, atol=1e-5)
 
 

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from lingbot_edge.cli import frozen as cli_frozen
 from lingbot_edge.io import loading
 from lingbot_edge.io.frozen import ByteTokenizer, PromptEncoder, clean_prompt
-from lingbot_edge.io.loading import build_prompt_cache, load_policy, resolve_checkpoint
+from lingbot_edge.io.layout import resolve_checkpoint
+from lingbot_edge.io.loading import build_prompt_cache, load_policy
 from lingbot_edge.io.prompt_cache import (
     CACHE_ENV,
     PromptCache,
@@ -65,7 +66,7 @@ def direct_umt5_embedding(ckpt, prompt: str, max_len: int = 512) -> torch.Tensor
 
 def test_second_start_never_loads_umt5(tiny_checkpoint, tmp_path, count_umt5, monkeypatch):
     cache_dir = tmp_path / "prompts"
-    first = load_policy(tiny_checkpoint, "tiny", prompt_cache_dir=cache_dir, **F32)
+    first = load_policy(tiny_checkpoint, preset="tiny", prompt_cache_dir=cache_dir, **F32)
     first.reset(PROMPT)
     cond1, uncond1 = first.text_embeds
     assert len(count_umt5) == 1  # one load served both the prompt and the negative ""
@@ -85,7 +86,7 @@ def test_second_start_never_loads_umt5(tiny_checkpoint, tmp_path, count_umt5, mo
 
     monkeypatch.setattr(loading, "load_text_encoder", forbidden)
     monkeypatch.setattr(loading, "load_tokenizer", forbidden)
-    second = load_policy(tiny_checkpoint, "tiny", prompt_cache_dir=cache_dir, **F32)
+    second = load_policy(tiny_checkpoint, preset="tiny", prompt_cache_dir=cache_dir, **F32)
     second.reset(PROMPT)
     cond2, uncond2 = second.text_embeds
     assert torch.equal(cond1, cond2) and torch.equal(uncond1, uncond2)
@@ -113,7 +114,7 @@ def test_bf16_encoder_round_trips_bit_identical(tiny_checkpoint, tmp_path, monke
 
 
 def test_precompute_prompts_before_the_dit(tiny_checkpoint, tmp_path, count_umt5):
-    policy = load_policy(tiny_checkpoint, "tiny", prompt_cache_dir=tmp_path, prompts=[PROMPT, "open the drawer"],
+    policy = load_policy(tiny_checkpoint, preset="tiny", prompt_cache_dir=tmp_path, prompts=[PROMPT, "open the drawer"],
                          **F32)
     assert len(count_umt5) == 1 and policy.prompt_encoder.stats["misses"] == 3  # 2 prompts + ""
     policy.reset("open the drawer")
@@ -225,7 +226,7 @@ def test_memory_report_on_cpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_umt5_on_gpu_is_released(tiny_checkpoint, tmp_path):
-    policy = load_policy(tiny_checkpoint, "tiny", device="cuda", prompt_cache_dir=tmp_path,
+    policy = load_policy(tiny_checkpoint, preset="tiny", device="cuda", prompt_cache_dir=tmp_path,
                          text_encoder_device="cuda", compile=False)
     before_reset = torch.cuda.memory_allocated()
     policy.reset(PROMPT)
@@ -257,7 +258,7 @@ def test_encode_prompt_cli_then_warm_start(tiny_checkpoint, tmp_path, capsys, mo
 
     # A policy with default text-encoder settings (bf16, like the CLI's default) finds them: no UMT5 load.
     monkeypatch.setattr(loading, "load_text_encoder", lambda *a, **k: pytest.fail("UMT5 loaded after encode-prompt"))
-    policy = load_policy(tiny_checkpoint, "tiny", device="cpu", compile=False, prompt_cache_dir=cache_dir)
+    policy = load_policy(tiny_checkpoint, preset="tiny", device="cpu", compile=False, prompt_cache_dir=cache_dir)
     policy.reset("open the drawer")
     assert policy.prompt_encoder.stats["disk_hits"] == 2
 

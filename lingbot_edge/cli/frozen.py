@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run_encode_prompt(args: argparse.Namespace) -> int:
     import torch
 
-    from lingbot_edge.io.loading import CheckpointError, build_prompt_cache, resolve_checkpoint
+    from lingbot_edge.io.layout import CheckpointError, resolve_checkpoint
+    from lingbot_edge.io.loading import build_prompt_cache
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)

@@ -46,21 +46,38 @@ def _register_plugins(sub) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from lingbot_edge.io.tiny import build_tiny_policy
-    from lingbot_edge.testing.toy import toy_episode
+    """The embedded tiny policy closing the loop on the simulated SO-100, one chunk after the other."""
+    from lingbot_edge.io.loading import load_policy, runtime_defaults
+    from lingbot_edge.robot.so100 import KinematicSO100, SafetyFilter, action_dict, camera_name, joints_of
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # torch.compile pays off on a GPU; on a CPU its ~30 s cold compile outweighs the tiny model.
-    compile = args.compile == "on" or (args.compile == "auto" and device.startswith("cuda"))
-    policy = build_tiny_policy(sampler=args.sampler, compile=compile, seed=args.seed, device=device)
-    log.info("tiny policy on %s (sampler=%s, compile=%s)%s", device, args.sampler, compile,
-             "; the first chunk compiles" if compile else "")
-    np.set_printoptions(precision=3, suppress=True, linewidth=120)
-    for chunk, out in enumerate(toy_episode(policy, args.chunks, args.prompt, seed=args.seed)):
-        actions = out["actions"]
-        timing = ", ".join(f"{k[:-3]} {v:.0f}" for k, v in out["timing"].items())
-        print(f"chunk {chunk}: {actions.shape[0]} actions x {actions.shape[1]} channels  [{timing} ms]")
-        print(actions)
+    device, _, compile = runtime_defaults(args.device, None, {"auto": None, "on": True, "off": False}[args.compile])
+    policy = load_policy("tiny", preset="so100", sampler=args.sampler, compile=compile, seed=args.seed,
+                         device=device, dtype=torch.float32)
+    cfg = policy.cfg
+    robot = KinematicSO100(cameras=[camera_name(k) for k in cfg.obs_cam_keys], height=96, width=128)
+    safety = SafetyFilter()
+    robot.connect()
+    np.set_printoptions(precision=1, suppress=True, linewidth=120)
+    try:
+        obs = robot.get_observation()
+        policy.reset(prompt=args.prompt)
+        last = joints_of(obs)
+        for i in range(args.chunks):
+            chunk = policy.infer({k: obs[camera_name(k)] for k in cfg.obs_cam_keys} if i == 0 else {})
+            for step, target in enumerate(chunk.actions):
+                last = safety(target, joints_of(obs), last)
+                robot.send_action(action_dict(last))
+                obs = robot.get_observation()
+                images = {k: obs[camera_name(k)] for k in cfg.obs_cam_keys} if chunk.is_keyframe(step) else None
+                chunk.record(step, last, images)
+            fb = policy.feedback(chunk)
+            timing = ", ".join(f"{k[:-3]} {v:.0f}" for k, v in chunk.timing.items())
+            print(f"chunk {i}: {chunk.steps} actions x {chunk.actions.shape[1]} joints, {chunk.num_keyframes} "
+                  f"keyframes fed back  [{timing} ms; feedback {fb['total_ms']:.0f} ms]")
+            print(chunk.actions)
+    finally:
+        robot.disconnect()
+    print(f"safety filter changed {safety.clipped} of {args.chunks * chunk.steps} targets (random tiny weights)")
     return 0
 
 
@@ -69,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the embedded tiny policy on a toy scene and print its actions")
+    demo = sub.add_parser("demo", help="run the embedded tiny policy on the simulated SO-100 and print its actions")
     demo.add_argument("--chunks", type=int, default=4)
-    demo.add_argument("--prompt", default="push the disk to the left")
+    demo.add_argument("--prompt", default="pick up the red cube")
     demo.add_argument("--sampler", choices=("static", "reference"), default="static")
     demo.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                       help="torch.compile the static sampler (auto: only on CUDA)")

@@ -131,10 +131,18 @@ class PolicyConfig:
     # feedback keyframes): "none", "vflip" (rows), "hflip" (columns), "rot180" (both). Set it so that
     # what the model sees has the orientation its checkpoint was trained with (see the libero preset).
     image_transform: str = "none"
+    # Other names under which clients may send a camera: (alias, key of obs_cam_keys) pairs. The libero
+    # preset accepts LeRobot's `observation.images.image` / `image2` for upstream's agentview / eye_in_hand.
+    camera_aliases: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         for name in ("obs_cam_keys", "used_action_channel_ids", "action_q01", "action_q99"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        aliases = dict(self.camera_aliases.items() if isinstance(self.camera_aliases, dict) else self.camera_aliases)
+        object.__setattr__(self, "camera_aliases", tuple(sorted(aliases.items())))
+        stray = sorted(k for k in aliases.values() if k not in self.obs_cam_keys)
+        if stray:
+            raise ValueError(f"camera_aliases: {stray} are not cameras of obs_cam_keys {list(self.obs_cam_keys)}")
         action_dim = MODEL_PRESETS[self.model].action_dim if self.model in MODEL_PRESETS else None
         if action_dim is None:
             raise ValueError(f"model: unknown preset {self.model!r}; expected one of {sorted(MODEL_PRESETS)}")
@@ -166,6 +174,14 @@ class PolicyConfig:
         if self.attn_window < 2:
             raise ValueError(f"attn_window: must be >= 2 (the cache holds attn_window // 2 chunks), "
                              f"got {self.attn_window}")
+
+    def camera_key(self, key: str) -> str:
+        """The obs_cam_keys name of a camera sent as `key` (itself, or the camera an alias stands for)."""
+        return dict(self.camera_aliases).get(key, key)
+
+    def canonical_cameras(self, frames):
+        """{camera: value} with aliases renamed to obs_cam_keys names (other keys pass through)."""
+        return {self.camera_key(k): v for k, v in frames.items()}
 
     @property
     def model_config(self) -> ModelConfig:
@@ -215,8 +231,12 @@ class PolicyConfig:
         return dataclasses.replace(self, **changes)
 
 
-_LIBERO_Q01 = (-0.6589, -0.84375, -0.9375, -0.1211, -0.1596, -0.2657, -1.0)
-_LIBERO_Q99 = (0.9, 0.8545, 0.9375, 0.1714, 0.1843, 0.3439, 1.0)
+# Upstream `wan_va/configs/va_libero_cfg.py` (the released LIBERO checkpoint's config), `norm_stat`: 30 values,
+# channels 0-5 (end effector), zeros, then the gripper at 28 and a zero at 29.
+_LIBERO_Q01 = (-0.6589285731315613, -0.84375, -0.9375, -0.12107142806053162, -0.15964286029338837,
+               -0.26571428775787354) + (0.0,) * 22 + (-1.0, 0.0)
+_LIBERO_Q99 = (0.8999999761581421, 0.8544642925262451, 0.9375, 0.17142857611179352, 0.1842857152223587,
+               0.34392857551574707) + (0.0,) * 22 + (1.0, 0.0)
 # Upstream stores zeros for unused channels; quantile normalization maps them to -1 (see actions.py).
 _ROBOTWIN_Q01 = (
     -0.06172713458538055, -3.6716461181640625e-05, -0.08783501386642456, -1, -1, -1, -1,
@@ -233,12 +253,16 @@ def _pad30(values: tuple[float, ...], fill: float) -> tuple[float, ...]:
 
 
 POLICY_PRESETS: dict[str, PolicyConfig] = {
+    # Upstream's va_libero_cfg.py. LeRobot's port (its converter and config) differs: channels 0-6 and action
+    # shift 0.05; a LeRobot-converted checkpoint keeps its own config.json values (io.loading warns).
     "libero": PolicyConfig(
         name="libero",
         model="full",
         height=128,
         width=128,
-        obs_cam_keys=("observation.images.image", "observation.images.image2"),
+        obs_cam_keys=("observation.images.agentview_rgb", "observation.images.eye_in_hand_rgb"),
+        camera_aliases=(("observation.images.image", "observation.images.agentview_rgb"),
+                        ("observation.images.image2", "observation.images.eye_in_hand_rgb")),
         action_per_frame=4,
         frame_chunk_size=4,
         attn_window=30,
@@ -247,10 +271,10 @@ POLICY_PRESETS: dict[str, PolicyConfig] = {
         guidance_scale=5.0,
         action_guidance_scale=1.0,
         snr_shift=5.0,
-        action_snr_shift=0.05,
-        used_action_channel_ids=tuple(range(7)),
-        action_q01=_pad30(_LIBERO_Q01, 0.0),
-        action_q99=_pad30(_LIBERO_Q99, 0.0),
+        action_snr_shift=1.0,
+        used_action_channel_ids=(0, 1, 2, 3, 4, 5, 28),
+        action_q01=_LIBERO_Q01,
+        action_q99=_LIBERO_Q99,
         # The preset takes frames as LeRobot's LIBERO env delivers them: rotated 180 degrees from the
         # raw render. Upstream's LIBERO client (the released checkpoint's training orientation) flips
         # the raw render vertically only, so LeRobot's frames carry one extra horizontal flip, which
@@ -339,3 +363,110 @@ def get_policy_config(name: str, **overrides) -> PolicyConfig:
         raise ValueError(f"preset: unknown {name!r}; expected one of {sorted(POLICY_PRESETS)}")
     cfg = POLICY_PRESETS[name]
     return cfg.replace(**overrides) if overrides else cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy settings from a checkpoint's policy config (upstream's names) and from `--set key=value`
+# --------------------------------------------------------------------------------------------------
+
+# Upstream config names (wan_va/configs/va_*_cfg.py) that are PolicyConfig fields of the same meaning.
+UPSTREAM_POLICY_FIELDS = (
+    "height", "width", "obs_cam_keys", "action_per_frame", "frame_chunk_size", "attn_window",
+    "num_inference_steps", "video_exec_step", "action_num_inference_steps", "guidance_scale",
+    "action_guidance_scale", "snr_shift", "action_snr_shift", "used_action_channel_ids",
+)
+# Upstream keys about the server, training or derived values: accepted; the checked ones must agree.
+UPSTREAM_IGNORED = ("__name__", "host", "port", "param_dtype", "save_root", "wan22_pretrained_model_name_or_path",
+                    "infer_mode")
+UPSTREAM_CHECKED = ("action_dim", "patch_size", "inverse_used_action_channel_ids", "action_norm_method")
+_ENV_TYPES = {"none": "width_concat", "robotwin_tshape": "robotwin_tshape"}
+
+
+def _policy_field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(PolicyConfig)} - {"name", "model"}
+
+
+def policy_fields_from_upstream(d: dict, source: str, model: ModelConfig) -> dict:
+    """PolicyConfig changes from a policy config in upstream's names (plus PolicyConfig's own names for what
+    upstream has no key for: image_transform, camera_aliases, state_dim, max_sequence_length). Unknown keys
+    and values that disagree with the model are errors naming the key and `source`."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object of policy settings")
+    own = _policy_field_names()
+    changes: dict = {}
+    for key, value in d.items():
+        if key in UPSTREAM_IGNORED:
+            continue
+        if key == "norm_stat":
+            if not isinstance(value, dict) or not {"q01", "q99"} <= set(value):
+                raise ValueError(f"{source}: norm_stat: expected {{'q01': [...], 'q99': [...]}} (quantiles)")
+            changes["action_q01"], changes["action_q99"] = tuple(value["q01"]), tuple(value["q99"])
+        elif key == "env_type":
+            if value not in _ENV_TYPES:
+                raise ValueError(f"{source}: env_type: expected one of {sorted(_ENV_TYPES)}, got {value!r}")
+            changes["camera_layout"] = _ENV_TYPES[value]
+        elif key in UPSTREAM_CHECKED:
+            continue  # checked below, once the rest is known
+        elif key in own:
+            changes[key] = tuple(value) if isinstance(value, list) else value
+        elif key == "video_exec_step" and value == -1:
+            continue  # upstream's "off"
+        else:
+            raise ValueError(f"{source}: unknown policy config key {key!r}; expected upstream's names "
+                             f"{sorted(UPSTREAM_POLICY_FIELDS + ('norm_stat', 'env_type') + UPSTREAM_CHECKED)} "
+                             f"or {sorted(own - set(UPSTREAM_POLICY_FIELDS))}")
+    if "action_dim" in d and d["action_dim"] != model.action_dim:
+        raise ValueError(f"{source}: action_dim {d['action_dim']} but the DiT has action_dim {model.action_dim}")
+    if "patch_size" in d and tuple(d["patch_size"]) != model.patch_size:
+        raise ValueError(f"{source}: patch_size {d['patch_size']} but the DiT has {list(model.patch_size)}")
+    if d.get("action_norm_method", "quantiles") != "quantiles":
+        raise ValueError(f"{source}: action_norm_method {d['action_norm_method']!r}: only 'quantiles' is supported")
+    if "inverse_used_action_channel_ids" in d and "used_action_channel_ids" in d:
+        used = list(d["used_action_channel_ids"])
+        want = [len(used)] * model.action_dim
+        for i, ch in enumerate(used):
+            want[ch] = i
+        if list(d["inverse_used_action_channel_ids"]) != want:
+            raise ValueError(f"{source}: inverse_used_action_channel_ids does not invert used_action_channel_ids")
+    return changes
+
+
+def parse_overrides(items) -> dict:
+    """`--set key=value` items -> PolicyConfig changes. Values are JSON (numbers, lists, true/false, strings
+    in quotes) or a bare string; keys are PolicyConfig fields or upstream's names (norm_stat, env_type)."""
+    import json as _json
+
+    out: dict = {}
+    own = _policy_field_names()
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        try:
+            value = _json.loads(raw)
+        except ValueError:
+            value = raw
+        if key not in own and key not in ("norm_stat", "env_type"):
+            raise ValueError(f"--set {key}: unknown policy setting; expected one of {sorted(own)}")
+        out[key] = value
+    return out
+
+
+def tiny_variant(cfg: PolicyConfig) -> PolicyConfig:
+    """`cfg` on the embedded tiny model: its robot-facing fields (cameras, aliases, orientation, state size)
+    with the tiny preset's image size, chunking and step counts. The used channels are packed into the
+    first channels of the tiny model's 8-wide action space, their quantiles with them."""
+    if cfg.model == "tiny":
+        return cfg
+    tiny = POLICY_PRESETS["tiny"]
+    dim = MODEL_PRESETS["tiny"].action_dim
+    used = cfg.used_action_channel_ids
+    if len(used) > dim:
+        raise ValueError(f"used_action_channel_ids: {len(used)} channels do not fit the tiny model's {dim}")
+    q01 = tuple(cfg.action_q01[c] for c in used) + (0.0,) * (dim - len(used))
+    q99 = tuple(cfg.action_q99[c] for c in used) + (0.0,) * (dim - len(used))
+    keep = {f: getattr(tiny, f) for f in ("height", "width", "frame_chunk_size", "attn_window",
+                                           "num_inference_steps", "action_num_inference_steps")}
+    return cfg.replace(name=f"{cfg.name}-tiny", model="tiny", used_action_channel_ids=tuple(range(len(used))),
+                       action_q01=q01, action_q99=q99, state_dim=cfg.state_dim or len(used), **keep)

@@ -3,15 +3,13 @@
 One episode:
 
     policy.reset(prompt="pick up the cube")
-    out = policy.infer({"observation.images.image": img0, ...})   # first chunk: conditions on obs
-    ... execute out["actions"] (steps x used channels) and record keyframes ...
-    policy.feedback(frames={cam: [T, H, W, 3] uint8}, executed_actions=out["actions"])
-    out = policy.infer({})                                           # next chunk
+    chunk = policy.infer({"observation.images.image": img0, ...})  # first chunk: conditions on obs
+    ... execute chunk.actions (steps x used channels), chunk.record(step, executed, images) ...
+    policy.feedback(chunk)                                         # keyframes + executed actions
+    chunk = policy.infer({})                                       # next chunk
     ...
 
-Per chunk the robot executes `steps` actions; for feedback it records one camera frame every
-`action_per_frame / 4` steps (4 frames per latent frame: the VAE's temporal compression), i.e.
-4 * (F - 1) frames after the first chunk and 4 * F after the others.
+The cadence (which executed steps are keyframes, how many) is `core.episode.Chunk`'s.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ from torch import Tensor
 
 from lingbot_edge.core.actions import ActionCodec
 from lingbot_edge.core.config import VAE_TEMPORAL, PolicyConfig
+from lingbot_edge.core.episode import Chunk
 from lingbot_edge.core.model import WanVATransformer
 from lingbot_edge.core.sampler import ReferenceSampler, StaticSampler
 
@@ -185,8 +184,10 @@ class LingBotPolicy:
     supports_lookahead = True
 
     @torch.no_grad()
-    def infer(self, obs: Mapping[str, Any], ahead: bool = False) -> dict[str, Any]:
-        """Predict the next chunk. The first chunk of an episode needs one frame per camera in obs.
+    def infer(self, obs: Mapping[str, Any], ahead: bool = False) -> Chunk:
+        """Predict the next chunk (an `episode.Chunk`: its actions, the keyframe rule, a dict of
+        actions / chunk / frame_start / timing). The first chunk of an episode needs one frame per
+        camera in obs (obs_cam_keys names or their camera_aliases).
 
         ahead=True: predict the chunk after the one awaiting feedback, while that one executes. It
         conditions on the cache's PREDICTED entries of the pending chunk (the model's own prediction,
@@ -204,6 +205,7 @@ class LingBotPolicy:
         first = self.chunk_index == 0 and not self._pending
         first_latent = None
         if first:
+            obs = self.cfg.canonical_cameras(obs)
             frames = orient_frames({k: obs[k] for k in self.cfg.obs_cam_keys if k in obs}, self.cfg.image_transform)
             missing = [k for k in self.cfg.obs_cam_keys if k not in obs]
             if missing:
@@ -221,19 +223,27 @@ class LingBotPolicy:
         if self.record_predicted_video:
             self.predicted_latents.append(result.latents.detach().float().cpu())
         self._pending.append(result)
-        return {
-            "actions": actions,
-            "chunk": self.chunk_index + len(self._pending) - 1,
-            "frame_start": self.sampler.frame_start + shift,
-            "timing": timer.result(),
-        }
+        return Chunk(actions, index=self.chunk_index + len(self._pending) - 1, first=first,
+                     keyframe_stride=self.cfg.keyframe_stride, cameras=self.cfg.obs_cam_keys,
+                     frame_start=self.sampler.frame_start + shift, timing=timer.result())
 
     @torch.no_grad()
-    def feedback(self, frames: Mapping[str, Any], executed_actions: np.ndarray) -> dict[str, float]:
-        """Write what really happened into the cache: the keyframes observed while the chunk ran
-        ({camera: [T, H, W, 3] uint8}, T = 4 * latent frames) and the actions executed."""
+    def feedback(self, chunk: Chunk | Mapping[str, Any],
+                 executed_actions: np.ndarray | None = None) -> dict[str, float]:
+        """Write what really happened into the cache: `feedback(chunk)` with the `Chunk` the loop recorded
+        into (its keyframes and executed actions), or, to replay recorded data, `feedback(frames,
+        executed_actions)` with {camera: [T, H, W, 3] uint8}, T = the chunk's `num_keyframes`."""
         if not self._pending:
             raise RuntimeError("feedback: no chunk to feed back (call infer first)")
+        if isinstance(chunk, Chunk):
+            if executed_actions is not None:
+                raise TypeError("feedback(chunk): the executed actions come from the chunk's records")
+            frames, executed_actions = chunk.feedback_inputs()
+        else:
+            if executed_actions is None:
+                raise TypeError("feedback(frames, executed_actions): executed_actions is required")
+            frames = chunk
+        frames = self.cfg.canonical_cameras(frames)
         timer = PhaseTimer(self.device)
         first = self.chunk_index == 0
         want_t = VAE_TEMPORAL * (self.cfg.frame_chunk_size - (1 if first else 0))

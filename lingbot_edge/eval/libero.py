@@ -71,31 +71,44 @@ EPISODES = (("episode_bowl_plate", "put the black bowl on the plate", 0, 8),)
 # --------------------------------------------------------------------------------------------------
 
 
+# The committed tiny-LIBERO checkpoint's policy settings (its goldens were made with them): the libero
+# preset of the time, which followed LeRobot's port (channels 0-6, action shift 0.05), on the tiny DiT.
+# The checkpoint carries them in its policy_config.json; `load_policy` reads them from there.
+_TINY_LIBERO = dict(
+    height=128, width=128, obs_cam_keys=["observation.images.image", "observation.images.image2"],
+    action_per_frame=4, frame_chunk_size=4, attn_window=30, num_inference_steps=20, action_num_inference_steps=50,
+    guidance_scale=5.0, action_guidance_scale=1.0, snr_shift=5.0, action_snr_shift=0.05,
+    used_action_channel_ids=list(range(7)),
+    norm_stat={"q01": [-0.6589, -0.84375, -0.9375, -0.1211, -0.1596, -0.2657, -1.0, 0.0],
+               "q99": [0.9, 0.8545, 0.9375, 0.1714, 0.1843, 0.3439, 1.0, 0.0]},
+    image_transform="hflip",
+)
+
+
+def tiny_libero_policy_config() -> dict[str, Any]:
+    """policy_config.json of the tiny-LIBERO checkpoint (upstream's names)."""
+    return json.loads(json.dumps(_TINY_LIBERO))
+
+
 def tiny_libero_config(**overrides) -> PolicyConfig:
-    """The libero preset (cameras, 128x128, F=4 x apf=4, window 30, 20/50 steps, CFG 5/1, shifts
-    5/0.05, image_transform) on the tiny DiT: LIBERO's 7 channels in 0-6 of its 8, channel 7 padded
-    with zero quantiles as upstream pads unused channels."""
-    base = get_policy_config("libero")
-    cfg = base.replace(name="tiny_libero", model="tiny", action_q01=base.action_q01[:7] + (0.0,),
-                       action_q99=base.action_q99[:7] + (0.0,))
+    """The tiny-LIBERO PolicyConfig (what `load_policy` makes of `tiny_libero_policy_config()`)."""
+    from lingbot_edge.core.config import MODEL_PRESETS, policy_fields_from_upstream
+
+    fields = policy_fields_from_upstream(tiny_libero_policy_config(), "tiny-libero", MODEL_PRESETS["tiny"])
+    cfg = get_policy_config("tiny").replace(**fields)
     return cfg.replace(**overrides) if overrides else cfg
 
 
-def tiny_libero_overrides(**overrides) -> dict[str, Any]:
-    """`load_policy(ckpt, preset="tiny", policy_overrides=...)` fields that make the tiny preset tiny-LIBERO."""
-    return dataclasses.asdict(tiny_libero_config(**overrides))
-
-
 def load_tiny_libero_policy(checkpoint: str | Path, sampler: str = "static", dtype=None, **overrides):
-    """The tiny-LIBERO policy from a tiny checkpoint folder, through `loading.load_policy`: CPU, fp32
-    (the DiT in `dtype` if given; VAE and UMT5 fp32), eager, prompt embeddings kept in memory only."""
+    """The tiny-LIBERO policy from its checkpoint folder (settings from its policy_config.json) through
+    `load_policy`: CPU, fp32 (the DiT in `dtype` if given; VAE and UMT5 fp32), eager, prompts in memory."""
     import torch
 
     from lingbot_edge.io.loading import load_policy
 
-    return load_policy(checkpoint, preset="tiny", device="cpu", dtype=dtype or torch.float32,
+    return load_policy(checkpoint, device="cpu", dtype=dtype or torch.float32,
                        vae_dtype=torch.float32, text_encoder_dtype=torch.float32, compile=False,
-                       prompt_cache_dir=False, sampler=sampler, policy_overrides=tiny_libero_overrides(**overrides))
+                       prompt_cache_dir=False, sampler=sampler, **overrides)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,6 +537,7 @@ def make_checkpoint(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0) -> P
         vae_config = json.loads((root / "vae" / "config.json").read_text())
         vae_config.update(latents_mean=[round(m, 6) for m in mean], latents_std=[round(s, 6) for s in std])
         (root / "vae" / "config.json").write_text(json.dumps(vae_config, indent=2) + "\n")
+        (root / "policy_config.json").write_text(json.dumps(tiny_libero_policy_config(), indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(root, out)
@@ -657,7 +671,8 @@ def missing_requirements(suite: str, checkpoint: str | Path | None, quantized: M
         missing.append("a LingBot-VA LIBERO checkpoint: --checkpoint DIR (released layout: transformer/ vae/ "
                        "text_encoder/ tokenizer/, or a LeRobot lingbot_va policy folder)")
     else:
-        from lingbot_edge.io.loading import CheckpointError, policy_config_for, resolve_checkpoint
+        from lingbot_edge.io.layout import CheckpointError, resolve_checkpoint
+        from lingbot_edge.io.loading import policy_config_for
 
         try:
             policy_config_for(resolve_checkpoint(checkpoint), "libero")
@@ -830,7 +845,8 @@ class FrozenParts:
 
     def __init__(self, checkpoint: str | Path, device: str, dtype, overrides: Mapping[str, Any] | None = None):
         from lingbot_edge.io.frozen import ObservationEncoder, StreamingVAEEncoder
-        from lingbot_edge.io.loading import build_prompt_cache, load_vae, policy_config_for, resolve_checkpoint
+        from lingbot_edge.io.layout import resolve_checkpoint
+        from lingbot_edge.io.loading import build_prompt_cache, load_vae, policy_config_for
 
         self.layout = resolve_checkpoint(checkpoint)
         self.cfg = policy_config_for(self.layout, "libero", overrides=overrides)

@@ -141,22 +141,19 @@ def so100_policy_config(model: str = "full", q01: Sequence[float] | None = None,
 
 def build_policy(cfg: PolicyConfig, checkpoint: str | Path | None = None, sampler: str = "static",
                  compile: bool = False, seed: int = 0, device: str = "cpu"):
-    """A `LingBotPolicy` for `cfg`. No checkpoint: the embedded tiny model (cfg.model must be "tiny")
-    with cfg's cameras, channels and quantiles; a checkpoint goes through `loading.load_policy` with
-    cfg's cameras, channel map and quantiles as overrides of its preset."""
-    from lingbot_edge.io import tiny as policy_mod
+    """`load_policy` with cfg's robot side (cameras, channel map, quantiles, state size) as overrides: from
+    `checkpoint`, or the embedded tiny model (cfg.model must then be "tiny")."""
+    from lingbot_edge.io.loading import load_policy
 
-    if checkpoint is not None:
-        from lingbot_edge.io.loading import load_policy
-
-        preset = "so100" if cfg.name.startswith("so100") else cfg.name
-        overrides = {f: getattr(cfg, f) for f in ("obs_cam_keys", "used_action_channel_ids", "action_q01",
-                                                  "action_q99", "state_dim")}
-        return load_policy(checkpoint, preset, device=device, sampler=sampler, compile=compile, seed=seed,
-                           policy_overrides=overrides)
-    if cfg.model != "tiny":
+    fields = ("obs_cam_keys", "used_action_channel_ids", "action_q01", "action_q99", "state_dim")
+    if checkpoint is None and cfg.model != "tiny":
         raise ValueError(f"model {cfg.model!r} needs --checkpoint DIR (only the tiny model is embedded)")
-    return policy_mod.build_tiny_policy(sampler=sampler, compile=compile, seed=seed, device=device, cfg=cfg)
+    if checkpoint is None:
+        fields += ("name", "height", "width", "frame_chunk_size", "attn_window", "num_inference_steps",
+                   "action_num_inference_steps")
+    overrides = {f: getattr(cfg, f) for f in fields}
+    return load_policy(checkpoint or "tiny", preset="so100", device=device, sampler=sampler, compile=compile,
+                       seed=seed, **overrides)
 
 
 # ------------------------------------------------------------------------------------------- safety

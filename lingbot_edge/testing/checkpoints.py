@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lingbot_edge.core.config import get_policy_config
-from lingbot_edge.io.loading import (
+from lingbot_edge.io.layout import (
     _MODEL_FIELDS,
     LEROBOT_POLICY_FIELDS,
     LEROBOT_POSTPROCESSOR,
