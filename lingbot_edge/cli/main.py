@@ -17,7 +17,8 @@ import sys
 from importlib import import_module
 
 import numpy as np
-import torch
+
+from lingbot_edge.cli.common import add_policy_args, build_policy
 
 log = logging.getLogger("lingbot_edge")
 
@@ -47,12 +48,9 @@ def _register_plugins(sub) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The embedded tiny policy closing the loop on the simulated SO-100, one chunk after the other."""
-    from lingbot_edge.io.loading import load_policy, runtime_defaults
     from lingbot_edge.robot.so100 import KinematicSO100, SafetyFilter, action_dict, camera_name, joints_of
 
-    device, _, compile = runtime_defaults(args.device, None, {"auto": None, "on": True, "off": False}[args.compile])
-    policy = load_policy("tiny", preset="so100", sampler=args.sampler, compile=compile, seed=args.seed,
-                         device=device, dtype=torch.float32)
+    policy = build_policy(args)
     cfg = policy.cfg
     robot = KinematicSO100(cameras=[camera_name(k) for k in cfg.obs_cam_keys], height=96, width=128)
     safety = SafetyFilter()
@@ -89,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the embedded tiny policy on the simulated SO-100 and print its actions")
     demo.add_argument("--chunks", type=int, default=4)
     demo.add_argument("--prompt", default="pick up the red cube")
-    demo.add_argument("--sampler", choices=("static", "reference"), default="static")
-    demo.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                      help="torch.compile the static sampler (auto: only on CUDA)")
-    demo.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    demo.add_argument("--seed", type=int, default=0)
+    add_policy_args(demo, default_checkpoint="tiny", default_preset="so100")
     demo.set_defaults(func=run_demo)
     for module in _COMMAND_MODULES:
         import_module(f"lingbot_edge.cli.{module}").register(sub)

@@ -1,0 +1,55 @@
+"""Flags that mean the same in every runtime command, and the one way a command builds its policy.
+
+    --checkpoint DIR | tiny   the policy source (a checkpoint folder, or the embedded tiny model)
+    --preset NAME             the default policy settings (the checkpoint's own come first)
+    --transformer DIR         another DiT folder, e.g. a quantized checkpoint from `lingbot-edge quantize`
+    --set KEY=VALUE           a policy setting (PolicyConfig or upstream's name), repeatable, applied last
+    --device / --dtype / --compile / --sampler / --seed
+
+Everything goes to `lingbot_edge.io.loading.load_policy`; its `runtime_defaults` decides what is not given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def add_policy_args(p: argparse.ArgumentParser, *, default_checkpoint: str | None = "tiny",
+                    default_preset: str | None = None) -> None:
+    """The policy flags, identical in every command that runs a policy."""
+    p.add_argument("--checkpoint", default=default_checkpoint,
+                   help="checkpoint folder (released, LeRobot or post-trained layout), or 'tiny' for the embedded "
+                        f"tiny model (default: {default_checkpoint or 'required'})")
+    p.add_argument("--preset", default=default_preset,
+                   help="policy preset used as the default settings: libero, robotwin, so100, tiny (default: "
+                        f"{default_preset or 'from the checkpoint'})")
+    p.add_argument("--transformer", default=None, help="DiT folder replacing the checkpoint's (e.g. a quantized one)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy setting override, JSON value (e.g. --set num_inference_steps=10); repeatable")
+    p.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="DiT dtype (default bf16)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the static sampler (auto: on CUDA only)")
+    p.add_argument("--sampler", choices=("static", "reference"), default="static",
+                   help="static: ring-buffer cache, compiled; reference: upstream's loop, eager")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+
+
+def policy_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    """load_policy keyword arguments of the policy flags (`overrides`: PolicyConfig fields a command sets)."""
+    from lingbot_edge.core.config import parse_overrides
+
+    settings = {**overrides, **parse_overrides(args.settings)}  # --set wins over a command's own mapping
+    return dict(preset=args.preset, transformer=args.transformer, device=args.device, dtype=args.dtype,
+                compile={"auto": None, "on": True, "off": False}[args.compile], sampler=args.sampler,
+                seed=args.seed, **settings)
+
+
+def build_policy(args: argparse.Namespace, **overrides: Any):
+    """The command's policy, through the one factory."""
+    from lingbot_edge.io.loading import load_policy
+
+    return load_policy(args.checkpoint, **policy_kwargs(args, **overrides))
