@@ -340,6 +340,12 @@ def _install(tmp: Path, target: Path) -> None:
     _remove(old)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -358,7 +364,8 @@ def write_folder(folder: str | Path, fill: Callable[[Path], None]) -> Path:
     tmp.mkdir()
     try:
         fill(tmp)
-        for p in tmp.iterdir():
+        for p in tmp.iterdir():  # libraries may create private (0600) files: give the modes the umask allows
+            p.chmod(0o666 & ~_umask())
             _fsync(p)
         _fsync(tmp)
         stage("written")
@@ -371,7 +378,7 @@ def write_folder(folder: str | Path, fill: Callable[[Path], None]) -> Path:
     return folder
 
 
-def write_file(path: str | Path, fill: Callable[[Path], None], mode: int = 0o644) -> Path:
+def write_file(path: str | Path, fill: Callable[[Path], None]) -> Path:
     """Write one file all or nothing: `fill(tmp)` writes a temp file beside it, synced and renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -380,7 +387,7 @@ def write_file(path: str | Path, fill: Callable[[Path], None], mode: int = 0o644
     try:
         fill(tmp)
         _fsync(tmp)
-        os.chmod(tmp, mode)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
