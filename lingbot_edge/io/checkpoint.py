@@ -401,12 +401,14 @@ def check_output_folder(folder: str | Path, *, ours: Callable[[Path], bool], wha
     an output equal to, inside or around one of `inputs` is always refused. Nothing is changed by a refusal."""
     folder = Path(folder)
     resolved = folder.resolve()
+    overlaps = []
     for src in inputs:
         s = Path(src).resolve()
         if resolved == s or s in resolved.parents or resolved in s.parents:
-            relation = "is" if resolved == s else "is inside" if s in resolved.parents else "contains"
-            raise OutputPathError(f"{folder}: the output {relation} the input {src}; choose an output folder "
-                                  "outside it")
+            overlaps.append(("is" if resolved == s else "is inside" if s in resolved.parents else "contains", src))
+    if overlaps:
+        relation, src = min(overlaps, key=lambda o: o[0] != "is")  # "is" names the input best
+        raise OutputPathError(f"{folder}: the output {relation} the input {src}; choose an output folder outside it")
     if folder.is_symlink():
         raise OutputPathError(f"{folder}: is a symbolic link; give the real folder or an absent path")
     recover(folder)  # an interrupted earlier write: judge the folder it left in place
