@@ -38,6 +38,9 @@ def calibration_dict(result: PlanResult, input_absmax: dict[str, float], factors
     return {
         "version": CALIBRATION_VERSION,
         "provenance": provenance,
+        # What the plan was verified to give end to end, in provenance's dtype (normalized action units).
+        "verified": {**result.error.to_dict(), "max_action_rms": result.budget.max_action_rms,
+                     "feasible": result.feasible},
         "input_absmax": dict(sorted(input_absmax.items())),
         "static_input_scales": scales,
         "smoothing": {"alpha": alpha, "producers": {n: producer(n) for n in sorted(factors)},
