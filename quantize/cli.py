@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         log.warning("%s: calibrating activation scales on a synthetic %s episode (%d chunks, random prompt and "
                     "observations); real recorded inputs calibrate better", names, preset, args.calib_chunks)
         calibrate = synthetic_calibration(get_policy_config(preset), chunks=args.calib_chunks)
-    if args.dtype != "bfloat16":
+    if args.dtype != "bfloat16" and not records:  # with records, check_provenance compared their dtype
         log.warning("deploying in %s: plans and budgets are verified in bfloat16 by default (`calibrate --dtype`)",
                     args.dtype)
     result = quantize_checkpoint(args.checkpoint, plan, args.out, dtype=dtype, device=device, calibrate=calibrate,

@@ -12,8 +12,12 @@ JSON form (`QuantPlan.from_json` / `to_json`); a scheme is a registered name, "k
       "version": 1,
       "rules": [{"pattern": "blocks\\\\.\\\\d+\\\\.(attn1|attn2|ffn)\\\\..+", "scheme": "int8_weight_only"}],
       "modules": {"blocks.0.ffn.net.2": "keep", "blocks.29.attn1.to_q": {"backend": "torchao", "weight": "float8"}},
-      "default": "keep"
+      "default": "keep",
+      "provenance": {"checkpoint_sha256": "...", "dtype": "bfloat16", "smoothing_alpha": 0.5, "data": {...}}
     }
+
+`provenance` (optional; `lingbot-edge calibrate plan` writes it) records what the plan was measured
+on; `lingbot-edge quantize` refuses another checkpoint. A rule that matches no Linear is an error.
 
 The default plan quantizes the Linears inside the blocks (attn1, attn2, ffn: ~98% of the weights)
 and keeps embedders, modulation (`time_proj`) and output heads in high precision (DESIGN.md

@@ -7,12 +7,14 @@ float8 data plus one fp32 scale per output channel) and computed by the small ke
 compile with `torch.compile(fullgraph=True)` without graph breaks (quanto's own activation hooks
 do not) and do not depend on a library's tensor-subclass internals.
 
-Folder layout, written atomically (temp dir + rename):
+Folder layout (written under a temporary name beside the target and swapped in atomically,
+`lingbot_edge.io.checkpoint.write_folder`; `save_quantized` replaces only a folder of its own):
 
     config.json          the DiT config (upstream transformer/config.json keys)
     quantization.json    manifest: format version, backend, per-module scheme and runtime format,
-                         size + sha256 of every file, source checkpoint hash, library versions
-    model.safetensors    or model-00001-of-0000N.safetensors shards
+                         size + sha256 of every file, config sha256, source checkpoint hash, library versions
+    model.safetensors    or model-00001-of-0000N.safetensors shards; each one's metadata holds the
+                         sha256 of the manifest (all but its `files` checksums): an edited manifest is refused
 
 Tensor names are the quantized model's state_dict keys. Kept modules keep upstream names; a
 quantized Linear `X` stores `X.weight_qdata` ([out, in] int8 or float8_e4m3fn), `X.weight_scale`
