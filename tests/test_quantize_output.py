@@ -261,3 +261,23 @@ def test_exchange_swaps_two_folders(tmp_path):
     if not ckpt.exchange(a, b):
         pytest.skip("renameat2(RENAME_EXCHANGE) unsupported here: the two-rename fallback is used")
     assert (a / "name").read_text() == "b" and (b / "name").read_text() == "a"
+
+
+def test_provenance_checks(caplog):
+    from quantize.cli import MismatchError, check_provenance
+
+    record = {"checkpoint": "/c/transformer", "checkpoint_sha256": "a" * 64, "dtype": "bfloat16",
+              "smoothing_alpha": 0.5, "data": {"source": "synthetic", "episodes": ["synthetic-0"]}}
+    check_provenance({"--plan p": record, "--calibration c": dict(record)}, "a" * 64, "bfloat16", False)
+    with pytest.raises(MismatchError, match=r"--plan p: measured on checkpoint /c/transformer .* smoothing 0.5"):
+        check_provenance({"--plan p": record}, "b" * 64, "bfloat16", False)
+    with pytest.raises(MismatchError, match="come from different `calibrate plan` runs"):
+        check_provenance({"--plan p": record, "--calibration c": {**record, "data": {}}}, "a" * 64, "bfloat16",
+                         False)
+    with pytest.raises(MismatchError, match="--calibration c: records no provenance"):
+        check_provenance({"--calibration c": None}, "a" * 64, "bfloat16", False)
+    with caplog.at_level("WARNING"):
+        check_provenance({"--plan p": record}, "b" * 64, "bfloat16", True)
+        check_provenance({"--plan p": record}, "a" * 64, "float32", False)
+    assert "--allow-mismatch: used anyway" in caplog.text
+    assert "verified in bfloat16, deploying in float32" in caplog.text
