@@ -129,10 +129,11 @@ def check_provenance(records: dict[str, dict | None], source_sha256: str, dtype:
                             "ties its scales to this checkpoint; run `lingbot-edge calibrate plan` again")
             continue
         if record.get("checkpoint_sha256") != source_sha256:
+            hint = ("; a smoothed plan applies to the transformer/ that `calibrate plan` wrote next to it"
+                    if record.get("smoothing_alpha") is not None else "")
             problems.append(f"{what}: measured on checkpoint {record.get('checkpoint')} (sha256 "
                             f"{str(record.get('checkpoint_sha256'))[:12]}..., smoothing {record.get('smoothing_alpha')}"
-                            f"), not this one (sha256 {source_sha256[:12]}...); a smoothed plan applies to the "
-                            "transformer/ that `calibrate plan` wrote next to it")
+                            f"), not this one (sha256 {source_sha256[:12]}...){hint}")
         if record.get("dtype") not in (None, dtype):
             log.warning("%s: verified in %s, deploying in %s: its error budget was not measured in this dtype",
                         what, record.get("dtype"), dtype)
