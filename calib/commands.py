@@ -36,6 +36,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                              "of calib.outliers (the tests' construction)")
     common.add_argument("--seed", type=int, default=0, help="tiny model seed")
     common.add_argument("--device", help="cpu / cuda (default: cuda if available)")
+    common.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                        help="dtype the model runs in while measuring: the one it will be deployed in, so plans meet "
+                             "their budget there (default bfloat16, recorded in plan.json)")
     common.add_argument("--steps", help="video,action denoising steps (default: the preset's)")
     common.add_argument("--data", nargs="+", help="LeRobot dataset folder, or .npz recordings / folders of them")
     common.add_argument("--camera-map", nargs="*", default=[], metavar="DATASET_KEY=PRESET_KEY",
@@ -74,11 +77,12 @@ def _load(args: argparse.Namespace):
     """(model, cfg, policy) of the arguments; the policy encodes recorded data."""
     import torch
 
+    from calib.pipeline import check_output
     from lingbot_edge.io.loading import load_policy
 
-    # Calibration measures in fp32 (eager): statistics and errors of the model itself, not of bf16 rounding.
+    check_output(args.out, [p for p in (args.checkpoint, *(args.data or ())) if p])
     policy = load_policy(args.checkpoint or "tiny", preset=args.preset if args.checkpoint else None,
-                         device=args.device, dtype=torch.float32, compile=False, seed=args.seed)
+                         device=args.device, dtype=getattr(torch, args.dtype), compile=False, seed=args.seed)
     if not args.checkpoint and args.model == "tiny-outliers":
         from calib.outliers import inject_outlier_channels
 
@@ -109,6 +113,17 @@ def _errors(fn):
             return 2
 
     return run
+
+
+def quantize_command(paths: dict, checkpoint: str | None, dtype: str) -> str:
+    """The `lingbot-edge quantize` command that deploys what `calibrate plan` wrote."""
+    import json
+
+    command = (f"lingbot-edge quantize --checkpoint {paths.get('transformer', checkpoint)} --plan {paths['plan']} "
+               f"--dtype {dtype}")
+    if json.loads(paths["calibration"].read_text())["static_input_scales"]:
+        command += f" --calibration {paths['calibration']}"
+    return command + " --out QUANTIZED_DIR"
 
 
 @_errors
@@ -159,13 +174,12 @@ def _run_plan(args: argparse.Namespace) -> int:
     stats = load_stats(args.out)
     s = setup(model, cfg, _source(args, cfg, policy), stats, episodes=len(meta["episodes"]),
               smooth_alpha=meta["smooth_alpha"], pattern=meta["pattern"], granularity=meta["granularity"])
-    result, paths = plan_step(s, budget, args.out, schemes, stats=stats, progress=True)
+    result, paths = plan_step(s, budget, args.out, schemes, stats=stats, progress=True, checkpoint=args.checkpoint)
     for name, err in result.naive.items():
         print(f"every candidate on {name}: action RMS {err.action_rms:.3g}")
     print(f"plan: action RMS {result.error.action_rms:.3g} ({'meets' if result.feasible else 'MISSES'} the budget), "
           f"weights {result.weight_bytes:,} bytes (bf16 {result.weight_bytes_bf16:,}), kept: {result.kept}")
     for name, p in paths.items():
         print(f"{name}: {p}")
-    checkpoint = paths.get("transformer", args.checkpoint or "CHECKPOINT")
-    print(f"next: lingbot-edge quantize --checkpoint {checkpoint} --plan {paths['plan']} --out QUANTIZED_DIR")
+    print("next: " + quantize_command(paths, args.checkpoint, args.dtype))
     return 0 if result.feasible else 1

@@ -17,6 +17,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from lingbot_edge.core.config import PolicyConfig
+from lingbot_edge.io.checkpoint import check_output_folder, is_temp_path
+from lingbot_edge.io.quantized import sha256_file
 from quantize.plan import BLOCK_LINEARS
 
 from .capture import capture
@@ -58,22 +60,29 @@ def load_stats(out: str | Path) -> ActivationStats | None:
 def setup(model: nn.Module, cfg: PolicyConfig, source: EpisodeSource, stats: ActivationStats | None, *,
           episodes: int = 2, smooth_alpha: float | None = None, pattern: str = BLOCK_LINEARS,
           granularity: str = "module") -> Setup:
-    """Fold smoothing into `model` (in place) if asked, derive input ranges, run the reference."""
+    """Run the reference (the model as given, in its dtype: the one deployed), then fold smoothing into
+    `model` (in place) if asked and derive input ranges. Errors are measured against that reference,
+    so they include the rounding of the smoothed weights."""
     factors: dict[str, Tensor] = {}
     names = [n for t in sensitivity_targets(model, pattern, "module").values() for n in t]
     if smooth_alpha is not None:
         if stats is None:
             raise ValueError("smoothing needs captured statistics: run `calibrate capture` first")
         factors = smoothing_factors(model, stats, names, smooth_alpha)
-        apply_smoothing(model, factors)
-        log.info("smoothing (alpha %g) folded into %d Linears", smooth_alpha, len(factors))
     absmax = {m: smoothed_absmax(stats, m, factors) for m in stats.modules} if stats is not None else {}
     ids = tuple(source.episode_ids()[:episodes])
     evaluator = Evaluator(model, cfg, [source.load(i) for i in ids], absmax)
+    if factors:
+        apply_smoothing(model, factors)
+        log.info("smoothing (alpha %g) folded into %d Linears", smooth_alpha, len(factors))
     meta = {"episodes": list(ids), "data": source.describe(), "smooth_alpha": smooth_alpha, "pattern": pattern,
-            "granularity": granularity, "policy": cfg.name,
+            "granularity": granularity, "policy": cfg.name, "dtype": dtype_name(model),
             "steps": [cfg.num_inference_steps, cfg.action_num_inference_steps]}
     return Setup(evaluator, factors, absmax, ids, meta)
+
+
+def dtype_name(model: nn.Module) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def sensitivity_step(s: Setup, schemes: list[str], out: str | Path, progress: bool = False) -> Sensitivity:
@@ -83,7 +92,14 @@ def sensitivity_step(s: Setup, schemes: list[str], out: str | Path, progress: bo
 
 
 def plan_step(s: Setup, budget: Budget, out: str | Path, schemes: list[str] | None = None,
-              stats: ActivationStats | None = None, progress: bool = False) -> tuple[PlanResult, dict[str, Path]]:
+              stats: ActivationStats | None = None, progress: bool = False,
+              checkpoint: str | Path | None = None) -> tuple[PlanResult, dict[str, Path]]:
+    """Choose the plan and write it with what it was measured on (`provenance`). The plan applies to
+    `checkpoint`'s transformer, or, when smoothing changed the weights or the model has no folder
+    (the embedded tiny one), to OUT/transformer, written here."""
+    from lingbot_edge.io.checkpoint import save_transformer
+    from quantize.api import checkpoint_sha256, transformer_folder
+
     out = Path(out)
     path = out / SENSITIVITY_FILE
     if not path.is_file():
@@ -93,9 +109,38 @@ def plan_step(s: Setup, budget: Budget, out: str | Path, schemes: list[str] | No
     if mismatched:
         raise ValueError(f"{path}: measured with other settings than this plan's: {mismatched}")
     result = choose_plan(sensitivity, s.evaluator, budget, schemes, progress=progress)
-    paths = write_outputs(out, result, sensitivity, stats, s.input_absmax, s.factors, s.meta["smooth_alpha"])
-    if s.factors:  # the plan is for the smoothed weights: write them next to it
-        from lingbot_edge.io.checkpoint import save_transformer
+    written = {}
+    if s.factors or checkpoint is None:
+        inputs = [checkpoint] if checkpoint is not None else []
+        written["transformer"] = target = save_transformer(s.evaluator.model, out / "transformer", replace=True,
+                                                           inputs=inputs)
+    else:
+        target = transformer_folder(checkpoint)
+    stats_file = out / STATS_FILE
+    provenance = {
+        "checkpoint": str(Path(target).resolve()),
+        "checkpoint_sha256": checkpoint_sha256(target),
+        "dtype": s.meta["dtype"],
+        "smoothing_alpha": s.meta["smooth_alpha"],
+        "data": {**s.meta["data"], "episodes": s.meta["episodes"]},
+        "stats_sha256": sha256_file(stats_file) if stats_file.is_file() else None,
+        "steps": s.meta["steps"],
+    }
+    paths = write_outputs(out, result, sensitivity, stats, s.input_absmax, s.factors, s.meta["smooth_alpha"],
+                          provenance)
+    return result, {**paths, **written}
 
-        paths["transformer"] = save_transformer(s.evaluator.model, out / "transformer")
-    return result, paths
+
+CALIBRATION_FILES = {STATS_FILE, SENSITIVITY_FILE, "plan.json", "calibration.json", "report.md", "sensitivity.png",
+                     "transformer"}
+
+
+def is_calibration_folder(folder: Path) -> bool:
+    """Only what the calibrate steps write (and their temp files)."""
+    return all(p.name in CALIBRATION_FILES or is_temp_path(p) for p in folder.iterdir())
+
+
+def check_output(out: str | Path, inputs: list[str | Path]) -> None:
+    """The steps share OUT: absent, empty or a calibration folder; never inside or around an input."""
+    check_output_folder(out, ours=is_calibration_folder, what="a calibration folder (stats.safetensors, "
+                        "sensitivity.json, plan.json, ...)", replace=True, inputs=inputs)

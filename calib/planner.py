@@ -61,10 +61,10 @@ class PlanResult:
     def kept(self) -> list[str]:
         return sorted(n for n, s in self.assignment.items() if s == "keep")
 
-    def quant_plan(self) -> QuantPlan:
+    def quant_plan(self, provenance: dict | None = None) -> QuantPlan:
         """One entry per candidate Linear; everything else is kept (the plan default)."""
         modules = {n: None if s == "keep" else get_scheme(s) for n, s in sorted(self.assignment.items())}
-        return QuantPlan(modules=modules)
+        return QuantPlan(modules=modules, provenance=provenance)
 
 
 def model_weight_bytes(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lingbot_edge.io.checkpoint import write_file
 from quantize import get_scheme
 from quantize.api import needs_calibration
 
@@ -23,11 +24,11 @@ from .stats import ActivationStats
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: provenance
 
 
 def calibration_dict(result: PlanResult, input_absmax: dict[str, float], factors: dict[str, Tensor],
-                     alpha: float | None) -> dict[str, Any]:
+                     alpha: float | None, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Static input scales of the plan's static-activation modules (absmax / qmax of the captured
     inputs, after smoothing) and the smoothing folded into the weights the plan applies to."""
     scales = {}
@@ -36,6 +37,10 @@ def calibration_dict(result: PlanResult, input_absmax: dict[str, float], factors
             scales[name] = input_absmax[name] / static_qmax(get_scheme(s))
     return {
         "version": CALIBRATION_VERSION,
+        "provenance": provenance,
+        # What the plan was verified to give end to end, in provenance's dtype (normalized action units).
+        "verified": {**result.error.to_dict(), "max_action_rms": result.budget.max_action_rms,
+                     "feasible": result.feasible},
         "input_absmax": dict(sorted(input_absmax.items())),
         "static_input_scales": scales,
         "smoothing": {"alpha": alpha, "producers": {n: producer(n) for n in sorted(factors)},
@@ -44,17 +49,21 @@ def calibration_dict(result: PlanResult, input_absmax: dict[str, float], factors
 
 
 def write_outputs(out: str | Path, result: PlanResult, sensitivity: Sensitivity, stats: ActivationStats | None,
-                  input_absmax: dict[str, float], factors: dict[str, Tensor], alpha: float | None) -> dict[str, Path]:
+                  input_absmax: dict[str, float], factors: dict[str, Tensor], alpha: float | None,
+                  provenance: dict[str, Any] | None = None) -> dict[str, Path]:
+    """plan.json and calibration.json carry `provenance` (checkpoint hash, dtype, smoothing, data):
+    `lingbot-edge quantize` checks it against the checkpoint it quantizes."""
     out = Path(out)
-    paths = {"plan": write_json_atomic(out / "plan.json", result.quant_plan().to_dict()),
+    paths = {"plan": write_json_atomic(out / "plan.json", result.quant_plan(provenance).to_dict()),
              "calibration": write_json_atomic(out / "calibration.json",
-                                              calibration_dict(result, input_absmax, factors, alpha))}
+                                              calibration_dict(result, input_absmax, factors, alpha, provenance))}
     png = out / "sensitivity.png"
     has_png = plot_sensitivity(sensitivity, result, png)
     if has_png:
         paths["png"] = png
     report = out / "report.md"
-    report.write_text(markdown_report(result, sensitivity, stats, factors, png.name if has_png else None))
+    text = markdown_report(result, sensitivity, stats, factors, png.name if has_png else None)
+    write_file(report, lambda tmp: tmp.write_text(text))
     paths["report"] = report
     return paths
 

@@ -19,11 +19,11 @@ from typing import Any
 from torch import nn
 from tqdm import tqdm
 
+from lingbot_edge.io.checkpoint import write_file
 from quantize import get_scheme
 from quantize.plan import BLOCK_LINEARS
 
 from .evaluate import Evaluator, weight_bytes
-from .stats import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Sensitivity:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    return write_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def sensitivity_targets(model: nn.Module, pattern: str = BLOCK_LINEARS, granularity: str = "module"

@@ -68,11 +68,12 @@ def apply_smoothing(model: nn.Module, factors: dict[str, Tensor]) -> None:
         if src is None:
             raise ValueError(f"{name}: no producer to fold a smoothing factor into (foldable: {sorted(FOLDABLE)})")
         consumer, prod = model.get_submodule(name), model.get_submodule(src)
-        s = s.to(consumer.weight.device)
-        prod.weight.div_(s.view(-1, *([1] * (prod.weight.dim() - 1))).to(prod.weight.dtype))
+        s = s.to(consumer.weight.device, torch.float32)
+        # In fp32, rounded once to the weights' dtype (a bf16 model is smoothed with one rounding per weight).
+        prod.weight.copy_(prod.weight.float() / s.view(-1, *([1] * (prod.weight.dim() - 1))))
         if prod.bias is not None:
-            prod.bias.div_(s.to(prod.bias.dtype))
-        consumer.weight.mul_(s.view(1, -1).to(consumer.weight.dtype))
+            prod.bias.copy_(prod.bias.float() / s)
+        consumer.weight.copy_(consumer.weight.float() * s.view(1, -1))
 
 
 def smoothed_absmax(stats: ActivationStats, name: str, factors: dict[str, Tensor]) -> float:

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,24 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-
-def atomic_write(path: str | Path, write: Any) -> Path:
-    """Write `path` all or nothing: `write(tmp_path)` fills a temp file beside it, which is fsynced
-    and renamed over `path`; a failure leaves the previous file untouched and no temp file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from lingbot_edge.io.checkpoint import write_file
 
 STATS_FORMAT = "lingbot-edge-activation-stats"
 STATS_VERSION = 1
@@ -204,7 +185,7 @@ class ActivationStats:
         # One metadata key: safetensors writes several in a random order, and the file's bytes must
         # not depend on it (two captures of the same data are byte-identical).
         metadata = {STATS_FORMAT: json.dumps(header, sort_keys=True)}
-        return atomic_write(path, lambda tmp: save_file(self.state_dict(), str(tmp), metadata=metadata))
+        return write_file(path, lambda tmp: save_file(self.state_dict(), str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationStats:

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from lingbot_edge.core.config import ModelConfig
 from lingbot_edge.core.model import WanVATransformer
 from lingbot_edge.core.qlinear import QuantizedLinear, check_device_support, quantized_linears
-from lingbot_edge.io.checkpoint import build_meta_model, load_transformer
-from lingbot_edge.io.quantized import build_quantized_skeleton, save_quantized, sha256_file
+from lingbot_edge.io.checkpoint import build_meta_model, load_transformer, stage
+from lingbot_edge.io.quantized import build_quantized_skeleton, check_quantized_output, save_quantized, sha256_file
 
 from .plan import QuantPlan, default_plan
 from .schemes import Scheme, quantize_linear, scheme_name
@@ -76,6 +76,9 @@ def quantize_(
     assignment = {name: s for name, s in plan.resolve(model).items() if s is not None}
     if filter_fn is not None:
         assignment = {name: s for name, s in assignment.items() if filter_fn(model.get_submodule(name), name)}
+    if not assignment:
+        raise ValueError("plan: quantizes no Linear of this model (every Linear is kept); a quantized checkpoint "
+                         "of it would be the original in another format")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if check_hardware:
         check_schemes_supported(dict.fromkeys(assignment.values()), device)
@@ -190,18 +193,26 @@ def quantize_checkpoint(
     input_scales: Mapping[str, float] | None = None,
     progress: bool = True,
     max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
+    replace: bool = False,
+    source_sha256: str | None = None,
 ) -> QuantizeResult:
     """Load a `transformer/` checkpoint in `dtype` on `device`, quantize it (Linear by Linear, the
     high-precision weight of each is freed as its quantized module replaces it) and write a
-    quantized checkpoint to `out` (atomically)."""
+    quantized checkpoint to `out` (atomically). `out` must be absent, empty or (with `replace`) a
+    quantized checkpoint, and apart from the checkpoint (`check_quantized_output`): checked before
+    anything is read. `source_sha256`: `checkpoint_sha256` of the source if already computed."""
     plan = as_plan(config)
     check_schemes_supported(plan_schemes(plan), device)  # before reading gigabytes
     src = transformer_folder(checkpoint)
-    source = {"path": str(src.resolve()), "sha256": checkpoint_sha256(src)}
+    inputs = (Path(checkpoint), src)
+    check_quantized_output(out, replace=replace, inputs=inputs)
+    source = {"path": str(src.resolve()), "sha256": source_sha256 or checkpoint_sha256(src)}
     model = load_transformer(src, dtype=dtype, device=device)
     assignment = quantize_(model, plan, calibrate=calibrate, input_scales=input_scales, device=device,
                            progress=progress)
-    folder = save_quantized(model, out, provenance(assignment), source=source, max_shard_bytes=max_shard_bytes)
+    stage("quantized")
+    folder = save_quantized(model, out, provenance(assignment), source=source, max_shard_bytes=max_shard_bytes,
+                            replace=replace, inputs=inputs)
     return QuantizeResult(folder, assignment, summarize(model.config, model, assignment, dtype))
 
 

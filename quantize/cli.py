@@ -12,11 +12,12 @@ import torch
 
 from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, get_policy_config
 from lingbot_edge.core.qlinear import UnsupportedSchemeError
-from lingbot_edge.io.quantized import QuantizedCheckpointError
+from lingbot_edge.io.quantized import QuantizedCheckpointError, check_quantized_output
 
 from .api import (
     as_plan,
     check_schemes_supported,
+    checkpoint_sha256,
     format_summary,
     needs_calibration,
     plan_schemes,
@@ -35,7 +36,7 @@ _CALIBRATION_PRESET = {"full": "libero", "tiny": "tiny"}
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (UnsupportedSchemeError, QuantizedCheckpointError, FileNotFoundError, ValueError) as e:
+    except (UnsupportedSchemeError, QuantizedCheckpointError, FileNotFoundError, ValueError, MismatchError) as e:
         print(f"lingbot-edge quantize: error: {e}", file=sys.stderr)
         return 2
 
@@ -67,13 +68,19 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--checkpoint DIR and --out DIR are required (or use --dry-run)")
     schemes = plan_schemes(plan)
     check_schemes_supported(schemes, device)
+    src = transformer_folder(args.checkpoint)
+    check_quantized_output(args.out, replace=args.force, inputs=(Path(args.checkpoint), src))
+    source_sha = checkpoint_sha256(src)
+    records = {}
+    if plan.provenance is not None:
+        records[f"--plan {args.plan}"] = plan.provenance
     calibrate, input_scales = None, None
     if args.calibration:  # scales the calibration planner verified (calibration.json)
-        input_scales = json.loads(Path(args.calibration).read_text()).get("static_input_scales")
-        if not isinstance(input_scales, dict):
-            raise ValueError(f"--calibration {args.calibration}: expected a JSON object with 'static_input_scales' "
-                             "(written by `lingbot-edge calibrate plan`)")
-    elif any(needs_calibration(s) for s in schemes):
+        calibration = _read_calibration(args.calibration)
+        records[f"--calibration {args.calibration}"] = calibration.get("provenance")
+        input_scales = calibration["static_input_scales"]
+    check_provenance(records, source_sha, args.dtype, args.allow_mismatch)
+    if input_scales is None and any(needs_calibration(s) for s in schemes):
         from .metrics import synthetic_calibration
 
         cfg = ModelConfig.from_json(transformer_folder(args.checkpoint) / "config.json")
@@ -85,9 +92,55 @@ def _run(args: argparse.Namespace) -> int:
         log.warning("%s: calibrating activation scales on a synthetic %s episode (%d chunks, random prompt and "
                     "observations); real recorded inputs calibrate better", names, preset, args.calib_chunks)
         calibrate = synthetic_calibration(get_policy_config(preset), chunks=args.calib_chunks)
+    if args.dtype != "bfloat16" and not records:  # with records, check_provenance compared their dtype
+        log.warning("deploying in %s: plans and budgets are verified in bfloat16 by default (`calibrate --dtype`)",
+                    args.dtype)
     result = quantize_checkpoint(args.checkpoint, plan, args.out, dtype=dtype, device=device, calibrate=calibrate,
                                  input_scales=input_scales, progress=True,
-                                 max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+                                 max_shard_bytes=int(args.max_shard_gb * (1 << 30)), replace=args.force,
+                                 source_sha256=source_sha)
     print(format_summary(result.summary, dtype))
     print(f"wrote {result.folder}")
     return 0
+
+
+class MismatchError(Exception):
+    """A plan or calibration measured on another checkpoint than the one being quantized."""
+
+
+def _read_calibration(path: str) -> dict:
+    try:
+        calibration = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--calibration {path}: not valid JSON ({e})") from e
+    if not isinstance(calibration, dict) or not isinstance(calibration.get("static_input_scales"), dict):
+        raise ValueError(f"--calibration {path}: expected a JSON object with 'static_input_scales' "
+                         "(written by `lingbot-edge calibrate plan`)")
+    return calibration
+
+
+def check_provenance(records: dict[str, dict | None], source_sha256: str, dtype: str, allow_mismatch: bool) -> None:
+    """Each plan / calibration record must come from this checkpoint (and from one calibrate run);
+    `allow_mismatch` turns the refusal into a warning. Another deployment dtype only warns."""
+    problems = []
+    for what, record in records.items():
+        if not isinstance(record, dict):
+            problems.append(f"{what}: records no provenance (written before it was recorded, or by hand): nothing "
+                            "ties its scales to this checkpoint; run `lingbot-edge calibrate plan` again")
+            continue
+        if record.get("checkpoint_sha256") != source_sha256:
+            hint = ("; a smoothed plan applies to the transformer/ that `calibrate plan` wrote next to it"
+                    if record.get("smoothing_alpha") is not None else "")
+            problems.append(f"{what}: measured on checkpoint {record.get('checkpoint')} (sha256 "
+                            f"{str(record.get('checkpoint_sha256'))[:12]}..., smoothing {record.get('smoothing_alpha')}"
+                            f"), not this one (sha256 {source_sha256[:12]}...){hint}")
+        if record.get("dtype") not in (None, dtype):
+            log.warning("%s: verified in %s, deploying in %s: its error budget was not measured in this dtype",
+                        what, record.get("dtype"), dtype)
+    valid = [r for r in records.values() if isinstance(r, dict)]
+    if len(valid) == 2 and valid[0] != valid[1]:
+        problems.append(f"{' and '.join(records)}: come from different `calibrate plan` runs (provenance differs)")
+    if problems and not allow_mismatch:
+        raise MismatchError("; ".join(problems) + " (--allow-mismatch to use them anyway)")
+    for problem in problems:
+        log.warning("%s (--allow-mismatch: used anyway)", problem)

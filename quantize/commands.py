@@ -25,7 +25,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--scheme", help="a scheme name, applied to the Linears inside the blocks")
     what.add_argument("--plan", help="a plan JSON (per-module / regex schemes or 'keep')")
     p.add_argument("--checkpoint", help="upstream transformer/ folder (or a checkpoint root containing one)")
-    p.add_argument("--out", help="output folder of the quantized checkpoint (replaced atomically)")
+    p.add_argument("--out", help="output folder of the quantized checkpoint: absent or empty, or (with --force) a "
+                                 "quantized checkpoint, replaced atomically; never inside or around --checkpoint")
+    p.add_argument("--force", action="store_true", help="replace an existing quantized checkpoint at --out "
+                                                       "(never anything else)")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="use a --plan / --calibration measured on another checkpoint (warns instead of refusing)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the weight-byte table of the plan on the meta device; reads only config.json")
     p.add_argument("--preset", choices=("full", "tiny"), help="model preset for --dry-run without --checkpoint")

@@ -12,8 +12,12 @@ JSON form (`QuantPlan.from_json` / `to_json`); a scheme is a registered name, "k
       "version": 1,
       "rules": [{"pattern": "blocks\\\\.\\\\d+\\\\.(attn1|attn2|ffn)\\\\..+", "scheme": "int8_weight_only"}],
       "modules": {"blocks.0.ffn.net.2": "keep", "blocks.29.attn1.to_q": {"backend": "torchao", "weight": "float8"}},
-      "default": "keep"
+      "default": "keep",
+      "provenance": {"checkpoint_sha256": "...", "dtype": "bfloat16", "smoothing_alpha": 0.5, "data": {...}}
     }
+
+`provenance` (optional; `lingbot-edge calibrate plan` writes it) records what the plan was measured
+on; `lingbot-edge quantize` refuses another checkpoint. A rule that matches no Linear is an error.
 
 The default plan quantizes the Linears inside the blocks (attn1, attn2, ffn: ~98% of the weights)
 and keeps embedders, modulation (`time_proj`) and output heads in high precision (DESIGN.md
@@ -48,6 +52,9 @@ class QuantPlan:
     rules: tuple[tuple[str, Scheme | None], ...] = ()
     modules: Mapping[str, Scheme | None] = field(default_factory=dict)
     default: Scheme | None = None
+    # What the plan was measured on (`lingbot-edge calibrate plan`): checkpoint hash, dtype, smoothing,
+    # calibration data; `lingbot-edge quantize` refuses a checkpoint it does not match.
+    provenance: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "rules", tuple((str(p), s) for p, s in self.rules))
@@ -78,25 +85,34 @@ class QuantPlan:
             else:
                 out[name] = self.default
         for pattern, _ in self.rules:
+            if not any(re.fullmatch(pattern, name) for name in linears):
+                raise ValueError(f"plan rule {pattern!r} matches no Linear of this model (a typo? Linear names look "
+                                 f"like {linears[len(linears) // 2]!r})")
             if pattern not in used:
-                log.warning("plan rule %r matches no Linear of this model", pattern)
+                log.warning("plan rule %r is shadowed: every Linear it matches is decided before it", pattern)
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": PLAN_VERSION,
             "rules": [{"pattern": p, "scheme": _scheme_ref(s)} for p, s in self.rules],
             "modules": {name: _scheme_ref(s) for name, s in self.modules.items()},
             "default": _scheme_ref(self.default),
         }
+        if self.provenance is not None:
+            d["provenance"] = dict(self.provenance)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "plan") -> QuantPlan:
         if not isinstance(d, Mapping):
             raise ValueError(f"{source}: expected a JSON object with 'rules' / 'modules' / 'default'")
-        unknown = set(d) - {"version", "rules", "modules", "default"}
+        unknown = set(d) - {"version", "rules", "modules", "default", "provenance"}
         if unknown:
-            raise ValueError(f"{source}: unknown keys {sorted(unknown)}; expected version, rules, modules, default")
+            raise ValueError(f"{source}: unknown keys {sorted(unknown)}; expected version, rules, modules, default, "
+                             "provenance")
+        if not isinstance(d.get("provenance", {}), Mapping):
+            raise ValueError(f"{source}: 'provenance' must be a JSON object (what `calibrate plan` measured)")
         if d.get("version", PLAN_VERSION) != PLAN_VERSION:
             raise ValueError(f"{source}: plan version {d.get('version')!r} not supported (expected {PLAN_VERSION})")
         rules = []
@@ -111,10 +127,13 @@ class QuantPlan:
             rules=tuple(rules),
             modules={name: _parse_ref(s, f"{source}: modules[{name!r}]") for name, s in modules.items()},
             default=_parse_ref(d.get("default", KEEP), f"{source}: default"),
+            provenance=d.get("provenance"),
         )
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from lingbot_edge.io.checkpoint import write_file
+
+        write_file(path, lambda tmp: tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> QuantPlan:
@@ -139,4 +158,4 @@ def _scheme_ref(scheme: Scheme | None) -> str | dict[str, Any]:
 
 
 def _parse_ref(ref: Any, source: str) -> Scheme | None:
-    return None if ref == KEEP else get_scheme(ref, source)
+    return None if ref == KEEP else get_scheme(ref, source, keep=True)

@@ -228,11 +228,13 @@ def scheme_name(scheme: Scheme) -> str:
     return next((name for name, s in SCHEMES.items() if s == scheme), scheme.label)
 
 
-def get_scheme(spec: str | Mapping[str, Any], source: str = "scheme") -> Scheme:
-    """A scheme from a registered name or a dict {"backend": ..., <fields>}."""
+def get_scheme(spec: str | Mapping[str, Any], source: str = "scheme", keep: bool = False) -> Scheme:
+    """A scheme from a registered name or a dict {"backend": ..., <fields>}. `keep`: the caller also
+    accepts "keep" (plans), so the error offers it."""
     if isinstance(spec, str):
         if spec not in SCHEMES:
-            raise ValueError(f"{source}: unknown scheme {spec!r}; expected one of {sorted(SCHEMES)} or 'keep'")
+            also = " or 'keep'" if keep else ""
+            raise ValueError(f"{source}: unknown scheme {spec!r}; expected one of {sorted(SCHEMES)}{also}")
         return SCHEMES[spec]
     if not isinstance(spec, Mapping) or spec.get("backend") not in _BACKENDS:
         raise ValueError(f"{source}: expected a scheme name or an object with 'backend' in {sorted(_BACKENDS)}, "

@@ -83,7 +83,7 @@ def test_bad_folders(tmp_path, tiny):
     with pytest.raises(ValueError, match="safetensors"):
         load_transformer(folder)
     # a config that does not describe this model
-    save_transformer(model, folder)
+    save_transformer(model, folder, replace=True)
     conf = json.loads((folder / "config.json").read_text())
     conf["num_layers"] = 3
     (folder / "config.json").write_text(json.dumps(conf))
@@ -101,3 +101,66 @@ def test_bad_folders(tmp_path, tiny):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_transformer(folder)
+
+
+# ----------------------------------------------------------------------------- output folders
+
+
+def test_save_transformer_replaces_only_its_own_folders(tmp_path, tiny):
+    from lingbot_edge.io.checkpoint import OutputPathError
+
+    _, model = tiny
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "notes.txt").write_text("mine")
+    for replace in (False, True):
+        with pytest.raises(OutputPathError, match=r"not empty \(notes.txt\) and not a transformer/ checkpoint"):
+            save_transformer(model, own, replace=replace)
+    assert [p.name for p in own.iterdir()] == ["notes.txt"] and (own / "notes.txt").read_text() == "mine"
+    folder = save_transformer(model, tmp_path / "transformer")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(OutputPathError, match="already holds a transformer/ checkpoint folder"):
+        save_transformer(model, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    with pytest.raises(OutputPathError, match="the output is inside the input"):
+        save_transformer(model, folder / "sub", inputs=[folder])
+    save_transformer(model, folder, replace=True, max_shard_bytes=20_000)  # sharded now
+    assert len(list(folder.glob("*.safetensors"))) > 1 and not (folder / "diffusion_pytorch_model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["own", "transformer"]  # no temp folder left
+
+
+def test_prompt_cache_folder_holds_only_its_entries(tmp_path):
+    from lingbot_edge.io.prompt_cache import PromptCache
+
+    foreign = tmp_path / "ckpt"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds files that are not prompt-cache entries \(config.json\)"):
+        PromptCache(lambda: None, fingerprint="x", text_dim=4, cache_dir=foreign)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        PromptCache(lambda: None, fingerprint="x", text_dim=4, cache_dir=tmp_path / "file")
+    ok = tmp_path / "prompts"
+    ok.mkdir()
+    (ok / f"{'a' * 64}.safetensors").write_bytes(b"")
+    (ok / f".{'a' * 64}.safetensors.lingbot-edge-tmp.1.00ff").write_bytes(b"")
+    PromptCache(lambda: None, fingerprint="x", text_dim=4, cache_dir=ok)
+
+
+def test_write_file_sweeps_stale_temp_files_only(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from lingbot_edge.io.checkpoint import is_temp_path, write_file
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".f.json.lingbot-edge-tmp.{dead.pid}.00aa"
+    live = tmp_path / f".f.json.lingbot-edge-tmp.{os.getpid()}.00bb"
+    other = tmp_path / f".g.json.lingbot-edge-tmp.{dead.pid}.00cc"  # another target's: not this write's
+    for p in (stale, live, other):
+        p.write_text("partial")
+    write_file(tmp_path / "f.json", lambda tmp: tmp.write_text("{}"))
+    assert (tmp_path / "f.json").read_text() == "{}"
+    assert not stale.exists() and live.exists() and other.exists() and is_temp_path(other)

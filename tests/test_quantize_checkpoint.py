@@ -87,7 +87,7 @@ def test_bf16_roundtrip_and_checkpoint_pipeline(tiny, tmp_path):
         assert torch.equal(x, y)
 
     manifest = json.loads((result.folder / MANIFEST_NAME).read_text())
-    assert manifest["format_version"] == 1 and manifest["dtype"] == "bfloat16"
+    assert manifest["format_version"] == 2 and manifest["dtype"] == "bfloat16"
     assert manifest["backend"] == "bitsandbytes+quanto+torchao"
     assert manifest["source"]["sha256"] == checkpoint_sha256(tmp_path / "ckpt" / "transformer")
     assert manifest["modules"]["blocks.1.attn1.to_q"]["scheme"] == "quanto_int8_a8"
@@ -146,19 +146,20 @@ def test_edited_config_or_manifest_is_refused(saved, tmp_path):
     folder = _copy(saved[2], tmp_path / "b")
     path = folder / MANIFEST_NAME
     manifest = json.loads(path.read_text())
-    # The manifest says float8 where int8 was written: caught from the headers, before any read.
+    # One module's activation format edited (would load silently with the wrong kernel), a module
+    # dropped, a version bumped: each is caught by the manifest hash in the weight files' metadata,
+    # from the headers, with or without the file checksums.
     edited = json.loads(json.dumps(manifest))
-    edited["modules"]["blocks.0.attn1.to_q"]["format"]["weight"] = "float8_e4m3fn"
-    path.write_text(json.dumps(edited))
-    with pytest.raises(QuantizedCheckpointError, match=r"to_q.weight_qdata is I8, expected torch.float8_e4m3fn"):
-        load_quantized(folder)
-    edited = {**manifest, "modules": {k: v for k, v in manifest["modules"].items() if k != "proj_out"}}
-    path.write_text(json.dumps(edited))
-    mismatch = r"missing \['proj_out.weight'\], unexpected \['proj_out.weight_qdata', 'proj_out.weight_scale'\]"
-    with pytest.raises(QuantizedCheckpointError, match=mismatch):
-        load_quantized(folder)
-    path.write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(QuantizedCheckpointError, match="format_version 99 is not supported"):
+    edited["modules"]["blocks.0.attn2.to_q"]["format"]["activation"] = "none"
+    edits = [edited, {**manifest, "modules": {k: v for k, v in manifest["modules"].items() if k != "proj_out"}},
+             {**manifest, "dtype": "bfloat16"}]
+    for edit in edits:
+        path.write_text(json.dumps(edit, indent=2))
+        for verify in (True, False):
+            with pytest.raises(QuantizedCheckpointError, match=rf"{MANIFEST_NAME}: edited after it was written"):
+                load_quantized(folder, verify=verify)
+    path.write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(QuantizedCheckpointError, match="format_version 1 is not supported"):
         load_quantized(folder)
     path.write_text("{oops")
     with pytest.raises(QuantizedCheckpointError, match="not valid JSON"):
@@ -192,7 +193,7 @@ def test_writes_are_atomic(saved, tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(OSError, match="No space"):
-        save_quantized(quantized, folder, provenance(assignment))
+        save_quantized(quantized, folder, provenance(assignment), replace=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # old checkpoint untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no temp folder left behind
 

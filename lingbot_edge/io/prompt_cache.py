@@ -25,8 +25,8 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lingbot_edge.io.checkpoint import is_temp_path, write_file
 from lingbot_edge.io.frozen import PromptEncoder, clean_prompt
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,24 @@ def default_cache_dir() -> Path:
     """`$LINGBOT_EDGE_CACHE/prompts` if that variable is set, else `~/.cache/lingbot_edge/prompts`."""
     root = os.environ.get(CACHE_ENV)
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "lingbot_edge") / "prompts"
+
+
+ENTRY_PATTERN = re.compile(r"[0-9a-f]{64}\.safetensors")
+
+
+def check_cache_dir(folder: Path) -> None:
+    """A prompt-cache folder is absent, empty or holds cache entries only (and this tool's temp files):
+    the cache writes its entries into it and never into a folder of other files."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"prompt cache_dir {folder}: exists and is not a folder")
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if not ENTRY_PATTERN.fullmatch(p.name)
+                         and not is_temp_path(p))
+        if foreign:
+            raise ValueError(f"prompt cache_dir {folder}: holds files that are not prompt-cache entries "
+                             f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); give it a folder of "
+                             "its own (default: ~/.cache/lingbot_edge/prompts)")
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,6 +186,8 @@ class PromptCache:
         self.device = torch.device(device)
         self.dtype = dtype
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        if self.cache_dir is not None and self.cache_dir.exists():
+            check_cache_dir(self.cache_dir)  # at start, not at the first miss mid-episode
         self.negative_prompt = negative_prompt
         self.release_after_encode = release_after_encode
         self._memory: dict[str, Tensor] = {}
@@ -247,7 +268,7 @@ class PromptCache:
         """Atomic: a temporary file in the cache folder, then os.replace (readers see old or new)."""
         from safetensors.torch import save_file
 
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        check_cache_dir(self.cache_dir)
         path = self.cache_dir / f"{key}.safetensors"
         meta = {
             "format": FORMAT,
@@ -257,14 +278,8 @@ class PromptCache:
             "encoder_dtype": str(self.encoder_dtype),
             "fingerprint": self.fingerprint,
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=self.cache_dir)
-        os.close(fd)
-        try:
-            save_file({"embeds": emb.detach().contiguous().cpu()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        data = {"embeds": emb.detach().contiguous().cpu()}
+        write_file(path, lambda tmp: save_file(data, str(tmp), metadata=meta))  # also sweeps stale temp files
         self.stats["disk_writes"] += 1
         return path
 

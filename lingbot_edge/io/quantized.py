@@ -7,12 +7,14 @@ float8 data plus one fp32 scale per output channel) and computed by the small ke
 compile with `torch.compile(fullgraph=True)` without graph breaks (quanto's own activation hooks
 do not) and do not depend on a library's tensor-subclass internals.
 
-Folder layout, written atomically (temp dir + rename):
+Folder layout (written under a temporary name beside the target and swapped in atomically,
+`lingbot_edge.io.checkpoint.write_folder`; `save_quantized` replaces only a folder of its own):
 
     config.json          the DiT config (upstream transformer/config.json keys)
     quantization.json    manifest: format version, backend, per-module scheme and runtime format,
-                         size + sha256 of every file, source checkpoint hash, library versions
-    model.safetensors    or model-00001-of-0000N.safetensors shards
+                         size + sha256 of every file, config sha256, source checkpoint hash, library versions
+    model.safetensors    or model-00001-of-0000N.safetensors shards; each one's metadata holds the
+                         sha256 of the manifest (all but its `files` checksums): an edited manifest is refused
 
 Tensor names are the quantized model's state_dict keys. Kept modules keep upstream names; a
 quantized Linear `X` stores `X.weight_qdata` ([out, in] int8 or float8_e4m3fn), `X.weight_scale`
@@ -29,9 +31,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import shutil
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +48,21 @@ from lingbot_edge.core.qlinear import (
     quantized_linears,
 )
 from lingbot_edge.io.checkpoint import (
+    QUANTIZED_MANIFEST,
     build_meta_model,
-    chmod_like_new_files,
+    check_output_folder,
     open_safetensors,
-    replace_dir,
+    refuse_temp_path,
     shard_state,
+    write_folder,
 )
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "lingbot-edge-quantized-dit"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "quantization.json"
+FORMAT_VERSION = 2  # 2: manifest hash in every weight file's metadata, config_sha256
+MANIFEST_NAME = QUANTIZED_MANIFEST
+MANIFEST_HASH_KEY = "lingbot_edge.manifest_sha256"  # safetensors metadata key
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "model"
 # Packages whose versions the manifest records (read from installed metadata, never imported).
@@ -134,21 +137,33 @@ def installed_versions(packages: tuple[str, ...] = RECORDED_PACKAGES) -> dict[st
     return out
 
 
+def manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """Hash of everything in the manifest but `files` (the files' own checksums, computed after the
+    weights are written); stored in every weight file's metadata, so any edit of the manifest shows."""
+    body = {k: v for k, v in manifest.items() if k != "files"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def save_quantized(
     model: WanVATransformer,
     folder: str | Path,
     modules: Mapping[str, Mapping[str, Any]],
     source: Mapping[str, Any] | None = None,
     max_shard_bytes: int | None = None,
+    *,
+    replace: bool = False,
+    inputs: Sequence[str | Path] = (),
 ) -> Path:
     """Write a quantized model atomically.
 
     `modules` maps every QuantizedLinear's name to its provenance: at least `scheme` (a name) and
     `backend`; any other JSON keys are kept. `source` describes the checkpoint it came from
-    (e.g. {"path": ..., "sha256": ...}).
+    (e.g. {"path": ..., "sha256": ...}). `folder` must be absent or empty, or (with `replace`) a
+    quantized checkpoint; never one of `inputs` (`check_quantized_output`).
     """
     from safetensors.torch import save_file
 
+    check_quantized_output(folder, replace=replace, inputs=inputs)
     qlinears = quantized_linears(model)
     if set(qlinears) != set(modules):
         missing, extra = sorted(set(qlinears) - set(modules)), sorted(set(modules) - set(qlinears))
@@ -162,48 +177,64 @@ def save_quantized(
         entries[name] = {**info, "format": q.fmt.to_dict()}
     kept = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    shards = shard_state(state, max_shard_bytes)
+    names = [f"{WEIGHTS_STEM}.safetensors" if len(shards) == 1 else
+             f"{WEIGHTS_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    config_text = json.dumps(model.config.to_dict(), indent=2)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "backend": "+".join(sorted({e["backend"] for e in entries.values()})) or "none",
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "modules": entries,
+        "kept_linears": kept,
+        "source": dict(source) if source is not None else None,
+        "versions": installed_versions(),
+        "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+        "weight_map": {k: fname for shard, fname in zip(shards, names, strict=True) for k in shard},
+    }
+    metadata = {"format": "pt", MANIFEST_HASH_KEY: manifest_sha256(manifest)}
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp.", dir=folder.parent))
-    try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2))
-        shards = shard_state(state, max_shard_bytes)
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"{WEIGHTS_STEM}.safetensors" if len(shards) == 1 else \
-                f"{WEIGHTS_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, fname))
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "backend": "+".join(sorted({e["backend"] for e in entries.values()})) or "none",
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "modules": entries,
-            "kept_linears": kept,
-            "source": dict(source) if source is not None else None,
-            "versions": installed_versions(),
-            "files": files,
-            "weight_map": weight_map,
-        }
+    def fill(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_text(config_text)
+        for shard, fname in zip(shards, names, strict=True):
+            save_file(shard, str(tmp / fname), metadata=metadata)
+        manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                             for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        chmod_like_new_files(tmp)
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(folder, fill)
     log.info("saved quantized model to %s (%d quantized Linears, %d kept, %d files)", folder, len(entries),
-             len(kept), len(files) - 1)
-    return folder
+             len(kept), len(names) + 1)
+    return Path(folder)
+
+
+def is_quantized_checkpoint(folder: str | Path) -> bool:
+    """A folder `save_quantized` wrote and nothing else: valid manifest (sizes and manifest hash
+    checked, not the file checksums) and no file it does not list."""
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+        verify_files(folder, manifest, checksums=False)
+    except (QuantizedCheckpointError, OSError):
+        return False
+    return {p.name for p in folder.iterdir()} <= set(manifest["files"]) | {MANIFEST_NAME}
+
+
+def check_quantized_output(folder: str | Path, *, replace: bool = False, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse `folder` as an output unless it is absent, empty or (with `replace`: `--force`) a quantized
+    checkpoint with nothing else in it; never equal to, inside or around one of `inputs`."""
+    check_output_folder(folder, ours=is_quantized_checkpoint, what="a lingbot-edge quantized checkpoint",
+                        replace=replace, inputs=inputs)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Parse and validate quantization.json (structure and version; checksums: `verify_files`)."""
+    refuse_temp_path(folder, QuantizedCheckpointError)
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
-        raise QuantizedCheckpointError(f"{path.parent}: no {MANIFEST_NAME} (not a quantized lingbot-edge checkpoint)")
+        raise QuantizedCheckpointError(f"{path.parent}: no {MANIFEST_NAME} (not a quantized lingbot-edge checkpoint; "
+                                       "a folder `lingbot-edge quantize` wrote always has one)")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -211,9 +242,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise QuantizedCheckpointError(f"{path}: not a {FORMAT_NAME} manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    if version != FORMAT_VERSION:
         raise QuantizedCheckpointError(f"{path}: format_version {version!r} is not supported by this runtime "
-                                       f"(supports 1..{FORMAT_VERSION})")
+                                       f"(supports {FORMAT_VERSION}; version 1 folders carry no manifest hash: "
+                                       "quantize again)")
     for key, kind in (("modules", dict), ("files", dict), ("weight_map", dict), ("kept_linears", list)):
         if not isinstance(manifest.get(key), kind):
             raise QuantizedCheckpointError(f"{path}: '{key}' missing or not a JSON {kind.__name__}")
@@ -241,6 +273,18 @@ def verify_files(folder: str | Path, manifest: Mapping[str, Any], checksums: boo
                                            f"manifest says {info.get('bytes')}")
         if checksums and sha256_file(path) != info.get("sha256"):
             raise QuantizedCheckpointError(f"{path}: sha256 mismatch (corrupted or modified after it was written)")
+    manifest_path = folder / MANIFEST_NAME
+    config = (folder / CONFIG_NAME).read_bytes()
+    if hashlib.sha256(config).hexdigest() != manifest.get("config_sha256"):
+        raise QuantizedCheckpointError(f"{folder / CONFIG_NAME}: modified after it was written (sha256 differs from "
+                                       f"{MANIFEST_NAME}'s config_sha256)")
+    expected = manifest_sha256(manifest)
+    for fname in sorted(set(manifest["weight_map"].values())):
+        with _open(folder / fname) as f:
+            recorded = (f.metadata() or {}).get(MANIFEST_HASH_KEY)
+        if recorded != expected:
+            raise QuantizedCheckpointError(f"{manifest_path}: edited after it was written (its hash differs from the "
+                                           f"one recorded in {fname}); quantize again instead of editing the manifest")
 
 
 def load_quantized(
