@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lingbot_edge.core.config import VAE_TEMPORAL, get_policy_config
+from lingbot_edge.core.episode import Chunk
 from lingbot_edge.io.torchvision_compat import nms_cpu
 from lingbot_edge.lerobot import adapter as lp
 
@@ -50,7 +51,7 @@ def _stamp(t: int, cam: int, hw=(8, 8)) -> np.ndarray:
 
 
 class FakePolicy:
-    """Stands in for LingBotPolicy: checks the call protocol, records what it was fed back.
+    """Stands in for LingBotPolicy: returns real `Chunk`s, checks the call protocol, records the feedback.
 
     Action [step, 0] = 100 * chunk + step, so the order actions are handed out is visible.
     """
@@ -63,49 +64,58 @@ class FakePolicy:
 
     def reset(self, prompt: str) -> None:
         self.prompts.append(prompt)
-        self.chunk_index, self.pending, self.feedbacks = 0, False, []
+        self.chunk_index, self.pending, self.feedbacks = 0, None, []
 
-    def _steps(self) -> int:
-        return (self.cfg.frame_chunk_size - (self.chunk_index == 0)) * self.cfg.action_per_frame
+    def infer(self, obs) -> Chunk:
+        assert self.pending is None, "infer twice without feedback"
+        first = self.chunk_index == 0
+        assert set(obs) == (set(self.cfg.obs_cam_keys) if first else set())
+        steps = (self.cfg.frame_chunk_size - first) * self.cfg.action_per_frame
+        a = np.zeros((steps, len(self.cfg.used_action_channel_ids)), np.float32)
+        a[:, 0] = 100 * self.chunk_index + np.arange(steps)
+        self.pending = Chunk(a, index=self.chunk_index, first=first, keyframe_stride=self.cfg.keyframe_stride,
+                             cameras=self.cfg.obs_cam_keys)
+        return self.pending
 
-    def infer(self, obs):
-        assert not self.pending, "infer twice without feedback"
-        assert set(obs) == (set(self.cfg.obs_cam_keys) if self.chunk_index == 0 else set())
-        a = np.zeros((self._steps(), len(self.cfg.used_action_channel_ids)), np.float32)
-        a[:, 0] = 100 * self.chunk_index + np.arange(len(a))
-        self.pending, self.last = True, a
-        return {"actions": a}
-
-    def feedback(self, frames, executed_actions):
-        assert self.pending
+    def feedback(self, chunk):
+        assert chunk is self.pending
+        frames, executed = chunk.feedback_inputs()
+        # Independent of Chunk: 4 keyframes per latent frame, F - 1 latent frames in the first chunk.
         want_t = VAE_TEMPORAL * (self.cfg.frame_chunk_size - (self.chunk_index == 0))
         assert all(frames[k].shape[0] == want_t for k in self.cfg.obs_cam_keys)
-        self.feedbacks.append(({k: np.array(v) for k, v in frames.items()}, np.array(executed_actions)))
+        self.feedbacks.append(({k: np.array(v) for k, v in frames.items()}, np.array(executed)))
         self.chunk_index += 1
-        self.pending = False
+        self.pending = None
 
 
 @pytest.mark.parametrize("apf", [4, 8])  # keyframe stride 1 and 2
 def test_runner_keyframes_feedback_and_action_order(apf):
     fake = FakePolicy(apf)
     cams = fake.cfg.obs_cam_keys
-    stride = fake.cfg.keyframe_stride
+    stride = apf // VAE_TEMPORAL
     runner = lp.EpisodeRunner(fake)
     steps = [(fake.cfg.frame_chunk_size - (c == 0)) * apf for c in range(4)]  # 4 chunks
-    handed = []
+    handed, built = [], []
     for t in range(sum(steps) + 1):  # the last call triggers the 5th chunk
-        obs = {k: _stamp(t, i) for i, k in enumerate(cams)}
-        handed.append(runner.step(obs, prompt="stack")[0])
+
+        def images(t=t):
+            built.append(t)
+            return {k: _stamp(t, i) for i, k in enumerate(cams)}
+
+        handed.append(runner.step(images, prompt="stack")[0])
     assert fake.prompts == ["stack"] and runner.chunks == 5 and fake.chunk_index == 4
     expected = [100 * c + i for c, n in enumerate(steps) for i in range(n)] + [400]
     np.testing.assert_array_equal(handed, expected)
     start = 0  # global step at the start of chunk c; observation t follows the t-th executed action
+    keyframe_t = [0]
     for c, (frames, executed) in enumerate(fake.feedbacks):
         want_t = [start + j for j in range(stride, steps[c] + 1, stride)]
+        keyframe_t += want_t
         for i, k in enumerate(cams):
             np.testing.assert_array_equal(frames[k][:, 0, 0, 0], [(t + 50 * i) % 256 for t in want_t])
         np.testing.assert_array_equal(executed[:, 0], 100 * c + np.arange(steps[c]))
         start += steps[c]
+    assert built == keyframe_t  # images are only converted for the first observation and keyframes
     runner.reset()  # a new episode starts from the next step's images
     runner.step({k: _stamp(0, 0) for k in cams}, prompt="other")
     assert fake.prompts == ["stack", "other"] and fake.chunk_index == 0 and runner.chunks == 1
@@ -133,6 +143,95 @@ def test_runner_chunk_level_calls_and_errors():
     runner.next_chunk(executed_actions=chunk + 1, frames=frames)
     np.testing.assert_array_equal(fake.feedbacks[0][1], chunk + 1)
     assert runner.remaining == 16 and runner.chunks == 2
+
+
+def test_runner_drives_the_tiny_policy_like_the_direct_loop():
+    """EpisodeRunner.step on the real tiny policy = the README's loop written out (infer, execute, feedback)."""
+    from lingbot_edge.io.loading import load_policy
+    from lingbot_edge.testing.toy import ToyScene
+
+    policy = load_policy("tiny", device="cpu", dtype="fp32", compile=False)
+    cfg = policy.cfg
+    first, later = (cfg.frame_chunk_size - 1) * cfg.action_per_frame, cfg.frame_chunk_size * cfg.action_per_frame
+    stride = cfg.action_per_frame // VAE_TEMPORAL
+    scene = ToyScene(cfg.obs_cam_keys, seed=0)
+    policy.reset(prompt="push")
+    direct = [policy.infer(scene.render()).actions]
+    frames = {k: [] for k in cfg.obs_cam_keys}
+    for i, a in enumerate(direct[-1]):
+        scene.step(a)
+        if (i + 1) % stride == 0:
+            for k, img in scene.render().items():
+                frames[k].append(img)
+    policy.feedback({k: np.stack(v) for k, v in frames.items()}, direct[-1])
+    direct = np.concatenate([direct[0], policy.infer({}).actions])
+    assert len(direct) == first + later
+
+    # The same policy again: reset() restarts the episode with the same noise seed.
+    runner, scene = lp.EpisodeRunner(policy), ToyScene(cfg.obs_cam_keys, seed=0)
+    stepped = []
+    for _ in range(len(direct)):
+        a = runner.step(scene.render, prompt="push")
+        stepped.append(a)
+        scene.step(a)
+    np.testing.assert_allclose(np.stack(stepped), direct, atol=1e-6, rtol=0)
+    assert runner.chunks == 2 and policy.chunk_index == 1
+
+
+def test_action_settings_map_the_env_action_onto_model_channels(caplog):
+    tiny = get_policy_config("tiny")  # 6 used channels (0, 1, 2, 3, 5, 6) of 8
+    assert lp.action_settings(tiny, 6) == {}  # same size: the checkpoint's channels and quantiles
+    # The tiny model adapts to a 2-d env action: channels 0, 1 with their quantiles (-1, 1), (-0.5, 0.5).
+    assert lp.action_settings(tiny, 2, adaptable=True) == {"used_action_channel_ids": (0, 1)}
+    ch = lp.action_settings(tiny, 2, adaptable=True, q01=[0, 10], q99=[512, 20])
+    assert ch["used_action_channel_ids"] == (0, 1)
+    assert ch["action_q01"][:2] == (0.0, 10.0) and ch["action_q99"][:2] == (512.0, 20.0)
+    assert ch["action_q01"][2:] == tiny.action_q01[2:]
+    ch = lp.action_settings(tiny, 3, channels=[7, 2, 4], q01=[1, 2, 3], q99=[4, 5, 6])
+    assert ch["used_action_channel_ids"] == (7, 2, 4)
+    assert [ch["action_q01"][i] for i in (7, 2, 4)] == [1, 2, 3]
+    assert [ch["action_q99"][i] for i in (7, 2, 4)] == [4, 5, 6]
+    # Dataset stats: q01/q99 where present, else min/max with a warning.
+    stats = {"min": torch.tensor([-3.0, -4.0]), "max": torch.tensor([3.0, 4.0]), "q01": np.array([-2.0, -1.0]),
+             "q99": np.array([2.0, 1.0])}
+    ch = lp.action_settings(tiny, 2, adaptable=True, stats=stats)
+    assert ch["action_q01"][:2] == (-2.0, -1.0) and ch["action_q99"][:2] == (2.0, 1.0)
+    with caplog.at_level("WARNING"):
+        ch = lp.action_settings(tiny, 2, adaptable=True, stats={"min": [-3, -4], "max": [3, 4]})
+    assert ch["action_q01"][:2] == (-3.0, -4.0) and ch["action_q99"][:2] == (3.0, 4.0)
+    assert "no q01/q99" in caplog.text
+    # A trained checkpoint's channels are not guessed; bad input names the field.
+    with pytest.raises(ValueError, match=r"action has 2 values.*set action_channels"):
+        lp.action_settings(tiny, 2)
+    with pytest.raises(ValueError, match="action_channels: 1 channel ids"):
+        lp.action_settings(tiny, 2, channels=[0])
+    with pytest.raises(ValueError, match="set both"):
+        lp.action_settings(tiny, 2, adaptable=True, q01=[0, 0])
+    with pytest.raises(ValueError, match="expected 2 values each"):
+        lp.action_settings(tiny, 2, adaptable=True, q01=[0], q99=[1])
+    with pytest.raises(ValueError, match=r"channels \[7\] have no range"):  # tiny q01[7] = -1, q99[7] = 1: set 0, 0
+        lp.action_settings(tiny, 1, channels=[7], q01=[0], q99=[0])
+    with pytest.raises(ValueError, match="do not fit"):
+        lp.action_settings(tiny, 9, adaptable=True)
+
+
+def test_camera_settings_map_the_env_images():
+    tiny = get_policy_config("tiny")
+    a, b = tiny.obs_cam_keys
+    assert lp.camera_settings(tiny, [b, a, "observation.images.extra"], {}) == ({}, {a: a, b: b})
+    mapped = {a: "observation.images.top", b: "observation.images.wrist"}
+    assert lp.camera_settings(tiny, ["observation.images.wrist", "observation.images.top"], mapped) == ({}, mapped)
+    assert lp.camera_settings(tiny, [], {a: "x"}) == ({}, {a: "x", b: b})  # features unknown: keys as given
+    # The tiny model takes the env's cameras (pusht has one).
+    assert lp.camera_settings(tiny, ["observation.image"], {}, adaptable=True) == (
+        {"obs_cam_keys": ("observation.image",)}, {"observation.image": "observation.image"})
+    with pytest.raises(ValueError, match=r"reads cameras \['observation.images.image', 'observation.images.image2'\]"):
+        lp.camera_settings(tiny, ["observation.image"], {})
+    with pytest.raises(ValueError, match="image_key_map"):
+        lp.camera_settings(tiny, [a, b], {"observation.images.nope": a})
+    libero = get_policy_config("libero")  # upstream's names, LeRobot's as aliases
+    keys = ["observation.images.image", "observation.images.image2"]
+    assert lp.camera_settings(libero, keys, {})[1] == dict(zip(libero.obs_cam_keys, keys, strict=True))
 
 
 def test_image_conversion_and_prompt():
@@ -208,18 +307,19 @@ def lerobot_batch(images: dict[str, np.ndarray]) -> dict:
 def reference_chunks(policy, n_chunks: int, seed: int = 0) -> list[np.ndarray]:
     """Drive LingBotPolicy directly (the README's loop), executing every chunk in the scene."""
     cfg = policy.cfg
+    stride = cfg.action_per_frame // VAE_TEMPORAL
     scene = Scene(cfg.obs_cam_keys, seed)
     policy.reset(prompt=PROMPT)
-    chunks = [policy.infer(scene.render())["actions"]]
+    chunks = [policy.infer(scene.render()).actions]
     for _ in range(n_chunks - 1):
         frames = {k: [] for k in cfg.obs_cam_keys}
         for i, a in enumerate(chunks[-1]):
             scene.step(a)
-            if (i + 1) % cfg.keyframe_stride == 0:
+            if (i + 1) % stride == 0:
                 for k, img in scene.render().items():
                     frames[k].append(img)
         policy.feedback({k: np.stack(v) for k, v in frames.items()}, chunks[-1])
-        chunks.append(policy.infer({})["actions"])
+        chunks.append(policy.infer({}).actions)
     return chunks
 
 
@@ -242,9 +342,17 @@ def adapter(lerobot_api):
 
 @pytest.fixture(scope="module")
 def reference():
-    from lingbot_edge.io.tiny import build_tiny_policy
+    from lingbot_edge.io.loading import load_policy
 
-    return reference_chunks(build_tiny_policy(compile=False), 5)
+    return reference_chunks(load_policy("tiny", device="cpu", compile=False), 5)  # the adapter's defaults
+
+
+def _features(cams, n_action, hw=(64, 64)):
+    """A dataset's `features` as `lerobot.record` writes them (ds_meta.features)."""
+    features = {k: {"dtype": "video", "shape": (*hw, 3), "names": ["height", "width", "channels"]} for k in cams}
+    features["observation.state"] = {"dtype": "float32", "shape": (n_action,), "names": None}
+    features["action"] = {"dtype": "float32", "shape": (n_action,), "names": None}
+    return features
 
 
 @pytest.mark.lerobot
@@ -258,23 +366,30 @@ def test_config_registered_and_round_trips(lerobot_api, tmp_path):
     assert PreTrainedConfig.get_choice_class("lingbot_edge") is LingBotEdgeConfig
     assert factory.get_policy_class("lingbot_edge") is LingBotEdgePolicy
     assert factory.get_policy_class("act").__name__ == "ACTPolicy"  # the others still resolve
-    cfg = factory.make_policy_config("lingbot_edge", device="cpu", compile=False, image_key_map={
-        "observation.images.image": "observation.images.top"})
-    assert cfg.type == "lingbot_edge" and cfg.chunk_size == 8
+    cfg = factory.make_policy_config("lingbot_edge", device="cpu", compile=False, action_channels=[0, 1],
+                                     action_q01=[0.0, 0.0], action_q99=[512.0, 512.0],
+                                     settings=["num_inference_steps=2"],
+                                     image_key_map={"observation.images.image": "observation.images.top"})
+    assert cfg.type == "lingbot_edge" and cfg.checkpoint == "tiny"
     cfg.save_pretrained(tmp_path)  # what --policy.path=<dir> reads back
     loaded = PreTrainedConfig.from_pretrained(tmp_path)
     assert type(loaded) is LingBotEdgeConfig and loaded.compile is False
     assert loaded.image_key_map == {"observation.images.image": "observation.images.top"}
-    with pytest.raises(ValueError, match="image_key_map"):
-        LingBotEdgeConfig(device="cpu", image_key_map={"observation.images.nope": "x"})
+    assert loaded.action_channels == [0, 1] and loaded.action_q99 == [512.0, 512.0]
+    assert loaded.settings == ["num_inference_steps=2"]
     with pytest.raises(ValueError, match="preset"):
         LingBotEdgeConfig(device="cpu", preset="nope")
+    with pytest.raises(ValueError, match="dtype"):
+        LingBotEdgeConfig(device="cpu", dtype="int3")
+    with pytest.raises(ValueError, match="--set nope: unknown policy setting"):
+        LingBotEdgeConfig(device="cpu", settings=["nope=1"])
 
 
 @pytest.mark.lerobot
 @needs_lerobot
 def test_lerobot_cli_plugin_and_make_policy(lerobot_api, monkeypatch):
-    """`--policy.discover_packages_path=lingbot_edge_lerobot --policy.type=lingbot_edge` as the CLI parses it."""
+    """`--policy.discover_packages_path=lingbot_edge_lerobot --policy.type=lingbot_edge` as the CLI parses it;
+    the action size comes from the dataset's action feature, the tiny model adapts its channels."""
     from dataclasses import dataclass
     from types import SimpleNamespace
 
@@ -294,37 +409,63 @@ def test_lerobot_cli_plugin_and_make_policy(lerobot_api, monkeypatch):
 
     monkeypatch.setattr(sys, "argv", ["record", "--policy.discover_packages_path=lingbot_edge_lerobot",
                                       "--policy.type=lingbot_edge", "--policy.device=cpu", "--policy.compile=false",
-                                      "--policy.seed=3"])
+                                      "--policy.seed=3", "--policy.dtype=fp32", "--policy.action_channels=[4,0,2]",
+                                      "--policy.settings=[num_inference_steps=2]"])
     cfg = main().policy
-    assert cfg.type == "lingbot_edge" and cfg.seed == 3 and cfg.compile is False
+    assert cfg.type == "lingbot_edge" and cfg.seed == 3 and cfg.compile is False and cfg.dtype == "fp32"
+    assert cfg.action_channels == [4, 0, 2] and cfg.settings == ["num_inference_steps=2"]
 
     cams = get_policy_config("tiny").obs_cam_keys
-    features = {k: {"dtype": "video", "shape": (64, 64, 3), "names": ["height", "width", "channels"]} for k in cams}
-    features["observation.state"] = {"dtype": "float32", "shape": (6,), "names": None}
-    features["action"] = {"dtype": "float32", "shape": (6,), "names": None}
-    policy = factory.make_policy(cfg, ds_meta=SimpleNamespace(features=features, stats={}))  # as lerobot.record
+    stats = {"action": {"min": np.array([-5.0, -6.0, -7.0]), "max": np.array([5.0, 6.0, 7.0])}}
+    policy = factory.make_policy(cfg, ds_meta=SimpleNamespace(features=_features(cams, 3), stats=stats))
     assert isinstance(policy, LingBotEdgePolicy) and policy.lingbot.seed == 3
+    pc = policy.lingbot.cfg
+    assert pc.used_action_channel_ids == (4, 0, 2) and pc.num_inference_steps == 2
+    assert [pc.action_q01[c] for c in (4, 0, 2)] == [-5, -6, -7] and [pc.action_q99[c] for c in (4, 0, 2)] == [5, 6, 7]
     assert next(policy.parameters()).device.type == "cpu"  # what eval's get_device_from_parameters reads
+    assert next(policy.parameters()).dtype == torch.float32
 
-    features["action"]["shape"] = (7,)
-    with pytest.raises(ValueError, match=r"produces \(6,\)"):
-        factory.make_policy(cfg, ds_meta=SimpleNamespace(features=features, stats={}))
-    features["action"]["shape"] = (6,)
-    features["observation.images.top"] = features.pop(cams[0])
-    with pytest.raises(ValueError, match="image_key_map"):
-        factory.make_policy(cfg, ds_meta=SimpleNamespace(features=features, stats={}))
+    # Without action_channels the tiny model puts a 7-d action on channels 0-6.
+    cfg = factory.make_policy_config("lingbot_edge", device="cpu", compile=False)
+    policy = factory.make_policy(cfg, ds_meta=SimpleNamespace(features=_features(cams, 7), stats={}))
+    assert policy.lingbot.cfg.used_action_channel_ids == tuple(range(7))
+    assert cfg.output_features["action"].shape == (7,)
+
+
+@pytest.mark.lerobot
+@needs_lerobot
+def test_checkpoint_folder_and_action_channels(lerobot_api, tmp_path):
+    """A checkpoint folder goes through load_policy; its trained channels are not guessed for another action."""
+    from types import SimpleNamespace
+
+    from lingbot_edge.io.loading import load_policy
+    from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
+
+    factory = lerobot_api
+    root = save_tiny_checkpoint(tmp_path / "ckpt", seed=5)
+    cams = get_policy_config("tiny").obs_cam_keys
+    cfg = factory.make_policy_config("lingbot_edge", device="cpu", compile=False, checkpoint=str(root), preset="tiny")
+    policy = factory.make_policy(cfg, ds_meta=SimpleNamespace(features=_features(cams, 6), stats={}))
+    direct = load_policy(root, preset="tiny", device="cpu", compile=False)
+    for (k, a), (k2, b) in zip(policy.model.state_dict().items(), direct.model.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)  # the folder's weights, not the embedded tiny ones
+    assert policy.lingbot.checkpoint.root == direct.checkpoint.root
+
+    cfg = factory.make_policy_config("lingbot_edge", device="cpu", compile=False, checkpoint=str(root), preset="tiny")
+    with pytest.raises(ValueError, match=r"action has 2 values.*action_channels"):
+        factory.make_policy(cfg, ds_meta=SimpleNamespace(features=_features(cams, 2), stats={}))
+    cfg = factory.make_policy_config("lingbot_edge", device="cpu", compile=False, checkpoint=str(root), preset="tiny",
+                                     action_channels=[1, 0], action_q01=[0, 0], action_q99=[512, 96])
+    policy = factory.make_policy(cfg, ds_meta=SimpleNamespace(features=_features(cams, 2), stats={}))
+    assert policy.lingbot.cfg.used_action_channel_ids == (1, 0)
+    assert policy.lingbot.cfg.action_q99[:2] == (96, 512)
+    feats = _features(("observation.images.top",), 6)
+    cfg = factory.make_policy_config("lingbot_edge", device="cpu", compile=False, checkpoint=str(root), preset="tiny")
+    with pytest.raises(ValueError, match="image_key_map"):  # a trained checkpoint keeps its cameras
+        factory.make_policy(cfg, ds_meta=SimpleNamespace(features=feats, stats={}))
 
 
 SO100_MOTORS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
-BUILT = []
-
-
-def so100_builder(config):
-    """A `--policy.builder` stand-in for a checkpoint loader (the tiny weights, CPU, eager)."""
-    from lingbot_edge.io.tiny import build_tiny_policy
-
-    BUILT.append(config)
-    return build_tiny_policy(compile=False, seed=config.seed, device=config.device)
 
 
 @pytest.mark.lerobot
@@ -344,11 +485,13 @@ def test_so100_record_loop_path(lerobot_api, tmp_path):
     cams = {"top": (48, 64, 3), "wrist": (48, 64, 3)}  # robot camera names -> (h, w, 3)
     features = {**hw_to_dataset_features({**motors, **cams}, "observation"), **hw_to_dataset_features(motors, "action")}
     cfg = factory.make_policy_config(
-        "lingbot_edge", device="cpu", builder=f"{__name__}:so100_builder", seed=1,
-        image_key_map={"observation.images.image": "observation.images.top",
-                       "observation.images.image2": "observation.images.wrist"})
+        "lingbot_edge", device="cpu", compile=False, preset="so100", seed=1,
+        image_key_map={"observation.images.camera_top": "observation.images.top",
+                       "observation.images.camera_wrist_left": "observation.images.wrist",
+                       "observation.images.camera_wrist_right": "observation.images.wrist"})
     policy = factory.make_policy(cfg, ds_meta=SimpleNamespace(features=features, stats={}))
-    assert isinstance(policy, LingBotEdgePolicy) and BUILT[-1] is cfg
+    assert isinstance(policy, LingBotEdgePolicy)
+    assert policy.lingbot.cfg.used_action_channel_ids == tuple(range(6))  # so100 preset on the tiny model
     policy.reset()
     rng = np.random.default_rng(0)
     for _ in range(13):  # chunks of 4 + 8 steps, then the first action of the third chunk
@@ -365,6 +508,7 @@ def test_so100_record_loop_path(lerobot_api, tmp_path):
     policy.save_pretrained(tmp_path)  # what --policy.path=<dir> loads
     loaded = LingBotEdgePolicy.from_pretrained(tmp_path)
     assert loaded.config.image_key_map == cfg.image_key_map and loaded.lingbot.seed == 1
+    assert loaded.config.preset == "so100" and loaded.lingbot.cfg.obs_cam_keys == policy.lingbot.cfg.obs_cam_keys
     for (k, a), (k2, b) in zip(policy.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
 
