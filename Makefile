@@ -36,7 +36,7 @@ lint: venv
 LR_VENV := .venv-lerobot
 LR_BIN := $(LR_VENV)/bin
 LR_STAMP := $(LR_VENV)/.installed
-LR_TESTS := tests/test_lerobot_policy.py tests/test_lerobot_eval.py
+LR_TESTS := tests/test_lerobot_adapter.py tests/test_lerobot_eval.py
 
 $(LR_STAMP): pyproject.toml constraints.txt
 	test -x $(LR_BIN)/python || $(PYTHON) -m venv $(LR_VENV)
