@@ -31,20 +31,22 @@ test-all: venv
 lint: venv
 	$(BIN)/ruff check .
 
-# LeRobot lives in its own venv: its CUDA torchvision must not leak into the main one.
+# LeRobot lives in its own venv: its CUDA torchvision must not leak into the main one. LeRobot 0.3.2 is what
+# resolves next to torch 2.13 on Python 3.11; gym-pusht (its `pusht` extra) is the env the eval test plays.
 LR_VENV := .venv-lerobot
 LR_BIN := $(LR_VENV)/bin
 LR_STAMP := $(LR_VENV)/.installed
+LR_TESTS := tests/test_lerobot_adapter.py tests/test_lerobot_eval.py
 
 $(LR_STAMP): pyproject.toml constraints.txt
 	test -x $(LR_BIN)/python || $(PYTHON) -m venv $(LR_VENV)
 	$(LR_BIN)/pip install -q --upgrade pip
 	$(LR_BIN)/pip install -q torch==2.13.0
-	$(LR_BIN)/pip install -q -c constraints.txt -e ".[frozen,robot,dev]"
+	$(LR_BIN)/pip install -q -c constraints.txt -e ".[frozen,robot,dev]" "lerobot[pusht]>=0.3.2,<0.4"
 	touch $(LR_STAMP)
 
 test-lerobot: $(LR_STAMP)
-	$(LR_BIN)/python -m pytest -q -m lerobot tests/test_lerobot_policy.py
+	$(LR_BIN)/python -m pytest -q -m lerobot $(LR_TESTS)
 
 clean:
 	rm -rf $(VENV) $(LR_VENV) .pytest_cache

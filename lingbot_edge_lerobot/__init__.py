@@ -1,8 +1,9 @@
-"""LeRobot plugin: `--policy.discover_packages_path=lingbot_edge_lerobot` makes `--policy.type=lingbot_edge` work.
+"""LeRobot plugin: importing it registers `--policy.type=lingbot_edge` with LeRobot 0.3.2.
 
-LeRobot 0.3.2's CLI (`lerobot.record`, `lerobot.scripts.eval`, ...) imports this package before
-parsing its arguments. Importing it registers `LingBotEdgeConfig` under the config type
-`lingbot_edge` and teaches LeRobot's hard-coded policy factory the `LingBotEdgePolicy` class.
+It registers `LingBotEdgeConfig` under the config type `lingbot_edge` and teaches LeRobot's hard-coded
+policy factory the `LingBotEdgePolicy` class. Use it through the `lingbot-edge-lerobot` console script
+(`lingbot-edge-lerobot eval|record ...`, see `__main__`). Where torchvision imports cleanly (a CUDA torch
+install), LeRobot's own `lerobot-eval --policy.discover_packages_path=lingbot_edge_lerobot ...` works too.
 """
 
 from lingbot_edge.lerobot.adapter import LingBotEdgeConfig, LingBotEdgePolicy, register_with_lerobot

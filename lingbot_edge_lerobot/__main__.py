@@ -1,13 +1,17 @@
-"""Run a LeRobot CLI with lingbot-edge registered: `python -m lingbot_edge_lerobot eval|record|<module> [args]`.
+"""Run a LeRobot CLI with lingbot-edge registered: `lingbot-edge-lerobot eval|record|<module> [args]`.
 
-    python -m lingbot_edge_lerobot eval --env.type=... --policy.type=lingbot_edge --eval.batch_size=1
-    python -m lingbot_edge_lerobot record --robot.type=so100_follower ... --policy.type=lingbot_edge
+    lingbot-edge-lerobot eval --env.type=pusht --policy.type=lingbot_edge --policy.checkpoint=tiny \\
+        --policy.device=cpu --eval.batch_size=1 --eval.n_episodes=1
+    lingbot-edge-lerobot record --robot.type=so100_follower ... --policy.type=lingbot_edge \\
+        --policy.checkpoint=/ckpt/lingbot-va-so100
+    python -m lingbot_edge_lerobot eval ...      # the same
 
-Same arguments as `python -m lerobot.scripts.eval` / `python -m lerobot.record`. Two reasons to go
-through here: the policy is registered before LeRobot parses its arguments (no
-`--policy.discover_packages_path` needed), and in an environment where torchvision is a CUDA build
-next to CPU torch (what pip resolves for lerobot 0.3.2 with torch 2.13 CPU) LeRobot's own entry
-points die importing torchvision before any plugin can load; this one makes it importable first.
+Same arguments as LeRobot's `lerobot-eval` / `lerobot-record` (`python -m lerobot.scripts.eval`,
+`python -m lerobot.record`). Why go through here: with the CUDA torchvision that pip resolves for
+lerobot 0.3.2 next to CPU torch 2.13, LeRobot's own entry points die importing torchvision
+(`operator torchvision::nms does not exist`) before `--policy.discover_packages_path` can load any
+plugin; this one makes torchvision importable first, and registers `--policy.type=lingbot_edge` before
+LeRobot parses its arguments (no `--policy.discover_packages_path` needed).
 """
 
 import runpy

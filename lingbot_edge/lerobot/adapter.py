@@ -1,51 +1,59 @@
 """LeRobot adapter: `LingBotPolicy` behind LeRobot's `PreTrainedPolicy` interface.
 
-LeRobot drives a policy one step at a time (`reset()`, then `select_action(batch)` once per
-control step, the batch holding the observation the previous action led to); LingBot-VA works a
-chunk at a time and must be told what really happened (`infer` -> execute -> `feedback`). The
-adapter bridges the two:
+LeRobot drives a policy one step at a time (`reset()`, then `select_action(batch)` once per control
+step, the batch holding the observation the previous action led to); LingBot-VA works a chunk at a
+time and must be told what really happened. The adapter follows the episode protocol of
+`lingbot_edge.core.episode.Chunk` (which alone knows the keyframe cadence):
 
 - first `select_action` of an episode: `LingBotPolicy.reset(batch["task"])`, then `infer` on the
-  batch's camera images (the conditioning frame); the chunk's actions are queued;
-- every later call: the batch is the observation after one more executed action; every
-  `keyframe_stride` executed steps its camera images are kept as a keyframe. When the queue is
-  empty, the keyframes and the executed actions go to `LingBotPolicy.feedback`, then `infer({})`
-  predicts the next chunk;
-- one action per call: a `[1, n_used]` float32 CPU tensor in robot units (the wrapped policy
-  unnormalizes itself, so LeRobot's normalization is IDENTITY).
+  batch's camera images; the returned `Chunk` hands out one action per call;
+- every later call: the batch is the observation after the last action handed out, recorded into the
+  chunk (`chunk.record`, images only where `chunk.is_keyframe`); once the chunk is complete it goes to
+  `LingBotPolicy.feedback(chunk)` and `infer({})` predicts the next one;
+- one action per call: a `[1, n]` float32 CPU tensor in robot units, `n` = the env's / dataset's action
+  size (the wrapped policy unnormalizes itself, so LeRobot's normalization is IDENTITY).
 
-This module imports without LeRobot. `EpisodeRunner` (the step/chunk bookkeeping, numpy in and
-out) and the image conversion need nothing but numpy/torch; `LingBotEdgeConfig` and
-`LingBotEdgePolicy` are created on first access and raise `ImportError` naming
-`pip install 'lingbot-edge[robot]'` when LeRobot is missing.
+The policy is built by `lingbot_edge.io.loading.load_policy` (the one factory) from the config's
+`checkpoint` (a folder, or "tiny"), `transformer`, `preset`, `dtype`, `compile`, `settings`. Which model
+action channels carry the env's action comes from LeRobot's `output_features["action"]`: the
+checkpoint's channels when the sizes agree, `action_channels` when given, else (the tiny model only,
+random weights) the first `n` channels. Cameras likewise (`image_key_map`; the tiny model takes the
+env's cameras).
 
-From LeRobot's own tools (0.3.2 hard-codes its policy list, so the plugin package
-`lingbot_edge_lerobot` registers the config type and teaches `make_policy` the new class):
+This module imports without LeRobot: `EpisodeRunner`, the channel / camera mapping and the image
+conversion need nothing but numpy/torch; `LingBotEdgeConfig` and `LingBotEdgePolicy` are created on
+first access and raise `ImportError` naming `pip install 'lingbot-edge[robot]'` when LeRobot is missing.
 
-    python -m lerobot.scripts.eval --policy.discover_packages_path=lingbot_edge_lerobot \\
-        --policy.type=lingbot_edge --policy.preset=tiny --eval.batch_size=1 ...
-    python -m lingbot_edge_lerobot eval ...     # same, and works where torchvision is a CUDA build
-    python -m lingbot_edge_lerobot record --robot.type=so100_follower ... --policy.type=lingbot_edge \\
-        --policy.preset=so100 --policy.builder=my_pkg.load:build_so100   # function(config) -> LingBotPolicy
+From LeRobot's own tools (LeRobot 0.3.2's `lerobot-eval` / `python -m lerobot.scripts.eval` die importing
+its CUDA torchvision next to CPU torch, before any plugin loads; this console script fixes that first
+and registers `--policy.type=lingbot_edge`):
+
+    lingbot-edge-lerobot eval --env.type=pusht --policy.type=lingbot_edge --policy.checkpoint=tiny \\
+        --policy.device=cpu --eval.batch_size=1 --eval.n_episodes=1
+    lingbot-edge-lerobot record --robot.type=so100_follower ... --policy.type=lingbot_edge \\
+        --policy.checkpoint=/ckpt/lingbot-va-so100 --policy.transformer=/ckpt/dit-int8
 
 From Python:
 
     from lingbot_edge.lerobot.adapter import LingBotEdgeConfig, LingBotEdgePolicy
-    policy = LingBotEdgePolicy(LingBotEdgeConfig(preset="tiny", device="cpu", compile=False))
-    policy = LingBotEdgePolicy(config, policy=my_lingbot_policy)   # any already-built LingBotPolicy
+    policy = LingBotEdgePolicy(LingBotEdgeConfig(checkpoint="tiny", device="cpu"))
+    policy = LingBotEdgePolicy(config, policy=my_lingbot_policy)   # an already-built LingBotPolicy (tests)
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from lingbot_edge.core.config import PolicyConfig
+    from lingbot_edge.core.episode import Chunk
     from lingbot_edge.core.policy import LingBotPolicy
     from lingbot_edge.lerobot.classes import LingBotEdgeConfig, LingBotEdgePolicy
 
@@ -55,11 +63,15 @@ __all__ = [
     "EpisodeRunner",
     "LingBotEdgeConfig",
     "LingBotEdgePolicy",
+    "action_settings",
     "batch_prompt",
+    "camera_settings",
     "lerobot_image_to_uint8",
     "register_with_lerobot",
     "require_lerobot",
 ]
+
+log = logging.getLogger(__name__)
 
 POLICY_TYPE = "lingbot_edge"
 INSTALL_HINT = "pip install 'lingbot-edge[robot]'"
@@ -94,7 +106,7 @@ def _load() -> dict[str, Any]:
     with _LOCK:
         if not _CACHE:
             require_lerobot()
-            mod = importlib.import_module("._lerobot_classes", __package__)
+            mod = importlib.import_module(".classes", __package__)
             _CACHE.update({name: getattr(mod, name) for name in _LAZY_CLASSES})
         return _CACHE
 
@@ -134,6 +146,129 @@ def register_with_lerobot() -> None:
 
             make_policy_config._lingbot_edge = True
             factory.make_policy_config = make_policy_config
+
+
+# --------------------------------------------------------------------------------------------------
+# The env's / dataset's features -> policy settings (framework-free)
+# --------------------------------------------------------------------------------------------------
+
+
+def _stat(stats: Mapping[str, Any], key: str) -> np.ndarray | None:
+    value = stats.get(key)
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=np.float64).reshape(-1)
+
+
+def action_settings(base: PolicyConfig, n_actions: int, *, channels: Sequence[int] | None = None,
+                    q01: Sequence[float] | None = None, q99: Sequence[float] | None = None,
+                    stats: Mapping[str, Any] | None = None, adaptable: bool = False) -> dict[str, Any]:
+    """PolicyConfig changes that put an `n_actions`-wide env / dataset action on the model's channels.
+
+    Channels: `channels` (one model channel id per action value) if given; else the checkpoint's
+    `used_action_channel_ids` when their count is `n_actions`; else, when `adaptable` (the embedded tiny
+    model: random weights, no trained mapping), channels 0 .. n-1; else an error asking for `channels`.
+    Quantiles (robot units, one per action value): `q01` / `q99` if given; the checkpoint's when its
+    channels are kept; else the dataset's action `stats` (q01/q99, or min/max with a warning); else the
+    checkpoint's values of those channels, which must span a range.
+    """
+    used = tuple(base.used_action_channel_ids)
+    dim = base.model_config.action_dim
+    if channels is not None:
+        channels = tuple(int(c) for c in channels)
+        if len(channels) != n_actions:
+            raise ValueError(f"action_channels: {len(channels)} channel ids for an action of {n_actions} values "
+                             f"(output_features['action'] shape ({n_actions},)); expected one id per value")
+    elif len(used) == n_actions:
+        channels = used
+    elif adaptable:
+        if n_actions > dim:
+            raise ValueError(f"output_features['action']: {n_actions} values do not fit the model's {dim} "
+                             "action channels")
+        channels = tuple(range(n_actions))
+        log.info("action: the env's %d values on model channels %s (the checkpoint used %s)", n_actions,
+                 list(channels), list(used))
+    else:
+        raise ValueError(
+            f"output_features['action']: the env / dataset action has {n_actions} values, the checkpoint's "
+            f"policy {base.name!r} produces {len(used)} (used_action_channel_ids {list(used)}); set "
+            f"action_channels (--policy.action_channels='[...]', {n_actions} model channel ids in [0, {dim}))")
+    if (q01 is None) != (q99 is None):
+        raise ValueError("action_q01/action_q99: set both or neither")
+    values, source = None, None
+    if q01 is not None:
+        values, source = (np.asarray(q01, np.float64).reshape(-1), np.asarray(q99, np.float64).reshape(-1)), "config"
+        if values[0].shape != (n_actions,) or values[1].shape != (n_actions,):
+            raise ValueError(f"action_q01/action_q99: expected {n_actions} values each (one per action value), "
+                             f"got {values[0].size}/{values[1].size}")
+    elif channels != used and stats:
+        lo, hi = _stat(stats, "q01"), _stat(stats, "q99")
+        source = "the dataset's action q01/q99"
+        if lo is None or hi is None:
+            lo, hi = _stat(stats, "min"), _stat(stats, "max")
+            source = "the dataset's action min/max"
+            if lo is not None:
+                log.warning("action: the dataset stats have no q01/q99; using min/max as the quantiles")
+        if lo is not None and hi is not None:
+            if lo.shape != (n_actions,) or hi.shape != (n_actions,):
+                raise ValueError(f"dataset_stats['action']: {lo.size}/{hi.size} values, expected {n_actions}")
+            values = (lo, hi)
+    full01, full99 = list(base.action_q01), list(base.action_q99)
+    if values is not None:
+        for i, ch in enumerate(channels):
+            full01[ch], full99[ch] = float(values[0][i]), float(values[1][i])
+        log.info("action: quantiles of channels %s from %s", list(channels), source)
+    elif channels != used:
+        log.warning("action: channels %s keep the checkpoint's quantiles; set action_q01/action_q99 to the env's "
+                    "action range", list(channels))
+    flat = [ch for ch in channels if not full99[ch] > full01[ch]]
+    if flat:
+        raise ValueError(f"action_q01/action_q99: model channels {flat} have no range (q99 <= q01); set "
+                         f"--policy.action_q01/--policy.action_q99 ({n_actions} values each, the env's action range)")
+    changes: dict[str, Any] = {}
+    if channels != used:
+        changes["used_action_channel_ids"] = channels
+    if tuple(full01) != tuple(base.action_q01) or tuple(full99) != tuple(base.action_q99):
+        changes.update(action_q01=tuple(full01), action_q99=tuple(full99))
+    return changes
+
+
+def camera_settings(base: PolicyConfig, visual_keys: Sequence[str], image_key_map: Mapping[str, str],
+                    adaptable: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """(PolicyConfig changes, {policy camera: batch key}) for the env's / dataset's image features.
+
+    A policy camera is read from `image_key_map[camera]`, else from its own key or one of its aliases. With
+    `visual_keys` unknown (no features) the keys are taken as they are. When cameras are missing, the
+    `adaptable` tiny model takes the env's cameras instead (in feature order); otherwise it is an error
+    listing both sides.
+    """
+    cams = tuple(base.obs_cam_keys)
+    unknown = sorted(set(image_key_map) - set(cams))
+    if unknown:
+        raise ValueError(f"image_key_map: {unknown} are not cameras of the policy; its cameras: {list(cams)}")
+    if not visual_keys:
+        return {}, {k: image_key_map.get(k, k) for k in cams}
+    visual = list(visual_keys)
+    aliases: dict[str, list[str]] = {}
+    for alias, key in base.camera_aliases:
+        aliases.setdefault(key, []).append(alias)
+    mapping, missing = {}, []
+    for cam in cams:
+        candidates = [image_key_map[cam]] if cam in image_key_map else [cam, *aliases.get(cam, [])]
+        found = next((c for c in candidates if c in visual), None)
+        if found is None:
+            missing.append(candidates[0])
+        mapping[cam] = found
+    if not missing:
+        return {}, mapping
+    if adaptable and not image_key_map:
+        log.info("cameras: the env's %s instead of the checkpoint's %s", visual, list(cams))
+        return {"obs_cam_keys": tuple(visual)}, {k: k for k in visual}
+    raise ValueError(f"input_features: the policy reads cameras {missing}, not among the image features {visual}; "
+                     "map them with --policy.image_key_map='{\"<policy camera>\": \"<batch key>\"}' "
+                     f"(policy cameras: {list(cams)})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,50 +317,49 @@ def batch_prompt(batch: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# The step <-> chunk bookkeeping (framework-free)
+# Step-wise driving through the episode protocol (framework-free)
 # --------------------------------------------------------------------------------------------------
 
 Images = Mapping[str, np.ndarray]
 
 
 class EpisodeRunner:
-    """Step-wise driving of a `LingBotPolicy` with keyframe feedback; numpy in and out.
+    """Step-wise driving of a `LingBotPolicy` through its `Chunk`s; numpy in and out.
 
-    `step(images, prompt)` is LeRobot's `select_action` without the tensor conversions: the first
-    call of an episode starts it (reset + infer on `images`), every later call reports the
-    observation after one more executed action and returns the next action. Chunk-level callers
-    use `start` / `observe` / `next_chunk` directly.
+    `step(images, prompt)` is LeRobot's `select_action` without the tensor conversions: the first call
+    of an episode starts it (reset + infer on `images`), every later call reports the observation after
+    the last action handed out and returns the next one. Chunk-level callers use `start` / `observe` /
+    `next_chunk`. What is a keyframe is the chunk's business (`Chunk.is_keyframe`).
 
-    `images` maps the policy's camera keys (`policy.cfg.obs_cam_keys`) to HxWx3 uint8 frames, or is
-    a zero-argument callable returning that mapping: it is only called when the frames are needed
-    (the first observation, keyframes), so non-keyframe steps cost no image conversion.
+    `images` maps the policy's camera keys to HxWx3 uint8 frames, or is a zero-argument callable
+    returning that mapping: it is only called when the frames are needed (the first observation,
+    keyframes), so the other steps cost no image conversion.
     """
 
     def __init__(self, policy: LingBotPolicy):
         self.policy = policy
-        self.cfg = policy.cfg
-        self.camera_keys = tuple(self.cfg.obs_cam_keys)
-        self.keyframe_stride = self.cfg.keyframe_stride
+        self.camera_keys = tuple(policy.cfg.obs_cam_keys)
         self.reset()
 
     def reset(self) -> None:
         """Forget the episode; the next `step` / `start` begins a new one."""
-        self.started = False
-        self.chunk: np.ndarray | None = None  # [steps, n_used] robot units
-        self.executed = 0  # steps of `chunk` executed (observed) so far
-        self.frames: dict[str, list[np.ndarray]] = {k: [] for k in self.camera_keys}
+        self.chunk: Chunk | None = None
+        self.handed = 0  # actions of `chunk` handed out
         self.chunks = 0  # chunks predicted this episode
 
-    # ---------------------------------------------------------------- state
+    @property
+    def started(self) -> bool:
+        return self.chunk is not None
+
+    @property
+    def observed(self) -> int:
+        """Steps of the current chunk whose observation was recorded."""
+        return 0 if self.chunk is None else self.chunk.executed_steps
 
     @property
     def remaining(self) -> int:
-        """Actions of the current chunk not handed out yet."""
-        return 0 if self.chunk is None else len(self.chunk) - self.executed
-
-    @property
-    def next_observation_is_keyframe(self) -> bool:
-        return self.started and (self.executed + 1) % self.keyframe_stride == 0
+        """Steps of the current chunk not observed yet."""
+        return 0 if self.chunk is None else self.chunk.steps - self.observed
 
     def _images(self, images: Images | Callable[[], Images]) -> dict[str, np.ndarray]:
         images = images() if callable(images) else images
@@ -237,15 +371,13 @@ class EpisodeRunner:
             img = np.asarray(images[k])
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
                 raise ValueError(f"images[{k!r}]: expected HxWx3 uint8, got shape {list(img.shape)} dtype {img.dtype}")
-            out[k] = img
+            out[k] = np.array(img, copy=True)  # camera buffers may be reused before the chunk is fed back
         return out
 
-    def _set_chunk(self, actions: np.ndarray) -> np.ndarray:
-        self.chunk = np.asarray(actions, dtype=np.float32)
-        self.executed = 0
-        self.frames = {k: [] for k in self.camera_keys}
+    def _set_chunk(self, chunk: Chunk) -> np.ndarray:
+        self.chunk, self.handed = chunk, 0
         self.chunks += 1
-        return self.chunk
+        return chunk.actions
 
     # ---------------------------------------------------------------- chunk level
 
@@ -254,57 +386,55 @@ class EpisodeRunner:
         self.reset()
         frames = self._images(images)
         self.policy.reset(prompt=prompt)
-        out = self.policy.infer(frames)
-        self.started = True
-        return self._set_chunk(out["actions"])
+        return self._set_chunk(self.policy.infer(frames))
 
     def observe(self, images: Images | Callable[[], Images] | None) -> None:
-        """Report the observation after the next action of the chunk was executed.
-
-        Every `keyframe_stride`-th one is kept as a keyframe (then `images` must not be None).
-        """
+        """Report the observation after the chunk's next step was executed (images needed at keyframes)."""
         if not self.started:
             raise RuntimeError("observe: no episode running (call start / step first)")
-        if self.remaining == 0:
-            raise RuntimeError(f"observe: all {len(self.chunk)} steps of the chunk were observed; call next_chunk()")
-        step = self.executed + 1
-        if step % self.keyframe_stride == 0:
-            if images is None:
-                raise ValueError(f"observe: step {step} of the chunk is a keyframe; images are required")
-            for k, img in self._images(images).items():
-                self.frames[k].append(np.array(img, copy=True))  # camera buffers may be reused
-        self.executed = step
+        step = self.observed
+        if step == self.chunk.steps:
+            raise RuntimeError(f"observe: all {step} steps of the chunk were observed; call next_chunk()")
+        keyframe = self.chunk.is_keyframe(step)
+        if keyframe and images is None:
+            raise ValueError(f"observe: step {step} of the chunk is a keyframe; images are required")
+        self.chunk.record(step, images=self._images(images) if keyframe else None)
+        self.handed = max(self.handed, step + 1)
 
-    def next_chunk(
-        self, executed_actions: np.ndarray | None = None, frames: Mapping[str, np.ndarray] | None = None
-    ) -> np.ndarray:
-        """Feed back what happened during the current chunk, then predict the next one.
+    def next_chunk(self, executed_actions: np.ndarray | None = None,
+                   frames: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Feed the current chunk back, then predict the next one.
 
-        `executed_actions` defaults to the chunk as predicted. `frames` ({camera: [T, H, W, 3] uint8})
-        overrides the keyframes gathered by `observe`; without it every step must have been observed.
+        Without `frames` every step must have been observed; `frames` ({camera: [T, H, W, 3] uint8}, the
+        chunk's keyframes recorded elsewhere) replaces the observations. `executed_actions` ([steps, n],
+        default: the plan) is what the robot really executed.
         """
         if not self.started:
             raise RuntimeError("next_chunk: no episode running (call start / step first)")
+        chunk = self.chunk
         if frames is None:
-            if self.remaining:
+            if not chunk.complete:
                 raise RuntimeError(
-                    f"next_chunk: {self.executed} of the chunk's {len(self.chunk)} steps were observed; "
-                    "report each executed step with observe(...) (or pass frames=...) before the next chunk"
-                )
-            frames = {k: np.stack(v) for k, v in self.frames.items()}
-        executed = self.chunk if executed_actions is None else executed_actions
-        self.policy.feedback(frames, executed)
-        out = self.policy.infer({})
-        return self._set_chunk(out["actions"])
+                    f"next_chunk: {self.observed} of the chunk's {chunk.steps} steps were observed; report each "
+                    "executed step with observe(...) (or pass frames=...) before the next chunk")
+            if executed_actions is not None:
+                chunk.set_keyframes(chunk.keyframes(), executed_actions)
+        else:
+            chunk.set_keyframes(frames, executed_actions)
+        self.policy.feedback(chunk)
+        return self._set_chunk(self.policy.infer({}))
 
     # ---------------------------------------------------------------- step level
 
     def step(self, images: Images | Callable[[], Images], prompt: str = "") -> np.ndarray:
-        """One control step: returns the next action [n_used] (robot units) to execute."""
+        """One control step: returns the next action [n] (robot units) to execute."""
         if not self.started:
             self.start(images, prompt)
         else:
-            self.observe(images if self.next_observation_is_keyframe else None)
-            if self.remaining == 0:
+            if self.handed > self.observed:  # the observation after the last action handed out
+                self.observe(images)
+            if self.chunk.complete:
                 self.next_chunk()
-        return self.chunk[self.executed]
+        action = self.chunk.actions[self.handed]
+        self.handed += 1
+        return action

@@ -5,7 +5,7 @@ Written against LeRobot 0.3.2's `PreTrainedConfig` / `PreTrainedPolicy` (Python 
 
 from __future__ import annotations
 
-import importlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +17,19 @@ from lerobot.optim.optimizers import AdamWConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
 from torch import Tensor
 
-from lingbot_edge.core.config import POLICY_PRESETS, PolicyConfig, get_policy_config
+from lingbot_edge.core.config import POLICY_PRESETS, PolicyConfig, get_policy_config, parse_overrides, tiny_variant
 from lingbot_edge.core.policy import LingBotPolicy
-from lingbot_edge.io.tiny import build_tiny_policy
-from lingbot_edge.lerobot.adapter import POLICY_TYPE, EpisodeRunner, batch_prompt, lerobot_image_to_uint8
+from lingbot_edge.io.loading import TINY, load_policy, policy_config_for, runtime_defaults
+from lingbot_edge.lerobot.adapter import (
+    POLICY_TYPE,
+    EpisodeRunner,
+    action_settings,
+    batch_prompt,
+    camera_settings,
+    lerobot_image_to_uint8,
+)
+
+log = logging.getLogger(__name__)
 
 ACTION = "action"
 
@@ -30,24 +39,33 @@ ACTION = "action"
 class LingBotEdgeConfig(PreTrainedConfig):
     """LeRobot config of the lingbot-edge policy (`--policy.type=lingbot_edge`).
 
-    The sampler / camera / action settings come from the lingbot-edge `preset` (config.py);
-    only what LeRobot needs to wire the policy to a robot or an env lives here.
+    The policy comes from `lingbot_edge.io.loading.load_policy`: `checkpoint`, `transformer`, `preset`,
+    `dtype`, `compile`, `sampler`, `seed`, `settings` mean what the `lingbot-edge` CLI flags of the same
+    names mean (`device` is LeRobot's own field). The rest wires the policy to LeRobot's env or dataset.
     """
 
-    # lingbot-edge policy preset: libero, robotwin, so100, tiny. Only `tiny` is built in-process
-    # today; the others need released weights: set `builder`, or pass `policy=LingBotPolicy(...)`.
-    preset: str = "tiny"
-    # "package.module:function" called as function(config) -> LingBotPolicy (e.g. a checkpoint loader).
-    builder: str | None = None
-    sampler: str = "static"  # "static" (ring cache, compiled) or "reference" (upstream loop, eager)
-    compile: bool = True  # torch.compile the static sampler (off for quick CPU runs)
+    # A checkpoint folder (released, LeRobot or post-trained layout) or "tiny" (the embedded tiny model).
+    checkpoint: str = TINY
+    transformer: str | None = None  # another DiT folder, e.g. a quantized one from `lingbot-edge quantize`
+    preset: str | None = None  # default policy settings: libero, robotwin, so100, tiny (the checkpoint's first)
+    dtype: str | None = None  # bf16 / fp16 / fp32 (default: load_policy's, bf16)
+    compile: bool | None = None  # torch.compile the static sampler (default: on CUDA only)
+    sampler: str = "static"  # "static" (ring cache) or "reference" (upstream loop, eager)
     seed: int = 0  # noise seed of every episode (LingBotPolicy.reset)
-    # Policy camera key (preset.obs_cam_keys) -> batch key, for cameras named otherwise in LeRobot.
-    # Unlisted cameras are read from the batch under their own key.
+    settings: list[str] = field(default_factory=list)  # policy settings "key=value" (the CLIs' --set)
+    # Model action channel of each value of the env's / dataset's action (output_features["action"]).
+    # Default: the checkpoint's channels when the sizes agree; the tiny model takes channels 0 .. n-1.
+    action_channels: list[int] | None = None
+    # The env's action range per value (robot units) when the channels are not the checkpoint's own.
+    # Default: the dataset's action stats (q01/q99, else min/max), else the checkpoint's values.
+    action_q01: list[float] | None = None
+    action_q99: list[float] | None = None
+    # Policy camera key -> batch key, for cameras named otherwise in LeRobot. Unlisted cameras are read
+    # under their own key or one of the policy's camera aliases; the tiny model takes the env's cameras.
     image_key_map: dict[str, str] = field(default_factory=dict)
     # Flip images horizontally before the wrapped policy sees them (an env that flips relative to the
-    # training data). The policy preset's own `image_transform` applies after this: the libero preset
-    # already undoes LeRobot's LIBERO orientation ("hflip"), so leave this False there.
+    # training data). The policy's own `image_transform` applies after this: the libero preset already
+    # undoes LeRobot's LIBERO orientation ("hflip"), so leave this False there.
     image_hflip: bool = False
 
     # Actions leave the wrapped policy in robot units and images are encoded inside it.
@@ -61,59 +79,30 @@ class LingBotEdgeConfig(PreTrainedConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.preset not in POLICY_PRESETS:
+        if self.preset is not None and self.preset not in POLICY_PRESETS:
             raise ValueError(f"preset: unknown {self.preset!r}; expected one of {sorted(POLICY_PRESETS)}")
         if self.sampler not in ("static", "reference"):
             raise ValueError(f"sampler: expected 'static' or 'reference', got {self.sampler!r}")
-        unknown = sorted(set(self.image_key_map) - set(self.policy_config.obs_cam_keys))
-        if unknown:
-            raise ValueError(
-                f"image_key_map: {unknown} are not cameras of preset {self.preset!r}; "
-                f"its cameras: {list(self.policy_config.obs_cam_keys)}"
-            )
+        runtime_defaults(self.device, self.dtype, self.compile)  # a bad dtype is an error naming the field
+        parse_overrides(self.settings)  # unknown keys are errors naming the key
 
     @property
-    def policy_config(self) -> PolicyConfig:
-        return get_policy_config(self.preset)
-
-    @property
-    def camera_batch_keys(self) -> dict[str, str]:
-        """Policy camera key -> the batch key it is read from."""
-        return {k: self.image_key_map.get(k, k) for k in self.policy_config.obs_cam_keys}
-
-    @property
-    def action_dim(self) -> int:
-        return len(self.policy_config.used_action_channel_ids)
-
-    @property
-    def chunk_size(self) -> int:
-        """Actions per chunk (the first chunk of an episode has `action_per_frame` fewer)."""
-        pc = self.policy_config
-        return pc.frame_chunk_size * pc.action_per_frame
-
-    @property
-    def n_action_steps(self) -> int:
-        return self.chunk_size
-
-    def validate_features(self) -> None:
-        """Check the env / dataset features LeRobot filled in against the preset."""
-        images = {k for k, ft in self.input_features.items() if ft.type is FeatureType.VISUAL}
-        if self.input_features:
-            missing = [b for b in self.camera_batch_keys.values() if b not in images]
-            if missing:
-                raise ValueError(
-                    f"input_features: preset {self.preset!r} reads cameras {missing}, not among the image "
-                    f"features {sorted(images)}; map them with --policy.image_key_map"
-                )
-        want = (self.action_dim,)
+    def action_size(self) -> int | None:
+        """Values of the env's / dataset's action (None until LeRobot filled the features)."""
         feat = self.output_features.get(ACTION)
         if feat is None:
-            self.output_features[ACTION] = PolicyFeature(type=FeatureType.ACTION, shape=want)
-        elif tuple(feat.shape) != want:
-            raise ValueError(
-                f"output_features['action']: shape {tuple(feat.shape)}, but preset {self.preset!r} "
-                f"produces {want} (used_action_channel_ids {list(self.policy_config.used_action_channel_ids)})"
-            )
+            return None
+        if len(feat.shape) != 1:
+            raise ValueError(f"output_features['action']: expected shape (n,), got {tuple(feat.shape)}")
+        return int(feat.shape[0])
+
+    @property
+    def image_features(self) -> list[str]:
+        return [k for k, ft in self.input_features.items() if ft.type is FeatureType.VISUAL]
+
+    def validate_features(self) -> None:
+        """Cheap checks of what LeRobot filled in; the mapping itself happens when the policy is built."""
+        self.action_size  # noqa: B018  (raises on a malformed action feature)
 
     # Inference only: one observation per call, no training-time delta windows.
     @property
@@ -135,22 +124,30 @@ class LingBotEdgeConfig(PreTrainedConfig):
         return None
 
 
-def build_policy(config: LingBotEdgeConfig) -> LingBotPolicy:
-    """The `LingBotPolicy` a config describes: `config.builder(config)`, else the in-process `tiny` preset."""
-    if config.builder:
-        module, sep, attr = config.builder.partition(":")
-        if not sep or not module or not attr:
-            raise ValueError(f"builder: expected 'package.module:function', got {config.builder!r}")
-        policy = getattr(importlib.import_module(module), attr)(config)
-        if not isinstance(policy, LingBotPolicy):
-            raise TypeError(f"builder {config.builder!r}: returned {type(policy).__name__}, expected a LingBotPolicy")
-        return policy
-    if config.preset != "tiny":
-        raise ValueError(
-            f"preset {config.preset!r}: needs released weights, which this adapter does not load itself; set "
-            "--policy.builder=module:function (returns the LingBotPolicy) or pass LingBotEdgePolicy(config, policy=...)"
-        )
-    return build_tiny_policy(sampler=config.sampler, compile=config.compile, seed=config.seed, device=config.device)
+def checkpoint_policy_config(config: LingBotEdgeConfig, settings: dict[str, Any]) -> PolicyConfig:
+    """The settings `load_policy` would give the checkpoint (headers only, no weights read)."""
+    if config.checkpoint == TINY:
+        cfg = tiny_variant(get_policy_config(config.preset or TINY))
+        return cfg.replace(**settings) if settings else cfg
+    from lingbot_edge.io.layout import resolve_checkpoint
+
+    layout = resolve_checkpoint(config.checkpoint, transformer=config.transformer)
+    return policy_config_for(layout, config.preset, settings)
+
+
+def build_policy(config: LingBotEdgeConfig, dataset_stats: dict | None = None) -> LingBotPolicy:
+    """The `LingBotPolicy` of `config` for the features LeRobot filled in, through `load_policy`."""
+    settings = parse_overrides(config.settings)
+    base = checkpoint_policy_config(config, settings)
+    adaptable = config.checkpoint == TINY  # random weights: any channel / camera mapping is as good
+    changes, _ = camera_settings(base, config.image_features, config.image_key_map, adaptable)
+    n = config.action_size or len(base.used_action_channel_ids)
+    stats = (dataset_stats or {}).get(ACTION)
+    changes |= action_settings(base, n, channels=config.action_channels, q01=config.action_q01,
+                               q99=config.action_q99, stats=stats, adaptable=adaptable)
+    return load_policy(config.checkpoint, preset=config.preset, transformer=config.transformer, device=config.device,
+                       dtype=config.dtype, compile=config.compile, sampler=config.sampler, seed=config.seed,
+                       **{**settings, **changes})
 
 
 class LingBotEdgePolicy(PreTrainedPolicy):
@@ -171,21 +168,22 @@ class LingBotEdgePolicy(PreTrainedPolicy):
         policy: LingBotPolicy | None = None,
         **kwargs: Any,
     ):
-        # dataset_stats: unused; action quantiles come from the preset (LeRobot 0.3.2 stats have none).
         super().__init__(config)
         config.validate_features()
         if policy is None:
-            policy = build_policy(config)
-        elif policy.cfg.name != config.preset:
-            raise ValueError(f"policy: built for preset {policy.cfg.name!r}, config says {config.preset!r}")
+            policy = build_policy(config, dataset_stats)
         if policy.device.type != torch.device(config.device).type:
             raise ValueError(f"policy: lives on {policy.device}, config.device is {config.device!r}")
+        n_used = len(policy.cfg.used_action_channel_ids)
+        if config.action_size not in (None, n_used):
+            raise ValueError(f"output_features['action']: shape ({config.action_size},), but the policy produces "
+                             f"({n_used},) (used_action_channel_ids {list(policy.cfg.used_action_channel_ids)})")
+        config.output_features.setdefault(ACTION, PolicyFeature(type=FeatureType.ACTION, shape=(n_used,)))
+        _, self._batch_keys = camera_settings(policy.cfg, config.image_features, config.image_key_map)
         self.lingbot = policy
         # Registers the DiT's parameters: LeRobot reads the device from them, save_pretrained writes them.
         self.model = policy.model
         self.runner = EpisodeRunner(policy)
-        # Camera keys of the policy actually wrapped (an injected one may use a modified preset).
-        self._batch_keys = {k: config.image_key_map.get(k, k) for k in policy.cfg.obs_cam_keys}
 
     # ---------------------------------------------------------------- LeRobot API
 
@@ -201,18 +199,17 @@ class LingBotEdgePolicy(PreTrainedPolicy):
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Any], **kwargs: Any) -> Tensor:
-        """Next action `[1, n_used]`; the batch is the observation the previous action led to."""
+        """Next action `[1, n]`; the batch is the observation the previous action led to."""
         action = self.runner.step(lambda: self._images(batch), prompt=batch_prompt(batch))
         return torch.from_numpy(np.array(action, dtype=np.float32))[None]
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Any] | None = None, **kwargs: Any) -> Tensor:
-        """A whole chunk `[1, steps, n_used]`.
+        """A whole chunk `[1, steps, n]`.
 
-        The first call of an episode starts it from `batch` (prompt + images). Later calls feed
-        back the previous chunk first: either each of its executed steps was reported with
-        `observe(batch)` (as `select_action` does), or pass `frames={camera: [T, H, W, 3] uint8}` and
-        optionally `executed_actions=[steps, n_used]`.
+        The first call of an episode starts it from `batch` (prompt + images). Later calls feed back the
+        previous chunk first: either each of its executed steps was reported with `observe(batch)`, or
+        pass `frames={camera: [T, H, W, 3] uint8}` and optionally `executed_actions=[steps, n]`.
         """
         if not self.runner.started:
             if batch is None:
@@ -224,8 +221,7 @@ class LingBotEdgePolicy(PreTrainedPolicy):
 
     def observe(self, batch: dict[str, Any]) -> None:
         """Report the observation after one more executed action (chunk-level use)."""
-        keyframe = self.runner.next_observation_is_keyframe
-        self.runner.observe(self._images(batch) if keyframe else None)
+        self.runner.observe(lambda: self._images(batch))
 
     # ---------------------------------------------------------------- helpers
 
