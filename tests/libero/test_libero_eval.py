@@ -174,22 +174,31 @@ def _scaled(chunk, factor):
     return chunk
 
 
-def test_eval_libero_runs_the_committed_tiny_checkpoint(monkeypatch, tmp_path, data_dir, capsys):
-    """The command end to end on the stand-in env: the policy flags of every command, the committed tiny
-    checkpoint through load_policy with the libero preset, a table and its files."""
+@pytest.mark.parametrize("source", ["committed", "tiny"])
+def test_eval_libero_runs_the_tiny_checkpoints(monkeypatch, tmp_path, data_dir, capsys, source):
+    """The command end to end on the stand-in env: the policy flags of every command, through load_policy
+    with the libero preset, a table and its files. The committed checkpoint names its cameras as LeRobot
+    does; the embedded tiny model with the libero preset has upstream's names and takes LeRobot's as aliases."""
+    checkpoint = str(data_dir / fixtures.CHECKPOINT_DIR) if source == "committed" else "tiny"
     monkeypatch.setattr(libero, "missing_requirements", lambda *a, **k: [])
     monkeypatch.setattr(libero, "LiberoEnv", lambda suite, task_id, size, seed: StandInEnv(succeed_at=None))
-    args = _eval_args("--checkpoint", str(data_dir / fixtures.CHECKPOINT_DIR), "--tasks", "0", "--episodes", "1",
+    args = _eval_args("--checkpoint", checkpoint, "--tasks", "0", "--episodes", "1",
                       "--max-steps", "20", "--set", "num_inference_steps=2", "--set", "action_num_inference_steps=2",
                       "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path))
-    assert (args.preset, args.checkpoint) == ("libero", str(data_dir / fixtures.CHECKPOINT_DIR))
+    assert (args.preset, args.checkpoint) == ("libero", checkpoint)
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "| 0: put the black bowl on the plate | 0% (0/1) |" in out and "| ms / env step |" in out
     import json
 
+    from lingbot_edge.core.config import tiny_variant
+
+    cfg = fixtures.tiny_libero_config() if source == "committed" else tiny_variant(get_policy_config("libero"))
+    f, apf = cfg.frame_chunk_size, cfg.action_per_frame
+    chunks = 1 + -(-(20 - (f - 1) * apf) // (f * apf))  # the first chunk is one latent frame short
     (outcome,) = json.loads((tmp_path / "eval_libero_10.json").read_text())["fp32"]
-    assert (outcome["steps"], outcome["chunks"], outcome["success"]) == (20, 2, False)
+    assert (outcome["steps"], outcome["chunks"], outcome["success"]) == (20, chunks, False)
+    assert chunks == (2 if source == "committed" else 3)
     assert (tmp_path / "eval_libero_10.md").read_text() in out
 
 
