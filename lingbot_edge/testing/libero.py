@@ -89,7 +89,8 @@ def load_tiny_libero_policy(checkpoint: str | Path, sampler: str = "static", dty
 
 def frames_per_episode(cfg: PolicyConfig, chunks: int) -> int:
     """Frames of an episode of `chunks` chunks: the first observation, then the keyframes fed back
-    (4 (F - 1) after the first chunk, 4 F after the others)."""
+    (4 (F - 1) after the first chunk, 4 F after the others). Sizes a sequence before any chunk exists
+    (synthesizing one); replays take each chunk's `Chunk.num_keyframes`, the protocol's count."""
     f = cfg.frame_chunk_size
     return 1 + VAE_TEMPORAL * (f - 1) + VAE_TEMPORAL * f * (chunks - 1) if chunks > 0 else 0
 
