@@ -69,7 +69,7 @@ test-libero: $(LB_STAMP)
 	MUJOCO_GL=egl HF_HUB_OFFLINE=1 $(LB_BIN)/python -m pytest -q -s -m libero tests/libero
 
 clean:
-	rm -rf $(VENV) $(LR_VENV) .pytest_cache
+	rm -rf $(VENV) $(LR_VENV) .venv-libero .pytest_cache
 
 BENCH_DEVICE ?= cpu
 bench: venv
