@@ -176,7 +176,7 @@ class AsyncController:
                     upcoming.append(worker.submit(self._infer, {}, True))  # chunk 1, while chunk 0 executes
             except PolicyUnavailableError as e:
                 self._fail(logbook, e)
-            hold_since: int | None = None if current is not None else 0
+            holding: int | None = None if current is not None else 0  # hold ticks of the wait going on
             done_chunks = 0
             t0 = self.clock()
             i = 0
@@ -202,15 +202,15 @@ class AsyncController:
                         self._fail(logbook, e)
                         upcoming.clear()
                     else:
-                        current, holds = chunk, i - hold_since
+                        current, holds = chunk, holding
                         logbook.chunks.append({"chunk": chunk.index, "steps": chunk.steps, "job_ms": job_ms,
                                                "first_tick": i})
                         if holds > 0:
                             logbook.overruns.append({"chunk": chunk.index, "hold_ticks": holds,
                                                      "late_ms": holds * self.period * 1e3, "open": False})
                             log.info("chunk %d ready after holding %d tick(s)", chunk.index, holds)
-                        hold_since = None
-                elif current is None and hold_since == i and upcoming:
+                        holding = None
+                elif current is None and holding == 0 and upcoming:
                     log.warning("overrun: the next chunk is not ready when the previous one ended; holding the last "
                                 "safe target")
                 if current is not None:
@@ -219,6 +219,7 @@ class AsyncController:
                 else:
                     kind, step, chunk_id = "hold", -1, -1
                     safe = last_safe
+                    holding = (holding or 0) + 1
                 last_safe = joints_of(self.robot.send_action(action_dict(safe)))
                 obs = self.robot.get_observation()
                 if current is not None:
@@ -227,17 +228,17 @@ class AsyncController:
                         done_chunks += 1
                         if logbook.failure is None and (max_chunks is None or done_chunks < max_chunks):
                             upcoming.append(worker.submit(self._boundary_job, current))
-                        current, hold_since = None, i + 1
+                        current, holding = None, 0
                 tick = Tick(i, deadline, start, self.clock() - t0, kind, chunk_id, step, last_safe, present)
                 logbook.ticks.append(tick)
                 if self.on_tick is not None:
                     self.on_tick(obs, tick)
                 i += 1
                 if max_chunks is not None and done_chunks >= max_chunks:
-                    hold_since = None  # done, not waiting
+                    holding = None  # done, not waiting
                     break
-            if hold_since is not None and i > hold_since:  # a wait still open at the end is an overrun too
-                holds = i - hold_since
+            if holding:  # a wait still open at the end is an overrun too
+                holds = holding
                 logbook.overruns.append({"chunk": None, "hold_ticks": holds, "late_ms": holds * self.period * 1e3,
                                          "open": True})
         finally:

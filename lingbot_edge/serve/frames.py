@@ -1,9 +1,10 @@
 """Camera frames to the policy's size, the same way on the arm side (before sending) and on the server.
 
-Bilinear, `align_corners=False`, like `io.frozen.ObservationEncoder`, so a frame resized here is not
-resized again by the encoder (the only difference is the rounding back to uint8). Each channel of each
-frame is converted to float on its own: the float copy never exceeds 4/9 of one 3-camera frame set,
-whatever T and the input size are (the server's memory bound per request).
+Bilinear with `align_corners=False` and no antialiasing, i.e. `torch.nn.functional.interpolate(...,
+mode="bilinear")` as `io.frozen.ObservationEncoder` does it, so a frame resized here is not resized again
+by the encoder (the only difference is the rounding back to uint8). Computed with numpy gathers of the
+2 x 2 source pixels each output pixel needs: no float copy of the input ever exists, so a request's
+memory stays within its size whatever T and the camera resolution are, and the arm side needs no torch.
 """
 
 from __future__ import annotations
@@ -20,20 +21,24 @@ def check_float_image(frames: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: float images must be finite and in 0..255 (send 255 * img), got {lo}..{hi}")
 
 
+def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and the weight of i1 per output index, torch's bilinear rule."""
+    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(src.astype(np.intp), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 (or float 0..255) [H, W, 3] or [T, H, W, 3] -> the same rank at (height, width), uint8.
     uint8 frames already at that size are returned as they are."""
     if frames.shape[-3:-1] == (height, width):
         return frames if frames.dtype == np.uint8 else np.rint(frames).clip(0, 255).astype(np.uint8)
-    import torch
-    import torch.nn.functional as F
-
-    single = frames.ndim == 3
-    src = frames[None] if single else frames
-    out = np.empty((src.shape[0], height, width, src.shape[-1]), dtype=np.uint8)
-    for t in range(src.shape[0]):
-        for c in range(src.shape[-1]):
-            x = torch.from_numpy(np.ascontiguousarray(src[t, :, :, c])).float()[None, None]
-            y = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
-            out[t, :, :, c] = y[0, 0].round_().clamp_(0, 255).to(torch.uint8).numpy()
-    return out[0] if single else out
+    y0, y1, wy = _taps(frames.shape[-3], height)
+    x0, x1, wx = _taps(frames.shape[-2], width)
+    wy, wx = wy[:, None, None], wx[None, :, None]
+    top, bottom = frames[..., y0, :, :], frames[..., y1, :, :]  # [.., height, W, 3]: only the rows needed
+    upper = top[..., x0, :].astype(np.float32) * (1 - wx) + top[..., x1, :] * wx
+    lower = bottom[..., x0, :].astype(np.float32) * (1 - wx) + bottom[..., x1, :] * wx
+    out = upper * (1 - wy) + lower * wy
+    return np.rint(out, out=out).clip(0, 255).astype(np.uint8)
