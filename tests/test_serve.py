@@ -261,12 +261,14 @@ def test_server_memory_per_request_is_bounded_by_the_message_size(policy):
     msg = packb({**_frames(rng, h=2048, w=3072), "task": "big"})
     gc.collect()
 
+    from pathlib import Path
+
     def rss(field):  # kB -> bytes
-        line = next(v for v in open("/proc/self/status").read().splitlines() if v.startswith(field))
+        line = next(v for v in Path("/proc/self/status").read_text().splitlines() if v.startswith(field))
         return int(line.split()[1]) * 1024
 
     try:
-        open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     except OSError:
         pytest.fail("/proc/self/clear_refs is not writable: cannot measure the peak resident memory")
     before = rss("VmRSS:")

@@ -140,9 +140,9 @@ class FakeWorker:
 class ScriptedPolicy:
     """Shaped like LingBotPolicy; chunks are a slow sine per joint; fails with `error` at chunk `fail_at`."""
 
-    def __init__(self, lookahead=True, amplitude=20.0, fail_at=None, error=RuntimeError("policy failed")):
+    def __init__(self, lookahead=True, amplitude=20.0, fail_at=None, error=None):
         self.cfg, self.supports_lookahead = CFG, lookahead
-        self.amplitude, self.fail_at, self.error = amplitude, fail_at, error
+        self.amplitude, self.fail_at, self.error = amplitude, fail_at, error or RuntimeError("policy failed")
         self.calls, self.n = [], 0
         self.thread_ids = set()
 
