@@ -232,3 +232,51 @@ def test_cli_remote_run_reports_bytes_per_chunk_and_a_dead_server_exits_non_zero
     finally:
         srv.episodes.policy.thaw.set()
         srv.stop()
+
+
+class RecordingPolicy:
+    """The so100 preset's geometry (F = 4, 96x128, 3 cameras) without a model: zero actions, frames kept."""
+
+    def __init__(self):
+        from lingbot_edge.core.config import get_policy_config
+
+        self.cfg, self.fed = get_policy_config("so100"), []
+
+    def reset(self, prompt):
+        self.n = 0
+
+    def infer(self, obs):
+        self.n += 1
+        steps = (self.cfg.frame_chunk_size - (self.n == 1)) * self.cfg.action_per_frame
+        return {"actions": np.zeros((steps, 6), np.float32) + [0, 0, 0, 30, 0, 50]}
+
+    def feedback(self, frames, executed):
+        self.fed.append({k: np.array(v) for k, v in frames.items()})
+        return {}
+
+
+def test_so100_preset_bytes_per_chunk_raw_and_jpeg():
+    from lingbot_edge.serve.frames import decode_images
+
+    recorder = RecordingPolicy()
+    srv = PolicyServer(EpisodeServer(recorder), port=0).start()
+    sizes = {}
+    try:
+        for quality in (None, 90):
+            remote = RemotePolicy(f"127.0.0.1:{srv.port}", jpeg_quality=quality)
+            arm = SO100FollowerStandIn([camera_name(k) for k in remote.cfg.obs_cam_keys])  # 480x640 frames
+            AsyncController(arm, remote, "stack", fps=30).run(max_chunks=3)
+            remote.close()
+            sizes[quality] = remote.request_bytes[3]  # a full chunk: 16 keyframes x 3 cameras
+            time.sleep(0.1)
+    finally:
+        srv.stop()
+    raw = 16 * 3 * 96 * 128 * 3
+    print(f"so100 preset, bytes per chunk: raw {sizes[None]} ({raw} of pixels), JPEG q90 {sizes[90]}")
+    assert raw < sizes[None] < raw + 4096 and sizes[90] < 1_000_000 < sizes[None]
+    # what the server fed back from JPEG is the raw frames to JPEG's error, at the policy's size
+    exact, lossy = recorder.fed[1], recorder.fed[3]
+    assert all(v.shape == (16, 96, 128, 3) for v in lossy.values())
+    assert max(np.abs(exact[k].astype(int) - lossy[k]).mean() for k in exact) < 3.0
+    with pytest.raises(ValueError, match=r"not a valid JPEG or PNG"):
+        decode_images([b"\xff\xd8 not a jpeg"], "observation.images.top", 96, 128, max_side=4096)

@@ -161,7 +161,7 @@ def run_so100(args: argparse.Namespace) -> int:
             raise SystemExit(f"--policy: expected local or ws://HOST:PORT, got {args.policy!r}")
         try:
             policy = remote = RemotePolicy(args.policy, api_key=args.api_key or os.environ.get("LINGBOT_EDGE_API_KEY"),
-                                           timeout=args.policy_timeout)
+                                           timeout=args.policy_timeout, jpeg_quality=args.jpeg_quality)
         except PolicyUnavailableError as e:
             print(f"run-so100: {e}; the arm was not started", file=sys.stderr)
             return 1
@@ -257,4 +257,6 @@ def register(subparsers) -> None:
     run.add_argument("--api-key", default=None, help="remote policy: API key (default: $LINGBOT_EDGE_API_KEY)")
     run.add_argument("--policy-timeout", type=float, default=5.0,
                      help="remote policy: seconds to wait for a reply before holding the arm (default 5)")
+    run.add_argument("--jpeg-quality", type=int, default=90,
+                     help="remote policy: send frames as JPEG of this quality (default 90; 0: raw uint8, exact)")
     run.set_defaults(func=run_so100)

@@ -5,7 +5,9 @@ the same loop as a local policy: `reset(prompt)`, `infer(obs[, ahead]) -> episod
 `feedback(chunk)`, and lookahead when the server supports it (`feedback(k)` only keeps chunk k's keyframes;
 they travel with the next `infer`, so one round trip per chunk). Frames are resized here to the policy's
 `image_size` before sending (`frames.resize_frames`, the server's own resize), so a chunk's request is
-T x cameras x H x W x 3 bytes, not full camera frames; `request_bytes` keeps each request's size.
+T x cameras x H x W x 3 bytes, not full camera frames, or one JPEG per frame with `jpeg_quality`
+(so100 preset: 16 keyframes x 3 cameras x 96x128 = 1.77 MB raw per chunk); `request_bytes` keeps each
+request's size.
 
 Every call has a timeout. A server that is dead (connection refused / closed), absent or frozen (no reply
 in time) raises `robot.control.PolicyUnavailableError`: the loop then holds the arm until the run ends.
@@ -24,7 +26,7 @@ import numpy as np
 
 from lingbot_edge.core.episode import Chunk
 from lingbot_edge.robot.control import PolicyUnavailableError
-from lingbot_edge.serve.frames import resize_frames
+from lingbot_edge.serve.frames import encode_jpeg, resize_frames
 from lingbot_edge.serve.msgpack_numpy import packb, unpackb
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,10 @@ class RemotePolicy:
     an episode's first chunk (the server may still be compiling); connect_timeout: the handshake."""
 
     def __init__(self, address: str, api_key: str | None = None, timeout: float = 5.0, first_timeout: float = 60.0,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, jpeg_quality: int | None = None):
         self.uri = address if address.startswith(("ws://", "wss://")) else f"ws://{address}"
         self.timeout, self.first_timeout = timeout, first_timeout
+        self.jpeg_quality = jpeg_quality or None  # None / 0: raw uint8 frames
         self.request_bytes: list[int] = []
         self._exit = contextlib.ExitStack()
         headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
@@ -83,8 +86,11 @@ class RemotePolicy:
             raise RuntimeError(f"policy server {self.uri} refused the request: {reply}")
         return unpackb(reply)
 
-    def _frames(self, frames: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: resize_frames(np.asarray(v), self.cfg.height, self.cfg.width) for k, v in frames.items()}
+    def _frames(self, frames: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        out = {k: resize_frames(np.asarray(v), self.cfg.height, self.cfg.width) for k, v in frames.items()}
+        if self.jpeg_quality is not None:
+            out = {k: encode_jpeg(v, self.jpeg_quality) for k, v in out.items()}
+        return out
 
     def reset(self, prompt: str) -> None:
         self.prompt, self._done = prompt, None

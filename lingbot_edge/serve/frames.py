@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["check_float_image", "resize_frames"]
+__all__ = ["check_float_image", "decode_images", "encode_jpeg", "resize_frames"]
 
 
 def check_float_image(frames: np.ndarray, name: str) -> None:
@@ -42,3 +42,42 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     lower = bottom[..., x0, :].astype(np.float32) * (1 - wx) + bottom[..., x1, :] * wx
     out = upper * (1 - wy) + lower * wy
     return np.rint(out, out=out).clip(0, 255).astype(np.uint8)
+
+
+def encode_jpeg(frames: np.ndarray, quality: int) -> list[bytes]:
+    """uint8 [T, H, W, 3] (or [H, W, 3]) -> one JPEG per frame (Pillow), the protocol's compressed form."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    out = []
+    for frame in frames.reshape(-1, *frames.shape[-3:]):
+        buf = BytesIO()
+        Image.fromarray(np.ascontiguousarray(frame), "RGB").save(buf, format="JPEG", quality=int(quality))
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_images(encoded, name: str, height: int, width: int, max_side: int) -> np.ndarray:
+    """A list of JPEG / PNG frames -> uint8 [T, height, width, 3]. Each frame's header is checked before it
+    is decoded (sides <= max_side) and it is resized at once, so one full-size frame exists at a time."""
+    from io import BytesIO
+
+    from PIL import Image, UnidentifiedImageError
+
+    out = np.empty((len(encoded), height, width, 3), dtype=np.uint8)
+    for t, data in enumerate(encoded):
+        if not isinstance(data, bytes):
+            raise ValueError(f"{name}[{t}]: expected JPEG or PNG bytes, got {type(data).__name__}")
+        try:
+            img = Image.open(BytesIO(data))
+            if img.format not in ("JPEG", "PNG") or max(img.size) > max_side:
+                raise ValueError(f"{name}[{t}]: expected a JPEG or PNG with sides <= {max_side}, got {img.format} "
+                                 f"{img.size[0]}x{img.size[1]}")
+            if img.format == "JPEG":
+                img.draft("RGB", (width, height))  # decode at a reduced scale when the frame is much bigger
+            frame = np.asarray(img.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{name}[{t}]: not a valid JPEG or PNG ({e})") from e
+        out[t] = resize_frames(frame, height, width)
+    return out

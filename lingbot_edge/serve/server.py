@@ -24,7 +24,8 @@ header `Authorization: Api-Key <key>` (compared in constant time), else `401`.
      (A then gets `error: ..taken over..` until it sends reset too). An episode ends when its owner
      disconnects.
    - `observation.images.<camera>` for every camera in `camera_keys`, uint8 RGB (or float already scaled
-     to 0..255), any H x W: resized to `image_size` first (send them at that size to save bandwidth):
+     to 0..255), any H x W, or a list of JPEG / PNG bytes (one per frame: `run-so100 --jpeg-quality`); all
+     resized to `image_size` first (send them at that size to save bandwidth):
      * first request of an episode: the current frame, `H x W x 3`;
      * every later request: the keyframes recorded while the oldest unanswered chunk executed,
        `T x H x W x 3` with T = the previous reply's `keyframes_next` (one frame per camera after every
@@ -67,7 +68,7 @@ from typing import Any
 import numpy as np
 
 from lingbot_edge.core.config import VAE_TEMPORAL
-from lingbot_edge.serve.frames import check_float_image, resize_frames
+from lingbot_edge.serve.frames import check_float_image, decode_images, resize_frames
 from lingbot_edge.serve.msgpack_numpy import DecodeError, packb, unpackb
 
 log = logging.getLogger(__name__)
@@ -182,9 +183,15 @@ class EpisodeServer:
             missing = [k for k in self.cam_keys if k not in given]
             raise ProtocolError(f"missing camera image(s) {missing}; every request with images needs all of "
                                 f"{list(self.cam_keys)}")
-        raw = {}
+        raw, size = {}, (self.cfg.height, self.cfg.width)
         for key in self.cam_keys if given else ():
             img = req[key]
+            if isinstance(img, list | tuple) and img and all(isinstance(b, bytes) for b in img):
+                try:  # compressed frames: decoded one at a time straight to the policy's size
+                    raw[key] = decode_images(img, key, *size, max_side=MAX_IMAGE_SIDE)
+                except ValueError as e:
+                    raise ProtocolError(str(e)) from e
+                continue
             desc = f"shape {list(np.shape(img))} {getattr(img, 'dtype', type(img).__name__)}"
             if (not isinstance(img, np.ndarray) or (img.dtype != np.uint8 and img.dtype.kind != "f")
                     or img.ndim not in (3, 4) or img.shape[-1] != 3 or 0 in img.shape
@@ -200,7 +207,6 @@ class EpisodeServer:
         counts = {k: (v.shape[0] if v.ndim == 4 else 1) for k, v in raw.items()}
         if len(set(counts.values())) > 1:
             raise ProtocolError(f"cameras carry different frame counts {counts}; send the same T for each")
-        size = (self.cfg.height, self.cfg.width)
         return {k: resize_frames(v if v.ndim == 4 else v[None], *size) for k, v in raw.items()}
 
     def _floats(self, value: Any, name: str, last_dim: int, rows: int | None = None) -> np.ndarray:
