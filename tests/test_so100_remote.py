@@ -7,57 +7,13 @@ import time
 
 import numpy as np
 import pytest
+from test_so100_arm import SO100FollowerStandIn  # tests/ is on sys.path (no __init__.py)
 
 from lingbot_edge.io.loading import load_policy
 from lingbot_edge.robot.control import AsyncController, PolicyUnavailableError
-from lingbot_edge.robot.sim import KinematicSO100
 from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_LOWER, SO100_UPPER, camera_name
 from lingbot_edge.serve.client import RemotePolicy
 from lingbot_edge.serve.server import EpisodeServer, PolicyServer
-
-
-class SO100FollowerStandIn:
-    """The exact method surface of LeRobot's `SO100Follower` (`connect(calibrate=True)`, `is_connected`,
-    `get_observation()`, `send_action(action) -> action`, `disconnect()`), with LeRobot's errors when
-    used unconnected and 480x640 camera frames, over the kinematic sim's joints."""
-
-    def __init__(self, cameras, height=480, width=640):
-        self._sim = KinematicSO100(cameras=cameras, height=height, width=width)
-        self._connected = False
-        self.sent: list[dict] = []
-
-    @property
-    def is_connected(self) -> bool:
-        return self._connected
-
-    def connect(self, calibrate: bool = True) -> None:
-        if self._connected:
-            raise RuntimeError("SO100Follower is already connected")  # LeRobot: DeviceAlreadyConnectedError
-        self._sim.connect()
-        self._connected = True
-
-    def get_observation(self) -> dict:
-        if not self._connected:
-            raise RuntimeError("SO100Follower is not connected")  # LeRobot: DeviceNotConnectedError
-        return self._sim.get_observation()
-
-    def send_action(self, action: dict) -> dict:
-        if not self._connected:
-            raise RuntimeError("SO100Follower is not connected")
-        if set(action) != set(SO100_ACTION_KEYS):
-            raise KeyError(f"expected {SO100_ACTION_KEYS}, got {sorted(action)}")
-        self.sent.append(dict(action))
-        return self._sim.send_action(action)
-
-    def disconnect(self) -> None:
-        if not self._connected:
-            raise RuntimeError("SO100Follower is not connected")
-        self._sim.disconnect()  # disable_torque_on_disconnect=True
-        self._connected = False
-
-    @property
-    def torque_enabled(self) -> bool:
-        return self._sim.torque_enabled
 
 
 class SlowClock:
