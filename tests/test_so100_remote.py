@@ -119,7 +119,7 @@ def test_server_killed_mid_run_the_arm_holds_until_the_end():
 
 
 def test_server_frozen_the_run_still_ends_on_time_with_torque_off():
-    frozen = FreezablePolicy(tiny_so100_policy(), freeze_at=3)
+    frozen = FreezablePolicy(tiny_so100_policy(), freeze_at=1)  # chunk 1 (ahead) never comes
     srv = PolicyServer(EpisodeServer(frozen), port=0).start()
     try:
         for timeout in (0.5, 30.0):  # a timeout inside the run, and one longer than the run
@@ -178,7 +178,7 @@ def test_cli_remote_run_reports_bytes_per_chunk_and_a_dead_server_exits_non_zero
         assert "MB sent per chunk" in out and "run-so100: lookahead" in out
     finally:
         srv.stop()
-    srv = PolicyServer(EpisodeServer(FreezablePolicy(tiny_so100_policy(), freeze_at=2)), port=0).start()
+    srv = PolicyServer(EpisodeServer(FreezablePolicy(tiny_so100_policy(), freeze_at=1)), port=0).start()
     try:
         code = main(["run-so100", "--policy", f"ws://127.0.0.1:{srv.port}", "--seconds", "1.5",
                      "--policy-timeout", "0.3"])
