@@ -311,7 +311,8 @@ class _FailingPolicy:
         self.n += 1
         return {"actions": np.zeros((steps, 6), np.float32), "timing": {}, "chunk": self.n - 1, "frame_start": 0}
 
-    def feedback(self, frames, executed):
+    def feedback(self, chunk):
+        chunk.feedback_inputs()
         if self.fail:
             self.fail = False
             raise RuntimeError("boom")

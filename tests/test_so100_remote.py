@@ -206,8 +206,8 @@ class RecordingPolicy:
         steps = (self.cfg.frame_chunk_size - (self.n == 1)) * self.cfg.action_per_frame
         return {"actions": np.zeros((steps, 6), np.float32) + [0, 0, 0, 30, 0, 50]}
 
-    def feedback(self, frames, executed):
-        self.fed.append({k: np.array(v) for k, v in frames.items()})
+    def feedback(self, chunk):
+        self.fed.append(chunk.keyframes())
         return {}
 
 

@@ -67,7 +67,8 @@ from typing import Any
 
 import numpy as np
 
-from lingbot_edge.core.config import VAE_TEMPORAL
+from lingbot_edge.core.actions import ActionCodec
+from lingbot_edge.core.episode import Chunk
 from lingbot_edge.serve.frames import check_float_image, decode_images, resize_frames
 from lingbot_edge.serve.msgpack_numpy import DecodeError, packb, unpackb
 
@@ -87,7 +88,7 @@ class ProtocolError(ValueError):
 class _Episode:
     owner: int
     prompt: str
-    pending: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (index, actions) sent, not fed back
+    pending: list[Chunk] = field(default_factory=list)  # chunks sent, not fed back yet
     next_index: int = 0
     warned_single_frame: bool = False
 
@@ -139,11 +140,13 @@ class EpisodeServer:
         self._taken_over: dict[int, int] = {}  # connection -> the connection that took its episode
         self._lock = threading.Lock()
 
-    def steps(self, first: bool) -> int:
-        return (self.cfg.frame_chunk_size - (1 if first else 0)) * self.cfg.action_per_frame
+    def _chunk(self, actions: np.ndarray, index: int, **kw) -> Chunk:
+        return Chunk(actions, index=index, first=index == 0, keyframe_stride=self.cfg.keyframe_stride,
+                     cameras=self.cam_keys, **kw)
 
-    def keyframes(self, first: bool) -> int:
-        return VAE_TEMPORAL * (self.cfg.frame_chunk_size - (1 if first else 0))
+    def _plan(self, first: bool) -> Chunk:
+        """An empty chunk of this policy's shape: the protocol's step and keyframe counts come from it."""
+        return self._chunk(np.zeros((ActionCodec(self.cfg).steps(first), self.n_act), np.float32), 0 if first else 1)
 
     def metadata(self, max_message_bytes: int | None = None) -> dict[str, Any]:
         cfg = self.cfg
@@ -162,10 +165,10 @@ class EpisodeServer:
             "action_per_frame": cfg.action_per_frame,
             "frame_chunk_size": cfg.frame_chunk_size,
             "keyframe_stride": cfg.keyframe_stride,
-            "first_chunk_steps": self.steps(True),
-            "chunk_steps": self.steps(False),
-            "first_feedback_keyframes": self.keyframes(True),
-            "feedback_keyframes": self.keyframes(False),
+            "first_chunk_steps": self._plan(True).steps,
+            "chunk_steps": self._plan(False).steps,
+            "first_feedback_keyframes": self._plan(True).num_keyframes,
+            "feedback_keyframes": self._plan(False).num_keyframes,
             "supports_lookahead": self.lookahead,
             "max_message_bytes": max_message_bytes,
         }
@@ -224,8 +227,7 @@ class EpisodeServer:
         return arr
 
     def _keyframes(self, ep: _Episode, conn: int, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        index = ep.pending[0][0]
-        t_want = self.keyframes(index == 0)
+        index, t_want = ep.pending[0].index, ep.pending[0].num_keyframes
         frames = {}
         for k, v in images.items():
             if v.shape[0] == 1:
@@ -316,24 +318,25 @@ class EpisodeServer:
         if ahead and not images:
             if len(ep.pending) != 1:
                 raise ProtocolError(f"ahead: {len(ep.pending)} chunks are pending; send the keyframes of chunk "
-                                    f"{ep.pending[0][0]} with ahead: true")
+                                    f"{ep.pending[0].index} with ahead: true")
             return self._infer(ep, {}, True, {}, t_start)
         want_pending = 2 if ahead else 1
         if len(ep.pending) != want_pending:
             raise ProtocolError(f"{len(ep.pending)} chunk(s) pending: " + (
                 "send {ahead: true} without images first (lookahead)" if ahead else
-                f"send the keyframes of chunk {ep.pending[0][0]} with ahead: true"))
+                f"send the keyframes of chunk {ep.pending[0].index} with ahead: true"))
+        done = ep.pending[0]
         if not images:
-            raise ProtocolError(f"request needs the keyframes of chunk {ep.pending[0][0]} just executed for "
-                                f"{list(self.cam_keys)} (T = {self.keyframes(ep.pending[0][0] == 0)})")
+            raise ProtocolError(f"request needs the keyframes of chunk {done.index} just executed for "
+                                f"{list(self.cam_keys)} (T = {done.num_keyframes})")
         frames = self._keyframes(ep, conn, images)
-        done = ep.pending[0][1]
         if executed is not None:
-            executed = self._floats(executed, "executed_actions", self.n_act, rows=len(done))
+            executed = self._floats(executed, "executed_actions", self.n_act, rows=done.steps)
+        done.set_keyframes(frames, executed)  # executed default: the chunk as sent
         timing: dict[str, float] = {}
         t = time.perf_counter()
         try:
-            fb = self.policy.feedback(frames, done if executed is None else executed)
+            fb = self.policy.feedback(done)
         except Exception:
             self.episode = None  # the policy state is unknown now: the next request starts over
             raise
@@ -355,7 +358,7 @@ class EpisodeServer:
         if self.limits is not None:
             actions = np.clip(actions, *self.limits)
         index = ep.next_index
-        ep.pending.append((index, actions))
+        ep.pending.append(self._chunk(actions, index))
         ep.next_index += 1
         timing["total_ms"] = (time.perf_counter() - t_start) * 1e3
         return {
@@ -363,7 +366,7 @@ class EpisodeServer:
             "chunk": index,
             "first": index == 0,
             "frame_start": int(out.get("frame_start", 0)),
-            "keyframes_next": self.keyframes(ep.pending[0][0] == 0),
+            "keyframes_next": ep.pending[0].num_keyframes,
             "server_timing": {k: float(v) for k, v in timing.items()},
         }
 
