@@ -89,6 +89,7 @@ def test_lerobot_shaped_arm_driven_by_a_remote_policy_with_lookahead(server):
     raw = [t * n_cams * h * w * 3 for t in keyframes]
     print(f"bytes per chunk: {feedback_requests} (keyframes {raw} at {h}x{w}; "
           f"{[t * n_cams * 480 * 640 * 3 for t in keyframes]} at 480x640)")
+    assert feedback_requests == remote.feedback_bytes
     assert len(feedback_requests) == 2 and all(r < b < r + 4096 for r, b in zip(raw, feedback_requests, strict=True))
     assert remote.request_bytes[1] < n_cams * h * w * 3 + 4096  # the first frame is resized too
 

@@ -195,8 +195,8 @@ def run_so100(args: argparse.Namespace) -> int:
         if remote is not None:
             remote.close()
     s = result.summary()
-    sizes = remote.request_bytes[1:] if remote is not None else []  # [0] is the reset
-    traffic = f", {sum(sizes) / max(1, len(sizes)) / 1e6:.2f} MB sent per chunk" if sizes else ""
+    sizes = remote.feedback_bytes if remote is not None else []
+    traffic = f", {sum(sizes) / len(sizes) / 1e6:.3f} MB sent per chunk (keyframes)" if sizes else ""
     print(f"run-so100: {result.mode}, {s['ticks']} ticks at {args.fps:g} Hz ({s['exec_ticks']} executing, "
           f"{s['hold_ticks']} holding), {s['chunks_executed']} chunks, {s['overruns']} overruns, {s['missed']} missed, "
           f"safety: {safety.clipped_limits} joint-limit / {safety.clipped_step} step clips, {safety.refused} refused"

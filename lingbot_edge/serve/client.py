@@ -43,7 +43,8 @@ class RemotePolicy:
         self.uri = address if address.startswith(("ws://", "wss://")) else f"ws://{address}"
         self.timeout, self.first_timeout = timeout, first_timeout
         self.jpeg_quality = jpeg_quality or None  # None / 0: raw uint8 frames
-        self.request_bytes: list[int] = []
+        self.request_bytes: list[int] = []  # every request
+        self.feedback_bytes: list[int] = []  # the requests carrying a chunk's keyframes
         self._exit = contextlib.ExitStack()
         headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         try:
@@ -109,6 +110,8 @@ class RemotePolicy:
             req.update(self._frames({k: obs[k] for k in self.cfg.obs_cam_keys if k in obs}))
         first = not ahead and "executed_actions" not in req
         r = self._call(req, self.first_timeout if first else self.timeout)
+        if "executed_actions" in req:
+            self.feedback_bytes.append(self.request_bytes[-1])
         return Chunk(r["action"], index=int(r["chunk"]), first=bool(r.get("first", r["chunk"] == 0)),
                      keyframe_stride=self.cfg.keyframe_stride, cameras=self.cfg.obs_cam_keys,
                      frame_start=int(r.get("frame_start", 0)), timing=r.get("server_timing", {}))
