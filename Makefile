@@ -20,7 +20,7 @@ venv: $(STAMP)
 
 demo: venv
 	$(BIN)/lingbot-edge demo
-	$(BIN)/lingbot-edge run-so100 --robot sim --model tiny --seconds 5 --video out/demo_so100.mp4
+	$(BIN)/lingbot-edge run-so100 --robot sim --seconds 5 --video out/demo_so100.mp4
 
 test: venv
 	$(BIN)/python -m pytest -q
@@ -36,7 +36,7 @@ lint: venv
 LR_VENV := .venv-lerobot
 LR_BIN := $(LR_VENV)/bin
 LR_STAMP := $(LR_VENV)/.installed
-LR_TESTS := tests/test_lerobot_adapter.py tests/test_lerobot_eval.py
+LR_TESTS := tests/test_lerobot_adapter.py tests/test_lerobot_eval.py tests/test_so100_arm.py
 
 $(LR_STAMP): pyproject.toml constraints.txt
 	test -x $(LR_BIN)/python || $(PYTHON) -m venv $(LR_VENV)

@@ -80,20 +80,10 @@ def robot_overrides(args, cameras) -> dict:
     return overrides
 
 
-def _check_model_alias(args) -> None:
-    # Deprecated `--model tiny|full` (before the shared policy flags): tiny == --checkpoint tiny.
-    if args.model is None:
-        return
-    log.warning("--model is deprecated: use --checkpoint tiny (embedded model) or --checkpoint DIR")
-    if args.model == "full" and args.checkpoint == "tiny":
-        raise SystemExit("--model full needs --checkpoint DIR (only the tiny model is embedded)")
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_LOWER, SO100_UPPER
     from lingbot_edge.serve.server import EpisodeServer, PolicyServer
 
-    _check_model_alias(args)
     try:
         policy = build_policy(args, **robot_overrides(args, _cameras(args)))
     except ValueError as e:
@@ -146,7 +136,6 @@ def run_so100(args: argparse.Namespace) -> int:
     from lingbot_edge.robot.sim import VideoRecorder
     from lingbot_edge.robot.so100 import camera_keys, camera_name
 
-    _check_model_alias(args)
     cameras = _cameras(args)
     remote = None
     if args.policy == "local":
@@ -212,7 +201,6 @@ def run_so100(args: argparse.Namespace) -> int:
 
 def _add_robot_policy_args(p: argparse.ArgumentParser) -> None:
     add_policy_args(p, default_checkpoint="tiny", default_preset="so100")
-    p.add_argument("--model", choices=("tiny", "full"), default=None, help=argparse.SUPPRESS)  # deprecated
     p.add_argument("--stats", default=None,
                    help="LeRobot dataset (v2.0 / v2.1 / v3.0 root or meta file): action quantiles q01/q99, min/max "
                         "fallback; its action names must be the SO-100 motor order")
