@@ -36,7 +36,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from lingbot_edge.core.config import VAE_TEMPORAL, PolicyConfig
+from lingbot_edge.core.config import PolicyConfig
+from lingbot_edge.core.episode import episode_frames, episode_steps
 from quantize.metrics import Episode, make_episode
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,12 @@ class SyntheticEpisodes:
 
 
 def frames_needed(cfg: PolicyConfig, chunks: int) -> int:
-    """Frames (first observation + keyframes) of a `chunks`-chunk episode."""
-    f = cfg.frame_chunk_size
-    return 1 + VAE_TEMPORAL * (f - 1) + VAE_TEMPORAL * f * (chunks - 1)
+    """Frames (first observation + keyframes) of a `chunks`-chunk episode (the episode protocol's count)."""
+    return episode_frames(cfg, chunks)
 
 
 def actions_needed(cfg: PolicyConfig, chunks: int) -> int:
-    return cfg.action_per_frame * (cfg.frame_chunk_size * chunks - 1)
+    return episode_steps(cfg, chunks)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,28 @@ from typing import Any
 import numpy as np
 
 
+def chunk_steps(cfg, index: int) -> int:
+    """Executed steps of chunk `index`: F * apf, minus frame 0's apf in the first chunk (its frame 0 is
+    the observation)."""
+    return cfg.action_per_frame * (cfg.frame_chunk_size - (1 if index == 0 else 0))
+
+
+def chunk_keyframes(cfg, index: int) -> int:
+    """Keyframes per camera recorded while chunk `index` executes."""
+    return chunk_steps(cfg, index) // cfg.keyframe_stride
+
+
+def episode_steps(cfg, chunks: int) -> int:
+    """Executed steps of the first `chunks` chunks of an episode."""
+    return sum(chunk_steps(cfg, i) for i in range(chunks))
+
+
+def episode_frames(cfg, chunks: int) -> int:
+    """Frames per camera of the first `chunks` chunks: the first observation, then every keyframe
+    (0 for no chunk). Sizes recordings before any Chunk exists; a loop asks its Chunk instead."""
+    return 1 + sum(chunk_keyframes(cfg, i) for i in range(chunks)) if chunks > 0 else 0
+
+
 class Chunk(dict):
     """One inferred chunk: its actions, the keyframe rule, and what was recorded while it executed."""
 

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from lingbot_edge.core.actions import ActionCodec
-from lingbot_edge.core.config import VAE_TEMPORAL, PolicyConfig
-from lingbot_edge.core.episode import Chunk
+from lingbot_edge.core.config import PolicyConfig
+from lingbot_edge.core.episode import Chunk, chunk_keyframes
 from lingbot_edge.core.model import WanVATransformer
 from lingbot_edge.core.sampler import ReferenceSampler, StaticSampler
 
@@ -246,7 +246,7 @@ class LingBotPolicy:
         frames = self.cfg.canonical_cameras(frames)
         timer = PhaseTimer(self.device)
         first = self.chunk_index == 0
-        want_t = VAE_TEMPORAL * (self.cfg.frame_chunk_size - (1 if first else 0))
+        want_t = chunk_keyframes(self.cfg, self.chunk_index)
         for key in self.cfg.obs_cam_keys:
             if key not in frames:
                 raise ValueError(f"frames: missing camera {key!r}; expected {list(self.cfg.obs_cam_keys)}")

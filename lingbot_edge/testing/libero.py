@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from lingbot_edge.core.config import VAE_TEMPORAL, PolicyConfig, get_policy_config
+from lingbot_edge.core.episode import episode_frames
 from lingbot_edge.eval.libero import LIBERO_CAMERAS
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,7 @@ def frames_per_episode(cfg: PolicyConfig, chunks: int) -> int:
     """Frames of an episode of `chunks` chunks: the first observation, then the keyframes fed back
     (4 (F - 1) after the first chunk, 4 F after the others). Sizes a sequence before any chunk exists
     (synthesizing one); replays take each chunk's `Chunk.num_keyframes`, the protocol's count."""
-    f = cfg.frame_chunk_size
-    return 1 + VAE_TEMPORAL * (f - 1) + VAE_TEMPORAL * f * (chunks - 1) if chunks > 0 else 0
+    return episode_frames(cfg, chunks)
 
 
 @dataclass

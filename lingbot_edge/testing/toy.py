@@ -35,19 +35,14 @@ class ToyScene:
 
 
 def toy_episode(policy, chunks: int, prompt: str, seed: int = 0) -> Iterator[dict]:
-    """Closed loop on a ToyScene: infer, execute the chunk while recording a keyframe every
-    keyframe_stride steps, feed back; yields each infer() output (+ "feedback_timing")."""
-    cfg = policy.cfg
-    scene = ToyScene(cfg.obs_cam_keys, seed=seed)
+    """Closed loop on a ToyScene through the episode protocol: infer, execute the chunk while recording
+    its keyframes, feed it back; yields each chunk (+ "feedback_timing")."""
+    scene = ToyScene(policy.cfg.obs_cam_keys, seed=seed)
     policy.reset(prompt=prompt)
-    for chunk in range(chunks):
-        out = policy.infer(scene.render() if chunk == 0 else {})
-        keyframes: dict[str, list[np.ndarray]] = {k: [] for k in cfg.obs_cam_keys}
-        for step, action in enumerate(out["actions"]):
+    for i in range(chunks):
+        chunk = policy.infer(scene.render() if i == 0 else {})
+        for step, action in enumerate(chunk.actions):
             scene.step(action)
-            if (step + 1) % cfg.keyframe_stride == 0:
-                for k, img in scene.render().items():
-                    keyframes[k].append(img)
-        out["feedback_timing"] = policy.feedback({k: np.stack(v) for k, v in keyframes.items()}, out["actions"])
-        yield out
-
+            chunk.record(step, images=scene.render() if chunk.is_keyframe(step) else None)
+        chunk["feedback_timing"] = policy.feedback(chunk)
+        yield chunk
