@@ -68,6 +68,24 @@ _MODEL_FIELDS = (
 )
 
 
+def default_device_dtype(device: str | torch.device | None = None,
+                         dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """The one place the DiT's device / dtype defaults are chosen: CUDA when available, else the CPU;
+    bf16 on both (the released weights' dtype: on the CPU they then stay memory-mapped, nothing is
+    copied). fp32 only when asked: `warn_if_float32` then logs what it costs."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, (dtype if dtype is not None else torch.bfloat16)
+
+
+def warn_if_float32(cfg: ModelConfig, dtype: torch.dtype) -> None:
+    if dtype == torch.float32:
+        from lingbot_edge.io.checkpoint import build_meta_model
+
+        params = sum(p.numel() for p in build_meta_model(cfg).parameters())
+        log.warning("DiT in float32 as asked: %.2f GB of weights (%.2f GB in the default bfloat16)",
+                    params * 4 / 1e9, params * 2 / 1e9)
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder is missing a part or does not hold what the policy expects."""
 
@@ -628,10 +646,6 @@ def policy_config_for(layout: CheckpointLayout, preset: str, apply_checkpoint_fi
     return cfg
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_policy(
     checkpoint_dir: str | Path,
     preset: str = "libero",
@@ -656,7 +670,7 @@ def load_policy(
 ):
     """Validate every part of `checkpoint_dir`, then build a `LingBotPolicy` from it.
 
-    device: default CUDA if available; dtype: the DiT's (default bf16 on CUDA, fp32 on CPU); vae_dtype:
+    device / dtype: the DiT's (`default_device_dtype`: CUDA if available, bf16); vae_dtype:
     the VAE encoder's (default `dtype`). The prompt cache (`prompt_cache_dir`: None -> the default
     cache folder, False -> memory only) encodes with UMT5 on `text_encoder_device` (default CPU: UMT5
     never touches the GPU) in `text_encoder_dtype` (part of the cache key; `encode-prompt` uses the same
@@ -673,9 +687,7 @@ def load_policy(
     from lingbot_edge.io.frozen import ObservationEncoder, StreamingVAEEncoder
     from lingbot_edge.io.prompt_cache import gpu_memory
 
-    device = torch.device(device if device is not None else _default_device())
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = default_device_dtype(device, dtype)
     vae_dtype = vae_dtype or dtype
     if compile is None:
         compile = device.type == "cuda"
@@ -697,6 +709,8 @@ def load_policy(
         prompt_cache.precompute(prompts, negative=cfg.use_cfg)
     report["gpu_allocated_after_prompts"] = gpu_memory(device)["allocated"]
     # 3. The DiT, tensor by tensor.
+    if not layout.quantized:
+        warn_if_float32(layout.model_config, dtype)
     model = load_dit(layout, dtype, device)
     report["gpu_allocated_after_dit"] = gpu_memory(device)["allocated"]
     # 4. The VAE: read on the CPU, only encoder + quant_conv go to the device (one copy for both streams).
