@@ -527,7 +527,8 @@ class AsyncController:
 
     def __init__(self, robot: Robot, policy, prompt: str, fps: float = 30.0, safety: SafetyFilter | None = None,
                  lookahead: bool | None = None, on_tick: Callable[[dict, Tick], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
+                 executor: Callable[[], concurrent.futures.Executor] | None = None):
         self.robot, self.policy, self.prompt = robot, policy, prompt
         self.fps, self.period = float(fps), 1.0 / float(fps)
         self.safety = safety or SafetyFilter()
@@ -536,6 +537,9 @@ class AsyncController:
             raise ValueError("lookahead: this policy has no infer(..., ahead=True) (supports_lookahead)")
         self.on_tick = on_tick
         self.clock, self.sleep = clock, sleep
+        # The one worker policy calls run on; tests pass an executor that runs in simulated time (with `clock`).
+        self.executor = executor or (lambda: concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="lingbot-infer"))
         cfg = policy.cfg
         self.cam_keys = tuple(cfg.obs_cam_keys)
         self.stride = cfg.keyframe_stride
@@ -565,7 +569,7 @@ class AsyncController:
         """Connect, run until `duration_s` of control time or `max_chunks` chunks executed (or stop()),
         then always disconnect (torque off). Returns the timing log."""
         logbook = ControlLog(self.fps, "lookahead" if self.lookahead else "sync")
-        worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lingbot-infer")
+        worker = self.executor()
         connected = False
         try:
             self.robot.connect()
