@@ -77,7 +77,7 @@ def test_chunk(benchmark, setup, variant):
         weight_bytes=ladder.weight_bytes(sampler.model),
         actions_per_chunk=cfg.frame_chunk_size * cfg.action_per_frame,
         forwards_per_chunk=cfg.num_inference_steps + cfg.action_num_inference_steps + 4,
-        **ladder.accuracy(results, setup["reference"]),
+        **ladder.accuracy(results, setup["reference"], cfg),
     )
 
 
