@@ -207,15 +207,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def peak_memory(device: torch.device) -> int:
-    """CUDA: max_memory_allocated since the last reset. CPU: the process's peak RSS (monotonic)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measure_cpu_peaks(seconds: float = 0.5) -> dict[str, float]:
     """Copy bandwidth and bf16 / fp32 matmul throughput of this CPU, measured in this run."""
     import time
