@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+pytest_plugins = ["pytester"]  # tests/test_markers.py runs pytest on the marker scheme itself
+
 # Two-core CI: one intra-op thread avoids oversubscription with inductor's compile workers.
 torch.set_num_threads(int(os.environ.get("LINGBOT_TEST_THREADS", "1")))
 
