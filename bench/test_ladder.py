@@ -107,7 +107,8 @@ def test_forward(benchmark, setup, variant, stream):
     fwd = ladder.forward_timers(sampler, setup["cfg"])[stream]
 
     def one_forward():
-        fwd()
+        with torch.no_grad():  # as the sampler runs it: grad mode is part of the compiled graph's guards
+            fwd()
         _sync()
 
     benchmark.group = f"forward-{stream}"
