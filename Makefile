@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= frozen,quant,calib,serve,dev
 
-.PHONY: venv demo test test-all test-lerobot lint clean bench
+.PHONY: venv demo test test-all test-slow test-gpu test-sim test-lerobot lint clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,30 @@ demo: venv
 	$(BIN)/lingbot-edge demo
 	$(BIN)/lingbot-edge run-so100 --robot sim --seconds 5 --video out/demo_so100.mp4
 
+# Markers (pyproject.toml): `make test` deselects slow, gpu, sim, lerobot and libero; each has its own
+# target, and a marked test that cannot run where it was selected fails (tests/conftest.py), never skips.
 test: venv
 	$(BIN)/python -m pytest -q
 
-test-all: venv
-	$(BIN)/python -m pytest -q -m "not gpu"
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: venv
+	$(BIN)/python -m pytest -q -m gpu
+
+SIM_STAMP := $(VENV)/.installed-sim
+$(SIM_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[sim]"
+	touch $(SIM_STAMP)
+
+test-sim: $(SIM_STAMP)
+	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/python -m pytest -q -m sim
+
+# Everything this venv can run: the default tests + slow + sim, and gpu where CUDA is present.
+# lerobot (its own venv: make test-lerobot) and libero (simulator + assets) have their own targets.
+test-all: $(SIM_STAMP)
+	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/python -m pytest -q -m "not lerobot and not libero $$($(BIN)/python -c \
+		'import torch; print("" if torch.cuda.is_available() else "and not gpu")')"
 
 lint: venv
 	$(BIN)/ruff check .

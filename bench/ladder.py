@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lingbot_edge.core.actions import action_error
 from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
 from lingbot_edge.core.kv_cache import CacheMode
 from lingbot_edge.core.sampler import ReferenceSampler, StaticSampler
@@ -127,19 +128,15 @@ def run_episode(sampler, inputs: EpisodeInputs, sync: Callable[[], None] = lambd
     return out
 
 
-def accuracy(results: list, reference: list) -> dict[str, float]:
-    """Action RMS / cosine (normalized units) and video-latent SQNR (dB) vs the reference run."""
-    a = torch.cat([r.actions.float().flatten().cpu() for r in results])
-    a_ref = torch.cat([r.actions.float().flatten().cpu() for r in reference])
+def accuracy(results: list, reference: list, cfg: PolicyConfig) -> dict[str, float]:
+    """Action RMS / cosine (normalized units; `core.actions.action_error`: used channels, executed
+    steps) and video-latent SQNR (dB) vs the reference run."""
+    actions = action_error([r.actions for r in reference], [r.actions for r in results], cfg)
     v = torch.cat([r.latents.float().flatten().cpu() for r in results])
     v_ref = torch.cat([r.latents.float().flatten().cpu() for r in reference])
     err = (v - v_ref).pow(2).mean()
     sqnr = float("inf") if err == 0 else float(10 * torch.log10(v_ref.pow(2).mean() / err))
-    return {
-        "action_rms": float((a - a_ref).pow(2).mean().sqrt()),
-        "action_cos": float(torch.nn.functional.cosine_similarity(a, a_ref, dim=0)),
-        "latent_sqnr_db": sqnr,
-    }
+    return {"action_rms": actions["action_rms"], "action_cos": actions["action_cos"], "latent_sqnr_db": sqnr}
 
 
 def forward_timers(sampler, cfg: PolicyConfig) -> dict[str, Callable[[], None]]:
@@ -208,15 +205,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
         else:
             total += t.numel() * t.element_size()
     return total
-
-
-def peak_memory(device: torch.device) -> int:
-    """CUDA: max_memory_allocated since the last reset. CPU: the process's peak RSS (monotonic)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_cpu_peaks(seconds: float = 0.5) -> dict[str, float]:

@@ -81,8 +81,9 @@ def render(data: dict) -> str:
             "FlopCounterMode; peaks used: " + ", ".join(f"{k} {v:.3g}" for k, v in peaks.items())
             + (" (measured in this run: copy bandwidth, matmul)" if not gpu else " (datasheet)"),
         ]
-    if not gpu:
-        lines += ["", "Peak memory on CPU is the process's max RSS so far (monotonic over the run), not per variant."]
+    counts = first.get("peak_memory_counts")
+    lines += ["", f"Peak memory: {counts}." if counts else
+              "Peak memory: not labelled in this file (older runs: the CPU column was the whole run's max RSS)."]
     return "\n".join(lines)
 
 

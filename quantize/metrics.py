@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lingbot_edge.core.actions import action_error
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.qlinear import quantized_linears
 from lingbot_edge.core.sampler import ChunkResult, StaticSampler
@@ -101,28 +102,16 @@ def run_episode(model: nn.Module, cfg: PolicyConfig, episode: Episode, compile: 
     return results
 
 
-def _stack(results: list[ChunkResult], cfg: PolicyConfig) -> tuple[Tensor, Tensor]:
-    """Used action channels and latents of every chunk, without the first chunk's pinned frame 0."""
-    used = list(cfg.used_action_channel_ids)
-    actions, latents = [], []
-    for i, r in enumerate(results):
-        start = 1 if i == 0 else 0
-        actions.append(r.actions[:, used, start:].flatten())
-        latents.append(r.latents[:, :, start:].flatten())
-    return torch.cat(actions).double(), torch.cat(latents).double()
+def _latents(results: list[ChunkResult]) -> Tensor:
+    """Latents of every chunk, without the first chunk's pinned frame 0."""
+    return torch.cat([r.latents[:, :, 1 if i == 0 else 0:].flatten() for i, r in enumerate(results)]).double()
 
 
 def episode_error(reference: list[ChunkResult], test: list[ChunkResult], cfg: PolicyConfig) -> dict[str, float]:
-    """action_rms (normalized units), action_rel_rms (/ reference RMS), action_cos, latent_sqnr (dB)."""
-    ref_a, ref_v = _stack(reference, cfg)
-    test_a, test_v = _stack(test, cfg)
-    rms = (test_a - ref_a).pow(2).mean().sqrt().item()
-    return dict(
-        action_rms=rms,
-        action_rel_rms=rms / ref_a.pow(2).mean().sqrt().item(),
-        action_cos=torch.nn.functional.cosine_similarity(test_a, ref_a, dim=0).item(),
-        latent_sqnr=sqnr(ref_v, test_v),
-    )
+    """action_rms (normalized units), action_rel_rms (/ reference RMS), action_cos (all three from
+    `lingbot_edge.core.actions.action_error`: used channels, executed steps), latent_sqnr (dB)."""
+    errors = action_error([r.actions for r in reference], [r.actions for r in test], cfg)
+    return dict(**errors, latent_sqnr=sqnr(_latents(reference), _latents(test)))
 
 
 def synthetic_calibration(cfg: PolicyConfig, chunks: int = 2, seed: int = 0) -> Callable[[nn.Module], None]:

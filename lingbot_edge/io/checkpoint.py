@@ -12,6 +12,7 @@ model never exists.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import errno
 import json
@@ -40,13 +41,47 @@ QUANTIZED_WEIGHT_SUFFIX = ".weight_qdata"
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 seed: int | None = 0) -> WanVATransformer:
-    """A randomly initialised model (tests, the tiny demo, full-size memory/speed runs)."""
+    """A randomly initialised model (tests, the tiny demo, full-size memory/speed runs).
+
+    Built on the meta device; every parameter is then drawn in fp32 into one reused scratch buffer, in
+    the constructor's RNG order, and copied into its own tensor in `dtype` on `device`: the same values
+    as `WanVATransformer(cfg).to(dtype)`, with a peak of the model in `dtype` plus one fp32 layer."""
+    model = build_meta_model(cfg)
+    device = torch.device(device)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    scratch = torch.empty(largest, device=device)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        with torch.device(device):
-            model = WanVATransformer(cfg)
-    return model.to(dtype).eval().requires_grad_(False)
+        _materialise(model, scratch, dtype)
+    return model
+
+
+def _materialise(module: nn.Module, scratch: torch.Tensor, dtype: torch.dtype) -> None:
+    """Post-order, like construction: a module's children are initialised before its own parameters."""
+    for child in module.children():
+        _materialise(child, scratch, dtype)
+    own = dict(module.named_parameters(recurse=False))
+    if not own:
+        return
+    draws, offset = {}, 0
+    for name, p in own.items():  # fp32 views of the scratch buffer, one per parameter
+        draws[name] = scratch[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    if hasattr(module, "reset_parameters") and not list(module.children()):  # Linear / LayerNorm / RMSNorm
+        fresh = copy.deepcopy(module)  # still on meta: free
+        for name, view in draws.items():
+            setattr(fresh, name, nn.Parameter(view, requires_grad=False))
+        with torch.no_grad():
+            fresh.reset_parameters()  # torch's own init, in fp32
+    elif set(own) == {"scale_shift_table"}:  # the modulation tables: torch.randn(...) / dim ** 0.5
+        view = draws["scale_shift_table"]
+        view.normal_().div_(view.shape[-1] ** 0.5)
+    else:
+        raise TypeError(f"build_model: no initialisation rule for {type(module).__name__} parameters {sorted(own)}")
+    for name, view in draws.items():
+        value = torch.empty(view.shape, dtype=dtype, device=scratch.device).copy_(view)
+        setattr(module, name, nn.Parameter(value, requires_grad=False))
 
 
 def build_meta_model(cfg: ModelConfig) -> WanVATransformer:

@@ -279,13 +279,14 @@ def runtime_defaults(device: str | torch.device | None = None, dtype: torch.dtyp
     return device, dtype, bool(compile)
 
 
-def _warn_fp32(cfg: PolicyConfig, dtype: torch.dtype) -> None:
-    if dtype == torch.float32 and cfg.model != "tiny":
+def warn_if_float32(cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """fp32 only when asked: say what it costs (the released 5B DiT: 20 GB instead of 10)."""
+    if dtype == torch.float32:
         from lingbot_edge.io.checkpoint import build_meta_model
 
-        params = sum(p.numel() for p in build_meta_model(cfg.model_config).parameters())
-        log.warning("dtype float32: the DiT alone takes %.1f GB in fp32 (%.1f GB in bf16); pass dtype=bfloat16 "
-                    "unless you need fp32", params * 4 / 1e9, params * 2 / 1e9)
+        params = sum(p.numel() for p in build_meta_model(cfg).parameters())
+        log.warning("DiT in float32 as asked: %.2f GB of weights (%.2f GB in the default bfloat16)",
+                    params * 4 / 1e9, params * 2 / 1e9)
 
 
 TINY = "tiny"  # load_policy's embedded source
@@ -348,7 +349,6 @@ def load_policy(
     layout = resolve_checkpoint(source, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                 transformer=transformer)
     cfg = policy_config_for(layout, preset, overrides)
-    _warn_fp32(cfg, dtype)
     vae_dtype = vae_dtype or dtype
     if record_predicted_video is None:
         record_predicted_video = bool(layout.lerobot_config.get("save_predicted_video", False))
@@ -366,6 +366,8 @@ def load_policy(
         prompt_cache.precompute(prompts, negative=cfg.use_cfg)
     report["gpu_allocated_after_prompts"] = gpu_memory(device)["allocated"]
     # 3. The DiT, tensor by tensor.
+    if not layout.quantized:
+        warn_if_float32(layout.model_config, dtype)
     model = load_dit(layout, dtype, device)
     report["gpu_allocated_after_dit"] = gpu_memory(device)["allocated"]
     # 4. The VAE: read on the CPU, only encoder + quant_conv go to the device (one copy for both streams).
