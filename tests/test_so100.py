@@ -301,7 +301,8 @@ def test_tiny_policy_closed_loop_in_the_sim_with_video(tmp_path):
                              sleep=clock.sleep).run(max_chunks=3)
     s = result.summary()
     assert s["chunks_executed"] == 3 and s["exec_ticks"] == 4 + 8 + 8
-    assert result.mode == "lookahead" and supports_lookahead(policy) and s["holds_after_first_chunk"] == 0
+    # Speed-independent facts only (holds depend on the machine; the fake-clock tests above count them exactly).
+    assert result.mode == "lookahead" and supports_lookahead(policy)
     path = recorder.write(tmp_path / "sim.mp4", fps=30)
     import imageio.v2 as imageio
 
