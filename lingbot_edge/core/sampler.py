@@ -54,6 +54,17 @@ class _SamplerBase:
         self.action_channel_mask = mask.to(self.device)
         self.frame_start = 0  # absolute frame id of the next chunk (host copy, for logging/tests)
 
+    def stream_schedule(self, action: bool) -> tuple[Tensor, Tensor, bool]:
+        """(timesteps, Euler factors, last_updates) of one stream's loop, as upstream's `_infer`: the
+        padded list, cut to its first `video_exec_step` entries for video when that is not -1; then
+        every forward, the last (PREDICTED) one included, applies its Euler step (last_updates)."""
+        sched = self.action_schedule if action else self.video_schedule
+        ts, ds = sched.timesteps(), sched.sigma_deltas()
+        k = self.cfg.video_exec_step
+        if action or k == -1:
+            return ts, ds, False
+        return ts[:k], ds[:k], True
+
     def check_inputs(self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None) -> None:
         _check("noise_video", noise_video, self.latent_shape)
         _check("noise_action", noise_action, self.action_shape)
@@ -121,7 +132,7 @@ class ReferenceSampler(_SamplerBase):
         frame_start = self.frame_start + frame_shift
 
         latents = noise_video.to(self.device, self.dtype).clone()
-        ts, ds = self.video_schedule.timesteps(), self.video_schedule.sigma_deltas()
+        ts, ds, last_updates = self.stream_schedule(action=False)
         for i in range(len(ts)):
             last = i == len(ts) - 1
             t_frames = torch.full((f,), float(ts[i]), device=self.device)
@@ -130,14 +141,14 @@ class ReferenceSampler(_SamplerBase):
                 t_frames[0] = 0
             mode = CacheMode.PREDICTED if last else CacheMode.TRANSIENT
             v = self._forward(latents, t_frames, mode, False, frame_start)
-            if not last:
+            if not last or last_updates:
                 latents = latents + self._cfg(v, cfg.guidance_scale) * ds[i]
         if first:
             latents[:, :, :1] = first_latent
         _mark(timer, "video")
 
         actions = noise_action.to(self.device, self.dtype).clone()
-        ts, ds = self.action_schedule.timesteps(), self.action_schedule.sigma_deltas()
+        ts, ds, _ = self.stream_schedule(action=True)
         for i in range(len(ts)):
             last = i == len(ts) - 1
             t_frames = torch.full((f,), float(ts[i]), device=self.device)
@@ -209,10 +220,11 @@ class StaticSampler(_SamplerBase):
         self.frame_offset = torch.zeros((), dtype=torch.float32, device=dev)
         # Per-step inputs as device tensors, each its own storage: identical graph inputs every call.
         self.modes = {m: torch.tensor(int(m), device=dev) for m in CacheMode}
-        self.schedules = {}
-        for action, sched in ((False, self.video_schedule), (True, self.action_schedule)):
-            ts = [t.to(dev).clone() for t in sched.timesteps()]
-            ds = [d.to(dev).clone() for d in sched.sigma_deltas()]
+        self.schedules, self.last_updates = {}, {}
+        for action in (False, True):
+            ts, ds, self.last_updates[action] = self.stream_schedule(action)
+            ts = [t.to(dev).clone() for t in ts]
+            ds = [d.to(dev).clone() for d in ds]
             self.schedules[action] = list(zip(ts, ds, strict=True))
         # History writes: t = 0, no Euler update (distinct tensors: aliased inputs would be a new graph).
         self.history_t = torch.zeros((), device=dev)
@@ -282,7 +294,7 @@ class StaticSampler(_SamplerBase):
             last = i == len(steps) - 1
             mode = self.modes[CacheMode.PREDICTED if last else CacheMode.TRANSIENT]
             out = self.step(x, t, ds, mode, pin, action, self.cfg.cfg_batch if last else transient_rows)
-            if not last:  # the last forward only writes the cache
+            if not last or self.last_updates[action]:  # else the last forward only writes the cache
                 x = out
         return x
 
