@@ -152,8 +152,8 @@ def forward_timers(sampler, cfg: PolicyConfig) -> dict[str, Callable[[], None]]:
         mode = sampler.modes[CacheMode.TRANSIENT]
         rows_v, rows_a = sampler.transient_rows(False), sampler.transient_rows(True)
         return {
-            "video": lambda: sampler.step(x_v, t, ds, mode, sampler.no_pin, False, rows_v),
-            "action": lambda: sampler.step(x_a, t, ds, mode, sampler.no_pin, True, rows_a),
+            "video": lambda: sampler._run_step(x_v, t, ds, mode, sampler.no_pin, False, rows_v),
+            "action": lambda: sampler._run_step(x_a, t, ds, mode, sampler.no_pin, True, rows_a),
         }
     t = torch.full((cfg.frame_chunk_size,), 500.0, device=dev)
     return {
