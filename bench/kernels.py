@@ -47,8 +47,9 @@ def build_kernels(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, Callabl
     fp8_wo = module(QuantFormat("float8_e4m3fn", "none"), fp8_data, fp8_scale.view(-1))
     return {
         str(dtype).replace("torch.", ""): lambda x: F.linear(x, w_hp),
-        "int8 weight-only (runtime kernel)": int8_wo,
-        "int8 weight-only (old: cast whole weight)": lambda x: F.linear(x, qdata.to(x.dtype)) * scale.to(x.dtype),
+        "int8 weight-only (runtime dispatch)": int8_wo,
+        "int8 weight-only: _weight_int8pack_mm": lambda x: torch._weight_int8pack_mm(x, qdata, scale.to(x.dtype)),
+        "int8 weight-only: dequant + F.linear (old path)": lambda x: F.linear(x, qdata.to(x.dtype)) * scale.to(x.dtype),
         "int8 W8A8 dynamic": int8_w8a8,
         "fp8 weight-only": fp8_wo,
     }

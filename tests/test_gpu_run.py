@@ -12,9 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # A bare machine: torch (and what torch itself installs), numpy, safetensors; plus this repository.
-ALLOWED = {"torch", "torchgen", "numpy", "safetensors", "lingbot_edge", "bench", "filelock", "typing_extensions",
-           "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "fsspec", "triton", "setuptools",
-           "pkg_resources", "_distutils_hack"}
+# Measured importers of the non-obvious ones: setuptools (+ its vendored jaraco, more_itertools,
+# backports, packaging) by inductor's CPU C++ builder (torch.utils.cpp_extension); tqdm by torch.hub
+# inside a try/except (absent on a bare machine, and torch carries on).
+ALLOWED = {"torch", "torchgen", "functorch", "numpy", "safetensors", "lingbot_edge", "bench", "filelock",
+           "typing_extensions", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "fsspec", "triton",
+           "setuptools", "pkg_resources", "jaraco", "more_itertools", "backports", "packaging", "tqdm"}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +48,9 @@ def test_rehearsal_numbers(rehearsal):
     rows = {r["variant"]: r for r in rehearsal[0]["rows"]}
     # fp32 tiny model: the static samplers reproduce the reference (same seeds, same episode).
     for name in ("static_compiled_bf16", "static_cudagraphs_bf16"):
-        assert rows[name]["action_rms"] < 1e-5 and rows[name]["graphs"] <= 3
-        assert rows[name]["recompiles_after_warmup"] == 0
+        assert rows[name]["action_rms"] < 1e-5
+    compiled = rows["static_cudagraphs_bf16"]  # the one compiled variant of the rehearsal
+    assert compiled["chunks"] == 3 and 1 <= compiled["graphs"] <= 3 and compiled["recompiles_after_warmup"] == 0
     # 8-bit weights and fewer steps move the actions, by bounded amounts.
     assert 0 < rows["cudagraphs_int8_weight_only"]["action_rms"] < 0.05
     exec2 = rows["cudagraphs_int8_weight_only_exec2_action10"]

@@ -124,7 +124,7 @@ def _to_qdtype(x: Tensor, qdtype: torch.dtype) -> Tensor:
 # memory-bound (the 16-token action forwards). sm80 = A100 / RTX 30xx, sm89 = RTX 40xx, sm90 = H100.
 KERNELS: dict[str, dict[str, str]] = {
     "int8 weight-only": {
-        "cpu": "torch._weight_int8pack_mm (bf16/fp16 activations, K % 16 == 0; else dequant + F.linear)",
+        "cpu": "torch._weight_int8pack_mm (bf16/fp16, K % 16 == 0, <= 128 rows; else dequant + F.linear)",
         "cuda": "F.linear(x, w.to(x.dtype)) * scale: fused dequant-matmul under torch.compile (gpt-fast)",
     },
     "fp8 weight-only": {
@@ -145,6 +145,9 @@ KERNELS: dict[str, dict[str, str]] = {
     },
 }
 PACK_MM_K_MULTIPLE = 16  # torch 2.13's CPU _weight_int8pack_mm reads K in 16-wide vectors (K = 24 segfaults)
+# Above this many rows the pack kernel (fp32 FMAs over upcast int8) loses to dequant + oneDNN's GEMM:
+# at 3072 -> 14336, 16 rows 238 vs 600 ms, 288 rows 3116 vs 2003 ms (bench/results/cpu/kernels.md).
+PACK_MM_MAX_ROWS = 128
 _INT_MM_MIN_ROWS = 24  # cuBLAS int8 GEMM: M > 16; multiples of 8 keep the padded rows aligned
 
 
@@ -163,12 +166,13 @@ def _(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
 def weight_only_matmul(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
     """x [M, K] @ (qdata [N, K] * scale [N, 1]).T in x's dtype, for int8 / float8 weights.
 
-    CPU, int8, bf16/fp16 activations: `torch._weight_int8pack_mm` (dequantizes inside the GEMM).
+    CPU, int8, bf16/fp16 activations, at most PACK_MM_MAX_ROWS rows (the memory-bound action
+    forwards): `torch._weight_int8pack_mm` (dequantizes inside the GEMM).
     Elsewhere the gpt-fast form: the cast is the matmul's input and the per-channel scale multiplies
     the output, so under torch.compile on CUDA inductor fuses the dequant into the GEMM instead of
     materializing a high-precision weight."""
     if (x.device.type == "cpu" and qdata.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16)
-            and x.shape[-1] % PACK_MM_K_MULTIPLE == 0):
+            and x.shape[-1] % PACK_MM_K_MULTIPLE == 0 and x.shape[0] <= PACK_MM_MAX_ROWS):
         return int8_pack_mm(x, qdata, scale)
     return F.linear(x, qdata.to(x.dtype)) * scale.to(x.dtype)
 
