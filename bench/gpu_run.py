@@ -310,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(f"{preset}/{v.name} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
                 continue
             finally:
+                # Drop the variant's graphs and CUDA-graph pools: their guards can keep the variant's
+                # model alive, which would inflate the next variant's max_memory_allocated (and, over
+                # ten 5B-parameter variants, run out of memory). Inductor's on-disk cache keeps
+                # recompiling an identical graph cheap.
+                torch._dynamo.reset()
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -319,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             log.info("%s/%s: p50 %.1f ms, p99 %.1f ms", preset, v.name, row["p50_ms"], row["p99_ms"])
             _write(out, env, rows, skipped)
-        torch._dynamo.reset()  # drop the preset's graphs (and CUDA-graph pools) before the next shapes
     env["third_party_modules"] = third_party_modules()
     _write(out, env, rows, skipped)
     print(render(env, rows, skipped))
