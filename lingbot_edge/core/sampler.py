@@ -12,6 +12,8 @@ executed actions); they differ only in how:
   chunk, the steady state and the history writes, and nothing syncs to the host. Graphs: video
   forward (CFG rows); action forward with the cond row alone (transient steps, when action
   guidance is off); action forward with every row (its last step and history writes).
+  Partial video denoising (`video_exec_step`) shortens the video schedule list and lets its last
+  forward keep its Euler update: the same graphs. On CUDA the graphs run as CUDA graphs by default.
 
 Action tensors are model-normalized, in the full action_dim space: [1, A, F, apf, 1].
 """
