@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 288])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (on a shared CI box 1 avoids OpenMP spin-waits on a stolen core)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     text = render(run(args.tokens, args.rounds), args.rounds)
     print(text)
     if args.out:
