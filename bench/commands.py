@@ -20,7 +20,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.add_argument("--tokens", type=int, nargs="+", default=[16, 288], help="--kernels: token counts")
-    p.add_argument("--rounds", type=int, default=7, help="--kernels: interleaved rounds")
+    p.add_argument("--rounds", type=int, default=9, help="--kernels: interleaved rounds")
+    p.add_argument("--threads", type=int, default=None, help="--kernels: intra-op threads")
     p.set_defaults(func=_run)
     return p
 
@@ -31,8 +32,13 @@ def _run(args: argparse.Namespace) -> int:
 
         print(run(args.gpu, tuple(args.preset), args.all))
         return 0
+    import torch
+
     from bench.kernels import render
     from bench.kernels import run as run_kernels
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(render(run_kernels(args.tokens, args.rounds), args.rounds))
     return 0

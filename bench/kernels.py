@@ -1,6 +1,6 @@
 """Micro-benchmark of the 8-bit kernels at the full model's FFN shape (3072 -> 14336).
 
-    python -m bench.kernels [--tokens 16 288] [--rounds 7] [--out bench/results/cpu/kernels.md]
+    python -m bench.kernels [--tokens 16 288] [--rounds 9] [--threads 1] [--out bench/results/cpu/kernels.md]
 
 Same process, same weights, every kernel interleaved round by round (so a busy machine slows all
 of them alike), median of the rounds. Each row also reports the kernel's SQNR against the fp32
@@ -101,7 +101,7 @@ def render(rows: list[dict], rounds: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 288])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads (on a shared CI box 1 avoids OpenMP spin-waits on a stolen core)")
