@@ -38,6 +38,14 @@ class Variant:
     build: Callable[[torch.nn.Module, PolicyConfig], object]  # (bf16 model, cfg) -> sampler
     gpu_only: bool = False
     mutates_model: bool = False  # quantizing variants get their own copy of the model
+    # Step axes: PolicyConfig changes of this variant (video_exec_step, action_num_inference_steps)
+    # for a preset; None = the preset's full steps. The accuracy reference keeps full steps.
+    steps: Callable[[PolicyConfig], dict] | None = None
+
+    def step_axes(self, cfg: PolicyConfig) -> tuple[int, int]:
+        """(video_exec_step, action steps) this variant runs on `cfg`."""
+        c = cfg.replace(**self.steps(cfg)) if self.steps else cfg
+        return c.video_exec_step, c.action_num_inference_steps
 
 
 def _static(compile: bool) -> Callable:
@@ -84,8 +92,41 @@ def quant_variants() -> list[Variant]:
     return variants
 
 
+def _video_fraction(fraction: float) -> Callable[[PolicyConfig], dict]:
+    return lambda cfg: {"video_exec_step": max(1, int(cfg.num_inference_steps * fraction))}
+
+
+def _action_fraction(fraction: float) -> Callable[[PolicyConfig], dict]:
+    return lambda cfg: {"action_num_inference_steps": max(1, int(cfg.action_num_inference_steps * fraction))}
+
+
+def _both(*parts: Callable[[PolicyConfig], dict]) -> Callable[[PolicyConfig], dict]:
+    return lambda cfg: {k: v for part in parts for k, v in part(cfg).items()}
+
+
+def _with_steps(build: Callable, steps: Callable[[PolicyConfig], dict]) -> Callable:
+    return lambda model, cfg: build(model, cfg.replace(**steps(cfg)))
+
+
+def step_variants() -> list[Variant]:
+    """Rungs h-i: fewer denoising forwards (upstream video_exec_step, fewer action steps), compiled
+    static sampler in bf16 and int8 weight-only: the latency lever of the real-time plan."""
+    half, quarter, fifth = _video_fraction(0.5), _video_fraction(0.25), _action_fraction(0.2)
+    rungs = [("h_video_exec_half", "video_exec_step = N/2", half),
+             ("h_video_exec_quarter", "video_exec_step = N/4", quarter),
+             ("h_action_steps_fifth", "action steps / 5", fifth),
+             ("h_exec_quarter_action_fifth", "video_exec_step = N/4, action steps / 5", _both(quarter, fifth))]
+    variants = [Variant(name, f"static compiled, {what}", _with_steps(_static(True), steps), steps=steps)
+                for name, what, steps in rungs]
+    combined = _both(quarter, fifth)
+    variants.append(Variant("i_int8_exec_quarter_action_fifth", "int8 weight-only + video_exec_step = N/4, "
+                            "action steps / 5", _with_steps(_quantized("int8_weight_only"), combined),
+                            mutates_model=True, steps=combined))
+    return variants
+
+
 def all_variants() -> list[Variant]:
-    return base_variants() + quant_variants()
+    return base_variants() + quant_variants() + step_variants()
 
 
 @dataclass
@@ -149,8 +190,8 @@ def forward_timers(sampler, cfg: PolicyConfig) -> dict[str, Callable[[], None]]:
         mode = sampler.modes[CacheMode.TRANSIENT]
         rows_v, rows_a = sampler.transient_rows(False), sampler.transient_rows(True)
         return {
-            "video": lambda: sampler.step(x_v, t, ds, mode, sampler.no_pin, False, rows_v),
-            "action": lambda: sampler.step(x_a, t, ds, mode, sampler.no_pin, True, rows_a),
+            "video": lambda: sampler._run_step(x_v, t, ds, mode, sampler.no_pin, False, rows_v),
+            "action": lambda: sampler._run_step(x_a, t, ds, mode, sampler.no_pin, True, rows_a),
         }
     t = torch.full((cfg.frame_chunk_size,), 500.0, device=dev)
     return {

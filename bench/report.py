@@ -41,9 +41,10 @@ def render(data: dict) -> str:
         "| variant | chunk " + ("ms" if gpu else "(x of a)") + " | speedup vs a | video fwd "
         + ("" if gpu else "(x of a) ") + "| action fwd " + ("" if gpu else "(x of a) ")
         + "| actions/s | roofline frac (video/action) | weights MiB | peak mem MiB | action RMS | action cos "
-        "| latent SQNR dB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| latent SQNR dB | video_exec_step | action steps |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    axes = _step_axes(first["preset"])
     base_fwd = {s: forwards.get(("a_reference", s)) for s in ("video", "action")}
     for name, c in chunks.items():
         fv, fa = forwards.get((name, "video")), forwards.get((name, "action"))
@@ -65,7 +66,7 @@ def render(data: dict) -> str:
             f"| {name} | {chunk_col} | {base / c['median_s']:.2f}x | {fwd(fv)} | {fwd(fa)} "
             f"| {rate} | {frac(fv)} / {frac(fa)} "
             f"| {c['weight_bytes'] / 2**20:.2f} | {c['peak_memory_bytes'] / 2**20:.0f} | {c['action_rms']:.2e} "
-            f"| {c['action_cos']:.5f} | {c['latent_sqnr_db']:.1f} |"
+            f"| {c['action_cos']:.5f} | {c['latent_sqnr_db']:.1f} | {axes(name)[0]} | {axes(name)[1]} |"
         )
     lines += ["", "Variants:", ""] + [f"- `{n}`: {c['description']}" for n, c in chunks.items()]
     from bench.ladder import all_variants
@@ -87,6 +88,22 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _step_axes(preset: str):
+    """variant name -> (video_exec_step, action steps) on `preset` (the ladder's step axes)."""
+    from bench.ladder import all_variants
+    from lingbot_edge.core.config import POLICY_PRESETS
+
+    variants = {v.name: v for v in all_variants()}
+    cfg = POLICY_PRESETS.get(preset)
+
+    def axes(name: str) -> tuple:
+        if cfg is None or name not in variants:
+            return ("-", "-")
+        return variants[name].step_axes(cfg)
+
+    return axes
+
+
 def pareto_png(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -95,17 +112,25 @@ def pareto_png(data: dict, path: Path) -> None:
 
     chunks, _ = _rows(data)
     base = chunks.get("a_reference", next(iter(chunks.values())))["median_s"]
+    axes = _step_axes(next(iter(chunks.values()))["preset"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, c) in enumerate(chunks.items()):
         x = c["median_s"] / base
         y = max(c["action_rms"], 1e-7)  # the reference itself (0) sits on the floor
-        ax.scatter(x, y)
+        exec_step, _ = axes(name)
+        # Marker = the step axes: circles full steps, triangles fewer video / action forwards.
+        ax.scatter(x, y, marker="o" if name[0] not in "hi" else "^",
+                   label=None if exec_step in (-1, "-") else f"video_exec_step {exec_step}")
         # Close points (the 8-bit rungs) get staggered labels.
         ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4 + 9 * (i % 4) - 13), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("chunk latency (fraction of reference)")
     ax.set_ylabel("action RMS vs bf16 reference (normalized)")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
     ax.set_title(f"{next(iter(chunks.values()))['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

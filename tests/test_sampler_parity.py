@@ -12,6 +12,7 @@ from lingbot_edge.io.checkpoint import build_model
 
 CHUNKS = 40
 WARMUP = 2  # chunk 0 (first-chunk pinning) and chunk 1 (steady state): same graphs, by design
+EXEC_STEP_CHUNKS = 24
 TOL = 1e-5  # fp32; the samplers differ only in key order / masking inside attention (~1e-6)
 
 
@@ -36,13 +37,22 @@ def _episode_inputs(cfg, shapes, chunks, seed=0):
 
 @pytest.fixture(scope="module")
 def episode():
-    cfg = get_policy_config("tiny")
+    return _parity_episode(get_policy_config("tiny"), CHUNKS)
+
+
+@pytest.fixture(scope="module")
+def partial_episode():
+    """Partial video denoising on (upstream video_exec_step): 2 of the tiny preset's 4 video steps."""
+    return _parity_episode(get_policy_config("tiny", video_exec_step=2), EXEC_STEP_CHUNKS)
+
+
+def _parity_episode(cfg, chunks):
     model = build_model(cfg.model_config, seed=3)
     ref = ReferenceSampler(model, cfg)
     torch._dynamo.reset()
     counters.clear()
     static = StaticSampler(model, cfg, compile=True)
-    text, neg, first, steps = _episode_inputs(cfg, (ref.latent_shape, ref.action_shape), CHUNKS)
+    text, neg, first, steps = _episode_inputs(cfg, (ref.latent_shape, ref.action_shape), chunks)
     ref.reset(text, neg)
     static.reset(text, neg)
     log = []
@@ -105,3 +115,41 @@ def test_first_chunk_pins_frame_zero(episode):
     assert (first_log["ref_actions"][:, :, :1] == 0).all()
     unused = [i for i in range(8) if i not in episode["cfg"].used_action_channel_ids]
     assert all((e["ref_actions"][:, unused] == 0).all() for e in episode["log"])
+
+
+def test_static_matches_reference_with_video_exec_step(partial_episode):
+    log = partial_episode["log"]
+    assert len(log) >= 20
+    worst_a = max(e["actions"] for e in log)
+    worst_v = max(e["latents"] for e in log)
+    assert worst_a <= TOL and worst_v <= TOL, (worst_a, worst_v)
+    cfg = partial_episode["cfg"]
+    assert all(e["ref_len"] == cfg.cache_capacity for e in log[2:])  # evicting from chunk 2 on
+    # Same graphs as full denoising (mode and Euler factors are data), nothing recompiles.
+    assert partial_episode["graphs_after_warmup"] <= 3
+    assert partial_episode["graphs_end"] == partial_episode["graphs_after_warmup"]
+
+
+def test_video_exec_step_semantics():
+    """Independent of the samplers' loops: with k = N every real step runs and the last one applies
+    its Euler step, so the first chunk's video equals full denoising (only the cache write differs:
+    it holds x at t_N-1, not the clean latents at t = 0); with k = 2 the video is 2 Euler steps."""
+    cfg = get_policy_config("tiny")
+    model = build_model(cfg.model_config, seed=3)
+    text, neg, first, steps = _episode_inputs(cfg, ((1, 16, 2, 4, 8), (1, 8, 2, 4, 1)), 2)
+    runs = {}
+    for k in (-1, cfg.num_inference_steps, 2):
+        ref = ReferenceSampler(model, cfg.replace(video_exec_step=k))
+        ref.reset(text, neg)
+        r0 = ref.sample_chunk(steps[0]["noise_video"], steps[0]["noise_action"], first)
+        runs[k] = (r0, len(ref.cache))
+    full, exec_all, exec_two = runs[-1][0], runs[cfg.num_inference_steps][0], runs[2][0]
+    torch.testing.assert_close(exec_all.latents, full.latents, rtol=0, atol=0)
+    assert not torch.equal(exec_all.actions, full.actions)  # the action stream saw a different cache
+    assert runs[2][1] == runs[-1][1]  # one PREDICTED chunk written either way
+    # 2 of 4 steps: still noisy, so further from the full result than the k = N run.
+    assert (exec_two.latents - full.latents).abs().max() > 0.1
+    with pytest.raises(ValueError, match="video_exec_step"):
+        cfg.replace(video_exec_step=cfg.num_inference_steps + 1)
+    with pytest.raises(ValueError, match="video_exec_step"):
+        cfg.replace(video_exec_step=0)

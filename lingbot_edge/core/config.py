@@ -116,6 +116,9 @@ class PolicyConfig:
     frame_chunk_size: int = 4
     attn_window: int = 30
     num_inference_steps: int = 20
+    # Partial video denoising (upstream's name): -1 runs every video step; k runs only the first k
+    # forwards of the padded timestep list, each followed by its Euler step (the k-th writes the cache).
+    video_exec_step: int = -1
     action_num_inference_steps: int = 50
     guidance_scale: float = 5.0
     action_guidance_scale: float = 1.0
@@ -171,6 +174,11 @@ class PolicyConfig:
         if self.image_transform not in IMAGE_TRANSFORMS:
             raise ValueError(f"image_transform: expected one of {list(IMAGE_TRANSFORMS)}, "
                              f"got {self.image_transform!r}")
+        if self.video_exec_step != -1 and not 1 <= self.video_exec_step <= self.num_inference_steps:
+            # k = N + 1 would feed the padded t = 0 to upstream's scheduler lookup (a second Euler step
+            # from sigma_N): not a setting anyone trains for, so it is refused rather than guessed.
+            raise ValueError(f"video_exec_step: expected -1 (all steps) or 1..num_inference_steps "
+                             f"({self.num_inference_steps}), got {self.video_exec_step}")
         if self.attn_window < 2:
             raise ValueError(f"attn_window: must be >= 2 (the cache holds attn_window // 2 chunks), "
                              f"got {self.attn_window}")

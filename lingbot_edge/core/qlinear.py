@@ -119,21 +119,94 @@ def _to_qdtype(x: Tensor, qdtype: torch.dtype) -> Tensor:
     return x.clamp(-_QMAX[qdtype], _QMAX[qdtype]).to(qdtype)
 
 
+# The kernel computing each runtime format, per device kind (README "Kernels"; bench/kernels.py times
+# the CPU column). Weight-only formats read 1 byte per weight: they win where a forward is
+# memory-bound (the 16-token action forwards). sm80 = A100 / RTX 30xx, sm89 = RTX 40xx, sm90 = H100.
+KERNELS: dict[str, dict[str, str]] = {
+    "int8 weight-only": {
+        "cpu": "torch._int_mm on two int8 limbs of the activations (bf16/fp16; fp32: dequant + F.linear)",
+        "cuda": "F.linear(x, w.to(x.dtype)) * scale: fused dequant-matmul under torch.compile (gpt-fast)",
+    },
+    "fp8 weight-only": {
+        "cpu": "dequant + F.linear (reference speed: no fp8 CPU GEMM)",
+        "cuda": "F.linear(x, w.to(x.dtype)) * scale: fused dequant-matmul under torch.compile",
+    },
+    "int8 W8A8 (dynamic / static)": {
+        "cpu": "torch._int_mm (oneDNN, VNNI where present)",
+        "cuda": "torch._int_mm (cuBLASLt int8; rows padded to > 16 and a multiple of 8)",
+    },
+    "fp8 W8A8 (dynamic / static)": {
+        "cpu": "not supported (float8 GEMM needs CUDA sm >= 8.9)",
+        "cuda": "torch._scaled_mm row-wise scales (fp8 tensor cores, sm >= 8.9 only)",
+    },
+    "llm_int8": {
+        "cpu": "torch._int_mm + masked high-precision outlier matmul (reference scheme)",
+        "cuda": "torch._int_mm + masked high-precision outlier matmul (reference scheme)",
+    },
+}
+LIMBS_MAX_K = 2**31 // (128 * 128)  # int32 accumulation of K products of two int8 values cannot overflow
+_INT_MM_MIN_ROWS = 24  # cuBLAS int8 GEMM: M > 16; multiples of 8 keep the padded rows aligned
+
+
+def int8_weight_only_limbs(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
+    """x [M, K] (bf16/fp16) @ (qdata [N, K] int8 * scale [N, 1]).T on the CPU's int8 GEMM (VNNI).
+
+    The activations become 16-bit fixed point per row, split into two int8 limbs stacked as 2M rows
+    of one `_int_mm` (one pass over the weight, exact int32 accumulation): x / s = hi + lo / 256 with
+    s = row absmax / 127, |error| <= s / 512 per element, ~100x below bf16's own rounding of the row's
+    large entries, so the result keeps weight-only numerics (47.4 dB vs 47.3 for
+    `_weight_int8pack_mm` at 3072 -> 14336) at about twice bf16's speed (bench/results/cpu/kernels.md)."""
+    m = x.shape[0]
+    xf = x.float()
+    x_scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_SCALE_EPS) / 127.0
+    u = xf / x_scale
+    hi = u.round()
+    lo = ((u - hi) * 256.0).round().clamp(-128, 127)
+    y = int8_matmul(torch.cat([hi, lo]).to(torch.int8), qdata.t()).float()
+    return ((y[:m] + y[m:] * (1.0 / 256.0)) * (x_scale * scale)).to(x.dtype)
+
+
+def weight_only_matmul(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
+    """x [M, K] @ (qdata [N, K] * scale [N, 1]).T in x's dtype, for int8 / float8 weights.
+
+    CPU, int8, bf16/fp16 activations: `int8_weight_only_limbs` (the int8 GEMM). Elsewhere the
+    gpt-fast form: the cast is the matmul's input and the per-channel scale multiplies the output,
+    so under torch.compile on CUDA inductor fuses the dequant into the GEMM instead of
+    materializing a high-precision weight (fp32 activations on CPU keep it too: exact parity with
+    torchao's int8 weight-only)."""
+    if (x.device.type == "cpu" and qdata.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16)
+            and x.shape[-1] <= LIMBS_MAX_K):
+        return int8_weight_only_limbs(x, qdata, scale)
+    return F.linear(x, qdata.to(x.dtype)) * scale.to(x.dtype)
+
+
 def int8_matmul(a: Tensor, b_t: Tensor) -> Tensor:
     """a [M, K] int8 @ b_t [K, N] int8 -> int32 [M, N] (b_t is usually a weight's transpose view)."""
+    if not a.is_cuda:
+        return torch._int_mm(a, b_t)
+    k, n = b_t.shape
+    if k % 8 or n % 8:
+        raise ValueError(f"int8 W8A8 on CUDA: in/out features must be multiples of 8 (cuBLAS int8), got "
+                         f"K={k}, N={n}")
     m = a.shape[0]
-    if a.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs M > 16: pad the rows, drop them after
-        return torch._int_mm(F.pad(a, (0, 0, 0, 17 - m)), b_t)[:m]
+    rows = max(_INT_MM_MIN_ROWS, -(-m // 8) * 8)
+    if rows != m:  # pad the rows (static shapes: a compile-time decision), drop them after
+        return torch._int_mm(F.pad(a, (0, 0, 0, rows - m)), b_t)[:m]
     return torch._int_mm(a, b_t)
 
 
 def scaled_matmul(xq: Tensor, wq: Tensor, x_scale: Tensor, w_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
     """(xq * x_scale) @ (wq * w_scale[:, None]).T with xq [M, K], wq [N, K] of the same 8-bit dtype,
-    x_scale [M, 1] (or scalar) and w_scale [N] fp32. Accumulates in int32 / fp32."""
+    x_scale [M, 1] (or scalar) and w_scale [N] fp32. Accumulates in int32 / fp32.
+
+    float8: `torch._scaled_mm` with row-wise scales (scale_a [M, 1], scale_b [1, N], both fp32) on a
+    row-major A and the column-major view of the [N, K] weight, as cuBLASLt / CUTLASS want it;
+    K and N must be multiples of 16 (every full-model Linear is)."""
     if wq.dtype == torch.int8:
         return (int8_matmul(xq, wq.t()).float() * x_scale * w_scale).to(out_dtype)
-    x_scale = x_scale.expand(xq.shape[0], 1).contiguous()
-    return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
+    x_scale = x_scale.float().expand(xq.shape[0], 1).contiguous()
+    return torch._scaled_mm(xq.contiguous(), wq.t(), scale_a=x_scale, scale_b=w_scale.float().view(1, -1),
+                            out_dtype=out_dtype)
 
 
 class QuantizedLinear(nn.Module):
@@ -199,9 +272,7 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         act = self.fmt.activation
         if act == "none":
-            # Weight-only, in torchao's int8 / gpt-fast's form: cast in the matmul's input, per-channel
-            # scale on the output, so inductor can fuse both into the GEMM (its mixed-dtype mm on CUDA).
-            y = F.linear(x2, self.weight_qdata.to(x.dtype)) * self.weight_scale.to(x.dtype)
+            y = weight_only_matmul(x2, self.weight_qdata, self.weight_scale)
         elif act == "llm_int8":
             y = self._llm_int8(x2)
         else:

@@ -12,6 +12,8 @@ executed actions); they differ only in how:
   chunk, the steady state and the history writes, and nothing syncs to the host. Graphs: video
   forward (CFG rows); action forward with the cond row alone (transient steps, when action
   guidance is off); action forward with every row (its last step and history writes).
+  Partial video denoising (`video_exec_step`) shortens the video schedule list and lets its last
+  forward keep its Euler update: the same graphs. On CUDA the graphs run as CUDA graphs by default.
 
 Action tensors are model-normalized, in the full action_dim space: [1, A, F, apf, 1].
 """
@@ -53,6 +55,17 @@ class _SamplerBase:
         mask[list(cfg.used_action_channel_ids)] = True
         self.action_channel_mask = mask.to(self.device)
         self.frame_start = 0  # absolute frame id of the next chunk (host copy, for logging/tests)
+
+    def stream_schedule(self, action: bool) -> tuple[Tensor, Tensor, bool]:
+        """(timesteps, Euler factors, last_updates) of one stream's loop, as upstream's `_infer`: the
+        padded list, cut to its first `video_exec_step` entries for video when that is not -1; then
+        every forward, the last (PREDICTED) one included, applies its Euler step (last_updates)."""
+        sched = self.action_schedule if action else self.video_schedule
+        ts, ds = sched.timesteps(), sched.sigma_deltas()
+        k = self.cfg.video_exec_step
+        if action or k == -1:
+            return ts, ds, False
+        return ts[:k], ds[:k], True
 
     def check_inputs(self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None) -> None:
         _check("noise_video", noise_video, self.latent_shape)
@@ -121,7 +134,7 @@ class ReferenceSampler(_SamplerBase):
         frame_start = self.frame_start + frame_shift
 
         latents = noise_video.to(self.device, self.dtype).clone()
-        ts, ds = self.video_schedule.timesteps(), self.video_schedule.sigma_deltas()
+        ts, ds, last_updates = self.stream_schedule(action=False)
         for i in range(len(ts)):
             last = i == len(ts) - 1
             t_frames = torch.full((f,), float(ts[i]), device=self.device)
@@ -130,14 +143,14 @@ class ReferenceSampler(_SamplerBase):
                 t_frames[0] = 0
             mode = CacheMode.PREDICTED if last else CacheMode.TRANSIENT
             v = self._forward(latents, t_frames, mode, False, frame_start)
-            if not last:
+            if not last or last_updates:
                 latents = latents + self._cfg(v, cfg.guidance_scale) * ds[i]
         if first:
             latents[:, :, :1] = first_latent
         _mark(timer, "video")
 
         actions = noise_action.to(self.device, self.dtype).clone()
-        ts, ds = self.action_schedule.timesteps(), self.action_schedule.sigma_deltas()
+        ts, ds, _ = self.stream_schedule(action=True)
         for i in range(len(ts)):
             last = i == len(ts) - 1
             t_frames = torch.full((f,), float(ts[i]), device=self.device)
@@ -180,13 +193,28 @@ class ReferenceSampler(_SamplerBase):
         _mark(timer, "predicted")
 
 
+CUDA_GRAPHS_MODE = "reduce-overhead"
+
+
+def default_compile_mode(device: torch.device | str) -> str | None:
+    """torch.compile mode of the sampler's step: CUDA graphs on CUDA (50 of the ~72 forwards of a
+    chunk are launch-bound 16-token action forwards), inductor's default elsewhere."""
+    return CUDA_GRAPHS_MODE if torch.device(device).type == "cuda" else None
+
+
 class StaticSampler(_SamplerBase):
-    """Fixed shapes, ring cache, per-prompt cross-attention K/V, compiled step per stream."""
+    """Fixed shapes, ring cache, per-prompt cross-attention K/V, compiled step per stream.
+
+    compile_mode "auto" = `default_compile_mode(device)`: "reduce-overhead" (CUDA graphs) on CUDA.
+    Under CUDA graphs every persistent tensor the step reads or mutates (cache, prompt K/V,
+    schedules, pins, frame offset) is marked as a static address, so a replay neither copies it nor
+    skips the graph for a mutated input, and each step's output is cloned before the next replay
+    reuses the graph's output memory."""
 
     _compiled_instances = 0
 
     def __init__(self, model: WanVATransformer, cfg: PolicyConfig, compile: bool = True,
-                 compile_mode: str | None = None):
+                 compile_mode: str | None = "auto"):
         super().__init__(model, cfg)
         mc, dev, f, b = model.config, self.device, cfg.frame_chunk_size, cfg.cfg_batch
         heads, head_dim = mc.num_attention_heads, mc.attention_head_dim
@@ -209,10 +237,11 @@ class StaticSampler(_SamplerBase):
         self.frame_offset = torch.zeros((), dtype=torch.float32, device=dev)
         # Per-step inputs as device tensors, each its own storage: identical graph inputs every call.
         self.modes = {m: torch.tensor(int(m), device=dev) for m in CacheMode}
-        self.schedules = {}
-        for action, sched in ((False, self.video_schedule), (True, self.action_schedule)):
-            ts = [t.to(dev).clone() for t in sched.timesteps()]
-            ds = [d.to(dev).clone() for d in sched.sigma_deltas()]
+        self.schedules, self.last_updates = {}, {}
+        for action in (False, True):
+            ts, ds, self.last_updates[action] = self.stream_schedule(action)
+            ts = [t.to(dev).clone() for t in ts]
+            ds = [d.to(dev).clone() for d in ds]
             self.schedules[action] = list(zip(ts, ds, strict=True))
         # History writes: t = 0, no Euler update (distinct tensors: aliased inputs would be a new graph).
         self.history_t = torch.zeros((), device=dev)
@@ -226,6 +255,12 @@ class StaticSampler(_SamplerBase):
             True: torch.zeros(*self.action_shape[:2], 1, *self.action_shape[3:], dtype=self.dtype, device=dev),
         }
         self.step = self._step
+        if compile_mode == "auto":
+            compile_mode = default_compile_mode(dev)
+        self.cuda_graphs = compile and compile_mode == CUDA_GRAPHS_MODE
+        if self.cuda_graphs:
+            for t in self._persistent_tensors():
+                torch._dynamo.mark_static_address(t)
         if compile:
             # Dynamo caches graphs per code object, so every StaticSampler in the process shares
             # `_step`'s cache (at most 3 graphs each, see the module docstring). Make room for them
@@ -234,6 +269,21 @@ class StaticSampler(_SamplerBase):
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, 3 * StaticSampler._compiled_instances + 2)
             self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
+
+    def _persistent_tensors(self) -> list[Tensor]:
+        tensors = list(self.cache.buffers()) + [t for kv in self.text_kv for t in kv]
+        tensors += [self.frame_offset, self.history_t, self.history_dsigma, self.no_pin, self.pin_first,
+                    self.action_channel_mask, *self.modes.values(), *self.pin_values.values()]
+        tensors += [t for steps in self.schedules.values() for pair in steps for t in pair]
+        tensors += [t for grid in self.grids.values() for t in grid]
+        return tensors
+
+    def _run_step(self, *args) -> Tensor:
+        """One compiled step; under CUDA graphs a new replay generation, output copied out of the pool."""
+        if not self.cuda_graphs:
+            return self.step(*args)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.step(*args).clone()
 
     def reset(self, text_cond: Tensor, text_uncond: Tensor | None) -> None:
         text = [text_cond] + ([text_uncond] if self.cfg.use_cfg else [])
@@ -281,8 +331,8 @@ class StaticSampler(_SamplerBase):
         for i, (t, ds) in enumerate(steps):
             last = i == len(steps) - 1
             mode = self.modes[CacheMode.PREDICTED if last else CacheMode.TRANSIENT]
-            out = self.step(x, t, ds, mode, pin, action, self.cfg.cfg_batch if last else transient_rows)
-            if not last:  # the last forward only writes the cache
+            out = self._run_step(x, t, ds, mode, pin, action, self.cfg.cfg_batch if last else transient_rows)
+            if not last or self.last_updates[action]:  # else the last forward only writes the cache
                 x = out
         return x
 
@@ -313,8 +363,8 @@ class StaticSampler(_SamplerBase):
         self.check_feedback(video_latents, actions)
         hist, t, ds = self.modes[CacheMode.HISTORY], self.history_t, self.history_dsigma
         b = self.cfg.cfg_batch
-        self.step(video_latents.to(self.device, self.dtype), t, ds, hist, self.no_pin, False, b)
-        self.step(actions.to(self.device, self.dtype), t, ds, hist, self.no_pin, True, b)
+        self._run_step(video_latents.to(self.device, self.dtype), t, ds, hist, self.no_pin, False, b)
+        self._run_step(actions.to(self.device, self.dtype), t, ds, hist, self.no_pin, True, b)
         _mark(timer, "history")
         self.frame_offset.add_(video_latents.shape[2])
         self.frame_start += video_latents.shape[2]
@@ -325,6 +375,6 @@ class StaticSampler(_SamplerBase):
         self.check_feedback(video_latents, actions)
         mode, t, ds = self.modes[CacheMode.PREDICTED], self.history_t, self.history_dsigma
         b = self.cfg.cfg_batch
-        self.step(video_latents.to(self.device, self.dtype), t, ds, mode, self.no_pin, False, b)
-        self.step(actions.to(self.device, self.dtype), t, ds, mode, self.no_pin, True, b)
+        self._run_step(video_latents.to(self.device, self.dtype), t, ds, mode, self.no_pin, False, b)
+        self._run_step(actions.to(self.device, self.dtype), t, ds, mode, self.no_pin, True, b)
         _mark(timer, "predicted")
