@@ -97,4 +97,4 @@ bench: venv
 	$(BIN)/python -m pytest bench/test_ladder.py -q -p no:cacheprovider -o addopts="" \
 		--benchmark-json=bench/results/$(BENCH_DEVICE)/ladder.json
 	$(BIN)/python -m bench.report bench/results/$(BENCH_DEVICE)/ladder.json
-	$(BIN)/python -m bench.memory_model
+	$(BIN)/python -m bench.memory_model --out bench/results/memory_model.md

@@ -1,6 +1,7 @@
 """Memory model of the full LingBot-VA pipeline on one GPU, computed, not measured.
 
-    python -m bench.memory_model            # prints the table, writes bench/results/memory_model.md
+    python -m bench.memory_model                                   # prints the table
+    python -m bench.memory_model --out bench/results/memory_model.md   # and writes it (what make bench does)
 
 Counts come from the `full` preset built on the meta device (no allocation) and the policy
 presets; sizes are GiB (2**30 bytes). What it counts:
@@ -134,13 +135,16 @@ def render(counts: DiTBytes) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory_model.md"))
+    parser.add_argument("--out", help="also write the table to this file (replaced atomically); default: print only")
     args = parser.parse_args(argv)
     text = render(dit_param_counts())
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(out)
     return 0
 
 
