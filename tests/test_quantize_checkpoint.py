@@ -233,7 +233,7 @@ def test_dry_run_full_int8_counts_on_meta(capsys):
     assert sum(r.bytes_before for r in rows) == 2 * params
     assert sum(r.bytes_after for r in rows) == int8_bytes  # ~5.28 GB: 4.91 GB int8 + scales + kept bf16
 
-    assert _cli(["--preset", "full", "--scheme", "int8_weight_only", "--dry-run"]) == 0
+    assert _cli(["--arch", "full", "--scheme", "int8_weight_only", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"{2 * params:,} bytes before, {int8_bytes:,} bytes after" in out
     assert "quantized Linears: 300, kept Linears: 14" in out
