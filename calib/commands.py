@@ -9,8 +9,8 @@ The policy flags are the runtime commands' (lingbot_edge.cli.common: --checkpoin
 --device, --dtype bf16|fp16|fp32, --seed, ...); `--inject-outliers` adds the outlier channels of
 calib.outliers to the embedded tiny model (the tests' construction). Data: `--data` takes a LeRobot
 dataset folder (v2.0 / v2.1 / v3.0; needs pyarrow) or `.npz` recordings (see calib/data.py); without it,
-random-input episodes (`--synthetic N`). The runtime never imports
-`calib/` or `quantize/` at import time: the commands import them when they run.
+random-input episodes (`--synthetic N`). The runtime never imports `calib/` or `quantize/` at import
+time: the commands import them when they run.
 """
 
 from __future__ import annotations
