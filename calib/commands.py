@@ -1,19 +1,24 @@
 """`lingbot-edge calibrate`: activation statistics, per-layer sensitivity, mixed-precision plans.
 
-    lingbot-edge calibrate capture     --out DIR (--checkpoint CKPT --preset P | --model tiny) [--data PATH ...]
-    lingbot-edge calibrate sensitivity --out DIR (same model and data) --schemes int8_dynamic,int8_weight_only
-    lingbot-edge calibrate plan        --out DIR (same model and data) --max-action-rms 0.003
-    lingbot-edge quantize --checkpoint CKPT --plan DIR/plan.json --out CKPT-mixed
+    lingbot-edge calibrate capture     --out DIR --checkpoint CKPT|tiny [--preset P] [--data PATH ...]
+    lingbot-edge calibrate sensitivity --out DIR (same policy flags and data) --schemes int8_dynamic,int8_weight_only
+    lingbot-edge calibrate plan        --out DIR (same policy flags and data) --max-action-rms 0.003
+    lingbot-edge quantize --checkpoint CKPT --plan DIR/plan.json --dtype bf16 --out CKPT-mixed   (printed as next:)
 
-Data: `--data` takes a LeRobot dataset folder (v2.x; needs pyarrow) or `.npz` recordings (see
-calib/data.py); without it, random-input episodes (`--synthetic N`). The runtime never imports
-`calib/` or `quantize/` at import time: the commands import them when they run.
+The policy flags are the runtime commands' (lingbot_edge.cli.common: --checkpoint, --preset, --set,
+--device, --dtype bf16|fp16|fp32, --seed, ...); `--inject-outliers` adds the outlier channels of
+calib.outliers to the embedded tiny model (the tests' construction). Data: `--data` takes a LeRobot
+dataset folder (v2.0 / v2.1 / v3.0; needs pyarrow) or `.npz` recordings (see calib/data.py); without it,
+random-input episodes (`--synthetic N`). The runtime never imports `calib/` or `quantize/` at import
+time: the commands import them when they run.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from lingbot_edge.cli.common import add_policy_args, policy_kwargs
 
 _SCHEMES_HELP = "comma-separated scheme names, in order of preference (quantize.SCHEMES)"
 
@@ -29,17 +34,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output folder shared by the three steps")
-    common.add_argument("--checkpoint", help="checkpoint folder (released or LeRobot layout); default: --model tiny")
-    common.add_argument("--preset", default="libero", help="policy preset of --checkpoint (default libero)")
-    common.add_argument("--model", choices=("tiny", "tiny-outliers"), default="tiny",
-                        help="embedded tiny model without --checkpoint; tiny-outliers: with the outlier channels "
-                             "of calib.outliers (the tests' construction)")
-    common.add_argument("--seed", type=int, default=0, help="tiny model seed")
-    common.add_argument("--device", help="cpu / cuda (default: cuda if available)")
-    common.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                        help="dtype the model runs in while measuring: the one it will be deployed in, so plans meet "
-                             "their budget there (default bfloat16, recorded in plan.json)")
-    common.add_argument("--steps", help="video,action denoising steps (default: the preset's)")
+    add_policy_args(common)
+    common.add_argument("--inject-outliers", action="store_true",
+                        help="with --checkpoint tiny: add the outlier channels of calib.outliers (the tests' model)")
     common.add_argument("--data", nargs="+", help="LeRobot dataset folder, or .npz recordings / folders of them")
     common.add_argument("--camera-map", nargs="*", default=[], metavar="DATASET_KEY=PRESET_KEY",
                         help="rename LeRobot video keys to the preset's camera keys")
@@ -74,24 +71,30 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
-    """(model, cfg, policy) of the arguments; the policy encodes recorded data."""
-    import torch
-
+    """(model, cfg, policy) of the policy flags; the policy encodes recorded data. The model runs in the
+    policy's dtype, the one it will be deployed in, so plans meet their budget there (recorded in plan.json)."""
     from calib.pipeline import check_output
-    from lingbot_edge.io.loading import load_policy
+    from lingbot_edge.io.loading import TINY, load_policy
 
-    check_output(args.out, [p for p in (args.checkpoint, *(args.data or ())) if p])
-    policy = load_policy(args.checkpoint or "tiny", preset=args.preset if args.checkpoint else None,
-                         device=args.device, dtype=getattr(torch, args.dtype), compile=False, seed=args.seed)
-    if not args.checkpoint and args.model == "tiny-outliers":
+    if args.inject_outliers and args.checkpoint != TINY:
+        raise ValueError(f"--inject-outliers: only with --checkpoint {TINY} (the embedded test model), "
+                         f"not {args.checkpoint!r}")
+    check_output(args.out, [p for p in (args.checkpoint, args.transformer, *(args.data or ())) if p and p != TINY])
+    policy = load_policy(args.checkpoint, **policy_kwargs(args))
+    if args.inject_outliers:
         from calib.outliers import inject_outlier_channels
 
         inject_outlier_channels(policy.model)
-    cfg = policy.cfg
-    if args.steps:
-        video, action = (int(x) for x in args.steps.split(","))
-        cfg = cfg.replace(num_inference_steps=video, action_num_inference_steps=action)
-    return policy.model, cfg, policy
+    return policy.model, policy.cfg, policy
+
+
+def _folder(args: argparse.Namespace) -> str | None:
+    """The DiT folder the plan applies to (None: the embedded tiny model, written next to the plan)."""
+    from lingbot_edge.io.loading import TINY
+
+    if args.checkpoint == TINY:
+        return None
+    return args.transformer or args.checkpoint
 
 
 def _source(args: argparse.Namespace, cfg, policy):
@@ -115,8 +118,17 @@ def _errors(fn):
     return run
 
 
+def dtype_flag(model) -> str:
+    """The shared --dtype value (bf16 / fp16 / fp32) of the dtype `model` was measured in."""
+    from lingbot_edge.cli.common import DTYPES
+    from lingbot_edge.io.loading import runtime_defaults
+
+    dtype = next(model.parameters()).dtype
+    return next(name for name in DTYPES if runtime_defaults("cpu", name)[1] == dtype)
+
+
 def quantize_command(paths: dict, checkpoint: str | None, dtype: str) -> str:
-    """The `lingbot-edge quantize` command that deploys what `calibrate plan` wrote."""
+    """The `lingbot-edge quantize` command that deploys what `calibrate plan` wrote (`dtype`: a --dtype value)."""
     import json
 
     command = (f"lingbot-edge quantize --checkpoint {paths.get('transformer', checkpoint)} --plan {paths['plan']} "
@@ -174,12 +186,12 @@ def _run_plan(args: argparse.Namespace) -> int:
     stats = load_stats(args.out)
     s = setup(model, cfg, _source(args, cfg, policy), stats, episodes=len(meta["episodes"]),
               smooth_alpha=meta["smooth_alpha"], pattern=meta["pattern"], granularity=meta["granularity"])
-    result, paths = plan_step(s, budget, args.out, schemes, stats=stats, progress=True, checkpoint=args.checkpoint)
+    result, paths = plan_step(s, budget, args.out, schemes, stats=stats, progress=True, checkpoint=_folder(args))
     for name, err in result.naive.items():
         print(f"every candidate on {name}: action RMS {err.action_rms:.3g}")
     print(f"plan: action RMS {result.error.action_rms:.3g} ({'meets' if result.feasible else 'MISSES'} the budget), "
           f"weights {result.weight_bytes:,} bytes (bf16 {result.weight_bytes_bf16:,}), kept: {result.kept}")
     for name, p in paths.items():
         print(f"{name}: {p}")
-    print("next: " + quantize_command(paths, args.checkpoint, args.dtype))
+    print("next: " + quantize_command(paths, _folder(args), dtype_flag(model)))
     return 0 if result.feasible else 1

@@ -7,10 +7,10 @@ sensitivity and plan verification all run the same fixed inputs through the stat
 - `SyntheticEpisodes`: random prompt embeddings, latents and actions (tests; no data at hand).
 - `RecordedEpisodes`: recorded observation / prompt files (`.npz`, format below), encoded with a
   policy's own observation encoder (streaming VAE), prompt encoder and action codec.
-- `LeRobotEpisodes`: a LeRobot dataset folder (v2.x layout: meta/info.json, meta/episodes.jsonl,
-  meta/tasks.jsonl, data/chunk-*/episode_*.parquet, videos/chunk-*/<camera>/episode_*.mp4). Reading
-  the parquet tables needs `pyarrow` (the `calib` extra: pip install "lingbot-edge[calib]"); videos
-  are decoded with imageio-ffmpeg (the `frozen` extra).
+- `LeRobotEpisodes`: a LeRobot dataset folder (v2.0 / v2.1: per-episode parquet and mp4 files; v3.0:
+  meta/episodes/*.parquet indexing files of many episodes; see the class). Reading the parquet tables
+  needs `pyarrow` (the `calib` extra: pip install "lingbot-edge[calib]"); videos are decoded with
+  imageio-ffmpeg (the `frozen` extra).
 
 Recorded episode `.npz` (`RecordedEpisode.save` / `.load`):
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from lingbot_edge.core.config import PolicyConfig
-from lingbot_edge.core.episode import episode_frames, episode_steps
+from lingbot_edge.core.episode import Chunk, chunk_steps, episode_frames, episode_steps
 from quantize.metrics import Episode, make_episode
 
 log = logging.getLogger(__name__)
@@ -201,31 +201,71 @@ class RecordedEpisodes:
 # ----------------------------------------------------------------------------- LeRobot datasets
 
 
-def read_parquet_columns(path: Path, columns: Sequence[str]) -> dict[str, np.ndarray]:
-    """Columns of a parquet table as numpy arrays (list columns stacked to [rows, n])."""
+def read_parquet_columns(path: Path, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Columns of a parquet table (default: all) as numpy arrays (list columns stacked to [rows, n])."""
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError("reading a LeRobot dataset's parquet tables needs pyarrow: "
                           "pip install 'lingbot-edge[calib]'") from e
-    table = pq.read_table(path, columns=list(columns))
-    return {c: np.asarray(table.column(c).to_pylist()) for c in columns}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such parquet file (the dataset's info.json points there)")
+    table = pq.read_table(path, columns=None if columns is None else list(columns))
+    missing = sorted(set(columns or ()) - set(table.column_names))
+    if missing:
+        raise ValueError(f"{path}: no columns {missing} (has {table.column_names})")
+    return {c: np.asarray(table.column(c).to_pylist()) for c in table.column_names}
 
 
-def read_video(path: Path) -> np.ndarray:
-    """All frames of an mp4 as uint8 [N, H, W, 3] (imageio-ffmpeg)."""
+def read_video(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Frames [start, stop) of an mp4 as uint8 [N, H, W, 3] (imageio-ffmpeg); decoding ends at `stop`."""
     import imageio.v2 as imageio
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such video (the dataset's info.json points there)")
+    frames = []
     with imageio.get_reader(str(path), format="ffmpeg") as reader:  # type: ignore[attr-defined]
-        return np.stack([np.asarray(f)[..., :3] for f in reader])
+        for i, frame in enumerate(reader):
+            if stop is not None and i >= stop:
+                break
+            if i >= start:
+                frames.append(np.asarray(frame)[..., :3])
+    if stop is not None and len(frames) < stop - start:
+        raise ValueError(f"{path}: expected frames {start}..{stop - 1}, the video ends after {start + len(frames)}")
+    return np.stack(frames)
+
+
+def keyframe_indices(cfg: PolicyConfig, chunks: int) -> list[int]:
+    """Dataset frame indices of an episode's first observation and keyframes (`episode_frames` of them).
+    Dataset frame i is the observation before action i, so the keyframe the episode protocol records
+    after executed step s (`Chunk.is_keyframe`) is frame s + 1."""
+    indices, start = [0], 0
+    for c in range(chunks):
+        steps = chunk_steps(cfg, c)
+        chunk = Chunk(np.zeros((steps, 0)), index=c, first=c == 0, keyframe_stride=cfg.keyframe_stride, cameras=())
+        indices += [start + s + 1 for s in chunk.keyframe_steps]
+        start += steps
+    return indices[: episode_frames(cfg, chunks)]
+
+
+LEROBOT_VERSIONS = ("v2.0", "v2.1", "v3.0")
 
 
 @dataclass(frozen=True)
 class LeRobotEpisodes:
-    """Episodes of a LeRobot dataset (codebase v2.x) as recordings: the task string is the prompt,
-    one frame every `keyframe_stride` steps is a keyframe (frame i is the observation before action
-    i), `action_key` holds the executed actions (robot units, `len(used_action_channel_ids)` wide).
-    Camera keys are the dataset's video keys; `camera_map` renames them to the preset's."""
+    """Episodes of a LeRobot dataset as recordings: the task string is the prompt, `action_key` holds the
+    executed actions (robot units, `len(used_action_channel_ids)` wide), frame i of a video is the
+    observation before action i; the whole chunks that fit are kept, their frames at the keyframe cadence.
+    Camera keys are the dataset's video keys; `camera_map` renames them to the preset's.
+
+    Layouts (`codebase_version` of meta/info.json, paths from its `data_path` / `video_path`):
+    - v2.0 / v2.1: meta/episodes.jsonl; one parquet per episode (data/chunk-000/episode_000000.parquet) and
+      one mp4 per camera and episode (videos/chunk-000/<key>/episode_000000.mp4).
+    - v3.0: meta/episodes/chunk-000/file-000.parquet, one row per episode with its data file
+      (`data/chunk_index`, `data/file_index`) and per camera its video file and time span
+      (`videos/<key>/chunk_index`, `file_index`, `from_timestamp`, `to_timestamp`); data/chunk-000/file-000.parquet
+      and videos/<key>/chunk-000/file-000.mp4 hold many episodes each.
+    For an SO-100 policy the action names of info.json must be its motors in order (`check_action_names`)."""
 
     root: Path
     policy: Any = field(repr=False)
@@ -234,42 +274,89 @@ class LeRobotEpisodes:
     max_chunks: int | None = None
     max_episodes: int | None = None
     seed: int = 0
+    info: dict[str, Any] = field(init=False, repr=False, compare=False)  # meta/info.json
+
+    def __post_init__(self):
+        path = Path(self.root) / "meta" / "info.json"
+        info = json.loads(path.read_text())
+        version = str(info.get("codebase_version", ""))
+        if version not in LEROBOT_VERSIONS:
+            raise ValueError(f"{path}: LeRobot codebase_version {version!r} not supported (expected one of "
+                             f"{list(LEROBOT_VERSIONS)})")
+        if self.action_key not in info.get("features", {}):
+            raise ValueError(f"{path}: no {self.action_key!r} feature (features: {sorted(info.get('features', {}))})")
+        object.__setattr__(self, "info", info)
+        if self.policy.cfg.name.split("-")[0] == "so100":  # also "so100-tiny": the arm's motor order
+            from lingbot_edge.io.datasets import load_action_quantiles
+            from lingbot_edge.robot.so100 import SO100_MOTORS
+
+            load_action_quantiles(self.root, SO100_MOTORS, self.action_key)  # size and names in the motor order
 
     @property
-    def info(self) -> dict[str, Any]:
-        info = json.loads((Path(self.root) / "meta" / "info.json").read_text())
-        version = str(info.get("codebase_version", ""))
-        if not version.startswith("v2"):
-            raise ValueError(f"{self.root}: LeRobot codebase_version {version!r} not supported (v2.x only: "
-                             f"per-episode parquet and mp4 files)")
-        return info
+    def version(self) -> str:
+        return self.info["codebase_version"]
 
     def _episodes(self) -> list[dict[str, Any]]:
-        lines = (Path(self.root) / "meta" / "episodes.jsonl").read_text().splitlines()
-        episodes = [json.loads(line) for line in lines if line.strip()]
+        meta = Path(self.root) / "meta"
+        if self.version.startswith("v2"):
+            lines = (meta / "episodes.jsonl").read_text().splitlines()
+            episodes = [json.loads(line) for line in lines if line.strip()]
+        else:
+            files = sorted((meta / "episodes").glob("chunk-*/file-*.parquet"))
+            if not files:
+                raise FileNotFoundError(f"{meta / 'episodes'}: no chunk-*/file-*.parquet (a v3.0 dataset's episodes)")
+            episodes = []
+            for f in files:
+                columns = read_parquet_columns(f)
+                columns = {k: v for k, v in columns.items() if not k.startswith("stats/")}
+                episodes += [{k: v[i] for k, v in columns.items()} for i in range(len(columns["episode_index"]))]
+            episodes.sort(key=lambda e: int(e["episode_index"]))
         return episodes[: self.max_episodes] if self.max_episodes is not None else episodes
 
     def episode_ids(self) -> list[str]:
-        return [f"episode_{e['episode_index']:06d}" for e in self._episodes()]
+        return [f"episode_{int(e['episode_index']):06d}" for e in self._episodes()]
+
+    def _data_path(self, meta: Mapping[str, Any], video_key: str | None = None) -> Path:
+        info, index = self.info, int(meta["episode_index"])
+        template = info["video_path"] if video_key is not None else info["data_path"]
+        if self.version.startswith("v2"):
+            return Path(self.root) / template.format(episode_chunk=index // info.get("chunks_size", 1000),
+                                                     episode_index=index, video_key=video_key)
+        prefix = f"videos/{video_key}/" if video_key is not None else "data/"
+        return Path(self.root) / template.format(chunk_index=int(meta[prefix + "chunk_index"]),
+                                                 file_index=int(meta[prefix + "file_index"]), video_key=video_key)
 
     def recording(self, episode_id: str) -> RecordedEpisode:
-        info = self.info
         cfg = self.policy.cfg
-        meta = next(e for e in self._episodes() if f"episode_{e['episode_index']:06d}" == episode_id)
-        index = meta["episode_index"]
-        chunk = index // info.get("chunks_size", 1000)
-        data = Path(self.root) / info["data_path"].format(episode_chunk=chunk, episode_index=index)
-        actions = read_parquet_columns(data, [self.action_key])[self.action_key].astype(np.float32)
-        stride = cfg.keyframe_stride
+        meta = next((e for e in self._episodes() if f"episode_{int(e['episode_index']):06d}" == episode_id), None)
+        if meta is None:
+            raise ValueError(f"{self.root}: no episode {episode_id!r}")
+        index = int(meta["episode_index"])
+        path = self._data_path(meta)
+        columns = read_parquet_columns(path, [self.action_key, "episode_index", "frame_index"]
+                                       if self.version == "v3.0" else [self.action_key])
+        actions = columns[self.action_key].astype(np.float32)
+        if self.version == "v3.0":  # a file of many episodes: this one's rows, in frame order
+            rows = np.flatnonzero(columns["episode_index"] == index)
+            actions = actions[rows[np.argsort(columns["frame_index"][rows], kind="stable")]]
+        length = len(actions)  # frames per camera = rows (frame i before action i)
+        chunks = 0  # whole chunks: their actions and the observation after the last one are recorded
+        while episode_steps(cfg, chunks + 1) < length and (self.max_chunks is None or chunks < self.max_chunks):
+            chunks += 1
+        if chunks == 0:
+            raise ValueError(f"{path}: episode {index} has {length} frames, too short for one chunk of {cfg.name!r} "
+                             f"({episode_steps(cfg, 1) + 1} frames)")
+        picked = keyframe_indices(cfg, chunks)
         frames = {}
-        for key, feature in info["features"].items():
+        for key, feature in self.info["features"].items():
             if feature.get("dtype") != "video":
                 continue
-            video = Path(self.root) / info["video_path"].format(episode_chunk=chunk, video_key=key,
-                                                                episode_index=index)
-            frames[self.camera_map.get(key, key)] = read_video(video)[::stride]
-        tasks = meta.get("tasks") or [""]
-        return RecordedEpisode(str(tasks[0]), frames, actions)
+            start = 0 if self.version.startswith("v2") else round(float(meta[f"videos/{key}/from_timestamp"])
+                                                                  * self.info["fps"])
+            video = read_video(self._data_path(meta, key), start, start + picked[-1] + 1)
+            frames[self.camera_map.get(key, key)] = video[picked]
+        tasks = list(meta.get("tasks", [])) or [""]
+        return RecordedEpisode(str(tasks[0]), frames, actions[: episode_steps(cfg, chunks)])
 
     def load(self, episode_id: str) -> Episode:
         seed = self.seed + self.episode_ids().index(episode_id)
@@ -278,7 +365,6 @@ class LeRobotEpisodes:
     def describe(self) -> dict[str, Any]:
         return {"source": "lerobot", "root": str(self.root), "action_key": self.action_key,
                 "camera_map": dict(self.camera_map), "max_chunks": self.max_chunks, "seed": self.seed}
-
 
 def open_source(paths: Sequence[str | Path], policy, max_chunks: int | None = None,
                 max_episodes: int | None = None, camera_map: Mapping[str, str] | None = None) -> EpisodeSource:

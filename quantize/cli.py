@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
-from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, get_policy_config
+from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, PolicyConfig
 from lingbot_edge.core.qlinear import UnsupportedSchemeError
+from lingbot_edge.io.layout import resolve_checkpoint
+from lingbot_edge.io.loading import TINY, policy_config_for, runtime_defaults
 from lingbot_edge.io.quantized import QuantizedCheckpointError, check_quantized_output
 
 from .api import (
@@ -43,17 +45,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     plan = QuantPlan.from_json(args.plan) if args.plan else as_plan(get_scheme(args.scheme, source="--scheme"))
-    dtype = getattr(torch, args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device, dtype, _ = runtime_defaults(args.device, args.dtype)
+    device, dtype_name = str(device), str(dtype).removeprefix("torch.")  # as provenance records it
 
     if args.dry_run:
-        if args.checkpoint:
+        if args.checkpoint and args.arch:
+            raise ValueError(f"--arch {args.arch}: the architecture of --checkpoint {args.checkpoint} is its own; "
+                             "pass one of them")
+        if args.checkpoint == TINY:
+            cfg, what = MODEL_PRESETS["tiny"], "the embedded tiny model"
+        elif args.checkpoint:
             cfg = ModelConfig.from_json(transformer_folder(args.checkpoint) / "config.json")
             what = str(args.checkpoint)
-        elif args.preset:
-            cfg, what = MODEL_PRESETS[args.preset], f"preset {args.preset}"
+        elif args.arch:
+            cfg, what = MODEL_PRESETS[args.arch], f"architecture {args.arch}"
         else:
-            raise ValueError("--dry-run needs --checkpoint DIR (its config.json) or --preset full|tiny")
+            raise ValueError("--dry-run needs --checkpoint DIR|tiny (its config.json) or --arch full|tiny")
         rows, assignment = plan_summary(cfg, plan, dtype)
         print(f"dry run: {what}, {len(assignment)} Linears quantized, counted on the meta device")
         print(format_summary(rows, dtype))
@@ -66,6 +73,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.checkpoint or not args.out:
         raise ValueError("--checkpoint DIR and --out DIR are required (or use --dry-run)")
+    if args.checkpoint == TINY:
+        raise ValueError(f"--checkpoint {TINY}: the embedded tiny model has no weights folder to quantize; pass a "
+                         "transformer/ folder (e.g. the one `lingbot-edge calibrate plan` writes for it), or --dry-run")
+    if args.arch:
+        raise ValueError(f"--arch {args.arch}: only for --dry-run; a quantized checkpoint takes --checkpoint's DiT")
     schemes = plan_schemes(plan)
     check_schemes_supported(schemes, device)
     src = transformer_folder(args.checkpoint)
@@ -79,22 +91,18 @@ def _run(args: argparse.Namespace) -> int:
         calibration = _read_calibration(args.calibration)
         records[f"--calibration {args.calibration}"] = calibration.get("provenance")
         input_scales = calibration["static_input_scales"]
-    check_provenance(records, source_sha, args.dtype, args.allow_mismatch)
+    check_provenance(records, source_sha, dtype_name, args.allow_mismatch)
     if input_scales is None and any(needs_calibration(s) for s in schemes):
         from .metrics import synthetic_calibration
 
-        cfg = ModelConfig.from_json(transformer_folder(args.checkpoint) / "config.json")
-        preset = args.calib_preset or next((_CALIBRATION_PRESET[k] for k, v in MODEL_PRESETS.items() if v == cfg),
-                                           None)
-        if preset is None:
-            raise ValueError("--calib-preset: needed for a model that is neither the full nor the tiny preset")
+        policy_cfg = calibration_config(src, args.calib_preset)
         names = ", ".join(scheme_name(s) for s in schemes if needs_calibration(s))
         log.warning("%s: calibrating activation scales on a synthetic %s episode (%d chunks, random prompt and "
-                    "observations); real recorded inputs calibrate better", names, preset, args.calib_chunks)
-        calibrate = synthetic_calibration(get_policy_config(preset), chunks=args.calib_chunks)
-    if args.dtype != "bfloat16" and not records:  # with records, check_provenance compared their dtype
+                    "observations); real recorded inputs calibrate better", names, policy_cfg.name, args.calib_chunks)
+        calibrate = synthetic_calibration(policy_cfg, chunks=args.calib_chunks)
+    if dtype != torch.bfloat16 and not records:  # with records, check_provenance compared their dtype
         log.warning("deploying in %s: plans and budgets are verified in bfloat16 by default (`calibrate --dtype`)",
-                    args.dtype)
+                    dtype_name)
     result = quantize_checkpoint(args.checkpoint, plan, args.out, dtype=dtype, device=device, calibrate=calibrate,
                                  input_scales=input_scales, progress=True,
                                  max_shard_bytes=int(args.max_shard_gb * (1 << 30)), replace=args.force,
@@ -102,6 +110,19 @@ def _run(args: argparse.Namespace) -> int:
     print(format_summary(result.summary, dtype))
     print(f"wrote {result.folder}")
     return 0
+
+
+def calibration_config(transformer: Path, preset: str | None) -> PolicyConfig:
+    """The policy settings of the synthetic calibration episode, as --preset means in every command: the
+    checkpoint's own (policy_config.json next to transformer/) over `preset`; without own settings, `preset`
+    (default: the one matching the DiT: libero for the full model, tiny for the tiny one)."""
+    layout = resolve_checkpoint(transformer.parent, transformer=transformer, parts=("transformer",))
+    if preset is None and not (layout.policy_config or layout.policy_fields):
+        preset = next((_CALIBRATION_PRESET[k] for k, v in MODEL_PRESETS.items() if v == layout.model_config), None)
+        if preset is None:
+            raise ValueError(f"--calib-preset: {transformer} has no policy settings and matches no model "
+                             f"architecture ({sorted(MODEL_PRESETS)}); pass a policy preset")
+    return policy_config_for(layout, preset)
 
 
 class MismatchError(Exception):

@@ -1,10 +1,9 @@
 """Calibration capture: streaming statistics (buckets, histogram percentiles), bit-identical
 repeated captures, constant memory in the number of episodes, resumable after a crash, and the
-calibration data sources (recorded .npz episodes, a LeRobot v2 dataset folder)."""
+calibration data sources (recorded .npz episodes, LeRobot v2.1 and v3.0 dataset folders)."""
 
 import hashlib
 import json
-import math
 
 import numpy as np
 import pytest
@@ -208,52 +207,192 @@ def test_recording_too_short_is_refused(tiny_policy):
         encode_episode(short, tiny_policy, seed=0)
 
 
-def test_lerobot_v2_dataset_folder(tiny_policy, tmp_path):
-    """A LeRobot v2.1 folder: meta/info.json + episodes.jsonl, one mp4 per camera and episode (real
-    files, decoded with imageio-ffmpeg), one parquet per episode with `action` as a list column, as
-    LeRobot writes it (pyarrow: the `calib` extra)."""
+# ----------------------------------------------------------------------------- LeRobot datasets
+
+SO100_NAMES = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex.pos", "wrist_roll.pos",
+               "gripper.pos"]  # LeRobot 0.3's so100_follower action names, in its motor order
+CAMERAS = ("observation.images.top", "observation.images.wrist")
+FPS = 10
+
+
+def _frames(episode: int, camera: int, length: int) -> np.ndarray:
+    """Uniform frames that survive H.264: red marks (episode, camera), green marks the frame index (8 t)."""
+    frames = np.zeros((length, 32, 32, 3), np.uint8)
+    frames[..., 0] = 40 + 60 * episode + 20 * camera
+    frames[..., 1] = 8 * np.arange(length)[:, None, None]
+    frames[..., 2] = 128
+    return frames
+
+
+def write_lerobot_dataset(root, version: str, lengths, names=SO100_NAMES, episodes_per_file: int = 2) -> list:
+    """A LeRobot dataset as LeRobot lays it out (utils.py DEFAULT_*_PATH / LEGACY_*): v2.1 one parquet and
+    mp4 per episode, episodes.jsonl, episodes_stats.jsonl; v3.0 data/video files holding
+    `episodes_per_file` episodes, indexed by meta/episodes/chunk-000/file-000.parquet, stats.json.
+    Returns each episode's (task, actions)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from lingbot_edge.io.frozen import write_mp4
 
-    cfg = tiny_policy.cfg
-    steps = actions_needed(cfg, 2) + 3
-    root = tmp_path / "dataset"
-    (root / "meta").mkdir(parents=True)
-    info = {"codebase_version": "v2.1", "fps": 10, "chunks_size": 1000,
-            "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
-            "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
-            "features": {"observation.images.top": {"dtype": "video", "shape": [32, 32, 3]},
-                         "observation.images.wrist": {"dtype": "video", "shape": [32, 32, 3]},
-                         "action": {"dtype": "float32", "shape": [6]}}}
-    (root / "meta" / "info.json").write_text(json.dumps(info))
-    (root / "meta" / "episodes.jsonl").write_text(
-        "\n".join(json.dumps({"episode_index": i, "tasks": [f"task {i}"], "length": steps}) for i in range(2)))
+    root.mkdir(parents=True)
+    features = {**{k: {"dtype": "video", "shape": [32, 32, 3]} for k in CAMERAS},
+                "action": {"dtype": "float32", "shape": [6], "names": list(names)}}
     rng = np.random.default_rng(0)
-    for i in range(2):
-        for cam in ("observation.images.top", "observation.images.wrist"):
-            video = root / info["video_path"].format(episode_chunk=0, video_key=cam, episode_index=i)
-            video.parent.mkdir(parents=True, exist_ok=True)
-            write_mp4(rng.integers(0, 256, size=(steps + 1, 32, 32, 3), dtype=np.uint8), video)
-        data = root / info["data_path"].format(episode_chunk=0, episode_index=i)
-        data.parent.mkdir(parents=True, exist_ok=True)
-        actions = rng.uniform(-1, 1, size=(steps, 6)).astype(np.float32)
-        if i == 1:
-            expected_actions = actions
-        table = pa.table({"action": pa.array(list(actions), type=pa.list_(pa.float32())),
-                          "frame_index": pa.array(np.arange(steps, dtype=np.int64))})
-        pq.write_table(table, data)
-    camera_map = {"observation.images.top": cfg.obs_cam_keys[0], "observation.images.wrist": cfg.obs_cam_keys[1]}
+    written = [(f"task {e}", rng.uniform(-90, 90, size=(n, 6)).astype(np.float32)) for e, n in enumerate(lengths)]
+
+    def table(episodes, start_index):
+        rows = [(e, t) for e in episodes for t in range(lengths[e])]
+        return pa.table({"action": pa.array([written[e][1][t] for e, t in rows], type=pa.list_(pa.float32())),
+                         "episode_index": pa.array([e for e, _ in rows], pa.int64()),
+                         "frame_index": pa.array([t for _, t in rows], pa.int64()),
+                         "index": pa.array(np.arange(start_index, start_index + len(rows)), pa.int64())})
+
+    def write_parquet(t, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(t, path)
+
+    if version == "v2.1":
+        info = {"codebase_version": version, "fps": FPS, "chunks_size": 1000, "features": features,
+                "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+                "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"}
+        (root / "meta").mkdir()
+        (root / "meta" / "episodes.jsonl").write_text("\n".join(
+            json.dumps({"episode_index": e, "tasks": [task], "length": lengths[e]}) for e, (task, _) in
+            enumerate(written)))
+        (root / "meta" / "episodes_stats.jsonl").write_text("\n".join(json.dumps(
+            {"episode_index": e, "stats": {"action": {"min": a.min(0).tolist(), "max": a.max(0).tolist(),
+                                                      "count": [len(a)]}}}) for e, (_, a) in enumerate(written)))
+        for e in range(len(lengths)):
+            write_parquet(table([e], sum(lengths[:e])), root / info["data_path"].format(episode_chunk=0,
+                                                                                       episode_index=e))
+            for c, key in enumerate(CAMERAS):
+                write_mp4(_frames(e, c, lengths[e]), root / info["video_path"].format(
+                    episode_chunk=0, video_key=key, episode_index=e), fps=FPS)
+    else:
+        info = {"codebase_version": version, "fps": FPS, "chunks_size": 1000, "features": features,
+                "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"}
+        episodes = {k: [] for k in ("episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
+                                    "dataset_from_index", "dataset_to_index", "stats/action/min")}
+        for key in CAMERAS:
+            for col in ("chunk_index", "file_index", "from_timestamp", "to_timestamp"):
+                episodes[f"videos/{key}/{col}"] = []
+        groups = [list(range(len(lengths)))[i:i + episodes_per_file] for i in range(0, len(lengths),
+                                                                                   episodes_per_file)]
+        for file_index, group in enumerate(groups):
+            start = sum(lengths[: group[0]])
+            write_parquet(table(group, start), root / info["data_path"].format(chunk_index=0, file_index=file_index))
+            for c, key in enumerate(CAMERAS):
+                write_mp4(np.concatenate([_frames(e, c, lengths[e]) for e in group]), root / info["video_path"].format(
+                    video_key=key, chunk_index=0, file_index=file_index), fps=FPS)
+            offset = 0
+            for e in group:
+                for k, v in (("episode_index", e), ("tasks", [written[e][0]]), ("length", lengths[e]),
+                             ("data/chunk_index", 0), ("data/file_index", file_index),
+                             ("dataset_from_index", start + offset), ("dataset_to_index", start + offset + lengths[e]),
+                             ("stats/action/min", written[e][1].min(0).tolist())):
+                    episodes[k].append(v)
+                for key in CAMERAS:
+                    for col, v in (("chunk_index", 0), ("file_index", file_index), ("from_timestamp", offset / FPS),
+                                   ("to_timestamp", (offset + lengths[e]) / FPS)):
+                        episodes[f"videos/{key}/{col}"].append(v)
+                offset += lengths[e]
+        write_parquet(pa.table(episodes), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+        actions = np.concatenate([a for _, a in written])
+        (root / "meta" / "stats.json").write_text(json.dumps(
+            {"action": {"min": actions.min(0).tolist(), "max": actions.max(0).tolist()}}))
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    return written
+
+
+def _expected_frame_ids(cfg, chunks: int) -> list[int]:
+    """The dataset frames a robot loop records, driven through the episode protocol: after executing
+    step s of the episode the observation is frame s + 1; the Chunk says which of them are keyframes."""
+    from lingbot_edge.core.episode import Chunk, chunk_steps
+
+    ids, t = [0], 0
+    for c in range(chunks):
+        chunk = Chunk(np.zeros((chunk_steps(cfg, c), 6)), index=c, first=c == 0,
+                      keyframe_stride=cfg.keyframe_stride, cameras=("frame",))
+        for step in range(chunk.steps):
+            t += 1
+            chunk.record(step, images={"frame": np.array([t])} if chunk.is_keyframe(step) else None)
+        ids += chunk.keyframes()["frame"][:, 0].tolist()
+    return ids
+
+
+@pytest.mark.parametrize("version", ["v2.1", "v3.0"])
+def test_lerobot_dataset_reads_back_what_was_written(tmp_path, version):
+    """Episodes of a v2.1 and a v3.0 folder (real parquet and mp4 files; in v3.0 two episodes share a data
+    file and a video file, the third is in the next file) come back as written: task, executed actions
+    (whole chunks), and per camera the frames the episode protocol records, at a keyframe stride of 2."""
+    from types import SimpleNamespace
+
+    from lingbot_edge.core.config import tiny_variant
+    from lingbot_edge.core.episode import episode_frames, episode_steps
+
+    cfg = tiny_variant(get_policy_config("so100")).replace(action_per_frame=8)  # the SO-100 arm, stride 2
+    assert cfg.keyframe_stride == 2
+    lengths = [episode_steps(cfg, 2) + 3, episode_steps(cfg, 1) + 5, episode_steps(cfg, 2) + 1]
+    written = write_lerobot_dataset(tmp_path / "dataset", version, lengths)
+    camera_map = {CAMERAS[0]: "top", CAMERAS[1]: "wrist"}
+    source = open_source([tmp_path / "dataset"], SimpleNamespace(cfg=cfg), camera_map=camera_map)
+    assert isinstance(source, LeRobotEpisodes) and source.version == version
+    assert source.episode_ids() == ["episode_000000", "episode_000001", "episode_000002"]
+    for e, ((task, actions), chunks) in enumerate(zip(written, (2, 1, 2), strict=True)):
+        rec = source.recording(f"episode_{e:06d}")
+        assert rec.prompt == task
+        np.testing.assert_array_equal(rec.actions, actions[: episode_steps(cfg, chunks)])
+        ids = _expected_frame_ids(cfg, chunks)
+        assert len(ids) == episode_frames(cfg, chunks)
+        for c, name in enumerate(("top", "wrist")):
+            frames = rec.frames[name].astype(np.float64)
+            assert frames.shape == (len(ids), 32, 32, 3)
+            mean = frames.mean((1, 2))  # uniform frames; H.264 moves them by <= 3 levels here
+            assert np.rint(mean[:, 1] / 8).astype(int).tolist() == ids, (e, name)  # which frame: green 8 t
+            expected = _frames(e, c, lengths[e])[ids].mean((1, 2))
+            assert np.abs(mean - expected).max() <= 4, (e, name)  # and which episode and camera: red
+    limited = LeRobotEpisodes(tmp_path / "dataset", SimpleNamespace(cfg=cfg), max_chunks=1, max_episodes=2)
+    assert limited.episode_ids() == ["episode_000000", "episode_000001"]
+    assert len(limited.recording("episode_000000").actions) == episode_steps(cfg, 1)
+
+
+def test_lerobot_dataset_encodes_through_the_policy(tiny_policy, tmp_path):
+    """A v3.0 episode through the policy's encoders: whole chunks, the executed actions normalized."""
+    root = tmp_path / "dataset"
+    cfg = tiny_policy.cfg
+    written = write_lerobot_dataset(root, "v3.0", [actions_needed(cfg, 2) + 2, actions_needed(cfg, 2) + 1])
+    camera_map = dict(zip(CAMERAS, cfg.obs_cam_keys, strict=True))
     source = open_source([root], tiny_policy, max_chunks=2, camera_map=camera_map)
-    assert isinstance(source, LeRobotEpisodes)
-    assert source.episode_ids() == ["episode_000000", "episode_000001"]
-    rec = source.recording("episode_000001")
-    assert rec.prompt == "task 1"
-    assert sorted(rec.frames) == sorted(cfg.obs_cam_keys)
-    stride = cfg.keyframe_stride
-    assert next(iter(rec.frames.values())).shape == (math.ceil((steps + 1) / stride), 32, 32, 3)
-    assert rec.actions.shape == (steps, 6)
-    np.testing.assert_array_equal(rec.actions, expected_actions)
     ep = source.load("episode_000001")
     assert len(ep.chunks) == 2
+    expected = tiny_policy.codec.from_robot(written[1][1][: actions_needed(cfg, 1)], first_chunk=True)
+    assert torch.equal(ep.chunks[0]["executed"], expected)
+
+
+@pytest.mark.parametrize("version", ["v2.1", "v3.0"])
+def test_lerobot_dataset_action_names_must_be_the_so100_motor_order(tmp_path, version):
+    from types import SimpleNamespace
+
+    from lingbot_edge.core.config import tiny_variant
+
+    so100 = SimpleNamespace(cfg=tiny_variant(get_policy_config("so100")))
+    swapped = [SO100_NAMES[1], SO100_NAMES[0], *SO100_NAMES[2:]]
+    write_lerobot_dataset(tmp_path / "swapped", version, [30], names=swapped)
+    with pytest.raises(ValueError, match=r"action names .*shoulder_lift.pos.* are not the robot's motor order"):
+        LeRobotEpisodes(tmp_path / "swapped", so100)
+    write_lerobot_dataset(tmp_path / "ok", version, [30], names=[n.removesuffix(".pos") for n in SO100_NAMES])
+    assert LeRobotEpisodes(tmp_path / "ok", so100).episode_ids() == ["episode_000000"]
+    # Another robot's policy (the tiny LIBERO-style preset) does not check SO-100 names.
+    other = SimpleNamespace(cfg=get_policy_config("tiny"))
+    assert LeRobotEpisodes(tmp_path / "swapped", other).episode_ids() == ["episode_000000"]
+
+
+def test_lerobot_dataset_version_is_checked(tmp_path):
+    from types import SimpleNamespace
+
+    write_lerobot_dataset(tmp_path / "d", "v3.0", [30])
+    info = json.loads((tmp_path / "d" / "meta" / "info.json").read_text())
+    (tmp_path / "d" / "meta" / "info.json").write_text(json.dumps({**info, "codebase_version": "v1.6"}))
+    with pytest.raises(ValueError, match=r"codebase_version 'v1.6' not supported \(expected one of"):
+        LeRobotEpisodes(tmp_path / "d", SimpleNamespace(cfg=get_policy_config("tiny")))

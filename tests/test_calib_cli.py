@@ -24,7 +24,11 @@ from lingbot_edge.io.tiny import build_tiny_policy
 from quantize.api import checkpoint_sha256
 from quantize.metrics import episode_error, run_episode
 
-COMMON = ["--model", "tiny-outliers", "--steps", "2,3", "--synthetic", "2", "--chunks", "2"]
+# The shared policy flags (lingbot_edge.cli.common), then calibrate's own data flags.
+MODEL = ["--checkpoint", "tiny", "--inject-outliers", "--set", "num_inference_steps=2",
+         "--set", "action_num_inference_steps=3"]
+DATA = ["--synthetic", "2", "--chunks", "2"]
+COMMON = [*MODEL, *DATA]
 CFG = get_policy_config("tiny").replace(num_inference_steps=2, action_num_inference_steps=3)
 BUDGET = 3e-3
 
@@ -72,7 +76,7 @@ def test_bf16_plan_meets_its_budget_deployed_in_bf16(tmp_path, capsys, caplog):
     # Deploy with the printed command, as a user would.
     next_line = next(line for line in printed.splitlines() if line.startswith("next: "))
     argv = shlex.split(next_line.removeprefix("next: lingbot-edge "))
-    assert "--dtype" in argv and argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert "--dtype" in argv and argv[argv.index("--dtype") + 1] == "bf16"  # the shared --dtype values
     quantized_dir = tmp_path / "quantized"
     argv[argv.index("QUANTIZED_DIR")] = str(quantized_dir)
     assert lingbot_edge_main(argv) == 0
@@ -111,7 +115,7 @@ def test_output_folder_must_be_a_calibration_folder(tmp_path, capsys):
     assert [p.name for p in own.iterdir()] == ["notes.txt"] and (own / "notes.txt").read_text() == "mine"
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    assert calibrate("capture", "--out", str(ckpt / "calib"), "--checkpoint", str(ckpt), *COMMON[2:]) == 2
+    assert calibrate("capture", "--out", str(ckpt / "calib"), "--checkpoint", str(ckpt), *DATA) == 2
     assert "the output is inside the input" in capsys.readouterr().err and not (ckpt / "calib").exists()
 
 
@@ -119,7 +123,21 @@ def test_next_hint_names_the_calibration_when_the_plan_needs_it(tmp_path):
     calibration = tmp_path / "calibration.json"
     paths = {"plan": tmp_path / "plan.json", "calibration": calibration, "transformer": tmp_path / "transformer"}
     calibration.write_text(json.dumps({"static_input_scales": {"blocks.0.attn1.to_q": 0.01}}))
-    hint = cli_calibrate.quantize_command(paths, None, "bfloat16")
+    hint = cli_calibrate.quantize_command(paths, None, "bf16")
     assert f"--calibration {calibration}" in hint and f"--checkpoint {tmp_path / 'transformer'}" in hint
     calibration.write_text(json.dumps({"static_input_scales": {}}))
-    assert "--calibration" not in cli_calibrate.quantize_command(paths, None, "bfloat16")
+    assert "--calibration" not in cli_calibrate.quantize_command(paths, None, "bf16")
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["--checkpoint", "CKPT", "--inject-outliers", *DATA], "--inject-outliers: only with --checkpoint tiny"),
+    (["--checkpoint", "tiny", "--dtype", "bfloat16", *DATA], "invalid choice: 'bfloat16'"),
+    (["--model", "tiny-outliers", *DATA], "unrecognized arguments: --model"),
+])
+def test_flags_are_the_shared_ones(tmp_path, capsys, argv, error):
+    argv = [str(tmp_path / "ckpt") if a == "CKPT" else a for a in argv]
+    try:
+        assert calibrate("capture", "--out", str(tmp_path / "calib"), *argv) == 2
+    except SystemExit as e:  # argparse refuses the flag itself
+        assert e.code == 2
+    assert error in capsys.readouterr().err and not (tmp_path / "calib").exists()

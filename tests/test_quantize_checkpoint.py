@@ -233,7 +233,7 @@ def test_dry_run_full_int8_counts_on_meta(capsys):
     assert sum(r.bytes_before for r in rows) == 2 * params
     assert sum(r.bytes_after for r in rows) == int8_bytes  # ~5.28 GB: 4.91 GB int8 + scales + kept bf16
 
-    assert _cli(["--preset", "full", "--scheme", "int8_weight_only", "--dry-run"]) == 0
+    assert _cli(["--arch", "full", "--scheme", "int8_weight_only", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"{2 * params:,} bytes before, {int8_bytes:,} bytes after" in out
     assert "quantized Linears: 300, kept Linears: 14" in out
@@ -255,11 +255,26 @@ def test_cli_quantizes_a_checkpoint(tiny, tmp_path, capsys):
     assert "dry run: " in capsys.readouterr().out
 
 
+def test_dry_run_of_the_embedded_tiny_model_counts_its_architecture(capsys):
+    """`--checkpoint tiny` means the embedded tiny model, as in every command; `--arch tiny` names the same
+    architecture: the two byte tables agree, and match plan_summary on the tiny model config."""
+    rows, _ = plan_summary(MODEL_PRESETS["tiny"], SCHEMES["int8_weight_only"])
+    before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
+    assert _cli(["--checkpoint", "tiny", "--scheme", "int8_weight_only", "--dry-run"]) == 0
+    by_checkpoint = capsys.readouterr().out
+    assert _cli(["--arch", "tiny", "--scheme", "int8_weight_only", "--dry-run"]) == 0
+    by_arch = capsys.readouterr().out
+    assert f"{before:,} bytes before, {after:,} bytes after" in by_checkpoint
+    assert by_checkpoint.splitlines()[1:] == by_arch.splitlines()[1:]
+
+
 @pytest.mark.parametrize(("argv", "error"), [
     (["--scheme", "fp8_dynamic", "--out", "OUT"], r"fp8 dynamic W8A8 \(torchao\) needs a CUDA GPU with compute "
                                                   r"capability >= 8\.9 \(Ada/Hopper\); this machine has"),
     (["--scheme", "int4_weight_only", "--out", "OUT"], "unknown scheme 'int4_weight_only'"),
     (["--scheme", "int8_weight_only"], "--checkpoint DIR and --out DIR are required"),
+    (["--scheme", "int8_weight_only", "--arch", "tiny", "--dry-run"], "--arch tiny: the architecture of --checkpoint"),
+    (["--scheme", "int8_weight_only", "--arch", "tiny", "--out", "OUT"], "--arch tiny: only for --dry-run"),
 ])
 def test_cli_errors(tiny, tmp_path, capsys, argv, error):
     _, model = tiny
@@ -268,4 +283,18 @@ def test_cli_errors(tiny, tmp_path, capsys, argv, error):
     args = ["--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu", *(str(out) if a == "OUT" else a for a in argv)]
     assert _cli(args) == 2
     assert re.search(error, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_cli_flags_mean_what_they_mean_everywhere(tmp_path, capsys):
+    """--dtype takes the shared values only; --checkpoint tiny has no weights folder to quantize."""
+    with pytest.raises(SystemExit):
+        _cli(["--checkpoint", "tiny", "--scheme", "int8_weight_only", "--dtype", "bfloat16", "--dry-run"])
+    assert "invalid choice: 'bfloat16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli(["--preset", "full", "--scheme", "int8_weight_only", "--dry-run"])  # the old model-preset flag
+    assert "unrecognized arguments: --preset" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert _cli(["--checkpoint", "tiny", "--scheme", "int8_weight_only", "--out", str(out), "--device", "cpu"]) == 2
+    assert "--checkpoint tiny: the embedded tiny model has no weights folder" in capsys.readouterr().err
     assert not out.exists()
