@@ -11,12 +11,12 @@
 
 - `stats`: streaming per-module statistics by stream and timestep bucket (absmax, per-channel absmax,
   RMS, log-histogram percentiles), bit-identical across runs; `capture`: over episodes, saved atomically.
-- `data`: episode sources: synthetic, recorded `.npz` files, LeRobot v2 dataset folders.
+- `data`: episode sources: synthetic, recorded `.npz` files, LeRobot dataset folders (v2.0, v2.1, v3.0).
 - `evaluate`: temporary quantization of some Linears and the end-to-end error against the original.
 - `sensitivity`, `planner`: one target at a time, then a greedy plan under an action-error and / or
   weight-bytes budget; `smoothing`: SmoothQuant factors folded exactly where the DiT allows it;
   `report`: plan.json, calibration.json, report.md, sensitivity.png; `pipeline`: the CLI's steps.
-- `outliers`: the injected-outlier construction the tests and `--model tiny-outliers` use.
+- `outliers`: the injected-outlier construction the tests and `--checkpoint tiny --inject-outliers` use.
 
 Import direction: `calib -> quantize -> lingbot_edge`, never back.
 """

@@ -272,5 +272,5 @@ def test_encode_prompt_cli_on_frozen_only_folder(tiny_checkpoint, tmp_path, caps
     for part in ("tokenizer", "text_encoder"):
         shutil.copytree(tiny_checkpoint / part, frozen / part)
     assert _cli(["encode-prompt", "--checkpoint", str(frozen), "--prompt", PROMPT, "--no-negative",
-                 "--cache-dir", str(tmp_path / "c"), "--dtype", "float32", "--device", "cpu"]) == 0
+                 "--cache-dir", str(tmp_path / "c"), "--dtype", "fp32", "--device", "cpu"]) == 0
     assert "1 encoded, 0 cached" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """`lingbot-edge encode-prompt`: precompute prompt embeddings into the prompt cache.
 
     lingbot-edge encode-prompt --checkpoint DIR --prompt "pick up the red block" [--prompt ...]
-        [--cache-dir DIR] [--device cpu|cuda] [--dtype bfloat16|float16|float32]
+        [--cache-dir DIR] [--device cpu|cuda] [--dtype bf16|fp16|fp32]
         [--tokenizer DIR] [--text-encoder DIR] [--max-sequence-length 512] [--no-negative]
 
 Loads the tokenizer and UMT5 only if some prompt is not cached yet, encodes what is missing (and the
@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import logging
 
+from lingbot_edge.cli.common import DTYPES
+
 log = logging.getLogger(__name__)
 
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -34,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="prompt cache folder (default: $LINGBOT_EDGE_CACHE/prompts or ~/.cache/lingbot_edge/prompts)")
     p.add_argument("--device", default=None, help="where UMT5 runs: cpu / cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                   help="UMT5 dtype, part of the cache key: use the policy's text_encoder_dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16",
+                   help="UMT5 dtype, part of the cache key: use the policy's text_encoder_dtype (default bf16)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder (default: <checkpoint>/tokenizer)")
     p.add_argument("--text-encoder", default=None, metavar="DIR",
@@ -50,10 +51,10 @@ def run_encode_prompt(args: argparse.Namespace) -> int:
     import torch
 
     from lingbot_edge.io.layout import CheckpointError, resolve_checkpoint
-    from lingbot_edge.io.loading import build_prompt_cache
+    from lingbot_edge.io.loading import build_prompt_cache, runtime_defaults
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
+    dtype = runtime_defaults("cpu", args.dtype)[1]
     try:
         layout = resolve_checkpoint(args.checkpoint, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                                     parts=("text_encoder", "tokenizer"))
