@@ -103,14 +103,16 @@ def test_runtime_kernel_matches_library(name):
 
 # bf16, at the full model's widths (inputs of 3072 = dim and 14336 = ffn_dim, 256 outputs, 32 tokens):
 # runtime kernel vs the library's own module, both in bf16. Measured (dB, ours vs library / ours vs
-# fp32 math): int8 weight-only bit-identical / 40; fp8 weight-only, quanto weight-only: 49.7-51.0 /
+# fp32 math): int8 weight-only 50.8 on the CPU (its kernel splits each bf16 activation row into two int8
+# pieces for torch._int_mm, ~15 bits of the activation; with torchao's dequant + bf16 matmul it was
+# bit-identical) / 40; fp8 weight-only, quanto weight-only: 49.7-51.0 /
 # 31-40 (bf16 rounding of the scale applied before or after the matmul: two bf16 roundings, ~6 dB
 # x 8 bits + a few); W8A8: int8_dynamic 42.1-44.4 / 37, quanto_int8_a8 38.8 / 33.0, llm_int8 50.7 /
 # 37.5: the runtime keeps the activation scale in fp32 where the library rounds it to bf16, so a few
 # activations land one int8 step apart. Floors: W8A8 >= 29 dB (the floor at these widths)
 # and, the independent check, the difference from the library at least 3 dB below the quantization
 # noise itself (at most half its power); weight-only >= 45 dB.
-BF16_PARITY_MIN_SQNR = {"int8_weight_only": float("inf"), "int8_dynamic": 29.0, "fp8_weight_only": 45.0,
+BF16_PARITY_MIN_SQNR = {"int8_weight_only": 45.0, "int8_dynamic": 29.0, "fp8_weight_only": 45.0,
                         "quanto_int8": 45.0, "quanto_fp8": 45.0, "quanto_int8_a8": 29.0, "llm_int8": 29.0}
 
 
