@@ -27,7 +27,7 @@ HOME = (0.0, 0.0, 0.0, 30.0, 0.0, 30.0)  # the simulator's default initial pose
 # Cube placement (polar, around the arm base): radius in m, bearing in degrees.
 CUBE_RADIUS = (0.14, 0.21)
 CUBE_BEARING = (-30.0, 30.0)
-HOME_JITTER = 6.0  # +- units on the five arm joints of the initial pose
+HOME_JITTER = 6.0  # +- units on pan, lift, elbow and wrist flex of the initial pose
 
 
 def tip_position(q: Sequence[float]) -> np.ndarray:
@@ -84,7 +84,7 @@ def cube_for_seed(seed: int) -> tuple[np.ndarray, np.ndarray]:
     radius = rng.uniform(*CUBE_RADIUS)
     bearing = math.radians(rng.uniform(*CUBE_BEARING))
     initial = np.array(HOME, dtype=np.float64)
-    initial[:5] += rng.uniform(-HOME_JITTER, HOME_JITTER, 5)
+    initial[:4] += rng.uniform(-HOME_JITTER, HOME_JITTER, 4)  # not the wrist roll: it stays 0
     return np.array([radius * math.cos(bearing), radius * math.sin(bearing)]), initial
 
 

@@ -40,14 +40,37 @@ from lingbot_edge.core.model import WanVATransformer, action_grid_ids, rope_angl
 SEGMENTS = ("video", "action", "video_noisy", "video_predicted", "action_noisy")
 
 
-class MaskedSelfAttention:
-    """Self-attention backend over the whole sequence with a fixed boolean mask [L, L]."""
+class ChunkBandAttention:
+    """Self-attention backend for the episode sequence: each chunk's queries against the keys of the chunks
+    its mask can reach (the cache window: a few chunks back), not against the whole sequence. Exact
+    (the mask is applied within the band) and about episode-length / band times cheaper than dense."""
 
-    def __init__(self, mask: Tensor):
-        self.mask = mask[None, None]
+    def __init__(self, mask: Tensor, chunk_tokens: int):
+        length = mask.shape[0]
+        self.chunks, self.per = length // chunk_tokens, chunk_tokens
+        chunk_of = torch.arange(length) // chunk_tokens
+        q, k = mask.nonzero(as_tuple=True)
+        if (chunk_of[k] > chunk_of[q]).any():
+            raise ValueError("mask: a token attends to a later chunk (not a cache mask)")
+        self.band = int((chunk_of[q] - chunk_of[k]).max()) + 1 if len(q) else 1
+        first = torch.arange(self.chunks)[:, None] - self.band + 1 + torch.arange(self.band)[None]  # [K, band]
+        valid = (first >= 0)[:, :, None].expand(-1, -1, chunk_tokens).reshape(self.chunks, -1)
+        self.key_pos = (first.clamp(min=0)[:, :, None] * chunk_tokens + torch.arange(chunk_tokens)).flatten(1)
+        rows = torch.arange(length).view(self.chunks, chunk_tokens)
+        self.window_mask = mask[rows[:, :, None], self.key_pos[:, None, :]] & valid[:, None, :]  # [K, per, W]
+
+    def to(self, device) -> ChunkBandAttention:
+        self.key_pos, self.window_mask = self.key_pos.to(device), self.window_mask.to(device)
+        return self
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return sdpa(q, k, v, mask=self.mask)
+        b, _, h, d = q.shape
+        kc, per = self.chunks, self.per
+        qw = q.reshape(b * kc, per, h, d)
+        kw = k[:, self.key_pos].reshape(b * kc, -1, h, d)  # [B*K, W, H, D]
+        vw = v[:, self.key_pos].reshape(b * kc, -1, h, d)
+        mask = self.window_mask[None].expand(b, -1, -1, -1).reshape(b * kc, 1, per, -1)
+        return sdpa(qw, kw, vw, mask=mask).reshape(b, kc * per, h, d)
 
 
 @dataclass(frozen=True)
@@ -189,7 +212,7 @@ def teacher_forced_forward(
     temb = torch.cat([p[1] for p in parts], dim=2).flatten(1, 2)
     mod = torch.cat([p[2] for p in parts], dim=2).flatten(1, 2)
     rope = rope_angles(layout.grid.to(tokens.device), model.config.attention_head_dim)
-    attention = MaskedSelfAttention(layout.mask.to(tokens.device))
+    attention = ChunkBandAttention(layout.mask, layout.chunk_tokens).to(tokens.device)
     for blk in model.blocks:
         tokens = blk(tokens, mod, rope, text_kv[blk.index], attention)
 

@@ -124,7 +124,7 @@ class FlowMatchingLoss:
         err_a = (pa.float() - (noise_a - action)).pow(2)
         loss_v = (err_v * wv).sum() / (wv.expand_as(err_v)).sum()
         loss_a = (err_a * wa).sum() / (wa.expand_as(err_a)).sum()
-        return loss_v, {"video": float(loss_v), "action": float(loss_a), "_action": loss_a}
+        return loss_v, {"video": loss_v.item(), "action": loss_a.item(), "_action": loss_a}
 
 
 def _lr_at(step: int, tc: TrainConfig) -> float:
@@ -134,11 +134,19 @@ def _lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _public(path: str | Path) -> None:
+    """mkstemp makes 0600 files: give them the mode a new file gets under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        _public(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -170,6 +178,7 @@ def plot_losses(losses: list[dict[str, float]], path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100)
+        _public(tmp)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
