@@ -70,9 +70,12 @@ def evaluate(policy, seeds: Sequence[int], steps: int = EVAL_STEPS, progress: bo
     from tqdm import tqdm
 
     episodes = []
-    for i, seed in enumerate(tqdm(seeds, desc=desc, unit="episode", disable=not progress)):
+    bar = tqdm(seeds, desc=desc, unit="episode", disable=not progress)
+    for i, seed in enumerate(bar):
         video = VideoRecorder([camera_name(k) for k in policy.cfg.obs_cam_keys]) if video_path and i == 0 else None
         episodes.append(run_episode(policy, seed, steps, video=video))
+        bar.set_postfix(success=f"{sum(e['success'] for e in episodes)}/{len(episodes)}",
+                        dist_cm=f"{100 * episodes[-1]['min_distance']:.1f}")
         if video is not None:
             video.write(video_path, fps=30)
     rate = sum(e["success"] for e in episodes) / max(1, len(episodes))

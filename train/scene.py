@@ -5,6 +5,11 @@ simulator's own) and adds what a task needs: the cube's position drawn from the 
 drawn by the simulator's top and wrist cameras), a grasp rule, the cube following the gripper once
 held, and `success`. Forward kinematics and IK use the simulator's own link model (`_chain`).
 
+The "top" camera is a workspace camera: looking straight down at the table in front of the arm (0.05 to
+~0.27 m forward, +-0.15 m sideways), the framing a real SO-100 setup gives its overhead camera. The
+simulator's own top view shows the whole 0.5 m around the base, where the cube's range of positions is
+a few pixels wide once resized to the policy's 64x64 input; the wrist and side views are the simulator's.
+
 Grasp rule: the jaws must be open (gripper > GRIP_OPEN) and then close (< GRIP_CLOSED) while the
 tip is within `tolerance` m of the cube centre horizontally and below GRASP_HEIGHT. Success: the
 cube is held when the episode ends.
@@ -124,3 +129,48 @@ class GraspScene(KinematicSO100):
     @property
     def success(self) -> bool:
         return self.held
+
+    def render(self, view: str) -> np.ndarray:
+        if view != "top":
+            return super().render(view)
+        h, w = self.height, self.width
+        img = np.empty((h, w, 3), dtype=np.uint8)
+        img[:] = (200, 190, 170)
+        s = w / WORKSPACE_WIDTH  # pixels per metre
+
+        def px(x: float, y: float) -> tuple[float, float]:
+            return w / 2 + y * s, h - (x - WORKSPACE_NEAR) * s
+
+        cx, cy = px(*self.cube)
+        half = 0.02 * s
+        _fill(img, lambda xx, yy: (abs(xx - cx) <= half) & (abs(yy - cy) <= half), (200, 30, 30))
+        pan, pts = self._chain()
+        xy = [px(r * math.cos(pan), r * math.sin(pan)) for r, _ in pts]
+        colors = [(60, 60, 60), (230, 140, 30), (230, 140, 30), (40, 120, 220), (40, 120, 220)]
+        for i in range(1, len(xy)):
+            _fill(img, _segment(xy[i - 1], xy[i], max(1.0, 0.012 * s)), colors[i])
+        grip = self.q[5] / 100.0
+        _fill(img, _segment(xy[-1], xy[-1], max(1.5, (0.006 + 0.01 * grip) * s)), (20, 20, 20))
+        return img
+
+
+WORKSPACE_WIDTH = 0.30  # m across the top camera's image
+WORKSPACE_NEAR = 0.05  # m: the forward distance at the image's bottom edge
+
+
+def _segment(p0, p1, radius: float):
+    """Inside-test of a thick segment (a disk when p0 == p1), for `_fill`."""
+    (x0, y0), (x1, y1) = p0, p1
+    dx, dy = x1 - x0, y1 - y0
+    denom = dx * dx + dy * dy
+
+    def inside(xx, yy):
+        t = np.zeros_like(xx) if denom == 0 else np.clip(((xx - x0) * dx + (yy - y0) * dy) / denom, 0, 1)
+        return (xx - x0 - t * dx) ** 2 + (yy - y0 - t * dy) ** 2 <= radius * radius
+
+    return inside
+
+
+def _fill(img: np.ndarray, inside, color) -> None:
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]].astype(np.float32) + 0.5
+    img[inside(xx, yy)] = color
