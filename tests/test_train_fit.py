@@ -46,6 +46,19 @@ def test_checkpoint_loads_and_runs(run):
     trained = torch.load(out / STATE_NAME, weights_only=False)["model"]
     for name, value in policy.model.state_dict().items():
         torch.testing.assert_close(value, trained[name])
+    # The latents trained on are what this checkpoint's encoder gives: the dataset statistics went into
+    # vae/config.json, and the policy's encoder normalizes with them.
+    from train.trainer import encode_dataset
+
+    vae = json.loads((ckpt / "vae" / "config.json").read_text())
+    mean, std = torch.tensor(vae["latents_mean"]), torch.tensor(vae["latents_std"])
+    assert (std != 1).all()
+    raw = torch.load(out / "latents.pt")
+    assert raw["identity_vae"]
+    trained_on = (raw["video"] - mean.view(1, 1, -1, 1, 1, 1)) / std.view(1, 1, -1, 1, 1, 1)
+    seen = encode_dataset(out / "dataset", policy, progress=False).video
+    torch.testing.assert_close(seen, trained_on, atol=1e-4, rtol=1e-4)
+    assert abs(float(seen.mean())) < 0.2 and 0.7 < float(seen.std()) < 1.3
     from train.evaluate import run_episode
 
     episode = run_episode(policy, seed=123, steps=12)
@@ -58,7 +71,9 @@ def test_resume_continues_the_same_run(run, monkeypatch):
     from train.pipeline import load_checkpoint_policy
     from train.trainer import EpisodeTensors, train
 
-    data = EpisodeTensors(**torch.load(out / "latents.pt"))
+    saved = torch.load(out / "latents.pt")
+    saved.pop("identity_vae")
+    data = EpisodeTensors(**saved)
     cfg = load_checkpoint_policy(out / "checkpoint").cfg
     tc = TrainConfig(steps=8, batch_size=2, warmup=2, save_every=5)
     from lingbot_edge.io.checkpoint import build_model

@@ -87,3 +87,19 @@ def test_recorded_dataset_is_lerobot_v21_and_reads_back(tmp_path):
     assert feature_stats(both)["count"] == [26]
     with pytest.raises(FileExistsError):
         record_dataset(root, [2], steps=5, progress=False)
+
+
+def test_the_cube_is_where_the_top_camera_draws_it():
+    from train.scene import WORKSPACE_NEAR, WORKSPACE_WIDTH
+
+    for seed in range(4):
+        scene = GraspScene(seed, views={"top": "top", "wrist": "wrist"}, cameras=("top", "wrist"))
+        scene.connect()
+        obs = scene.get_observation()
+        red = (obs["top"][..., 0] == 200) & (obs["top"][..., 1] == 30)
+        rows, cols = np.nonzero(red)
+        s = scene.width / WORKSPACE_WIDTH
+        x = WORKSPACE_NEAR + (scene.height - rows.mean() - 0.5) / s
+        y = (cols.mean() + 0.5 - scene.width / 2) / s
+        np.testing.assert_allclose([x, y], scene.cube, atol=0.006)  # the arm may hide part of the cube
+        assert ((obs["wrist"][..., 0] == 200) & (obs["wrist"][..., 1] == 30)).any()

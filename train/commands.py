@@ -52,6 +52,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--no-random", action="store_true", help="skip the random-weight baseline")
     ev.add_argument("--video", help="write the first trained episode as an mp4")
     ev.add_argument("--json", help="write the results as JSON")
+    ev.add_argument("--markdown", help="write the results table as Markdown (e.g. under bench/results/)")
     ev.set_defaults(func=_eval)
     return p
 
@@ -90,9 +91,18 @@ def _eval(args) -> int:
     schemes = [s for s in args.schemes.split(",") if s]
     rows = evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
                                random_baseline=not args.no_random, video=args.video)
-    print(format_table(rows, args.episodes))
+    table = format_table(rows, args.episodes)
+    print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.markdown:
+        from train.evaluate import EVAL_SEED0, EVAL_STEPS
+
+        Path(args.markdown).write_text(
+            f"# Task success: reach and grasp the red cube (kinematic SO-100, `train/scene.py`)\n\n"
+            f"Checkpoint `{args.checkpoint}`; held-out seeds {EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}, "
+            f"{EVAL_STEPS} actions per episode, CPU, `lingbot-edge train eval --episodes {args.episodes} "
+            f"--dtype {args.dtype}{' --schemes ' + args.schemes if args.schemes else ''}`.\n\n{table}\n")
     return 0
 
 

@@ -3,7 +3,8 @@
     <out>/dataset/             expert demonstrations, LeRobot v2.1 layout (unless --dataset is given)
     <out>/checkpoint/          the released layout: transformer/ vae/ text_encoder/ tokenizer/ +
                                policy_config.json (upstream's names); loads with load_policy(<dir>)
-    <out>/latents.pt           the dataset through the checkpoint's encoders (reused on resume)
+    <out>/latents.pt           the dataset through the checkpoint's encoders (reused on resume); their
+                               per-channel statistics go into vae/config.json (latents_mean / latents_std)
     <out>/train_state.pt       resumable training state;  <out>/loss.png  the loss curves
     <out>/report.json          settings, losses, timings (and the evaluation when asked)
 
@@ -27,10 +28,11 @@ from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode
 log = logging.getLogger(__name__)
 
 EPISODE_FRAMES = 101  # LeRobot frames per episode: 13 whole chunks of the tiny so100 policy (8 k - 3)
-# Policy settings of the trained checkpoint, on top of the so100 preset's tiny variant (64x64 per camera,
-# 2-frame chunks, a 2-chunk cache). No CFG: one prompt, trained without prompt dropout.
-POLICY_SETTINGS = {"guidance_scale": 1.0, "action_guidance_scale": 1.0, "num_inference_steps": 4,
-                   "action_num_inference_steps": 10, "max_sequence_length": 32}
+# Policy settings of the trained checkpoint, on top of the so100 preset's tiny variant (2-frame chunks, a
+# 2-chunk cache). 64x128 per camera: at the tiny preset's 64x64 one latent pixel spans 6 cm of the top
+# camera's view, too coarse to place a 2 cm grasp. No CFG: one prompt, trained without prompt dropout.
+POLICY_SETTINGS = {"height": 64, "width": 128, "guidance_scale": 1.0, "action_guidance_scale": 1.0,
+                   "num_inference_steps": 4, "action_num_inference_steps": 10, "max_sequence_length": 32}
 
 
 def base_policy_config(**settings) -> PolicyConfig:
@@ -75,6 +77,29 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def vae_is_identity(vae_dir: Path) -> bool:
+    config = json.loads((vae_dir / "config.json").read_text())
+    return all(m == 0.0 for m in config["latents_mean"]) and all(s == 1.0 for s in config["latents_std"])
+
+
+def normalize_latents(data: EpisodeTensors, vae_dir: Path) -> EpisodeTensors:
+    """Per-channel latent statistics into `vae/config.json` (`latents_mean` / `latents_std`, the fields a real
+    Wan2.2 VAE carries) and the encoded data normalized with them. The tiny VAE's raw latents have a std of
+    ~0.2: next to unit noise the video stream's flow target would be almost all noise. A VAE config that
+    has statistics already (a resumed run) gives them. `data`: latents encoded with identity statistics."""
+    path = vae_dir / "config.json"
+    config = json.loads(path.read_text())
+    if vae_is_identity(vae_dir):
+        dims = (0, 1, 3, 4, 5)  # all but the channel of [E, K, C, F, h, w]
+        mean, std = data.video.mean(dims), data.video.std(dims).clamp(min=1e-3)
+        config["latents_mean"], config["latents_std"] = mean.tolist(), std.tolist()
+        _write_json(path, config)
+        log.info("latent statistics written to %s (std %.3f..%.3f)", path, float(std.min()), float(std.max()))
+    mean, std = torch.tensor(config["latents_mean"]), torch.tensor(config["latents_std"])
+    video = (data.video - mean.view(1, 1, -1, 1, 1, 1)) / std.view(1, 1, -1, 1, 1, 1)
+    return EpisodeTensors(video, data.action, data.text)
+
+
 def load_checkpoint_policy(folder: str | Path, dtype: str = "float32", transformer: str | Path | None = None,
                            sampler: str = "static"):
     from lingbot_edge.io.loading import load_policy
@@ -114,10 +139,15 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     t = time.perf_counter()
     latents = out / "latents.pt"
     if latents.is_file():
-        data = EpisodeTensors(**torch.load(latents))
+        saved = torch.load(latents)
+        raw = saved.pop("identity_vae", False)
+        data = EpisodeTensors(**saved)
     else:
+        raw = vae_is_identity(ckpt / "vae")
         data = encode_dataset(dataset, policy, max_episodes=episodes, progress=progress)
-        atomic_torch_save(asdict(data), latents)
+        atomic_torch_save({**asdict(data), "identity_vae": raw}, latents)  # as encoded
+    if raw:
+        data = normalize_latents(data, ckpt / "vae")
     timings["encode_s"] = time.perf_counter() - t
     log.info("training on %d episodes x %d chunks (policy %s, %dx%d, cache %d tokens)", len(data),
              data.video.shape[1], cfg.name, cfg.height, cfg.width, cfg.cache_capacity)

@@ -5,8 +5,8 @@ simulator's own) and adds what a task needs: the cube's position drawn from the 
 drawn by the simulator's top and wrist cameras), a grasp rule, the cube following the gripper once
 held, and `success`. Forward kinematics and IK use the simulator's own link model (`_chain`).
 
-The "top" camera is a workspace camera: looking straight down at the table in front of the arm (0.05 to
-~0.27 m forward, +-0.15 m sideways), the framing a real SO-100 setup gives its overhead camera. The
+The "top" camera is a workspace camera: looking straight down at the table in front of the arm (0.09 to
+~0.29 m forward, +-0.13 m sideways), the framing a real SO-100 setup gives its overhead camera. The
 simulator's own top view shows the whole 0.5 m around the base, where the cube's range of positions is
 a few pixels wide once resized to the policy's 64x64 input; the wrist and side views are the simulator's.
 
@@ -154,8 +154,8 @@ class GraspScene(KinematicSO100):
         return img
 
 
-WORKSPACE_WIDTH = 0.30  # m across the top camera's image
-WORKSPACE_NEAR = 0.05  # m: the forward distance at the image's bottom edge
+WORKSPACE_WIDTH = 0.26  # m across the top camera's image
+WORKSPACE_NEAR = 0.09  # m: the forward distance at the image's bottom edge
 
 
 def _segment(p0, p1, radius: float):
