@@ -103,3 +103,18 @@ def test_resume_continues_the_same_run(run, monkeypatch):
         torch.testing.assert_close(a, b, msg=name)
     with pytest.raises(ValueError, match="different run"):
         train(build_model(cfg.model_config), cfg, data, out / "resumed", TrainConfig(steps=9), progress=False)
+
+
+def test_committed_checkpoint_loads():
+    from pathlib import Path
+
+    ckpt = Path(__file__).resolve().parents[1] / "train" / "checkpoints" / "so100-grasp-tiny"
+    size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    assert size <= 5 * 2**20, size
+    policy = load_policy(ckpt, preset="so100", device="cpu", dtype="bfloat16", compile=False, prompt_cache_dir=False)
+    assert policy.cfg.model == "tiny" and (policy.cfg.height, policy.cfg.width) == (64, 128)
+    assert policy.cfg.obs_cam_keys == ("observation.images.camera_top", "observation.images.camera_wrist_left",
+                                       "observation.images.camera_wrist_right")
+    from train.evaluate import run_episode
+
+    assert run_episode(policy, seed=7, steps=4)["steps"] == 4
