@@ -1,0 +1,120 @@
+"""`train fit` on a shortened schedule: the loss goes down, the run resumes exactly, and the exported
+checkpoint loads with `load_policy` and drives the simulated arm."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lingbot_edge.io.loading import load_policy
+from train.pipeline import fit
+from train.trainer import STATE_NAME, FlowMatchingLoss, TrainConfig
+
+FRAMES = 29  # 4 chunks of the tiny so100 policy (8 k - 3 frames)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    tc = TrainConfig(steps=30, batch_size=2, lr=3e-3, warmup=3, save_every=10)
+    report = fit(out, episodes=3, tc=tc, progress=False, episode_frames=FRAMES)
+    return out, tc, report
+
+
+def test_loss_goes_down(run):
+    out, _, report = run
+    losses = torch.load(out / STATE_NAME, weights_only=False)["losses"]
+    assert len(losses) == 30
+    first = np.mean([r["video"] + r["action"] for r in losses[:5]])
+    last = np.mean([r["video"] + r["action"] for r in losses[-5:]])
+    assert last < 0.75 * first, (first, last)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert report["chunks"] == 4 and report["episodes"] == 3
+
+
+def test_checkpoint_loads_and_runs(run):
+    out, _, _ = run
+    ckpt = out / "checkpoint"
+    config = json.loads((ckpt / "policy_config.json").read_text())
+    assert config["used_action_channel_ids"] == [0, 1, 2, 3, 4, 5] and len(config["norm_stat"]["q01"]) == 8
+    policy = load_policy(ckpt, preset="so100", device="cpu", dtype="float32", compile=False, prompt_cache_dir=False)
+    assert policy.cfg.guidance_scale == 1.0 and policy.cfg.height == config["height"]
+    # The exported DiT is the trained one (not the skeleton's random weights).
+    trained = torch.load(out / STATE_NAME, weights_only=False)["model"]
+    for name, value in policy.model.state_dict().items():
+        torch.testing.assert_close(value, trained[name])
+    # The latents trained on are what this checkpoint's encoder gives: the dataset statistics went into
+    # vae/config.json, and the policy's encoder normalizes with them.
+    from train.trainer import encode_dataset
+
+    vae = json.loads((ckpt / "vae" / "config.json").read_text())
+    mean, std = torch.tensor(vae["latents_mean"]), torch.tensor(vae["latents_std"])
+    assert (std != 1).all()
+    raw = torch.load(out / "latents.pt")
+    assert raw["identity_vae"]
+    trained_on = (raw["video"] - mean.view(1, 1, -1, 1, 1, 1)) / std.view(1, 1, -1, 1, 1, 1)
+    seen = encode_dataset(out / "dataset", policy, progress=False).video
+    torch.testing.assert_close(seen, trained_on, atol=1e-4, rtol=1e-4)
+    assert abs(float(seen.mean())) < 0.2 and 0.7 < float(seen.std()) < 1.3
+    from train.evaluate import run_episode
+
+    episode = run_episode(policy, seed=123, steps=12)
+    assert episode["steps"] == 12 and np.isfinite(episode["min_distance"])
+
+
+def test_resume_continues_the_same_run(run, monkeypatch):
+    """Interrupt a run after 7 steps (state saved at 5), resume: the weights equal an uninterrupted run's."""
+    out, _, _ = run
+    from train.pipeline import load_checkpoint_policy
+    from train.trainer import EpisodeTensors, train
+
+    saved = torch.load(out / "latents.pt")
+    saved.pop("identity_vae")
+    data = EpisodeTensors(**saved)
+    cfg = load_checkpoint_policy(out / "checkpoint").cfg
+    tc = TrainConfig(steps=8, batch_size=2, warmup=2, save_every=5)
+    from lingbot_edge.io.checkpoint import build_model
+
+    straight = build_model(cfg.model_config, seed=1)
+    train(straight, cfg, data, out / "straight", tc, progress=False)
+
+    calls = {"n": 0}
+    original = FlowMatchingLoss.__call__
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlowMatchingLoss, "__call__", flaky)
+    interrupted = build_model(cfg.model_config, seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, cfg, data, out / "resumed", tc, progress=False)
+    assert torch.load(out / "resumed" / STATE_NAME, weights_only=False)["step"] == 5
+    monkeypatch.setattr(FlowMatchingLoss, "__call__", original)
+    resumed = build_model(cfg.model_config, seed=1)
+    losses = train(resumed, cfg, data, out / "resumed", tc, progress=False)
+    assert [r["step"] for r in losses] == list(range(1, 9))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(ValueError, match="different run"):
+        train(build_model(cfg.model_config), cfg, data, out / "resumed", TrainConfig(steps=9), progress=False)
+
+
+def test_committed_checkpoint_loads():
+    from pathlib import Path
+
+    ckpt = Path(__file__).resolve().parents[1] / "train" / "checkpoints" / "so100-grasp-tiny"
+    size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    assert size <= 5 * 2**20, size
+    policy = load_policy(ckpt, preset="so100", device="cpu", dtype="bfloat16", compile=False, prompt_cache_dir=False)
+    assert policy.cfg.model == "tiny" and (policy.cfg.height, policy.cfg.width) == (64, 128)
+    assert policy.cfg.obs_cam_keys == ("observation.images.camera_top", "observation.images.camera_wrist_left",
+                                       "observation.images.camera_wrist_right")
+    from train.evaluate import run_episode
+
+    assert run_episode(policy, seed=7, steps=4)["steps"] == 4

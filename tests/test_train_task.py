@@ -1,0 +1,105 @@
+"""The grasp task, its expert and the LeRobot recording (no training): fast, no model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lingbot_edge.robot.so100 import SafetyFilter, action_dict, joints_of
+from train.dataset import feature_stats, record_dataset, record_episode
+from train.expert import ScriptedExpert
+from train.scene import CUBE_Z, GraspScene, grasp_joints, tip_position
+
+
+def test_tip_position_is_the_simulators_kinematics():
+    scene = GraspScene(3, cameras=())
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scene.q = rng.uniform(-90, 90, 6)
+        pan, pts = scene._chain()  # the simulator's own link model (what its cameras draw)
+        r, z = pts[-1]
+        np.testing.assert_allclose(tip_position(scene.q), [r * np.cos(pan), r * np.sin(pan), z], atol=1e-12)
+
+
+@pytest.mark.parametrize("xyz", [(0.2, 0.0, CUBE_Z), (0.15, -0.08, 0.06), (0.14, 0.07, CUBE_Z)])
+def test_ik_reaches_the_target_pointing_down(xyz):
+    q = grasp_joints(*xyz, gripper=50.0)
+    np.testing.assert_allclose(tip_position(q), xyz, atol=1e-9)
+    assert np.abs(q[:4]).max() <= 100
+    with pytest.raises(ValueError, match="out of the arm's reach"):
+        grasp_joints(0.5, 0.0, 0.0, gripper=0.0)
+
+
+def _run(scene, controller, steps=100):
+    safety = SafetyFilter()
+    scene.connect()
+    obs = scene.get_observation()
+    last = joints_of(obs)
+    for _ in range(steps):
+        q = joints_of(obs)
+        last = safety(controller(q), q, last)
+        scene.send_action(action_dict(last))
+        obs = scene.get_observation()
+    return scene.success, safety.clipped
+
+
+def test_expert_grasps_every_seed_without_tripping_the_safety_filter():
+    for seed in range(12):
+        scene = GraspScene(seed, cameras=())
+        success, clipped = _run(scene, ScriptedExpert(scene.cube.copy()))
+        assert success, seed
+        assert clipped == 0, seed
+
+
+def test_grasp_needs_the_cube_under_the_jaws():
+    # The expert of another seed's cube (a different place) closes its jaws on nothing.
+    scene = GraspScene(5, cameras=())
+    other = GraspScene(6, cameras=()).cube
+    assert np.linalg.norm(other - scene.cube) > 0.03
+    assert not _run(scene, ScriptedExpert(other.copy()))[0]
+    # Random targets never grasp.
+    rng = np.random.default_rng(0)
+    assert not any(_run(GraspScene(s, cameras=()), lambda q: rng.uniform(-100, 100, 6))[0] for s in range(5))
+
+
+def test_recorded_dataset_is_lerobot_v21_and_reads_back(tmp_path):
+    from calib.data import read_parquet_columns, read_video
+
+    root = record_dataset(tmp_path / "ds", [0, 1], steps=13, progress=False)
+    info = json.loads((root / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v2.1" and info["total_episodes"] == 2 and info["total_frames"] == 26
+    assert info["features"]["action"]["shape"] == [6]
+    cols = read_parquet_columns(root / info["data_path"].format(episode_chunk=0, episode_index=1),
+                                ["action", "observation.state", "frame_index", "index"])
+    rec = record_episode(1, 13)
+    np.testing.assert_array_equal(cols["action"], rec["action"])
+    np.testing.assert_array_equal(cols["index"], np.arange(13, 26))
+    video = read_video(root / info["video_path"].format(episode_chunk=0, video_key="observation.images.camera_top",
+                                                        episode_index=1))
+    assert video.shape == rec["frames"]["camera_top"].shape
+    assert np.abs(video.astype(int) - rec["frames"]["camera_top"]).max() <= 2  # crf 0, yuv444p
+    stats = json.loads((root / "meta" / "stats.json").read_text())
+    both = np.concatenate([record_episode(0, 13)["action"], rec["action"]])
+    np.testing.assert_allclose(stats["action"]["q01"], np.quantile(both, 0.01, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stats["action"]["q99"], np.quantile(both, 0.99, axis=0), rtol=1e-6)
+    assert feature_stats(both)["count"] == [26]
+    with pytest.raises(FileExistsError):
+        record_dataset(root, [2], steps=5, progress=False)
+
+
+def test_the_cube_is_where_the_top_camera_draws_it():
+    from train.scene import WORKSPACE_NEAR, WORKSPACE_WIDTH
+
+    for seed in range(4):
+        scene = GraspScene(seed, views={"top": "top", "wrist": "wrist"}, cameras=("top", "wrist"))
+        scene.connect()
+        obs = scene.get_observation()
+        red = (obs["top"][..., 0] == 200) & (obs["top"][..., 1] == 30)
+        rows, cols = np.nonzero(red)
+        s = scene.width / WORKSPACE_WIDTH
+        x = WORKSPACE_NEAR + (scene.height - rows.mean() - 0.5) / s
+        y = (cols.mean() + 0.5 - scene.width / 2) / s
+        np.testing.assert_allclose([x, y], scene.cube, atol=0.006)  # the arm may hide part of the cube
+        assert ((obs["wrist"][..., 0] == 200) & (obs["wrist"][..., 1] == 30)).any()

@@ -1,0 +1,122 @@
+"""`lingbot-edge train`: record demonstrations, train the tiny SO-100 policy, measure its task success.
+
+    lingbot-edge train record --out DIR [--episodes 200]
+    lingbot-edge train fit --out DIR [--dataset DIR] [--episodes 200] [--steps 1500] [--eval-episodes 20]
+    lingbot-edge train eval --checkpoint DIR [--episodes 20] [--dtype bfloat16] [--schemes a,b] [--json F]
+
+Registered from this package through the `lingbot_edge.commands` entry point (`train.commands:register`);
+`python -m train.commands ...` runs the same parser without the entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("train")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train the tiny SO-100 policy on scripted demonstrations (CPU)",
+                              description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="train_command", required=True)
+
+    rec = sub.add_parser("record", help="record scripted-expert episodes as a LeRobot v2.1 dataset")
+    rec.add_argument("--out", required=True, help="new dataset folder (refused if it exists)")
+    rec.add_argument("--episodes", type=int, default=200)
+    rec.add_argument("--first-seed", type=int, default=0)
+    rec.set_defaults(func=_record)
+
+    fit = sub.add_parser("fit", help="record (unless --dataset), train, export the checkpoint; resumes from --out")
+    fit.add_argument("--out", required=True, help="run folder: dataset/, checkpoint/, train_state.pt, loss.png")
+    fit.add_argument("--dataset", help="an existing LeRobot dataset (default: record one into OUT/dataset)")
+    fit.add_argument("--episodes", type=int, default=200, help="episodes to record / use (default 200)")
+    fit.add_argument("--steps", type=int, default=1500)
+    fit.add_argument("--batch-size", type=int, default=8)
+    fit.add_argument("--lr", type=float, default=2e-3)
+    fit.add_argument("--save-every", type=int, default=100)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    fit.add_argument("--eval-episodes", type=int, default=0, help="then evaluate on this many held-out seeds")
+    fit.set_defaults(func=_fit)
+
+    ev = sub.add_parser("eval", help="task success over held-out seeds: the checkpoint vs random weights")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `train fit`")
+    ev.add_argument("--episodes", type=int, default=20)
+    ev.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ev.add_argument("--schemes", default="", help="comma-separated 8-bit schemes to evaluate too "
+                                                  "(e.g. int8_weight_only,int8_dynamic,fp8_weight_only)")
+    ev.add_argument("--no-random", action="store_true", help="skip the random-weight baseline")
+    ev.add_argument("--video", help="write the first trained episode as an mp4")
+    ev.add_argument("--json", help="write the results as JSON")
+    ev.add_argument("--markdown", help="write the results table as Markdown (e.g. under bench/results/)")
+    ev.set_defaults(func=_eval)
+    return p
+
+
+def _record(args) -> int:
+    from train.dataset import record_dataset
+    from train.pipeline import EPISODE_FRAMES
+
+    record_dataset(args.out, list(range(args.first_seed, args.first_seed + args.episodes)), EPISODE_FRAMES)
+    return 0
+
+
+def _fit(args) -> int:
+    from train.pipeline import fit
+    from train.trainer import TrainConfig
+
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
+                     seed=args.seed)
+    report = fit(args.out, dataset=args.dataset, episodes=args.episodes, tc=tc, threads=args.threads)
+    print(f"loss video {report['first_loss']['video']:.3f} -> {report['final_loss']['video']:.3f}, "
+          f"action {report['first_loss']['action']:.3f} -> {report['final_loss']['action']:.3f}; "
+          f"checkpoint {Path(args.out) / 'checkpoint'}; curves {Path(args.out) / 'loss.png'}")
+    if args.eval_episodes:
+        from train.evaluate import evaluate_checkpoint, format_table
+
+        rows = evaluate_checkpoint(Path(args.out) / "checkpoint", args.eval_episodes)
+        print(format_table(rows, args.eval_episodes))
+        report["evaluation"] = rows
+        (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from train.evaluate import evaluate_checkpoint, format_table
+
+    schemes = [s for s in args.schemes.split(",") if s]
+    rows = evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
+                               random_baseline=not args.no_random, video=args.video)
+    table = format_table(rows, args.episodes)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.markdown:
+        from train.evaluate import EVAL_SEED0, EVAL_STEPS
+
+        Path(args.markdown).write_text(
+            f"# Task success: reach and grasp the red cube (kinematic SO-100, `train/scene.py`)\n\n"
+            f"Checkpoint `{args.checkpoint}`; held-out seeds {EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}, "
+            f"{EVAL_STEPS} actions per episode, CPU, `lingbot-edge train eval --episodes {args.episodes} "
+            f"--dtype {args.dtype}{' --schemes ' + args.schemes if args.schemes else ''}`.\n\n{table}\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    for name in ("bitsandbytes", "torchao", "torch.utils._pytree", "diffusers.models.modeling_utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Scripted demonstrations recorded in LeRobot's dataset layout (codebase v2.1), and read back.
+
+    <root>/meta/info.json            features, fps, path templates (LeRobot v2.1)
+    <root>/meta/episodes.jsonl       {"episode_index", "tasks", "length", "seed"} per episode
+    <root>/meta/tasks.jsonl          {"task_index", "task"}
+    <root>/meta/stats.json           per feature: min / max / mean / std / count / q01 / q99
+    <root>/data/chunk-000/episode_000000.parquet   action, observation.state, timestamp, frame_index, ...
+    <root>/videos/chunk-000/observation.images.<camera>/episode_000000.mp4
+
+Frame i holds the observation before action i (LeRobot's convention), so reading it back with
+`calib.data.LeRobotEpisodes` (the reader calibration uses for real SO-100 datasets) gives the
+policy's first observation and, after it, one keyframe per executed step. Videos are H.264 at crf 0,
+yuv444p: near-lossless, so the latents trained on are the ones the simulator's frames give.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_CAMERAS, SafetyFilter, action_dict, joints_of
+from train.expert import ScriptedExpert
+from train.scene import GraspScene
+
+log = logging.getLogger(__name__)
+
+TASK = "pick up the red cube"
+FPS = 30
+CODEBASE_VERSION = "v2.1"
+DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+CHUNKS_SIZE = 1000
+IMAGE_PREFIX = "observation.images."
+
+
+def record_episode(seed: int, steps: int, height: int = 96, width: int = 128,
+                   cameras: Sequence[str] = SO100_CAMERAS) -> dict:
+    """One expert episode: {"state", "action": [steps, 6] float32, "frames": {camera: [steps, H, W, 3]},
+    "success"}; the actions are what the safety filter let through (what the motors got)."""
+    scene = GraspScene(seed, cameras=cameras, height=height, width=width)
+    expert = ScriptedExpert(scene.cube.copy())
+    safety = SafetyFilter()
+    scene.connect()
+    obs = scene.get_observation()
+    last = joints_of(obs)
+    states, actions, frames = [], [], {c: [] for c in cameras}
+    for _ in range(steps):
+        q = joints_of(obs)
+        states.append(q)
+        for c in cameras:
+            frames[c].append(obs[c])
+        last = safety(expert(q), q, last)
+        actions.append(last)
+        scene.send_action(action_dict(last))
+        obs = scene.get_observation()
+    scene.disconnect()
+    return {"state": np.asarray(states, np.float32), "action": np.asarray(actions, np.float32),
+            "frames": {c: np.stack(v) for c, v in frames.items()}, "success": scene.success}
+
+
+def _write_video(path: Path, frames: np.ndarray, fps: int) -> None:
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with imageio.get_writer(str(path), fps=fps, codec="libx264", pixelformat="yuv444p", macro_block_size=1,
+                            output_params=["-crf", "0"], format="FFMPEG") as w:  # type: ignore[call-arg]
+        for f in frames:
+            w.append_data(f)
+
+
+def _write_parquet(path: Path, columns: dict[str, np.ndarray]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = {}
+    for name, values in columns.items():
+        if values.ndim == 2:  # fixed-size vectors as list<float32>, like LeRobot
+            arrays[name] = pa.array(list(values), type=pa.list_(pa.float32()))
+        else:
+            arrays[name] = pa.array(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(arrays), str(path))
+
+
+def feature_stats(values: np.ndarray) -> dict[str, list[float]]:
+    """LeRobot-style per-dimension stats of [N, D] values, with the q01 / q99 quantiles the policy's
+    action normalization uses."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"min": v.min(0).tolist(), "max": v.max(0).tolist(), "mean": v.mean(0).tolist(),
+            "std": v.std(0).tolist(), "count": [int(v.shape[0])],
+            "q01": np.quantile(v, 0.01, axis=0).tolist(), "q99": np.quantile(v, 0.99, axis=0).tolist()}
+
+
+def _features(height: int, width: int, cameras: Sequence[str]) -> dict:
+    names = list(SO100_ACTION_KEYS)
+    feats: dict = {
+        "action": {"dtype": "float32", "shape": [len(names)], "names": names},
+        "observation.state": {"dtype": "float32", "shape": [len(names)], "names": names},
+    }
+    for c in cameras:
+        feats[IMAGE_PREFIX + c] = {
+            "dtype": "video", "shape": [height, width, 3], "names": ["height", "width", "channels"],
+            "info": {"video.height": height, "video.width": width, "video.codec": "h264",
+                     "video.pix_fmt": "yuv444p", "video.is_depth_map": False, "video.fps": FPS,
+                     "video.channels": 3, "has_audio": False},
+        }
+    for name, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
+                        ("index", "int64"), ("task_index", "int64")):
+        feats[name] = {"dtype": dtype, "shape": [1], "names": None}
+    return feats
+
+
+def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: int = 96, width: int = 128,
+                   cameras: Sequence[str] = SO100_CAMERAS, task: str = TASK, progress: bool = True) -> Path:
+    """Record one expert episode per seed into a new LeRobot v2.1 dataset at `root` (written in a
+    temporary folder next to it and moved into place at the end; an existing `root` is refused)."""
+    from tqdm import tqdm
+
+    root = Path(root)
+    if root.exists():
+        raise FileExistsError(f"{root}: exists; record_dataset writes a new dataset (pick another folder)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        episodes, all_actions, all_states, index, failed = [], [], [], 0, 0
+        for ep, seed in enumerate(tqdm(seeds, desc="record", unit="episode", disable=not progress)):
+            rec = record_episode(seed, steps, height, width, cameras)
+            failed += not rec["success"]
+            chunk = ep // CHUNKS_SIZE
+            n = len(rec["action"])
+            _write_parquet(tmp / DATA_PATH.format(episode_chunk=chunk, episode_index=ep), {
+                "action": rec["action"], "observation.state": rec["state"],
+                "timestamp": (np.arange(n) / FPS).astype(np.float32), "frame_index": np.arange(n),
+                "episode_index": np.full(n, ep), "index": np.arange(index, index + n), "task_index": np.zeros(n, int),
+            })
+            for c, frames in rec["frames"].items():
+                _write_video(tmp / VIDEO_PATH.format(episode_chunk=chunk, video_key=IMAGE_PREFIX + c,
+                                                     episode_index=ep), frames, FPS)
+            episodes.append({"episode_index": ep, "tasks": [task], "length": n, "seed": int(seed),
+                             "expert_success": bool(rec["success"])})
+            all_actions.append(rec["action"])
+            all_states.append(rec["state"])
+            index += n
+        if failed:
+            log.warning("the expert failed %d of %d episodes (kept: the dataset records what happened)",
+                        failed, len(seeds))
+        meta = tmp / "meta"
+        meta.mkdir()
+        info = {"codebase_version": CODEBASE_VERSION, "robot_type": "so100", "total_episodes": len(episodes),
+                "total_frames": index, "total_tasks": 1, "total_videos": len(episodes) * len(cameras),
+                "total_chunks": len(episodes) // CHUNKS_SIZE + 1, "chunks_size": CHUNKS_SIZE, "fps": FPS,
+                "splits": {"train": f"0:{len(episodes)}"}, "data_path": DATA_PATH, "video_path": VIDEO_PATH,
+                "features": _features(height, width, cameras)}
+        (meta / "info.json").write_text(json.dumps(info, indent=2))
+        (meta / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+        (meta / "tasks.jsonl").write_text(json.dumps({"task_index": 0, "task": task}) + "\n")
+        stats = {"action": feature_stats(np.concatenate(all_actions)),
+                 "observation.state": feature_stats(np.concatenate(all_states))}
+        (meta / "stats.json").write_text(json.dumps(stats, indent=2))
+        tmp.chmod(0o755)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("recorded %d episodes (%d frames) into %s", len(episodes), index, root)
+    return root
+
+
+def dataset_seeds(root: str | Path) -> list[int]:
+    """The seeds a dataset recorded by `record_dataset` was made from (to hold them out of evaluation)."""
+    lines = (Path(root) / "meta" / "episodes.jsonl").read_text().splitlines()
+    return [int(json.loads(line)["seed"]) for line in lines if line.strip() and "seed" in json.loads(line)]

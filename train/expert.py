@@ -1,0 +1,56 @@
+"""A scripted reach-and-grasp expert for `train.scene.GraspScene`.
+
+Closed loop on the joint readings: the phase follows from where the arm is (approach above the cube
+with the jaws open, descend, close, lift), and each tick's target moves at most `speed` units toward
+the phase's waypoint, so the motion is smooth and the safety filter's 8-unit step limit never bites.
+Waypoints come from `scene.grasp_joints` (IK, gripper pointing down).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from train.scene import CUBE_Z, grasp_joints
+
+GRIP_OPEN_TARGET = 60.0
+GRIP_CLOSED_TARGET = 0.0
+HOVER = 0.06  # m above the table: the pre-grasp and lift height of the tip
+
+
+@dataclass
+class ScriptedExpert:
+    cube_xy: np.ndarray
+    speed: float = 2.5  # units per tick (75 units/s at 30 Hz): the sim lags speed / 0.34 < 8
+    grip_speed: float = 2.5  # units per tick on the gripper
+    tolerance: float = 1.5  # units: a waypoint counts as reached
+
+    def __post_init__(self):
+        x, y = (float(v) for v in self.cube_xy)
+        self.waypoints = {
+            "approach": grasp_joints(x, y, HOVER, GRIP_OPEN_TARGET),
+            "descend": grasp_joints(x, y, CUBE_Z, GRIP_OPEN_TARGET),
+            "close": grasp_joints(x, y, CUBE_Z, GRIP_CLOSED_TARGET),
+            "lift": grasp_joints(x, y, HOVER, GRIP_CLOSED_TARGET),
+        }
+        self.phase = "approach"
+        self.target: np.ndarray | None = None
+
+    def _reached(self, q: np.ndarray, goal: np.ndarray) -> bool:
+        return bool(np.abs(q - goal).max() <= self.tolerance + (2.0 if self.phase == "close" else 0.0))
+
+    def __call__(self, q: np.ndarray) -> np.ndarray:
+        """Next joint target (robot units) from the joint readings q."""
+        q = np.asarray(q, dtype=np.float64)
+        order = ("approach", "descend", "close", "lift", "lift")
+        goal = self.waypoints[self.phase]
+        if self._reached(q, goal) and self.phase != "lift":
+            self.phase = order[order.index(self.phase) + 1]
+            goal = self.waypoints[self.phase]
+        if self.target is None:
+            self.target = q.copy()
+        step = np.full(6, self.speed)
+        step[5] = self.grip_speed
+        self.target = self.target + np.clip(goal - self.target, -step, step)
+        return self.target.copy()

@@ -1,0 +1,169 @@
+"""From nothing to a trained tiny SO-100 checkpoint: record -> checkpoint skeleton -> encode -> train -> export.
+
+    <out>/dataset/             expert demonstrations, LeRobot v2.1 layout (unless --dataset is given)
+    <out>/checkpoint/          the released layout: transformer/ vae/ text_encoder/ tokenizer/ +
+                               policy_config.json (upstream's names); loads with load_policy(<dir>)
+    <out>/latents.pt           the dataset through the checkpoint's encoders (reused on resume); their
+                               per-channel statistics go into vae/config.json (latents_mean / latents_std)
+    <out>/train_state.pt       resumable training state;  <out>/loss.png  the loss curves
+    <out>/report.json          settings, losses, timings (and the evaluation when asked)
+
+The frozen parts (tiny Wan2.2-family VAE, UMT5, tokenizer) are the ones `save_tiny_checkpoint` writes
+(fixed seed): the latents trained on and the latents seen at inference come from the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lingbot_edge.core.config import PolicyConfig, get_policy_config, tiny_variant
+from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode_dataset, train
+
+log = logging.getLogger(__name__)
+
+EPISODE_FRAMES = 101  # LeRobot frames per episode: 13 whole chunks of the tiny so100 policy (8 k - 3)
+# Policy settings of the trained checkpoint, on top of the so100 preset's tiny variant (2-frame chunks, a
+# 2-chunk cache). 64x128 per camera: at the tiny preset's 64x64 one latent pixel spans 6 cm of the top
+# camera's view, too coarse to place a 2 cm grasp. No CFG: one prompt, trained without prompt dropout.
+POLICY_SETTINGS = {"height": 64, "width": 128, "guidance_scale": 1.0, "action_guidance_scale": 1.0,
+                   "num_inference_steps": 4, "action_num_inference_steps": 10, "max_sequence_length": 32}
+
+
+def base_policy_config(**settings) -> PolicyConfig:
+    return tiny_variant(get_policy_config("so100")).replace(**{**POLICY_SETTINGS, **settings})
+
+
+def policy_config_json(cfg: PolicyConfig) -> dict:
+    """A policy config in upstream's names (`wan_va/configs/va_*_cfg.py`), plus PolicyConfig's own names
+    where upstream has none (max_sequence_length, state_dim)."""
+    used = list(cfg.used_action_channel_ids)
+    dim = cfg.model_config.action_dim
+    inverse = [len(used)] * dim
+    for i, ch in enumerate(used):
+        inverse[ch] = i
+    return {
+        "env_type": "none", "height": cfg.height, "width": cfg.width, "obs_cam_keys": list(cfg.obs_cam_keys),
+        "action_dim": dim, "action_per_frame": cfg.action_per_frame, "frame_chunk_size": cfg.frame_chunk_size,
+        "attn_window": cfg.attn_window, "num_inference_steps": cfg.num_inference_steps, "video_exec_step": -1,
+        "action_num_inference_steps": cfg.action_num_inference_steps, "guidance_scale": cfg.guidance_scale,
+        "action_guidance_scale": cfg.action_guidance_scale, "snr_shift": cfg.snr_shift,
+        "action_snr_shift": cfg.action_snr_shift, "used_action_channel_ids": used,
+        "inverse_used_action_channel_ids": inverse, "action_norm_method": "quantiles",
+        "norm_stat": {"q01": list(cfg.action_q01), "q99": list(cfg.action_q99)},
+        "max_sequence_length": cfg.max_sequence_length, "state_dim": cfg.state_dim,
+    }
+
+
+def write_checkpoint_skeleton(folder: Path, cfg: PolicyConfig, seed: int = 0) -> Path:
+    """Released layout with the tiny frozen parts and `policy_config.json`; transformer/ random until
+    `export` replaces it. An existing skeleton is kept (its frozen parts made the cached latents)."""
+    from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
+
+    if not (folder / "vae").is_dir():
+        save_tiny_checkpoint(folder, seed=seed)
+    _write_json(folder / "policy_config.json", policy_config_json(cfg))
+    return folder
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def vae_is_identity(vae_dir: Path) -> bool:
+    config = json.loads((vae_dir / "config.json").read_text())
+    return all(m == 0.0 for m in config["latents_mean"]) and all(s == 1.0 for s in config["latents_std"])
+
+
+def normalize_latents(data: EpisodeTensors, vae_dir: Path) -> EpisodeTensors:
+    """Per-channel latent statistics into `vae/config.json` (`latents_mean` / `latents_std`, the fields a real
+    Wan2.2 VAE carries) and the encoded data normalized with them. The tiny VAE's raw latents have a std of
+    ~0.2: next to unit noise the video stream's flow target would be almost all noise. A VAE config that
+    has statistics already (a resumed run) gives them. `data`: latents encoded with identity statistics."""
+    path = vae_dir / "config.json"
+    config = json.loads(path.read_text())
+    if vae_is_identity(vae_dir):
+        dims = (0, 1, 3, 4, 5)  # all but the channel of [E, K, C, F, h, w]
+        mean, std = data.video.mean(dims), data.video.std(dims).clamp(min=1e-3)
+        config["latents_mean"], config["latents_std"] = mean.tolist(), std.tolist()
+        _write_json(path, config)
+        log.info("latent statistics written to %s (std %.3f..%.3f)", path, float(std.min()), float(std.max()))
+    mean, std = torch.tensor(config["latents_mean"]), torch.tensor(config["latents_std"])
+    video = (data.video - mean.view(1, 1, -1, 1, 1, 1)) / std.view(1, 1, -1, 1, 1, 1)
+    return EpisodeTensors(video, data.action, data.text)
+
+
+def load_checkpoint_policy(folder: str | Path, dtype: str = "float32", transformer: str | Path | None = None,
+                           sampler: str = "static"):
+    from lingbot_edge.io.loading import load_policy
+
+    return load_policy(folder, preset="so100", device="cpu", dtype=dtype, compile=False, sampler=sampler,
+                       prompt_cache_dir=False, transformer=transformer)
+
+
+def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200, tc: TrainConfig | None = None,
+        progress: bool = True, threads: int | None = None, episode_frames: int = EPISODE_FRAMES) -> dict:
+    """The whole run; every stage is skipped when its output is already there (resume)."""
+    from lingbot_edge.io.checkpoint import save_transformer
+    from lingbot_edge.robot.so100 import load_dataset_quantiles
+    from train.dataset import record_dataset
+
+    tc = tc or TrainConfig()
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    if dataset is None:
+        dataset = out / "dataset"
+        if not (dataset / "meta" / "info.json").is_file():
+            record_dataset(dataset, list(range(episodes)), episode_frames, progress=progress)
+    dataset = Path(dataset)
+    timings["record_s"] = time.perf_counter() - t
+    q01, q99 = load_dataset_quantiles(dataset)
+    dim = get_policy_config("tiny").model_config.action_dim
+    cfg = base_policy_config(action_q01=tuple(q01) + (0.0,) * (dim - len(q01)),
+                             action_q99=tuple(q99) + (0.0,) * (dim - len(q99)))
+    ckpt = write_checkpoint_skeleton(out / "checkpoint", cfg)
+    policy = load_checkpoint_policy(ckpt)
+    cfg = policy.cfg
+
+    t = time.perf_counter()
+    latents = out / "latents.pt"
+    if latents.is_file():
+        saved = torch.load(latents)
+        raw = saved.pop("identity_vae", False)
+        data = EpisodeTensors(**saved)
+    else:
+        raw = vae_is_identity(ckpt / "vae")
+        data = encode_dataset(dataset, policy, max_episodes=episodes, progress=progress)
+        atomic_torch_save({**asdict(data), "identity_vae": raw}, latents)  # as encoded
+    if raw:
+        data = normalize_latents(data, ckpt / "vae")
+    timings["encode_s"] = time.perf_counter() - t
+    log.info("training on %d episodes x %d chunks (policy %s, %dx%d, cache %d tokens)", len(data),
+             data.video.shape[1], cfg.name, cfg.height, cfg.width, cfg.cache_capacity)
+
+    t = time.perf_counter()
+    from lingbot_edge.io.checkpoint import build_model
+
+    model = build_model(cfg.model_config, seed=tc.seed)
+    losses = train(model, cfg, data, out, tc, progress=progress)
+    timings["train_s"] = time.perf_counter() - t
+    save_transformer(model, ckpt / "transformer")
+    report = {"dataset": str(dataset), "episodes": len(data), "chunks": int(data.video.shape[1]),
+              "train_config": asdict(tc), "policy_config": policy_config_json(cfg), "timings": timings,
+              "final_loss": {k: sum(r[k] for r in losses[-50:]) / max(1, len(losses[-50:]))
+                             for k in ("video", "action")},
+              "first_loss": {k: sum(r[k] for r in losses[:20]) / max(1, len(losses[:20])) for k in ("video", "action")}}
+    _write_json(out / "report.json", report)
+    log.info("checkpoint written to %s", ckpt)
+    return report

@@ -1,0 +1,225 @@
+"""The teacher-forced forward: a whole episode in one differentiable pass, with the inference cache semantics.
+
+At inference (DESIGN.md sections 2-3) chunk k's noisy video tokens attend to the KV cache (the clean
+history of the chunks before, written with t = 0) plus themselves; its noisy action tokens attend to
+that history, the chunk's own clean video (its PREDICTED entries) plus themselves; feedback then writes
+the observed video and the executed actions as HISTORY. Every insert sees at most `capacity` keys: the
+newest ones in insertion order, itself included (oldest evicted first, token by token).
+
+Here the caches are replaced by one sequence per episode holding, per chunk k, the observed video and
+executed actions (HISTORY inserts), the noisy video, the clean video once more as the chunk's PREDICTED
+video, and the noisy actions; a boolean attention mask gives every token exactly the keys the same
+token sees at inference. The mask comes from replaying the cache's own bookkeeping (insert order,
+oldest-first eviction, also by TRANSIENT inserts, and the drop of PREDICTED entries) symbolically in
+`cache_visibility`, not from a formula, so the two cannot drift apart; `tests/test_train_teacher.py`
+checks the outputs against the model run through `ListKVCache`.
+
+Because a token's K/V depend on what it attended to, this reproduces the cache's K/V layer by layer
+only when the sequence starts at the episode's first chunk: training always runs whole episodes.
+Grid ids (RoPE) are the inference ones: chunk k sits at frames k*F.., every copy alike. (Lookahead
+inference, `infer(ahead=True)`, inserts in another order and is not what this trains.)
+The model's modules (embedders, blocks, heads) are used as they are; only the attention backend and
+the per-token timesteps differ from `WanVATransformer.forward`, which runs one stream per call and
+cannot take gradients through a cache write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lingbot_edge.core.config import PolicyConfig
+from lingbot_edge.core.model import WanVATransformer, action_grid_ids, rope_angles, sdpa, video_grid_ids
+
+# Per chunk, in sequence order. The clean video appears twice: as the chunk's PREDICTED entries (what its
+# noisy actions attend to) and as its HISTORY entries (what later chunks attend to). Their inputs are
+# the same latents, but once the cache evicts they were written with different keys visible, so their
+# K/V differ from the second block on.
+SEGMENTS = ("video", "action", "video_noisy", "video_predicted", "action_noisy")
+
+
+class ChunkBandAttention:
+    """Self-attention backend for the episode sequence: each chunk's queries against the keys of the chunks
+    its mask can reach (the cache window: a few chunks back), not against the whole sequence. Exact
+    (the mask is applied within the band) and about episode-length / band times cheaper than dense."""
+
+    def __init__(self, mask: Tensor, chunk_tokens: int):
+        length = mask.shape[0]
+        self.chunks, self.per = length // chunk_tokens, chunk_tokens
+        chunk_of = torch.arange(length) // chunk_tokens
+        q, k = mask.nonzero(as_tuple=True)
+        if (chunk_of[k] > chunk_of[q]).any():
+            raise ValueError("mask: a token attends to a later chunk (not a cache mask)")
+        self.band = int((chunk_of[q] - chunk_of[k]).max()) + 1 if len(q) else 1
+        first = torch.arange(self.chunks)[:, None] - self.band + 1 + torch.arange(self.band)[None]  # [K, band]
+        valid = (first >= 0)[:, :, None].expand(-1, -1, chunk_tokens).reshape(self.chunks, -1)
+        self.key_pos = (first.clamp(min=0)[:, :, None] * chunk_tokens + torch.arange(chunk_tokens)).flatten(1)
+        rows = torch.arange(length).view(self.chunks, chunk_tokens)
+        self.window_mask = mask[rows[:, :, None], self.key_pos[:, None, :]] & valid[:, None, :]  # [K, per, W]
+
+    def to(self, device) -> ChunkBandAttention:
+        self.key_pos, self.window_mask = self.key_pos.to(device), self.window_mask.to(device)
+        return self
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, _, h, d = q.shape
+        kc, per = self.chunks, self.per
+        qw = q.reshape(b * kc, per, h, d)
+        kw = k[:, self.key_pos].reshape(b * kc, -1, h, d)  # [B*K, W, H, D]
+        vw = v[:, self.key_pos].reshape(b * kc, -1, h, d)
+        mask = self.window_mask[None].expand(b, -1, -1, -1).reshape(b * kc, 1, per, -1)
+        return sdpa(qw, kw, vw, mask=mask).reshape(b, kc * per, h, d)
+
+
+@dataclass(frozen=True)
+class EpisodeLayout:
+    """Token layout of a K-chunk episode: segment positions, grid ids and the attention mask."""
+
+    chunks: int
+    video_tokens: int  # per chunk
+    action_tokens: int  # per chunk
+    capacity: int
+    grid: Tensor  # [3, L]
+    mask: Tensor  # [L, L] bool, True = may attend
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        nv, na = self.video_tokens, self.action_tokens
+        return (nv, na, nv, nv, na)
+
+    @property
+    def chunk_tokens(self) -> int:
+        return sum(self.sizes)
+
+    def segment(self, name: str) -> Tensor:
+        """Sequence positions [K, n] of one segment in every chunk."""
+        i = SEGMENTS.index(name)
+        base = torch.arange(self.chunks)[:, None] * self.chunk_tokens
+        return base + sum(self.sizes[:i]) + torch.arange(self.sizes[i])[None]
+
+
+def cache_visibility(chunks: int, nv: int, na: int, capacity: int) -> list[tuple[str, int, list[tuple[str, int]]]]:
+    """Replay the KV cache's bookkeeping (DESIGN.md section 2) over the sampler's inserts, symbolically:
+    per chunk the noisy video (TRANSIENT; every denoising step sees the same keys, since the first one
+    already evicted what it needs), its clean video (PREDICTED, the last video step), the noisy actions
+    (TRANSIENT), the last action step (PREDICTED, dropped unseen), then feedback: video and actions as
+    HISTORY. Returns (segment, chunk, [(segment, chunk) of every key token]) per insert that the
+    training sequence holds; keys are listed token by token, oldest first."""
+    cache: list[tuple[str, int]] = []  # one entry per token, oldest first
+    predicted: list[bool] = []
+    seen = []
+    for k in range(chunks):
+        for name, n, mode in (("video_noisy", nv, "transient"), ("video_predicted", nv, "predicted"),
+                              ("action_noisy", na, "transient"), ("action_last_step", na, "predicted"),
+                              ("video", nv, "history"), ("action", na, "history")):
+            if mode == "history":  # a real observation replaces the predicted future
+                cache = [c for c, p in zip(cache, predicted, strict=True) if not p]
+                predicted = [False] * len(cache)
+            evict = max(0, len(cache) + n - capacity)
+            cache, predicted = cache[evict:], predicted[evict:]
+            keys = cache + [(name, k)] * n
+            if name != "action_last_step":
+                seen.append((name, k, keys))
+            if mode != "transient":
+                cache, predicted = keys, predicted + [mode == "predicted"] * n
+    return seen
+
+
+def episode_layout(cfg: PolicyConfig, chunks: int) -> EpisodeLayout:
+    mc = cfg.model_config
+    f, apf = cfg.frame_chunk_size, cfg.action_per_frame
+    h, w = cfg.latent_hw
+    _, ph, pw = mc.patch_size
+    nv, na = cfg.video_tokens_per_chunk, cfg.action_tokens_per_chunk
+    sizes = (nv, na, nv, nv, na)
+    per = sum(sizes)
+    grids = []
+    for k in range(chunks):
+        vgrid, agrid = video_grid_ids(f, h // ph, w // pw, k * f), action_grid_ids(f, apf, k * f)
+        grids += [vgrid, agrid, vgrid, vgrid, agrid]
+
+    def positions(name: str, k: int) -> Tensor:
+        i = SEGMENTS.index(name)
+        return k * per + sum(sizes[:i]) + torch.arange(sizes[i])
+
+    mask = torch.zeros(chunks * per, chunks * per, dtype=torch.bool)
+    for name, k, keys in cache_visibility(chunks, nv, na, cfg.cache_capacity):
+        rows = positions(name, k)
+        # Keys come in whole inserts except the oldest, which may be partly evicted: keep its newest tokens.
+        i = 0
+        while i < len(keys):
+            j = i
+            while j < len(keys) and keys[j] == keys[i]:
+                j += 1
+            cols = positions(*keys[i])
+            mask[rows[:, None], cols[len(cols) - (j - i):][None]] = True
+            i = j
+    return EpisodeLayout(chunks, nv, na, cfg.cache_capacity, torch.cat(grids, dim=1), mask)
+
+
+def _embed_time(embedder, t: Tensor, tokens_per_frame: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """t: [B, K, F] per-frame timesteps -> temb [B, K, F*n, dim], mod [B, K, F*n, 6, dim]."""
+    b, k, f = t.shape
+    temb, mod = embedder(t.reshape(-1), dtype)
+    temb = temb.view(b, k, f, 1, -1).expand(-1, -1, -1, tokens_per_frame, -1).reshape(b, k, f * tokens_per_frame, -1)
+    mod = mod.view(b, k, f, 1, 6, -1).expand(-1, -1, -1, tokens_per_frame, -1, -1)
+    return temb, mod.reshape(b, k, f * tokens_per_frame, 6, -1)
+
+
+def teacher_forced_forward(
+    model: WanVATransformer,
+    layout: EpisodeLayout,
+    video_clean: Tensor,
+    action_clean: Tensor,
+    video_noisy: Tensor,
+    action_noisy: Tensor,
+    t_video: Tensor,
+    t_action: Tensor,
+    text_kv: list[tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
+    """Velocities of the noisy tokens of every chunk.
+
+    video_*: [B, K, C, F, h, w]; action_*: [B, K, A, F, apf, 1] (normalized, unused channels zero);
+    t_video / t_action: [B, K, F] timesteps of the noisy copies (the clean ones are at t = 0);
+    text_kv: the prompt's cross-attention K/V per block ([B, Lt, H, D] each).
+    Returns (video velocity [B, K, C, F, h, w], action velocity [B, K, A, F, apf, 1]).
+    """
+    dtype = model.dtype
+    b, k, c, f, h, w = video_clean.shape
+    a_shape = action_clean.shape
+
+    def video_tokens(x: Tensor) -> Tensor:
+        return model.patch_embedding_mlp(model.patchify(x.reshape(b * k, c, f, h, w).to(dtype))).view(b, k, -1,
+                                                                                                    model.config.dim)
+
+    def action_tokens(x: Tensor) -> Tensor:  # b c f n 1 -> b (f n 1) c, per chunk
+        x = x.reshape(b * k, a_shape[2], -1).transpose(1, 2).to(dtype)
+        return model.action_embedder(x).view(b, k, -1, model.config.dim)
+
+    nv, na = layout.video_tokens // f, layout.action_tokens // f  # tokens per frame
+    zeros = torch.zeros(b, k, f, device=t_video.device)
+    clean_video = (video_tokens(video_clean), *_embed_time(model.condition_embedder, zeros, nv, dtype))
+    parts = [  # in SEGMENTS order
+        clean_video,
+        (action_tokens(action_clean), *_embed_time(model.condition_embedder_action, zeros, na, dtype)),
+        (video_tokens(video_noisy), *_embed_time(model.condition_embedder, t_video, nv, dtype)),
+        clean_video,
+        (action_tokens(action_noisy), *_embed_time(model.condition_embedder_action, t_action, na, dtype)),
+    ]
+    tokens = torch.cat([p[0] for p in parts], dim=2).flatten(1, 2)  # [B, L, dim], chunk-major
+    temb = torch.cat([p[1] for p in parts], dim=2).flatten(1, 2)
+    mod = torch.cat([p[2] for p in parts], dim=2).flatten(1, 2)
+    rope = rope_angles(layout.grid.to(tokens.device), model.config.attention_head_dim)
+    attention = ChunkBandAttention(layout.mask, layout.chunk_tokens).to(tokens.device)
+    for blk in model.blocks:
+        tokens = blk(tokens, mod, rope, text_kv[blk.index], attention)
+
+    shift, scale = (model.scale_shift_table[None] + temb[:, :, None]).float().unbind(2)
+    tokens = (model.norm_out(tokens) * (1.0 + scale) + shift).to(dtype)
+    vid = tokens[:, layout.segment("video_noisy").flatten().to(tokens.device)]  # [B, K*nv*f, dim]
+    act = tokens[:, layout.segment("action_noisy").flatten().to(tokens.device)]
+    v_video = model.unpatchify(model.proj_out(vid).reshape(b * k, layout.video_tokens, -1), f, h, w)
+    v_action = model.action_proj_out(act).reshape(b * k, layout.action_tokens, -1).transpose(1, 2)
+    return v_video.view(b, k, c, f, h, w), v_action.reshape(a_shape)

@@ -1,0 +1,251 @@
+"""Flow-matching training of the dual-stream DiT on recorded episodes (both streams, teacher forced).
+
+Per step, for a batch of whole episodes and independently per chunk and stream: a sigma drawn from
+the scheduler's shifted training grid (`FlowMatchSchedule(1000, shift).sigmas()`, video shift
+`snr_shift`, action shift `action_snr_shift`), x_t = (1 - sigma) x0 + sigma noise at timestep
+1000 sigma, and the velocity target noise - x0 (what the sampler's Euler step integrates). As at
+inference: the action channels outside `used_action_channel_ids` are zero in every action input and
+carry no loss; at the episode's first chunk, latent frame 0 is pinned to the observation and action
+frame 0 to zeros, both at t = 0 and without loss. `teacher.teacher_forced_forward` gives every
+token the keys the KV cache would give it.
+
+State (model, optimizer, step, losses, RNG) is written atomically to `train_state.pt` every
+`save_every` steps and at the end; `fit` resumes from it. The loss curve goes to `loss.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lingbot_edge.core.config import PolicyConfig
+from lingbot_edge.core.scheduler import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
+from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "train_state.pt"
+LOSS_PNG = "loss.png"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1500
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    action_weight: float = 1.0  # the action loss's weight next to the video loss
+    seed: int = 0
+    save_every: int = 100
+
+
+@dataclass
+class EpisodeTensors:
+    """Encoded episodes: the model-space inputs of every chunk (see `encode_dataset`)."""
+
+    video: Tensor  # [E, K, C, F, h, w] observed latents (chunk 0's frame 0 = the first observation)
+    action: Tensor  # [E, K, A, F, apf, 1] executed actions, normalized, unused channels zero
+    text: Tensor  # [E, Lt, text_dim] prompt embeddings
+
+    def __len__(self) -> int:
+        return self.video.shape[0]
+
+
+def encode_dataset(root: str | Path, policy, max_episodes: int | None = None, progress: bool = True) -> EpisodeTensors:
+    """A LeRobot dataset through the policy's own encoders (`calib.data.LeRobotEpisodes`: streaming VAE,
+    prompt encoder, action codec), episodes cut to the same number of whole chunks."""
+    from tqdm import tqdm
+
+    from calib.data import LeRobotEpisodes
+
+    source = LeRobotEpisodes(Path(root), policy, max_episodes=max_episodes)
+    videos, actions, texts = [], [], []
+    for ep in tqdm(source.episode_ids(), desc="encode", unit="episode", disable=not progress):
+        episode = source.load(ep)
+        videos.append(torch.stack([c["observed"][0] for c in episode.chunks]))
+        actions.append(torch.stack([c["executed"][0] for c in episode.chunks]))
+        texts.append(episode.text[0])
+    chunks = min(v.shape[0] for v in videos)
+    if any(v.shape[0] != chunks for v in videos):
+        log.warning("episodes have different lengths: every one is cut to %d chunks", chunks)
+    return EpisodeTensors(torch.stack([v[:chunks] for v in videos]), torch.stack([a[:chunks] for a in actions]),
+                          torch.stack(texts))
+
+
+class FlowMatchingLoss:
+    """Noising, pinning and masking of one batch, and the two streams' losses."""
+
+    def __init__(self, cfg: PolicyConfig, chunks: int):
+        self.cfg = cfg
+        self.layout: EpisodeLayout = episode_layout(cfg, chunks)
+        self.video_sigmas = FlowMatchSchedule(NUM_TRAIN_TIMESTEPS, cfg.snr_shift).sigmas()
+        self.action_sigmas = FlowMatchSchedule(NUM_TRAIN_TIMESTEPS, cfg.action_snr_shift).sigmas()
+        mask = torch.zeros(cfg.model_config.action_dim, dtype=torch.bool)
+        mask[list(cfg.used_action_channel_ids)] = True
+        self.channel_mask = mask
+
+    def __call__(self, model, video: Tensor, action: Tensor, text: Tensor,
+                 generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        b, k, _, f = video.shape[:4]
+        g = generator
+        sv = self.video_sigmas[torch.randint(len(self.video_sigmas), (b, k), generator=g)]
+        sa = self.action_sigmas[torch.randint(len(self.action_sigmas), (b, k), generator=g)]
+        cmask = self.channel_mask.view(1, 1, -1, 1, 1, 1).to(action.dtype)
+        action = action * cmask
+        noise_v = torch.randn(video.shape, generator=g)
+        noise_a = torch.randn(action.shape, generator=g) * cmask
+        xv = (1 - sv.view(b, k, 1, 1, 1, 1)) * video + sv.view(b, k, 1, 1, 1, 1) * noise_v
+        xa = (1 - sa.view(b, k, 1, 1, 1, 1)) * action + sa.view(b, k, 1, 1, 1, 1) * noise_a
+        tv = (sv * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
+        ta = (sa * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
+        # First chunk: frame 0 pinned (observation / zero actions) at t = 0, no loss on it.
+        xv[:, 0, :, 0] = video[:, 0, :, 0]
+        xa[:, 0, :, 0] = 0
+        tv[:, 0, 0] = 0
+        ta[:, 0, 0] = 0
+        frame_w = torch.ones(k, f)
+        frame_w[0, 0] = 0
+        text_kv = model.text_kv(text)
+        pv, pa = teacher_forced_forward(model, self.layout, video, action, xv, xa, tv, ta, text_kv)
+        wv = frame_w.view(1, k, 1, f, 1, 1)
+        wa = frame_w.view(1, k, 1, f, 1, 1) * cmask
+        err_v = (pv.float() - (noise_v - video)).pow(2)
+        err_a = (pa.float() - (noise_a - action)).pow(2)
+        loss_v = (err_v * wv).sum() / (wv.expand_as(err_v)).sum()
+        loss_a = (err_a * wa).sum() / (wa.expand_as(err_a)).sum()
+        return loss_v, {"video": loss_v.item(), "action": loss_a.item(), "_action": loss_a}
+
+
+def _lr_at(step: int, tc: TrainConfig) -> float:
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _public(path: str | Path) -> None:
+    """mkstemp makes 0600 files: give them the mode a new file gets under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        _public(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_losses(losses: list[dict[str, float]], path: Path) -> Path:
+    """Video / action / total loss per step (raw and smoothed) as a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in losses]
+    for key, color in (("video", "tab:blue"), ("action", "tab:orange")):
+        y = torch.tensor([r[key] for r in losses])
+        ax.plot(steps, y, color=color, alpha=0.25, linewidth=0.8)
+        win = max(1, len(y) // 30)
+        smooth = torch.nn.functional.avg_pool1d(y[None, None], win, 1, padding=0)[0, 0] if len(y) >= win else y
+        ax.plot(steps[win - 1:], smooth, color=color, label=f"{key} (mean of {win})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching MSE")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        _public(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: TrainConfig,
+          progress: bool = True) -> list[dict[str, float]]:
+    """Train `model` in place for `tc.steps` steps (resuming from `out/train_state.pt` when present);
+    returns the per-step losses."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.train().requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(tc.seed)
+    losses: list[dict[str, float]] = []
+    step = 0
+    state_path = out / STATE_NAME
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state["train_config"] != asdict(tc) or state["policy"] != cfg.name or state["chunks"] != data.video.shape[1]:
+            raise ValueError(f"{state_path}: saved by a different run ({state['train_config']}, policy "
+                             f"{state['policy']!r}); use another --out or delete it")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        losses, step = state["losses"], state["step"]
+        log.info("resumed %s at step %d", state_path, step)
+    objective = FlowMatchingLoss(cfg, data.video.shape[1])
+
+    def save() -> None:
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                           "losses": losses, "step": step, "train_config": asdict(tc), "policy": cfg.name,
+                           "chunks": data.video.shape[1]}, state_path)
+        if losses:
+            plot_losses(losses, out / LOSS_PNG)
+
+    bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", disable=not progress)
+    t0 = time.perf_counter()
+    while step < tc.steps:
+        idx = torch.randint(len(data), (tc.batch_size,), generator=gen)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, tc)
+        loss_v, parts = objective(model, data.video[idx], data.action[idx], data.text[idx], gen)
+        loss = loss_v + tc.action_weight * parts.pop("_action")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
+        opt.step()
+        step += 1
+        losses.append({"step": step, **parts, "grad_norm": grad_norm})
+        bar.update(1)
+        bar.set_postfix(video=f"{parts['video']:.3f}", action=f"{parts['action']:.3f}")
+        if step % tc.save_every == 0 or step == tc.steps:
+            save()
+    bar.close()
+    log.info("trained %d steps in %.0f s", tc.steps, time.perf_counter() - t0)
+    model.eval().requires_grad_(False)
+    return losses
+
+
+def write_losses_json(losses: list[dict[str, float]], path: Path) -> None:
+    path.write_text(json.dumps(losses))
