@@ -1,6 +1,6 @@
 """The import-layer contract over every module of the project (ARCHITECTURE.md), lazy imports included.
 
-Imports point one way: calib -> quantize -> lingbot_edge; inside the runtime, apps (robot, serve, eval,
+Imports point one way: train -> calib -> quantize -> lingbot_edge; inside the runtime, apps (robot, serve, eval,
 lerobot, cli) -> io -> core; nothing in the runtime imports the test helpers of `lingbot_edge.testing`,
 the offline tools or the benchmarks. The checker reads import statements with `ast` (every one, also
 inside functions), so a lazy `from quantize import ...` in a command function is caught too.
@@ -18,7 +18,7 @@ RUNTIME_APPS = ("robot", "serve", "eval", "lerobot", "cli")
 
 # (module prefix, imported prefixes it must not use, why)
 RULES: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("lingbot_edge", ("quantize", "calib", "bench", "tests"), "the runtime never imports the offline tools"),
+    ("lingbot_edge", ("quantize", "calib", "train", "bench", "tests"), "the runtime never imports the offline tools"),
     ("lingbot_edge.core", tuple(f"lingbot_edge.{p}" for p in ("io", "testing", *RUNTIME_APPS)),
      "core is the math: no files, robots, servers"),
     ("lingbot_edge.io", tuple(f"lingbot_edge.{p}" for p in ("testing", *RUNTIME_APPS)), "io builds policies only"),
@@ -27,9 +27,10 @@ RULES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("lingbot_edge.eval", ("lingbot_edge.testing",), "runtime apps do not use test fixtures"),
     ("lingbot_edge.lerobot", ("lingbot_edge.testing",), "runtime apps do not use test fixtures"),
     ("lingbot_edge.cli", ("lingbot_edge.testing",), "runtime apps do not use test fixtures"),
-    ("lingbot_edge_lerobot", ("quantize", "calib", "bench", "lingbot_edge.testing"), "the plugin is runtime"),
-    ("quantize", ("calib", "bench"), "calib -> quantize, never the reverse"),
-    ("calib", ("bench",), "benchmarks observe only"),
+    ("lingbot_edge_lerobot", ("quantize", "calib", "train", "bench", "lingbot_edge.testing"), "the plugin is runtime"),
+    ("quantize", ("calib", "train", "bench"), "calib -> quantize, never the reverse"),
+    ("calib", ("train", "bench"), "benchmarks observe only; training sits above calibration"),
+    ("train", ("bench",), "benchmarks observe only"),
 )
 
 
@@ -75,7 +76,7 @@ def violations(source: str, module: str, is_package: bool = False) -> list[str]:
 
 def project_modules() -> list[Path]:
     files = []
-    for pkg in ("lingbot_edge", "lingbot_edge_lerobot", "quantize", "calib"):
+    for pkg in ("lingbot_edge", "lingbot_edge_lerobot", "quantize", "calib", "train"):
         files += sorted((ROOT / pkg).rglob("*.py"))
     return files
 

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from lingbot_edge.robot.so100 import SafetyFilter, action_dict, joints_of
+from lingbot_edge.robot.safety import SafetyFilter
+from lingbot_edge.robot.so100 import action_dict, joints_of
 from train.dataset import feature_stats, record_dataset, record_episode
 from train.expert import ScriptedExpert
 from train.scene import CUBE_Z, GraspScene, grasp_joints, tip_position

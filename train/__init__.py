@@ -1,7 +1,7 @@
 """Offline training of the dual-stream LingBot-VA DiT on scripted SO-100 demonstrations.
 
 - `train.scene`: the kinematic SO-100 with a cube at a seeded random position, a grasp check and a
-  success test (wraps `lingbot_edge.robot.so100.KinematicSO100`, which stays untouched).
+  success test (wraps `lingbot_edge.robot.sim.KinematicSO100`, which stays untouched).
 - `train.expert`: a scripted reach-and-grasp expert (IK + a small state machine).
 - `train.dataset`: episodes recorded in LeRobot's v2.1 dataset layout with `meta/stats.json` quantiles.
 - `train.teacher`: the teacher-forced forward: one pass over a whole episode whose attention mask

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_CAMERAS, SafetyFilter, action_dict, joints_of
+from lingbot_edge.robot.safety import SafetyFilter
+from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_CAMERAS, action_dict, joints_of
 from train.expert import ScriptedExpert
 from train.scene import GraspScene
 

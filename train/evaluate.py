@@ -15,7 +15,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from lingbot_edge.robot.so100 import SafetyFilter, VideoRecorder, action_dict, camera_name, joints_of
+from lingbot_edge.robot.safety import SafetyFilter
+from lingbot_edge.robot.sim import VideoRecorder
+from lingbot_edge.robot.so100 import action_dict, camera_name, joints_of
 from train.dataset import TASK
 from train.scene import GraspScene
 

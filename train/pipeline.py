@@ -112,7 +112,8 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
         progress: bool = True, threads: int | None = None, episode_frames: int = EPISODE_FRAMES) -> dict:
     """The whole run; every stage is skipped when its output is already there (resume)."""
     from lingbot_edge.io.checkpoint import save_transformer
-    from lingbot_edge.robot.so100 import load_dataset_quantiles
+    from lingbot_edge.io.datasets import load_action_quantiles
+    from lingbot_edge.robot.so100 import SO100_MOTORS
     from train.dataset import record_dataset
 
     tc = tc or TrainConfig()
@@ -128,7 +129,7 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
             record_dataset(dataset, list(range(episodes)), episode_frames, progress=progress)
     dataset = Path(dataset)
     timings["record_s"] = time.perf_counter() - t
-    q01, q99 = load_dataset_quantiles(dataset)
+    q01, q99 = load_action_quantiles(dataset, SO100_MOTORS)
     dim = get_policy_config("tiny").model_config.action_dim
     cfg = base_policy_config(action_q01=tuple(q01) + (0.0,) * (dim - len(q01)),
                              action_q99=tuple(q99) + (0.0,) * (dim - len(q99)))
@@ -158,7 +159,7 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     model = build_model(cfg.model_config, seed=tc.seed)
     losses = train(model, cfg, data, out, tc, progress=progress)
     timings["train_s"] = time.perf_counter() - t
-    save_transformer(model, ckpt / "transformer")
+    save_transformer(model, ckpt / "transformer", replace=True)  # the skeleton's random DiT -> the trained one
     report = {"dataset": str(dataset), "episodes": len(data), "chunks": int(data.video.shape[1]),
               "train_config": asdict(tc), "policy_config": policy_config_json(cfg), "timings": timings,
               "final_loss": {k: sum(r[k] for r in losses[-50:]) / max(1, len(losses[-50:]))

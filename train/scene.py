@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lingbot_edge.robot.so100 import SO100_CAMERAS, KinematicSO100
+from lingbot_edge.robot.sim import KinematicSO100
+from lingbot_edge.robot.so100 import SO100_CAMERAS
 
 GRIP_OPEN = 40.0
 GRIP_CLOSED = 15.0
