@@ -186,7 +186,8 @@ def forward_timers(sampler, cfg: PolicyConfig) -> dict[str, Callable[[], None]]:
     x_v = torch.randn(sampler.latent_shape, device=dev, dtype=dt)
     x_a = torch.randn(sampler.action_shape, device=dev, dtype=dt)
     if isinstance(sampler, StaticSampler):
-        t, ds = sampler.schedules[False][1]
+        schedule = sampler.schedules[False]  # one entry only when video_exec_step = 1
+        t, ds = schedule[min(1, len(schedule) - 1)]
         mode = sampler.modes[CacheMode.TRANSIENT]
         rows_v, rows_a = sampler.transient_rows(False), sampler.transient_rows(True)
         return {

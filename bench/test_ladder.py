@@ -34,6 +34,10 @@ VARIANTS = ladder.all_variants()
 # 0.99999, SQNR >= 39 dB; the bounds are 3.6x that RMS, 100x that 1 - cos and 9 dB (8x noise power)
 # below that SQNR.
 BOUNDS = {"action_rms": 2e-2, "action_cos": 0.999, "latent_sqnr_db": 30.0}
+# Step rungs (fewer video / action forwards) trade accuracy by design, against the full-step reference:
+# measured on the CPU tiny preset, action RMS <= 5.3e-2 and cosine >= 0.9991; bounded at 2x / 10x those
+# margins. Their latents are partly denoised on purpose (video_exec_step), so latent SQNR is reported only.
+STEP_BOUNDS = {"action_rms": 0.1, "action_cos": 0.99}
 
 
 def _sync() -> None:
@@ -81,9 +85,13 @@ def test_chunk(benchmark, setup, variant):
     memory = peak_memory.isolated(variant.name, PRESET, CHUNKS, DEVICE)
     if variant.name == "a_reference":
         assert acc["action_rms"] == 0.0 and acc["latent_sqnr_db"] == float("inf"), acc
-    assert acc["action_rms"] <= BOUNDS["action_rms"], acc
-    assert acc["action_cos"] >= BOUNDS["action_cos"], acc
-    assert acc["latent_sqnr_db"] >= BOUNDS["latent_sqnr_db"], acc
+    if variant.steps is None:
+        assert acc["action_rms"] <= BOUNDS["action_rms"], acc
+        assert acc["action_cos"] >= BOUNDS["action_cos"], acc
+        assert acc["latent_sqnr_db"] >= BOUNDS["latent_sqnr_db"], acc
+    else:
+        assert acc["action_rms"] <= STEP_BOUNDS["action_rms"], acc
+        assert acc["action_cos"] >= STEP_BOUNDS["action_cos"], acc
     assert memory["peak_bytes"] >= memory["weight_bytes"] > 0, memory  # at least its weights were resident
     benchmark.extra_info.update(
         variant=variant.name,
