@@ -15,9 +15,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from lingbot_edge.robot.control import execute_step
 from lingbot_edge.robot.safety import SafetyFilter
 from lingbot_edge.robot.sim import VideoRecorder
-from lingbot_edge.robot.so100 import action_dict, camera_name, joints_of
+from lingbot_edge.robot.so100 import camera_images, camera_name, joints_of
 from train.dataset import TASK
 from train.scene import GraspScene
 
@@ -45,13 +46,9 @@ def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str = TASK, 
     done, chunk_index, tick, min_dist = 0, 0, 0, np.inf
     try:
         while done < steps:
-            chunk = policy.infer({k: obs[camera_name(k)] for k in cfg.obs_cam_keys} if chunk_index == 0 else {})
-            for step, target in enumerate(chunk.actions):
-                last = safety(target, joints_of(obs), last)
-                scene.send_action(action_dict(last))
-                obs = scene.get_observation()
-                images = {k: obs[camera_name(k)] for k in cfg.obs_cam_keys} if chunk.is_keyframe(step) else None
-                chunk.record(step, last, images)
+            chunk = policy.infer(camera_images(obs, cfg.obs_cam_keys) if chunk_index == 0 else {})
+            for step in range(chunk.steps):
+                obs, last = execute_step(scene, chunk, step, safety, obs, last)
                 min_dist = min(min_dist, float(np.linalg.norm(scene.tip()[:2] - scene.cube)))
                 if video is not None:
                     video(obs, SimpleNamespace(index=tick))

@@ -48,9 +48,10 @@ def _register_plugins(sub) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The embedded tiny policy closing the loop on the simulated SO-100, one chunk after the other."""
+    from lingbot_edge.robot.control import execute_step
     from lingbot_edge.robot.safety import SafetyFilter
     from lingbot_edge.robot.sim import KinematicSO100
-    from lingbot_edge.robot.so100 import action_dict, camera_name, joints_of
+    from lingbot_edge.robot.so100 import camera_images, camera_name, joints_of
 
     policy = build_policy(args)
     cfg = policy.cfg
@@ -63,13 +64,9 @@ def run_demo(args: argparse.Namespace) -> int:
         policy.reset(prompt=args.prompt)
         last = joints_of(obs)
         for i in range(args.chunks):
-            chunk = policy.infer({k: obs[camera_name(k)] for k in cfg.obs_cam_keys} if i == 0 else {})
-            for step, target in enumerate(chunk.actions):
-                last = safety(target, joints_of(obs), last)
-                robot.send_action(action_dict(last))
-                obs = robot.get_observation()
-                images = {k: obs[camera_name(k)] for k in cfg.obs_cam_keys} if chunk.is_keyframe(step) else None
-                chunk.record(step, last, images)
+            chunk = policy.infer(camera_images(obs, cfg.obs_cam_keys) if i == 0 else {})
+            for step in range(chunk.steps):
+                obs, last = execute_step(robot, chunk, step, safety, obs, last)
             fb = policy.feedback(chunk)
             timing = ", ".join(f"{k[:-3]} {v:.0f}" for k, v in chunk.timing.items())
             print(f"chunk {i}: {chunk.steps} actions x {chunk.actions.shape[1]} joints, {chunk.num_keyframes} "

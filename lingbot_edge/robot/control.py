@@ -41,9 +41,20 @@ import numpy as np
 
 from lingbot_edge.core.episode import Chunk
 from lingbot_edge.robot.safety import SafetyFilter
-from lingbot_edge.robot.so100 import Robot, action_dict, camera_name, joints_of
+from lingbot_edge.robot.so100 import Robot, action_dict, camera_images, joints_of
 
 log = logging.getLogger(__name__)
+
+
+def execute_step(robot: Robot, chunk: Chunk, step: int, safety: SafetyFilter, obs: Mapping[str, Any],
+                 last_safe: np.ndarray | None) -> tuple[Mapping[str, Any], np.ndarray]:
+    """One step of a chunk without a clock (the demo, evaluations): its target through the safety filter,
+    sent, the robot observed, the step recorded (with the cameras at keyframes). Returns (obs, sent)."""
+    safe = safety(chunk.actions[step], joints_of(obs), last_safe)
+    sent = joints_of(robot.send_action(action_dict(safe)))
+    obs = robot.get_observation()
+    chunk.record(step, sent, camera_images(obs, chunk.cameras) if chunk.is_keyframe(step) else None)
+    return obs, sent
 
 
 class PolicyUnavailableError(RuntimeError):
@@ -145,7 +156,7 @@ class AsyncController:
         return chunk, (time.perf_counter() - t) * 1e3
 
     def _images(self, obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return {k: obs[camera_name(k)] for k in self.cam_keys}
+        return camera_images(obs, self.cam_keys)
 
     def _fail(self, logbook: ControlLog, error: PolicyUnavailableError) -> None:
         logbook.failure = str(error)

@@ -46,6 +46,11 @@ def policy_key(camera: str) -> str:
     return camera if camera.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + camera
 
 
+def camera_images(obs: Mapping[str, Any], cam_keys) -> dict[str, np.ndarray]:
+    """{policy camera key: frame} out of a robot observation (whose cameras are named without the prefix)."""
+    return {k: obs[camera_name(k)] for k in cam_keys}
+
+
 def joints_of(obs_or_action: Mapping[str, Any]) -> np.ndarray:
     missing = [k for k in SO100_ACTION_KEYS if k not in obs_or_action]
     if missing:
