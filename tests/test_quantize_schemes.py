@@ -76,14 +76,12 @@ PARITY_MIN_SQNR = {"int8_weight_only": float("inf"), "int8_dynamic": float("inf"
                    "quanto_int8": 100.0, "quanto_fp8": 100.0, "quanto_int8_a8": 100.0, "llm_int8": 50.0}
 
 
-@pytest.mark.parametrize("name", CPU_SCHEMES)
-def test_runtime_kernel_matches_library(name):
+def _ours_and_library(scheme, linear, x):
+    """(runtime QuantizedLinear, the library's own module) of `linear`; calibrated schemes take the
+    library's static input scale, measured on `x`."""
     from optimum.quanto import Calibration
 
-    scheme = SCHEMES[name]
-    linear, x = _linear_and_inputs()
-    ours = quantize_linear(scheme, linear)
-    native = scheme.native_linear(linear)
+    ours, native = quantize_linear(scheme, linear), scheme.native_linear(linear)
     if needs_calibration(scheme):
         with torch.no_grad(), Calibration():
             native(x)
@@ -91,6 +89,14 @@ def test_runtime_kernel_matches_library(name):
         # so quanto's streamline calibration drops output quantization; the runtime has none.
         native.disable_output_quantization()
         ours.input_scale.copy_(native.input_scale)
+    return ours, native
+
+
+@pytest.mark.parametrize("name", CPU_SCHEMES)
+def test_runtime_kernel_matches_library(name):
+    scheme = SCHEMES[name]
+    linear, x = _linear_and_inputs()
+    ours, native = _ours_and_library(scheme, linear, x)
     with torch.no_grad():
         y_native = native(x.half()).float() if scheme.backend == "bitsandbytes" else native(x)
         y_ours = ours(x)
@@ -129,16 +135,9 @@ def _wide_linear_and_inputs(in_features: int):
 @pytest.mark.parametrize("in_features", [3072, 14336])
 @pytest.mark.parametrize("name", CPU_SCHEMES)
 def test_runtime_kernel_matches_library_in_bf16(name, in_features):
-    from optimum.quanto import Calibration
-
     scheme = SCHEMES[name]
     linear, x = _wide_linear_and_inputs(in_features)
-    ours, native = quantize_linear(scheme, linear), scheme.native_linear(linear)
-    if needs_calibration(scheme):
-        with torch.no_grad(), Calibration():
-            native(x)
-        native.disable_output_quantization()
-        ours.input_scale.copy_(native.input_scale)
+    ours, native = _ours_and_library(scheme, linear, x)
     with torch.no_grad():
         y_native = native(x.half()) if scheme.backend == "bitsandbytes" else native(x)
         y_ours = ours(x)
@@ -226,16 +225,9 @@ def test_fp8_dynamic_on_cuda_matches_torchao_or_is_refused_below_sm89():
 def test_fp8_w8a8_matches_library_in_bf16_on_sm89(name, in_features):
     """The fp8 W8A8 schemes in bf16 at the full widths, against torchao / quanto on the GPU (same
     floors as the int8 W8A8 schemes: >= 29 dB and 3 dB under the quantization noise)."""
-    from optimum.quanto import Calibration
-
     scheme = SCHEMES[name]
     linear, x = (t.cuda() for t in _wide_linear_and_inputs(in_features))
-    ours, native = quantize_linear(scheme, linear), scheme.native_linear(linear)
-    if needs_calibration(scheme):
-        with torch.no_grad(), Calibration():
-            native(x)
-        native.disable_output_quantization()
-        ours.input_scale.copy_(native.input_scale)
+    ours, native = _ours_and_library(scheme, linear, x)
     with torch.no_grad():
         parity = sqnr(native(x), ours(x))
         noise = sqnr(nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double()), ours(x))
