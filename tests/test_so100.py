@@ -3,7 +3,6 @@ cameras, the CLI."""
 
 import logging
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from lingbot_edge.robot.so100 import (
     joints_of,
     parse_camera,
 )
+from lingbot_edge.testing.clocks import SlowClock
 
 CFG = tiny_variant(get_policy_config("so100"))  # F = 2, apf = 4: chunks of 4 then 8 steps (133 / 267 ms at 30 Hz)
 
@@ -275,20 +275,6 @@ def test_safety_in_the_loop_and_torque_off_on_errors():
 
 
 # ----------------------------------------------------------------------------- the tiny model, real threads
-
-
-class SlowClock:
-    """Real time, slowed down `factor` times: a generous clock for real policies on a shared CPU (30 Hz of
-    loop time is 30 / factor Hz of wall time), so a count of holds does not depend on the machine's load."""
-
-    def __init__(self, factor: float):
-        self.factor = factor
-
-    def __call__(self) -> float:
-        return time.perf_counter() / self.factor
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds * self.factor)
 
 
 def test_tiny_policy_closed_loop_in_the_sim_with_video(tmp_path):

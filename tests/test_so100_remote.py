@@ -14,19 +14,7 @@ from lingbot_edge.robot.control import AsyncController, PolicyUnavailableError
 from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_LOWER, SO100_UPPER, camera_name
 from lingbot_edge.serve.client import RemotePolicy
 from lingbot_edge.serve.server import EpisodeServer, PolicyServer
-
-
-class SlowClock:
-    """Real time slowed `factor` times: 30 Hz of loop time on a shared CPU without wall-clock thresholds."""
-
-    def __init__(self, factor: float):
-        self.factor = factor
-
-    def __call__(self) -> float:
-        return time.perf_counter() / self.factor
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds * self.factor)
+from lingbot_edge.testing.clocks import SlowClock
 
 
 class FreezablePolicy:
