@@ -358,13 +358,17 @@ class StaticSampler(_SamplerBase):
         _mark(timer, "action")
         return ChunkResult(actions=actions, latents=latents)
 
+    def _write_clean(self, video_latents: Tensor, actions: Tensor, mode: CacheMode) -> None:
+        """Clean (t = 0) video then action tokens into the cache as `mode`, both CFG rows, through the same
+        graphs as the denoising steps."""
+        self.check_feedback(video_latents, actions)
+        t, ds, b = self.history_t, self.history_dsigma, self.cfg.cfg_batch
+        self._run_step(video_latents.to(self.device, self.dtype), t, ds, self.modes[mode], self.no_pin, False, b)
+        self._run_step(actions.to(self.device, self.dtype), t, ds, self.modes[mode], self.no_pin, True, b)
+
     @torch.no_grad()
     def feedback(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
-        self.check_feedback(video_latents, actions)
-        hist, t, ds = self.modes[CacheMode.HISTORY], self.history_t, self.history_dsigma
-        b = self.cfg.cfg_batch
-        self._run_step(video_latents.to(self.device, self.dtype), t, ds, hist, self.no_pin, False, b)
-        self._run_step(actions.to(self.device, self.dtype), t, ds, hist, self.no_pin, True, b)
+        self._write_clean(video_latents, actions, CacheMode.HISTORY)
         _mark(timer, "history")
         self.frame_offset.add_(video_latents.shape[2])
         self.frame_start += video_latents.shape[2]
@@ -372,9 +376,5 @@ class StaticSampler(_SamplerBase):
     @torch.no_grad()
     def write_predicted(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
         """See ReferenceSampler.write_predicted (same graphs as the history writes, PREDICTED mode)."""
-        self.check_feedback(video_latents, actions)
-        mode, t, ds = self.modes[CacheMode.PREDICTED], self.history_t, self.history_dsigma
-        b = self.cfg.cfg_batch
-        self._run_step(video_latents.to(self.device, self.dtype), t, ds, mode, self.no_pin, False, b)
-        self._run_step(actions.to(self.device, self.dtype), t, ds, mode, self.no_pin, True, b)
+        self._write_clean(video_latents, actions, CacheMode.PREDICTED)
         _mark(timer, "predicted")
