@@ -59,7 +59,7 @@ def test_checkpoint_loads_and_runs(run):
     seen = encode_dataset(out / "dataset", policy, progress=False).video
     torch.testing.assert_close(seen, trained_on, atol=1e-4, rtol=1e-4)
     assert abs(float(seen.mean())) < 0.2 and 0.7 < float(seen.std()) < 1.3
-    from train.evaluate import run_episode
+    from lingbot_edge.eval.grasp import run_episode
 
     episode = run_episode(policy, seed=123, steps=12)
     assert episode["steps"] == 12 and np.isfinite(episode["min_distance"])
@@ -108,13 +108,13 @@ def test_resume_continues_the_same_run(run, monkeypatch):
 def test_committed_checkpoint_loads():
     from pathlib import Path
 
-    ckpt = Path(__file__).resolve().parents[1] / "train" / "checkpoints" / "so100-grasp-tiny"
+    ckpt = Path(__file__).resolve().parents[1] / "lingbot_edge" / "assets" / "so100-grasp-tiny"
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     assert size <= 5 * 2**20, size
     policy = load_policy(ckpt, preset="so100", device="cpu", dtype="bfloat16", compile=False, prompt_cache_dir=False)
     assert policy.cfg.model == "tiny" and (policy.cfg.height, policy.cfg.width) == (64, 128)
     assert policy.cfg.obs_cam_keys == ("observation.images.camera_top", "observation.images.camera_wrist_left",
                                        "observation.images.camera_wrist_right")
-    from train.evaluate import run_episode
+    from lingbot_edge.eval.grasp import run_episode
 
     assert run_episode(policy, seed=7, steps=4)["steps"] == 4

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from lingbot_edge.robot.grasp import CUBE_Z, GraspScene, grasp_joints, tip_position
 from lingbot_edge.robot.safety import SafetyFilter
 from lingbot_edge.robot.so100 import action_dict, joints_of
 from train.dataset import feature_stats, record_dataset, record_episode
 from train.expert import ScriptedExpert
-from train.scene import CUBE_Z, GraspScene, grasp_joints, tip_position
 
 
 def test_tip_position_is_the_simulators_kinematics():
@@ -91,7 +91,7 @@ def test_recorded_dataset_is_lerobot_v21_and_reads_back(tmp_path):
 
 
 def test_the_cube_is_where_the_top_camera_draws_it():
-    from train.scene import WORKSPACE_NEAR, WORKSPACE_WIDTH
+    from lingbot_edge.robot.grasp import WORKSPACE_NEAR, WORKSPACE_WIDTH
 
     for seed in range(4):
         scene = GraspScene(seed, views={"top": "top", "wrist": "wrist"}, cameras=("top", "wrist"))
@@ -104,3 +104,24 @@ def test_the_cube_is_where_the_top_camera_draws_it():
         y = (cols.mean() + 0.5 - scene.width / 2) / s
         np.testing.assert_allclose([x, y], scene.cube, atol=0.006)  # the arm may hide part of the cube
         assert ((obs["wrist"][..., 0] == 200) & (obs["wrist"][..., 1] == 30)).any()
+
+
+def test_the_table_texture_says_where_a_pixel_is():
+    """Top view: a pixel's colour is the table's at the point the camera framing puts there; wrist view: the
+    centre of the image shows the table under the gripper tip (the simulator's link model)."""
+    from lingbot_edge.robot.grasp import WORKSPACE_NEAR, WORKSPACE_WIDTH, table_color
+
+    scene = GraspScene(3, views={"top": "top", "wrist": "wrist"}, cameras=("top", "wrist"))
+    scene.connect()
+    obs = scene.get_observation()
+    s = scene.width / WORKSPACE_WIDTH
+    row, col = 2, 3  # a corner pixel: neither the arm nor the cube
+    x, y = WORKSPACE_NEAR + (scene.height - row - 0.5) / s, (col + 0.5 - scene.width / 2) / s
+    np.testing.assert_array_equal(obs["top"][row, col], table_color(np.array(x), np.array(y)))
+    tip = tip_position(scene.q)
+    h, w = scene.height, scene.width
+    np.testing.assert_allclose(obs["wrist"][h // 2 - 1, w // 2 - 1].astype(int),
+                               table_color(np.array(tip[0]), np.array(tip[1])).astype(int), atol=2)
+    # Different places, different colours: the texture varies over the whole workspace.
+    corners = table_color(np.array([0.1, 0.1, 0.28, 0.28]), np.array([-0.12, 0.12, -0.12, 0.12]))
+    assert len({tuple(c) for c in corners}) == 4

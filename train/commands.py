@@ -39,6 +39,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--lr", type=float, default=2e-3)
     fit.add_argument("--save-every", type=int, default=100)
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--model", default="tiny", choices=("tiny", "tiny-grasp"),
+                     help="DiT model preset: tiny (2 blocks x 48) or tiny-grasp (4 blocks x 64)")
+    fit.add_argument("--action-weight", type=float, help="weight of the action loss next to the video loss "
+                                                         "(default: TrainConfig's)")
+    fit.add_argument("--history-action-noise", type=float, default=0.0,
+                     help="noise std (normalized units) on the action history the model is trained with")
+    fit.add_argument("--clean-predicted", action="store_true",
+                     help="train the actions on the clean future video (no noise on the PREDICTED copy)")
     fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     fit.add_argument("--eval-episodes", type=int, default=0, help="then evaluate on this many held-out seeds")
     fit.set_defaults(func=_fit)
@@ -49,7 +57,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ev.add_argument("--schemes", default="", help="comma-separated 8-bit schemes to evaluate too "
                                                   "(e.g. int8_weight_only,int8_dynamic,fp8_weight_only)")
+    ev.add_argument("--exec-steps", default="full", help="comma-separated video step settings to evaluate: 'full' "
+                                                         "or a video_exec_step count (e.g. full,1)")
     ev.add_argument("--no-random", action="store_true", help="skip the random-weight baseline")
+    ev.add_argument("--expert", action="store_true", help="add the scripted expert's row (same seeds and filter)")
     ev.add_argument("--video", help="write the first trained episode as an mp4")
     ev.add_argument("--json", help="write the results as JSON")
     ev.add_argument("--markdown", help="write the results table as Markdown (e.g. under bench/results/)")
@@ -69,9 +80,12 @@ def _fit(args) -> int:
     from train.pipeline import fit
     from train.trainer import TrainConfig
 
+    extra = {} if args.action_weight is None else {"action_weight": args.action_weight}
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
-                     seed=args.seed)
-    report = fit(args.out, dataset=args.dataset, episodes=args.episodes, tc=tc, threads=args.threads)
+                     seed=args.seed, noisy_predicted=not args.clean_predicted,
+                     history_action_noise=args.history_action_noise, **extra)
+    report = fit(args.out, dataset=args.dataset, episodes=args.episodes, tc=tc, threads=args.threads,
+                 model=args.model)
     print(f"loss video {report['first_loss']['video']:.3f} -> {report['final_loss']['video']:.3f}, "
           f"action {report['first_loss']['action']:.3f} -> {report['final_loss']['action']:.3f}; "
           f"checkpoint {Path(args.out) / 'checkpoint'}; curves {Path(args.out) / 'loss.png'}")
@@ -89,20 +103,23 @@ def _eval(args) -> int:
     from train.evaluate import evaluate_checkpoint, format_table
 
     schemes = [s for s in args.schemes.split(",") if s]
+    exec_steps = [-1 if s == "full" else int(s) for s in args.exec_steps.split(",") if s]
     rows = evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
-                               random_baseline=not args.no_random, video=args.video)
+                               exec_steps=exec_steps, random_baseline=not args.no_random, expert=args.expert,
+                               video=args.video)
     table = format_table(rows, args.episodes)
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if args.markdown:
-        from train.evaluate import EVAL_SEED0, EVAL_STEPS
+        from lingbot_edge.eval.grasp import EVAL_SEED0, EVAL_STEPS
 
         Path(args.markdown).write_text(
-            f"# Task success: reach and grasp the red cube (kinematic SO-100, `train/scene.py`)\n\n"
+            f"# Task success: reach and grasp the red cube (kinematic SO-100, `lingbot_edge/robot/grasp.py`)\n\n"
             f"Checkpoint `{args.checkpoint}`; held-out seeds {EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}, "
             f"{EVAL_STEPS} actions per episode, CPU, `lingbot-edge train eval --episodes {args.episodes} "
-            f"--dtype {args.dtype}{' --schemes ' + args.schemes if args.schemes else ''}`.\n\n{table}\n")
+            f"--dtype {args.dtype}{' --schemes ' + args.schemes if args.schemes else ''} --exec-steps "
+            f"{args.exec_steps}`.\n\n{table}\n")
     return 0
 
 

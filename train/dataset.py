@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lingbot_edge.robot.grasp import TASK, GraspScene
 from lingbot_edge.robot.safety import SafetyFilter
 from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_CAMERAS, action_dict, joints_of
 from train.expert import ScriptedExpert
-from train.scene import GraspScene
 
 log = logging.getLogger(__name__)
 
-TASK = "pick up the red cube"
 FPS = 30
 CODEBASE_VERSION = "v2.1"
 DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"

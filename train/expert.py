@@ -1,4 +1,4 @@
-"""A scripted reach-and-grasp expert for `train.scene.GraspScene`.
+"""A scripted reach-and-grasp expert for `lingbot_edge.robot.grasp.GraspScene`.
 
 Closed loop on the joint readings: the phase follows from where the arm is (approach above the cube
 with the jaws open, descend, close, lift), and each tick's target moves at most `speed` units toward
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from train.scene import CUBE_Z, grasp_joints
+from lingbot_edge.robot.grasp import CUBE_Z, grasp_joints
 
 GRIP_OPEN_TARGET = 60.0
 GRIP_CLOSED_TARGET = 0.0

@@ -35,8 +35,8 @@ POLICY_SETTINGS = {"height": 64, "width": 128, "guidance_scale": 1.0, "action_gu
                    "num_inference_steps": 4, "action_num_inference_steps": 10, "max_sequence_length": 32}
 
 
-def base_policy_config(**settings) -> PolicyConfig:
-    return tiny_variant(get_policy_config("so100")).replace(**{**POLICY_SETTINGS, **settings})
+def base_policy_config(model: str = "tiny", **settings) -> PolicyConfig:
+    return tiny_variant(get_policy_config("so100"), model).replace(**{**POLICY_SETTINGS, **settings})
 
 
 def policy_config_json(cfg: PolicyConfig) -> dict:
@@ -63,10 +63,14 @@ def policy_config_json(cfg: PolicyConfig) -> dict:
 def write_checkpoint_skeleton(folder: Path, cfg: PolicyConfig, seed: int = 0) -> Path:
     """Released layout with the tiny frozen parts and `policy_config.json`; transformer/ random until
     `export` replaces it. An existing skeleton is kept (its frozen parts made the cached latents)."""
+    from lingbot_edge.core.config import ModelConfig
+    from lingbot_edge.io.checkpoint import build_model, save_transformer
     from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 
     if not (folder / "vae").is_dir():
         save_tiny_checkpoint(folder, seed=seed)
+    if ModelConfig.from_json(folder / "transformer" / "config.json") != cfg.model_config:  # a larger tiny DiT
+        save_transformer(build_model(cfg.model_config, seed=seed), folder / "transformer", replace=True)
     _write_json(folder / "policy_config.json", policy_config_json(cfg))
     return folder
 
@@ -101,15 +105,16 @@ def normalize_latents(data: EpisodeTensors, vae_dir: Path) -> EpisodeTensors:
 
 
 def load_checkpoint_policy(folder: str | Path, dtype: str = "float32", transformer: str | Path | None = None,
-                           sampler: str = "static"):
+                           sampler: str = "static", **overrides):
     from lingbot_edge.io.loading import load_policy
 
     return load_policy(folder, preset="so100", device="cpu", dtype=dtype, compile=False, sampler=sampler,
-                       prompt_cache_dir=False, transformer=transformer)
+                       prompt_cache_dir=False, transformer=transformer, **overrides)
 
 
 def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200, tc: TrainConfig | None = None,
-        progress: bool = True, threads: int | None = None, episode_frames: int = EPISODE_FRAMES) -> dict:
+        progress: bool = True, threads: int | None = None, episode_frames: int = EPISODE_FRAMES,
+        model: str = "tiny") -> dict:
     """The whole run; every stage is skipped when its output is already there (resume)."""
     from lingbot_edge.io.checkpoint import save_transformer
     from lingbot_edge.io.datasets import load_action_quantiles
@@ -131,7 +136,7 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     timings["record_s"] = time.perf_counter() - t
     q01, q99 = load_action_quantiles(dataset, SO100_MOTORS)
     dim = get_policy_config("tiny").model_config.action_dim
-    cfg = base_policy_config(action_q01=tuple(q01) + (0.0,) * (dim - len(q01)),
+    cfg = base_policy_config(model, action_q01=tuple(q01) + (0.0,) * (dim - len(q01)),
                              action_q99=tuple(q99) + (0.0,) * (dim - len(q99)))
     ckpt = write_checkpoint_skeleton(out / "checkpoint", cfg)
     policy = load_checkpoint_policy(ckpt)

@@ -178,12 +178,17 @@ def teacher_forced_forward(
     t_video: Tensor,
     t_action: Tensor,
     text_kv: list[tuple[Tensor, Tensor]],
+    video_predicted: Tensor | None = None,
+    t_predicted: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Velocities of the noisy tokens of every chunk.
 
     video_*: [B, K, C, F, h, w]; action_*: [B, K, A, F, apf, 1] (normalized, unused channels zero);
     t_video / t_action: [B, K, F] timesteps of the noisy copies (the clean ones are at t = 0);
     text_kv: the prompt's cross-attention K/V per block ([B, Lt, H, D] each).
+    video_predicted / t_predicted: what the chunk's PREDICTED entries hold and their timesteps [B, K, F]
+    (default: the clean video at t = 0, the full-step sampler's last write). Under `video_exec_step` the
+    sampler writes a partly denoised latent at its own timestep there instead.
     Returns (video velocity [B, K, C, F, h, w], action velocity [B, K, A, F, apf, 1]).
     """
     dtype = model.dtype
@@ -205,7 +210,8 @@ def teacher_forced_forward(
         clean_video,
         (action_tokens(action_clean), *_embed_time(model.condition_embedder_action, zeros, na, dtype)),
         (video_tokens(video_noisy), *_embed_time(model.condition_embedder, t_video, nv, dtype)),
-        clean_video,
+        clean_video if video_predicted is None else
+        (video_tokens(video_predicted), *_embed_time(model.condition_embedder, t_predicted, nv, dtype)),
         (action_tokens(action_noisy), *_embed_time(model.condition_embedder_action, t_action, na, dtype)),
     ]
     tokens = torch.cat([p[0] for p in parts], dim=2).flatten(1, 2)  # [B, L, dim], chunk-major

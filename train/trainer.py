@@ -46,6 +46,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     action_weight: float = 1.0  # the action loss's weight next to the video loss
+    # Noise on the chunk's PREDICTED video (what its actions attend to), sigma from the video training grid.
+    # Without it the actions learn to read the ground-truth future frames, which the sampler never has.
+    noisy_predicted: bool = True
+    # Gaussian noise (normalized units) on the executed actions written as HISTORY: the expert's past actions
+    # predict its next ones so well that a policy can copy them and never look at the cube.
+    history_action_noise: float = 0.0
     seed: int = 0
     save_every: int = 100
 
@@ -95,8 +101,8 @@ class FlowMatchingLoss:
         mask[list(cfg.used_action_channel_ids)] = True
         self.channel_mask = mask
 
-    def __call__(self, model, video: Tensor, action: Tensor, text: Tensor,
-                 generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, model, video: Tensor, action: Tensor, text: Tensor, generator: torch.Generator,
+                 noisy_predicted: bool = False, history_action_noise: float = 0.0) -> tuple[Tensor, dict[str, float]]:
         b, k, _, f = video.shape[:4]
         g = generator
         sv = self.video_sigmas[torch.randint(len(self.video_sigmas), (b, k), generator=g)]
@@ -116,8 +122,19 @@ class FlowMatchingLoss:
         ta[:, 0, 0] = 0
         frame_w = torch.ones(k, f)
         frame_w[0, 0] = 0
+        xp = tp = None
+        if noisy_predicted:  # as the sampler's PREDICTED write under video_exec_step: x at sigma, t = 1000 sigma
+            sp = self.video_sigmas[torch.randint(len(self.video_sigmas), (b, k), generator=g)]
+            xp = (1 - sp.view(b, k, 1, 1, 1, 1)) * video + sp.view(b, k, 1, 1, 1, 1) * torch.randn(video.shape,
+                                                                                                  generator=g)
+            tp = (sp * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
+            xp[:, 0, :, 0] = video[:, 0, :, 0]  # the first chunk's pinned frame stays the observation
+            tp[:, 0, 0] = 0
+        history = action
+        if history_action_noise:
+            history = action + history_action_noise * torch.randn(action.shape, generator=g) * cmask
         text_kv = model.text_kv(text)
-        pv, pa = teacher_forced_forward(model, self.layout, video, action, xv, xa, tv, ta, text_kv)
+        pv, pa = teacher_forced_forward(model, self.layout, video, history, xv, xa, tv, ta, text_kv, xp, tp)
         wv = frame_w.view(1, k, 1, f, 1, 1)
         wa = frame_w.view(1, k, 1, f, 1, 1) * cmask
         err_v = (pv.float() - (noise_v - video)).pow(2)
@@ -229,7 +246,8 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
         idx = torch.randint(len(data), (tc.batch_size,), generator=gen)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, tc)
-        loss_v, parts = objective(model, data.video[idx], data.action[idx], data.text[idx], gen)
+        loss_v, parts = objective(model, data.video[idx], data.action[idx], data.text[idx], gen, tc.noisy_predicted,
+                                  tc.history_action_noise)
         loss = loss_v + tc.action_weight * parts.pop("_action")
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,6 +1,7 @@
 """Flags that mean the same in every runtime command, and the one way a command builds its policy.
 
-    --checkpoint DIR | tiny   the policy source (a checkpoint folder, or the embedded tiny model)
+    --checkpoint DIR | tiny | so100-grasp   the policy source (a checkpoint folder, the embedded tiny model
+                              with random weights, or the embedded grasp-trained one)
     --preset NAME             the default policy settings (the checkpoint's own come first)
     --transformer DIR         another DiT folder, e.g. a quantized checkpoint from `lingbot-edge quantize`
     --set KEY=VALUE           a policy setting (PolicyConfig or upstream's name), repeatable, applied last
@@ -21,8 +22,9 @@ def add_policy_args(p: argparse.ArgumentParser, *, default_checkpoint: str | Non
                     default_preset: str | None = None) -> None:
     """The policy flags, identical in every command that runs a policy."""
     p.add_argument("--checkpoint", default=default_checkpoint,
-                   help="checkpoint folder (released, LeRobot or post-trained layout), or 'tiny' for the embedded "
-                        f"tiny model (default: {default_checkpoint or 'required'})")
+                   help="checkpoint folder (released, LeRobot or post-trained layout), 'tiny' for the embedded "
+                        "tiny model (random weights) or 'so100-grasp' for the embedded one trained on the SO-100 "
+                        f"grasp task (default: {default_checkpoint or 'required'})")
     p.add_argument("--preset", default=default_preset,
                    help="policy preset used as the default settings: libero, robotwin, so100, tiny (default: "
                         f"{default_preset or 'from the checkpoint'})")

@@ -1,6 +1,6 @@
 """`lingbot-edge` command line.
 
-    lingbot-edge demo [--chunks N] [--compile auto|on|off] [--sampler static|reference] [--device D]
+    lingbot-edge demo [--episodes N] [--video out/demo_grasp.mp4] [--checkpoint so100-grasp|tiny|DIR] [...]
     lingbot-edge encode-prompt --checkpoint DIR --prompt TEXT [--prompt TEXT ...]
     lingbot-edge quantize --checkpoint DIR (--scheme NAME | --plan plan.json) --out DIR [--dry-run]
     lingbot-edge calibrate {capture,sensitivity,plan} --out DIR [...]
@@ -16,9 +16,7 @@ import logging
 import sys
 from importlib import import_module
 
-import numpy as np
-
-from lingbot_edge.cli.common import add_policy_args, build_policy
+from lingbot_edge.cli.common import add_policy_args, build_policy, policy_kwargs
 
 log = logging.getLogger("lingbot_edge")
 
@@ -42,39 +40,34 @@ def _register_plugins(sub) -> None:
         register(sub)
 
 
-
-
-
-
 def run_demo(args: argparse.Namespace) -> int:
-    """The embedded tiny policy closing the loop on the simulated SO-100, one chunk after the other."""
-    from lingbot_edge.robot.control import execute_step
-    from lingbot_edge.robot.safety import SafetyFilter
-    from lingbot_edge.robot.sim import KinematicSO100
-    from lingbot_edge.robot.so100 import camera_images, camera_name, joints_of
+    """The embedded trained tiny policy on the simulated SO-100 grasp task: success over held-out seeds next to
+    the same checkpoint with a random-weight DiT, and the first episode as a video."""
+    from lingbot_edge.eval.grasp import evaluate, held_out_seeds, with_random_transformer
+    from lingbot_edge.io.loading import EMBEDDED_CHECKPOINTS, TINY, load_policy
 
+    seeds = held_out_seeds(args.episodes)
+    kwargs = policy_kwargs(args)
     policy = build_policy(args)
     cfg = policy.cfg
-    robot = KinematicSO100(cameras=[camera_name(k) for k in cfg.obs_cam_keys], height=96, width=128)
-    safety = SafetyFilter()
-    robot.connect()
-    np.set_printoptions(precision=1, suppress=True, linewidth=120)
-    try:
-        obs = robot.get_observation()
-        policy.reset(prompt=args.prompt)
-        last = joints_of(obs)
-        for i in range(args.chunks):
-            chunk = policy.infer(camera_images(obs, cfg.obs_cam_keys) if i == 0 else {})
-            for step in range(chunk.steps):
-                obs, last = execute_step(robot, chunk, step, safety, obs, last)
-            fb = policy.feedback(chunk)
-            timing = ", ".join(f"{k[:-3]} {v:.0f}" for k, v in chunk.timing.items())
-            print(f"chunk {i}: {chunk.steps} actions x {chunk.actions.shape[1]} joints, {chunk.num_keyframes} "
-                  f"keyframes fed back  [{timing} ms; feedback {fb['total_ms']:.0f} ms]")
-            print(chunk.actions)
-    finally:
-        robot.disconnect()
-    print(f"safety filter changed {safety.clipped} of {args.chunks * chunk.steps} targets (random tiny weights)")
+    print(f"policy {args.checkpoint}: {cfg.name}, {cfg.height}x{cfg.width} x {len(cfg.obs_cam_keys)} cameras, "
+          f"{cfg.num_inference_steps} video / {cfg.action_num_inference_steps} action steps, "
+          f"{sum(p.numel() for p in policy.model.parameters()) / 1e6:.2f}M DiT parameters")
+    rows = [("policy", evaluate(policy, seeds, desc="policy", video_path=args.video, progress=not args.quiet))]
+    if args.video:
+        print(f"video of seed {seeds[0]}: {args.video}")
+    folder = EMBEDDED_CHECKPOINTS.get(args.checkpoint, args.checkpoint)
+    if args.baseline and args.checkpoint != TINY and args.transformer is None:
+        random_policy = with_random_transformer(folder, lambda transformer: load_policy(
+            folder, **{**kwargs, "transformer": transformer}))
+        rows.append(("random weights", evaluate(random_policy, seeds, desc="random", progress=not args.quiet)))
+    print(f"SO-100 grasp, {args.episodes} held-out seeds ({seeds[0]}..{seeds[-1]}), kinematic sim:")
+    for name, result in rows:
+        per = result["episodes"]
+        dist = sorted(e["min_distance"] for e in per)[len(per) // 2]
+        ms = sorted(e["chunk_ms"] for e in per)[len(per) // 2]
+        print(f"  {name:15s} success {result['successes']}/{len(per)} ({100 * result['success_rate']:.0f}%), "
+              f"closest approach {100 * dist:.1f} cm (median), {ms:.0f} ms per chunk (median)")
     return 0
 
 
@@ -83,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the embedded tiny policy on the simulated SO-100 and print its actions")
-    demo.add_argument("--chunks", type=int, default=4)
-    demo.add_argument("--prompt", default="pick up the red cube")
-    add_policy_args(demo, default_checkpoint="tiny", default_preset="so100")
+    demo = sub.add_parser("demo", help="the embedded trained policy grasps a cube on the simulated SO-100: success "
+                                       "rate next to random weights, and a video")
+    demo.add_argument("--episodes", type=int, default=10, help="held-out seeds to run (default 10)")
+    demo.add_argument("--video", default="out/demo_grasp.mp4", help="mp4 of the first episode ('' for none)")
+    demo.add_argument("--no-baseline", dest="baseline", action="store_false",
+                      help="skip the random-weight baseline")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_policy_args(demo, default_checkpoint="so100-grasp", default_preset="so100")
     demo.set_defaults(func=run_demo)
     for module in _COMMAND_MODULES:
         import_module(f"lingbot_edge.cli.{module}").register(sub)

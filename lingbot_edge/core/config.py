@@ -92,7 +92,22 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         ffn_dim=64,
         num_layers=2,
     ),
+    # The tiny model's inputs and outputs with a deeper, wider trunk (4 blocks, 2 heads x 32, ffn 256): the DiT
+    # of the embedded checkpoint trained on the SO-100 grasp task (`lingbot-edge train`), still CPU-trainable.
+    "tiny-grasp": ModelConfig(
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=16,
+        out_channels=16,
+        action_dim=8,
+        text_dim=32,
+        ffn_dim=256,
+        num_layers=4,
+    ),
 }
+# Models that share the tiny model's inputs (latent channels, action width, text width): a policy preset's
+# robot side goes onto any of them through `tiny_variant`.
+TINY_MODELS = ("tiny", "tiny-grasp")
 
 # Spatial / temporal compression of the Wan2.2 VAE (and of the tiny stand-in).
 VAE_SPATIAL = 16
@@ -461,12 +476,15 @@ def parse_overrides(items) -> dict:
     return out
 
 
-def tiny_variant(cfg: PolicyConfig) -> PolicyConfig:
-    """`cfg` on the embedded tiny model: its robot-facing fields (cameras, aliases, orientation, state size)
-    with the tiny preset's image size, chunking and step counts. The used channels are packed into the
-    first channels of the tiny model's 8-wide action space, their quantiles with them."""
-    if cfg.model == "tiny":
-        return cfg
+def tiny_variant(cfg: PolicyConfig, model: str = "tiny") -> PolicyConfig:
+    """`cfg` on the embedded tiny model (or another of `TINY_MODELS`): its robot-facing fields (cameras,
+    aliases, orientation, state size) with the tiny preset's image size, chunking and step counts. The used
+    channels are packed into the first channels of the tiny model's 8-wide action space, their quantiles
+    with them."""
+    if model not in TINY_MODELS:
+        raise ValueError(f"model: {model!r} is not one of the tiny models {TINY_MODELS}")
+    if cfg.model in TINY_MODELS:
+        return cfg if cfg.model == model else cfg.replace(model=model)
     tiny = POLICY_PRESETS["tiny"]
     dim = MODEL_PRESETS["tiny"].action_dim
     used = cfg.used_action_channel_ids
@@ -476,5 +494,5 @@ def tiny_variant(cfg: PolicyConfig) -> PolicyConfig:
     q99 = tuple(cfg.action_q99[c] for c in used) + (0.0,) * (dim - len(used))
     keep = {f: getattr(tiny, f) for f in ("height", "width", "frame_chunk_size", "attn_window",
                                            "num_inference_steps", "action_num_inference_steps")}
-    return cfg.replace(name=f"{cfg.name}-tiny", model="tiny", used_action_channel_ids=tuple(range(len(used))),
+    return cfg.replace(name=f"{cfg.name}-tiny", model=model, used_action_channel_ids=tuple(range(len(used))),
                        action_q01=q01, action_q99=q99, state_dim=cfg.state_dim or len(used), **keep)

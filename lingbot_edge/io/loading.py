@@ -187,7 +187,7 @@ def policy_config_for(layout: CheckpointLayout, preset: str | None = None,
     with the checkpoint's own settings on top, which must then say everything a preset would), the
     LeRobot config's inference fields and saved quantiles, or `policy_config.json` (upstream's names),
     then `overrides` (PolicyConfig names, e.g. from `--set`). Its model must be the checkpoint's DiT."""
-    from lingbot_edge.core.config import POLICY_PRESETS, policy_fields_from_upstream
+    from lingbot_edge.core.config import POLICY_PRESETS, TINY_MODELS, policy_fields_from_upstream
 
     if layout.model_config is None:
         raise CheckpointError(f"{layout.root}: no DiT (transformer/ or a LeRobot config.json) to build a policy from")
@@ -200,6 +200,8 @@ def policy_config_for(layout: CheckpointLayout, preset: str | None = None,
                 f"no LeRobot config.json); pass a preset: one of {sorted(POLICY_PRESETS)}")
         # A base that matches the DiT: its sizes are defaults the checkpoint's own file replaces.
         preset = next((n for n, c in POLICY_PRESETS.items() if c.model == model), None)
+        if preset is None and model in TINY_MODELS:  # a larger tiny: the tiny preset's sizes as the base
+            preset = "tiny"
         if preset is None:
             raise CheckpointError(f"{layout.transformer or layout.root}: the DiT matches no model preset "
                                   f"({sorted(MODEL_PRESETS)}); pass a preset")
@@ -208,12 +210,12 @@ def policy_config_for(layout: CheckpointLayout, preset: str | None = None,
         # e.g. preset "libero" on a tiny checkpoint: the preset's robot side on the checkpoint's DiT.
         from lingbot_edge.core.config import tiny_variant
 
-        if model != "tiny":
+        if model not in TINY_MODELS:
             raise CheckpointError(
                 f"{layout.transformer or layout.root}: the checkpoint's DiT does not match preset {preset!r} "
                 f"(model {cfg.model!r}): {_config_diff(layout.model_config, cfg.model_config)}; it is model "
                 f"preset {model!r}")
-        cfg = tiny_variant(cfg)
+        cfg = tiny_variant(cfg, model)
     if layout.policy_config:
         where = str(layout.policy_config_path)
         try:
@@ -289,7 +291,10 @@ def warn_if_float32(cfg: ModelConfig, dtype: torch.dtype) -> None:
                     params * 4 / 1e9, params * 2 / 1e9)
 
 
-TINY = "tiny"  # load_policy's embedded source
+TINY = "tiny"  # load_policy's embedded source: the tiny model with random weights, built in-process
+# Embedded checkpoint folders, by name: the tiny DiT trained on the SO-100 grasp task (`lingbot-edge train`,
+# measured by `lingbot-edge demo`). A name wins over a folder of the same name in the working directory.
+EMBEDDED_CHECKPOINTS = {"so100-grasp": Path(__file__).resolve().parents[1] / "assets" / "so100-grasp-tiny"}
 
 
 def load_policy(
@@ -314,7 +319,8 @@ def load_policy(
     **overrides: Any,
 ):
     """The one policy factory: `source` is a checkpoint folder (released layout, LeRobot layout, a user's
-    post-trained checkpoint) or "tiny" (the embedded tiny model, built in-process); returns a `LingBotPolicy`.
+    post-trained checkpoint), "tiny" (the embedded tiny model, random weights, built in-process) or the name
+    of an embedded checkpoint (`EMBEDDED_CHECKPOINTS`: "so100-grasp"); returns a `LingBotPolicy`.
 
     preset: the default policy settings (the checkpoint's own settings come first; "tiny" source: the
     preset's robot side on the tiny model, see `config.tiny_variant`). transformer: another DiT folder, e.g.
@@ -345,6 +351,8 @@ def load_policy(
                  str(dtype).removeprefix("torch."), compile)
         return build_tiny_policy(sampler=sampler, compile=compile, seed=seed, device=str(device), dtype=dtype, cfg=cfg)
 
+    if isinstance(source, str) and source in EMBEDDED_CHECKPOINTS:
+        source = EMBEDDED_CHECKPOINTS[source]
     # 1. Everything validated from headers and configs: no weight read, no device memory.
     layout = resolve_checkpoint(source, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                 transformer=transformer)

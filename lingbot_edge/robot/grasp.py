@@ -1,5 +1,8 @@
 """The reach-and-grasp task on the kinematic SO-100: a red cube at a seeded random position.
 
+The task the embedded trained checkpoint (`lingbot_edge/assets/so100-grasp-tiny`, trained by
+`lingbot-edge train`) does, and what `lingbot-edge demo` measures its success on.
+
 `GraspScene` subclasses `KinematicSO100` (rendering, joint dynamics and the LeRobot API are the
 simulator's own) and adds what a task needs: the cube's position drawn from the episode seed (it is
 drawn by the simulator's top and wrist cameras), a grasp rule, the cube following the gripper once
@@ -9,6 +12,12 @@ The "top" camera is a workspace camera: looking straight down at the table in fr
 ~0.29 m forward, +-0.13 m sideways), the framing a real SO-100 setup gives its overhead camera. The
 simulator's own top view shows the whole 0.5 m around the base, where the cube's range of positions is
 a few pixels wide once resized to the policy's 64x64 input; the wrist and side views are the simulator's.
+
+The table is textured: its colour changes smoothly with the table position (`table_color`), as markings on
+a real workspace do. The DiT knows where a token is only through RoPE, i.e. relative to other tokens; on a
+uniform table a patch showing the cube looks the same wherever it is, and the tiny model cannot tell
+where the cube is (a trained policy went to the average grasp spot). With the texture a patch's own
+content says where on the table it is, in the top view and behind the cube in the wrist views.
 
 Grasp rule: the jaws must be open (gripper > GRIP_OPEN) and then close (< GRIP_CLOSED) while the
 tip is within `tolerance` m of the cube centre horizontally and below GRASP_HEIGHT. Success: the
@@ -25,6 +34,7 @@ import numpy as np
 from lingbot_edge.robot.sim import KinematicSO100
 from lingbot_edge.robot.so100 import SO100_CAMERAS
 
+TASK = "pick up the red cube"  # the prompt of the task's demonstrations
 GRIP_OPEN = 40.0
 GRIP_CLOSED = 15.0
 GRASP_HEIGHT = 0.045  # m: tip height below which a closing gripper grasps
@@ -132,12 +142,17 @@ class GraspScene(KinematicSO100):
         return self.held
 
     def render(self, view: str) -> np.ndarray:
-        if view != "top":
+        if view == "side":
             return super().render(view)
+        if view != "top":  # wrist: the simulator's drawing over the table texture under the gripper
+            img = super().render(view)
+            table = np.all(img == TABLE_BACKGROUND, axis=-1)
+            img[table] = self._wrist_table(img.shape[0], img.shape[1])[table]
+            return img
         h, w = self.height, self.width
-        img = np.empty((h, w, 3), dtype=np.uint8)
-        img[:] = (200, 190, 170)
         s = w / WORKSPACE_WIDTH  # pixels per metre
+        rows, cols = np.mgrid[:h, :w].astype(np.float64) + 0.5
+        img = table_color(WORKSPACE_NEAR + (h - rows) / s, (cols - w / 2) / s)
 
         def px(x: float, y: float) -> tuple[float, float]:
             return w / 2 + y * s, h - (x - WORKSPACE_NEAR) * s
@@ -155,8 +170,32 @@ class GraspScene(KinematicSO100):
         return img
 
 
+    def _wrist_table(self, h: int, w: int) -> np.ndarray:
+        """The table texture as the simulator's wrist view maps table points to pixels (the inverse of its
+        cube placement: offset from the tip, x2 scale, rotated by the wrist roll)."""
+        pan, pts = self._chain()
+        r_tip = pts[-1][0]
+        tip = np.array([r_tip * math.cos(pan), r_tip * math.sin(pan)])
+        s = min(h, w) / 0.5 * 2
+        rows, cols = np.mgrid[:h, :w].astype(np.float64) + 0.5
+        rx, ry = cols - w / 2, h / 2 - rows
+        roll = math.radians(self.q[4] * 0.9)
+        dy = rx * math.cos(roll) + ry * math.sin(roll)
+        dx = -rx * math.sin(roll) + ry * math.cos(roll)
+        return table_color(tip[0] + dx / s, tip[1] + dy / s)
+
+
 WORKSPACE_WIDTH = 0.26  # m across the top camera's image
 WORKSPACE_NEAR = 0.09  # m: the forward distance at the image's bottom edge
+TABLE_BACKGROUND = (200, 190, 170)  # the simulator's plain background, replaced by the texture
+
+
+def table_color(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """uint8 RGB of the table at (x, y) m: green grows with the forward distance, blue to the left, over the
+    workspace (red stays low: the cube is the only red thing)."""
+    g = np.clip(60 + 700 * (x - WORKSPACE_NEAR), 0, 255)
+    b = np.clip(150 + 700 * y, 0, 255)
+    return np.stack([np.full_like(g, 110), g, b], axis=-1).astype(np.uint8)
 
 
 def _segment(p0, p1, radius: float):
