@@ -118,3 +118,42 @@ def test_committed_checkpoint_loads():
     from lingbot_edge.eval.grasp import run_episode
 
     assert run_episode(policy, seed=7, steps=4)["steps"] == 4
+
+
+def test_augmentations_touch_only_the_model_inputs(monkeypatch):
+    """History-action noise goes into the HISTORY copy only (used channels, the given std); the noisy
+    PREDICTED copy is the clean video at its own sigma / timestep (the first chunk's frame 0 stays pinned);
+    the loss targets stay the clean episode's."""
+    import train.trainer as trainer
+    from lingbot_edge.io.checkpoint import build_model
+    from train.pipeline import base_policy_config
+
+    cfg = base_policy_config()
+    b, k, f, h, w = 2, 3, cfg.frame_chunk_size, *cfg.latent_hw
+    a_dim, apf = cfg.model_config.action_dim, cfg.action_per_frame
+    video = torch.randn(b, k, cfg.model_config.in_channels, f, h, w)
+    action = torch.randn(b, k, a_dim, f, apf, 1)
+    seen = {}
+
+    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp):
+        seen.update(action=action_clean, xp=xp, tp=tp, xv=xv)
+        return torch.zeros_like(video_clean), torch.zeros_like(action_clean)
+
+    monkeypatch.setattr(trainer, "teacher_forced_forward", capture)
+    model = build_model(cfg.model_config)
+    objective = FlowMatchingLoss(cfg, k)
+    text = torch.zeros(b, 4, cfg.model_config.text_dim)
+    _, parts = objective(model, video, action, text, torch.Generator().manual_seed(0), True, 0.5)
+    used = list(cfg.used_action_channel_ids)
+    unused = [c for c in range(a_dim) if c not in used]
+    delta = seen["action"] - action
+    assert (seen["action"][:, :, unused] == 0).all()  # unused channels: zero, and no noise on them
+    assert 0.4 < float(delta[:, :, used].std()) < 0.6
+    assert (seen["tp"][:, 0, 0] == 0).all() and (seen["tp"][:, 1:] > 0).all()
+    torch.testing.assert_close(seen["xp"][:, 0, :, 0], video[:, 0, :, 0])
+    sigma = seen["tp"][:, 1:, 0] / 1000  # the PREDICTED copy at its sigma: x = (1 - s) x0 + s n
+    residual = (seen["xp"][:, 1:] - (1 - sigma.view(b, k - 1, 1, 1, 1, 1)) * video[:, 1:]) / sigma.view(b, k - 1, 1,
+                                                                                                         1, 1, 1)
+    assert 0.8 < float(residual.std()) < 1.2
+    # Zero predictions: the losses are those of the clean targets noise - x0 (> 1 per element on average).
+    assert parts["action"] > 1.0 and parts["video"] > 1.0

@@ -125,3 +125,16 @@ def test_the_table_texture_says_where_a_pixel_is():
     # Different places, different colours: the texture varies over the whole workspace.
     corners = table_color(np.array([0.1, 0.1, 0.28, 0.28]), np.array([-0.12, 0.12, -0.12, 0.12]))
     assert len({tuple(c) for c in corners}) == 4
+
+
+def test_cube_tracking_is_the_least_squares_slope():
+    from lingbot_edge.eval.grasp import cube_tracking
+
+    rng = np.random.default_rng(0)
+    cube = rng.uniform(0.1, 0.2, (12, 2))
+    grasp = np.stack([0.7 * cube[:, 0] + 0.03, np.full(12, 0.05)], 1) + rng.normal(0, 0.002, (12, 2))
+    episodes = [{"cube_xy": c.tolist(), "grasp_xy": g.tolist()} for c, g in zip(cube, grasp, strict=True)]
+    sx, sy = cube_tracking(episodes)
+    np.testing.assert_allclose([sx, sy], [np.polyfit(cube[:, 0], grasp[:, 0], 1)[0],
+                                          np.polyfit(cube[:, 1], grasp[:, 1], 1)[0]], rtol=1e-9)
+    assert 0.6 < sx < 0.8 and abs(sy) < 0.1

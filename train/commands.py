@@ -43,8 +43,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                      help="DiT model preset: tiny (2 blocks x 48) or tiny-grasp (4 blocks x 64)")
     fit.add_argument("--action-weight", type=float, help="weight of the action loss next to the video loss "
                                                          "(default: TrainConfig's)")
+    fit.add_argument("--expert-gain", type=float, default=0.0,
+                     help="the recorded expert's proportional gain (0: constant speed); see train/expert.py")
     fit.add_argument("--history-action-noise", type=float, default=0.0,
                      help="noise std (normalized units) on the action history the model is trained with")
+    fit.add_argument("--change-weight", type=float, default=0.0,
+                     help="extra loss weight on chunks where the expert's motion changes (see TrainConfig)")
     fit.add_argument("--clean-predicted", action="store_true",
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
     fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -83,9 +87,9 @@ def _fit(args) -> int:
     extra = {} if args.action_weight is None else {"action_weight": args.action_weight}
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
                      seed=args.seed, noisy_predicted=not args.clean_predicted,
-                     history_action_noise=args.history_action_noise, **extra)
+                     history_action_noise=args.history_action_noise, change_weight=args.change_weight, **extra)
     report = fit(args.out, dataset=args.dataset, episodes=args.episodes, tc=tc, threads=args.threads,
-                 model=args.model)
+                 model=args.model, expert_gain=args.expert_gain)
     print(f"loss video {report['first_loss']['video']:.3f} -> {report['final_loss']['video']:.3f}, "
           f"action {report['first_loss']['action']:.3f} -> {report['final_loss']['action']:.3f}; "
           f"checkpoint {Path(args.out) / 'checkpoint'}; curves {Path(args.out) / 'loss.png'}")

@@ -40,11 +40,11 @@ IMAGE_PREFIX = "observation.images."
 
 
 def record_episode(seed: int, steps: int, height: int = 96, width: int = 128,
-                   cameras: Sequence[str] = SO100_CAMERAS) -> dict:
+                   cameras: Sequence[str] = SO100_CAMERAS, expert_gain: float = 0.0) -> dict:
     """One expert episode: {"state", "action": [steps, 6] float32, "frames": {camera: [steps, H, W, 3]},
     "success"}; the actions are what the safety filter let through (what the motors got)."""
     scene = GraspScene(seed, cameras=cameras, height=height, width=width)
-    expert = ScriptedExpert(scene.cube.copy())
+    expert = ScriptedExpert(scene.cube.copy(), gain=expert_gain)
     safety = SafetyFilter()
     scene.connect()
     obs = scene.get_observation()
@@ -117,7 +117,8 @@ def _features(height: int, width: int, cameras: Sequence[str]) -> dict:
 
 
 def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: int = 96, width: int = 128,
-                   cameras: Sequence[str] = SO100_CAMERAS, task: str = TASK, progress: bool = True) -> Path:
+                   cameras: Sequence[str] = SO100_CAMERAS, task: str = TASK, progress: bool = True,
+                   expert_gain: float = 0.0) -> Path:
     """Record one expert episode per seed into a new LeRobot v2.1 dataset at `root` (written in a
     temporary folder next to it and moved into place at the end; an existing `root` is refused)."""
     from tqdm import tqdm
@@ -130,7 +131,7 @@ def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: i
     try:
         episodes, all_actions, all_states, index, failed = [], [], [], 0, 0
         for ep, seed in enumerate(tqdm(seeds, desc="record", unit="episode", disable=not progress)):
-            rec = record_episode(seed, steps, height, width, cameras)
+            rec = record_episode(seed, steps, height, width, cameras, expert_gain)
             failed += not rec["success"]
             chunk = ep // CHUNKS_SIZE
             n = len(rec["action"])

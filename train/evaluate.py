@@ -81,14 +81,17 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
 
 
 def format_table(rows: Sequence[dict], episodes: int) -> str:
+    from lingbot_edge.eval.grasp import cube_tracking
+
     lines = [f"| policy | dtype | video steps | success over {episodes} held-out seeds | closest approach (median) "
-             "| CPU ms per chunk (median) |", "|---|---|---|---|---|---|"]
+             "| grasp point vs cube (slope x, y) | CPU ms per chunk (median) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         per = r["per_episode"]
         steps = {None: "-", -1: "full"}.get(r["video_exec_step"], f"video_exec_step {r['video_exec_step']}")
         dist = (f"{100 * float(np.median([e['min_distance'] for e in per])):.1f} cm"
                 if per and "min_distance" in per[0] else "-")
         ms = f"{float(np.median([e['chunk_ms'] for e in per])):.0f}" if per and "chunk_ms" in per[0] else "-"
+        track = "{:.2f}, {:.2f}".format(*cube_tracking(per)) if len(per) > 1 and "grasp_xy" in per[0] else "-"
         lines.append(f"| {r['policy']} | {r['dtype']} | {steps} | {r['successes']}/{r['episodes']} "
-                     f"({100 * r['success_rate']:.0f}%) | {dist} | {ms} |")
+                     f"({100 * r['success_rate']:.0f}%) | {dist} | {track} | {ms} |")
     return "\n".join(lines)

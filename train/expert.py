@@ -25,6 +25,10 @@ class ScriptedExpert:
     speed: float = 2.5  # units per tick (75 units/s at 30 Hz): the sim lags speed / 0.34 < 8
     grip_speed: float = 2.5  # units per tick on the gripper
     tolerance: float = 1.5  # units: a waypoint counts as reached
+    # Proportional approach: each tick covers `gain` of what is left to the waypoint (then the speed limit).
+    # 0 = constant speed. With a gain, every step's size says how far the cube still is, so the cube's position
+    # is in every action a policy learns from, not only in where the motion stops.
+    gain: float = 0.0
 
     def __post_init__(self):
         x, y = (float(v) for v in self.cube_xy)
@@ -52,5 +56,8 @@ class ScriptedExpert:
             self.target = q.copy()
         step = np.full(6, self.speed)
         step[5] = self.grip_speed
-        self.target = self.target + np.clip(goal - self.target, -step, step)
+        move = goal - self.target
+        if self.gain:
+            move = self.gain * move + np.clip(move, -0.3, 0.3)  # + a small constant part: it gets there
+        self.target = self.target + np.clip(move, -step, step)
         return self.target.copy()

@@ -52,6 +52,10 @@ class TrainConfig:
     # Gaussian noise (normalized units) on the executed actions written as HISTORY: the expert's past actions
     # predict its next ones so well that a policy can copy them and never look at the cube.
     history_action_noise: float = 0.0
+    # Extra weight on the chunks where the expert changes what it does (starts, stops, phase changes), where a
+    # copy of the past actions is wrong and only the images tell: chunk weight 1 + change_weight * (the chunk's
+    # summed |second difference| of the actions) / (its mean over the batch). 0 = every chunk alike.
+    change_weight: float = 0.0
     seed: int = 0
     save_every: int = 100
 
@@ -102,7 +106,8 @@ class FlowMatchingLoss:
         self.channel_mask = mask
 
     def __call__(self, model, video: Tensor, action: Tensor, text: Tensor, generator: torch.Generator,
-                 noisy_predicted: bool = False, history_action_noise: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+                 noisy_predicted: bool = False, history_action_noise: float = 0.0,
+                 change_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
         b, k, _, f = video.shape[:4]
         g = generator
         sv = self.video_sigmas[torch.randint(len(self.video_sigmas), (b, k), generator=g)]
@@ -137,11 +142,24 @@ class FlowMatchingLoss:
         pv, pa = teacher_forced_forward(model, self.layout, video, history, xv, xa, tv, ta, text_kv, xp, tp)
         wv = frame_w.view(1, k, 1, f, 1, 1)
         wa = frame_w.view(1, k, 1, f, 1, 1) * cmask
+        if change_weight:
+            wa = wa * (1 + change_weight * action_change(action)).view(b, k, 1, 1, 1, 1)
         err_v = (pv.float() - (noise_v - video)).pow(2)
         err_a = (pa.float() - (noise_a - action)).pow(2)
         loss_v = (err_v * wv).sum() / (wv.expand_as(err_v)).sum()
         loss_a = (err_a * wa).sum() / (wa.expand_as(err_a)).sum()
         return loss_v, {"video": loss_v.item(), "action": loss_a.item(), "_action": loss_a}
+
+
+def action_change(action: Tensor) -> Tensor:
+    """[B, K] per chunk: summed |a_t - 2 a_(t-1) + a_(t-2)| of the episode's action sequence over the chunk's
+    steps, over its mean (1 = an average chunk; 0 = constant velocity all through)."""
+    b, k = action.shape[:2]
+    seq = action.flatten(3).permute(0, 2, 1, 3).reshape(b, action.shape[2], -1)  # [B, A, K*F*apf]
+    d2 = torch.zeros_like(seq)
+    d2[..., 2:] = (seq[..., 2:] - 2 * seq[..., 1:-1] + seq[..., :-2]).abs()
+    per_chunk = d2.sum(1).view(b, k, -1).sum(-1)
+    return per_chunk / per_chunk.mean().clamp(min=1e-8)
 
 
 def _lr_at(step: int, tc: TrainConfig) -> float:
@@ -247,7 +265,7 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, tc)
         loss_v, parts = objective(model, data.video[idx], data.action[idx], data.text[idx], gen, tc.noisy_predicted,
-                                  tc.history_action_noise)
+                                  tc.history_action_noise, tc.change_weight)
         loss = loss_v + tc.action_weight * parts.pop("_action")
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -35,7 +35,8 @@ def held_out_seeds(n: int, start: int = EVAL_SEED0) -> list[int]:
 
 def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str = TASK, height: int = 96,
                 width: int = 128, video: VideoRecorder | None = None) -> dict:
-    """One closed-loop episode; returns {"seed", "success", "clipped", "steps", "min_distance", "chunk_ms"}."""
+    """One closed-loop episode; returns {"seed", "success", "clipped", "steps", "min_distance", "chunk_ms",
+    "cube_xy", "grasp_xy"} (grasp_xy: the tip's xy where it came lowest, i.e. where the policy tried to grasp)."""
     cfg = policy.cfg
     scene = GraspScene(seed, cameras=[camera_name(k) for k in cfg.obs_cam_keys], height=height, width=width)
     safety = SafetyFilter()
@@ -43,7 +44,8 @@ def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str = TASK, 
     obs = scene.get_observation()
     policy.reset(prompt=prompt, seed=seed)
     last = joints_of(obs)
-    done, chunk_index, tick, min_dist, infer_ms = 0, 0, 0, np.inf, []
+    cube_xy = scene.cube.copy()
+    done, chunk_index, tick, min_dist, infer_ms, lowest = 0, 0, 0, np.inf, [], (np.inf, None)
     try:
         while done < steps:
             t = time.perf_counter()
@@ -51,7 +53,9 @@ def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str = TASK, 
             infer_ms.append(1e3 * (time.perf_counter() - t))
             for step in range(chunk.steps):
                 obs, last = execute_step(scene, chunk, step, safety, obs, last)
-                min_dist = min(min_dist, float(np.linalg.norm(scene.tip()[:2] - scene.cube)))
+                tip = scene.tip()
+                min_dist = min(min_dist, float(np.linalg.norm(tip[:2] - scene.cube)))
+                lowest = min(lowest, (float(tip[2]), tip[:2].tolist()), key=lambda x: x[0])
                 if video is not None:
                     video(obs, SimpleNamespace(index=tick))
                 tick += 1
@@ -62,7 +66,20 @@ def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str = TASK, 
     finally:
         scene.disconnect()
     return {"seed": seed, "success": bool(scene.success), "clipped": safety.clipped, "steps": done,
-            "min_distance": min_dist, "chunk_ms": float(np.median(infer_ms))}
+            "min_distance": min_dist, "chunk_ms": float(np.median(infer_ms)), "cube_xy": cube_xy.tolist(),
+            "grasp_xy": lowest[1]}
+
+
+def cube_tracking(episodes: Sequence[dict]) -> tuple[float, float]:
+    """Least-squares slope of the grasp point on the cube position, per axis (x forward, y left): 1 = the policy
+    goes where the cube is, 0 = it goes to the same place whatever the cube's position."""
+    cube = np.array([e["cube_xy"] for e in episodes])
+    grasp = np.array([e["grasp_xy"] for e in episodes])
+    slopes = []
+    for axis in range(2):
+        c = cube[:, axis] - cube[:, axis].mean()
+        slopes.append(float((c * (grasp[:, axis] - grasp[:, axis].mean())).sum() / max((c * c).sum(), 1e-12)))
+    return slopes[0], slopes[1]
 
 
 def evaluate(policy, seeds: Sequence[int], steps: int = EVAL_STEPS, progress: bool = True, desc: str = "eval",
