@@ -138,3 +138,28 @@ def test_cube_tracking_is_the_least_squares_slope():
     np.testing.assert_allclose([sx, sy], [np.polyfit(cube[:, 0], grasp[:, 0], 1)[0],
                                           np.polyfit(cube[:, 1], grasp[:, 1], 1)[0]], rtol=1e-9)
     assert 0.6 < sx < 0.8 and abs(sy) < 0.1
+
+
+def test_cartesian_expert_closes_in_on_the_hover_point_and_grasps():
+    """The straight-line approach: the tip of the targets closes in on the hover point above the cube (the
+    simulator's link model; the joint rate limit lets it lag where the IK turns the wrist), the expert still
+    grasps, and the safety filter never clips it."""
+    scene, safety = GraspScene(5, cameras=()), SafetyFilter()
+    expert = ScriptedExpert(scene.cube.copy(), cartesian_speed=0.004)
+    hover = np.array([*scene.cube, 0.06])
+    scene.connect()
+    obs = scene.get_observation()
+    last = joints_of(obs)
+    dist = []
+    for _ in range(100):
+        q = joints_of(obs)
+        target = expert(q)
+        if expert.phase == "approach":
+            dist.append(float(np.linalg.norm(tip_position(target) - hover)))
+        last = safety(target, q, last)
+        scene.send_action(action_dict(last))
+        obs = scene.get_observation()
+    assert scene.success and safety.clipped == 0
+    closer = [b < a for a, b in zip(dist, dist[1:], strict=False)]
+    assert sum(closer) >= 0.8 * len(closer) and max(b - a for a, b in zip(dist, dist[1:], strict=False)) < 0.006
+    assert dist[-1] < 0.015

@@ -45,6 +45,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                                                          "(default: TrainConfig's)")
     fit.add_argument("--expert-gain", type=float, default=0.0,
                      help="the recorded expert's proportional gain (0: constant speed); see train/expert.py")
+    fit.add_argument("--expert-cartesian-speed", type=float, default=0.0,
+                     help="the recorded expert's straight-line approach speed in m per tick (0: joint space)")
     fit.add_argument("--history-action-noise", type=float, default=0.0,
                      help="noise std (normalized units) on the action history the model is trained with")
     fit.add_argument("--change-weight", type=float, default=0.0,
@@ -89,7 +91,8 @@ def _fit(args) -> int:
                      seed=args.seed, noisy_predicted=not args.clean_predicted,
                      history_action_noise=args.history_action_noise, change_weight=args.change_weight, **extra)
     report = fit(args.out, dataset=args.dataset, episodes=args.episodes, tc=tc, threads=args.threads,
-                 model=args.model, expert_gain=args.expert_gain)
+                 model=args.model, expert_gain=args.expert_gain,
+                 expert_cartesian_speed=args.expert_cartesian_speed)
     print(f"loss video {report['first_loss']['video']:.3f} -> {report['final_loss']['video']:.3f}, "
           f"action {report['first_loss']['action']:.3f} -> {report['final_loss']['action']:.3f}; "
           f"checkpoint {Path(args.out) / 'checkpoint'}; curves {Path(args.out) / 'loss.png'}")

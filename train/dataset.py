@@ -40,11 +40,12 @@ IMAGE_PREFIX = "observation.images."
 
 
 def record_episode(seed: int, steps: int, height: int = 96, width: int = 128,
-                   cameras: Sequence[str] = SO100_CAMERAS, expert_gain: float = 0.0) -> dict:
+                   cameras: Sequence[str] = SO100_CAMERAS, expert_gain: float = 0.0,
+                   expert_cartesian_speed: float = 0.0) -> dict:
     """One expert episode: {"state", "action": [steps, 6] float32, "frames": {camera: [steps, H, W, 3]},
     "success"}; the actions are what the safety filter let through (what the motors got)."""
     scene = GraspScene(seed, cameras=cameras, height=height, width=width)
-    expert = ScriptedExpert(scene.cube.copy(), gain=expert_gain)
+    expert = ScriptedExpert(scene.cube.copy(), gain=expert_gain, cartesian_speed=expert_cartesian_speed)
     safety = SafetyFilter()
     scene.connect()
     obs = scene.get_observation()
@@ -118,7 +119,7 @@ def _features(height: int, width: int, cameras: Sequence[str]) -> dict:
 
 def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: int = 96, width: int = 128,
                    cameras: Sequence[str] = SO100_CAMERAS, task: str = TASK, progress: bool = True,
-                   expert_gain: float = 0.0) -> Path:
+                   expert_gain: float = 0.0, expert_cartesian_speed: float = 0.0) -> Path:
     """Record one expert episode per seed into a new LeRobot v2.1 dataset at `root` (written in a
     temporary folder next to it and moved into place at the end; an existing `root` is refused)."""
     from tqdm import tqdm
@@ -131,7 +132,7 @@ def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: i
     try:
         episodes, all_actions, all_states, index, failed = [], [], [], 0, 0
         for ep, seed in enumerate(tqdm(seeds, desc="record", unit="episode", disable=not progress)):
-            rec = record_episode(seed, steps, height, width, cameras, expert_gain)
+            rec = record_episode(seed, steps, height, width, cameras, expert_gain, expert_cartesian_speed)
             failed += not rec["success"]
             chunk = ep // CHUNKS_SIZE
             n = len(rec["action"])

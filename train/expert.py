@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lingbot_edge.robot.grasp import CUBE_Z, grasp_joints
+from lingbot_edge.robot.grasp import CUBE_Z, grasp_joints, tip_position
 
 GRIP_OPEN_TARGET = 60.0
 GRIP_CLOSED_TARGET = 0.0
@@ -29,6 +29,9 @@ class ScriptedExpert:
     # 0 = constant speed. With a gain, every step's size says how far the cube still is, so the cube's position
     # is in every action a policy learns from, not only in where the motion stops.
     gain: float = 0.0
+    # Straight-line approach: the tip moves toward the hover point at this many metres per tick (0 = joint space),
+    # so every approach step's joint motion depends on where the cube is, not only where the motion ends.
+    cartesian_speed: float = 0.0
 
     def __post_init__(self):
         x, y = (float(v) for v in self.cube_xy)
@@ -38,8 +41,10 @@ class ScriptedExpert:
             "close": grasp_joints(x, y, CUBE_Z, GRIP_CLOSED_TARGET),
             "lift": grasp_joints(x, y, HOVER, GRIP_CLOSED_TARGET),
         }
+        self.hover = np.array([x, y, HOVER])
         self.phase = "approach"
         self.target: np.ndarray | None = None
+        self.path: np.ndarray | None = None  # the straight-line approach's current tip point
 
     def _reached(self, q: np.ndarray, goal: np.ndarray) -> bool:
         return bool(np.abs(q - goal).max() <= self.tolerance + (2.0 if self.phase == "close" else 0.0))
@@ -56,8 +61,24 @@ class ScriptedExpert:
             self.target = q.copy()
         step = np.full(6, self.speed)
         step[5] = self.grip_speed
+        if self.cartesian_speed and self.phase == "approach":
+            goal = self._along_line(goal)
         move = goal - self.target
         if self.gain:
             move = self.gain * move + np.clip(move, -0.3, 0.3)  # + a small constant part: it gets there
         self.target = self.target + np.clip(move, -step, step)
         return self.target.copy()
+
+    def _along_line(self, waypoint: np.ndarray) -> np.ndarray:
+        """Joints of the next point on the straight line from the start tip to the hover point (gripper and
+        roll of the waypoint); the waypoint itself once the line is done or a point is out of reach."""
+        if self.path is None:
+            self.path = tip_position(self.target)
+        left = self.hover - self.path
+        dist = float(np.linalg.norm(left))
+        step = self.cartesian_speed
+        self.path = self.hover.copy() if dist <= step else self.path + left * step / dist
+        try:
+            return grasp_joints(*self.path, gripper=float(waypoint[5]), roll=float(waypoint[4]))
+        except ValueError:
+            return waypoint
