@@ -45,9 +45,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                                                          "(default: TrainConfig's)")
     fit.add_argument("--expert-gain", type=float, default=0.0,
                      help="the recorded expert's proportional gain (0: constant speed); see train/expert.py")
-    fit.add_argument("--expert-cartesian-speed", type=float, default=0.0,
-                     help="the recorded expert's straight-line approach speed in m per tick (0: joint space)")
-    fit.add_argument("--history-action-noise", type=float, default=0.0,
+    fit.add_argument("--expert-cartesian-speed", type=float, default=0.004,
+                     help="the recorded expert's straight-line approach speed in m per tick (default 0.004; 0: joint "
+                          "space)")
+    fit.add_argument("--history-action-noise", type=float, default=0.5,
                      help="noise std (normalized units) on the action history the model is trained with")
     fit.add_argument("--change-weight", type=float, default=0.0,
                      help="extra loss weight on chunks where the expert's motion changes (see TrainConfig)")

@@ -114,7 +114,7 @@ def load_checkpoint_policy(folder: str | Path, dtype: str = "float32", transform
 
 def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200, tc: TrainConfig | None = None,
         progress: bool = True, threads: int | None = None, episode_frames: int = EPISODE_FRAMES,
-        model: str = "tiny", expert_gain: float = 0.0, expert_cartesian_speed: float = 0.0) -> dict:
+        model: str = "tiny", expert_gain: float = 0.0, expert_cartesian_speed: float = 0.004) -> dict:
     """The whole run; every stage is skipped when its output is already there (resume)."""
     from lingbot_edge.io.checkpoint import save_transformer
     from lingbot_edge.io.datasets import load_action_quantiles

@@ -51,7 +51,7 @@ class TrainConfig:
     noisy_predicted: bool = True
     # Gaussian noise (normalized units) on the executed actions written as HISTORY: the expert's past actions
     # predict its next ones so well that a policy can copy them and never look at the cube.
-    history_action_noise: float = 0.0
+    history_action_noise: float = 0.5
     # Extra weight on the chunks where the expert changes what it does (starts, stops, phase changes), where a
     # copy of the past actions is wrong and only the images tell: chunk weight 1 + change_weight * (the chunk's
     # summed |second difference| of the actions) / (its mean over the batch). 0 = every chunk alike.
