@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 
 from lingbot_edge.robot.grasp import CUBE_Z, GraspScene, grasp_joints, tip_position
-from lingbot_edge.robot.safety import SafetyFilter
-from lingbot_edge.robot.so100 import action_dict, joints_of
 from train.dataset import feature_stats, record_dataset, record_episode
-from train.expert import ScriptedExpert
+from train.expert import ScriptedExpert, run_expert
 
 
 def test_tip_position_is_the_simulators_kinematics():
@@ -34,15 +32,7 @@ def test_ik_reaches_the_target_pointing_down(xyz):
 
 
 def _run(scene, controller, steps=100):
-    safety = SafetyFilter()
-    scene.connect()
-    obs = scene.get_observation()
-    last = joints_of(obs)
-    for _ in range(steps):
-        q = joints_of(obs)
-        last = safety(controller(q), q, last)
-        scene.send_action(action_dict(last))
-        obs = scene.get_observation()
+    safety = run_expert(scene, controller, steps)
     return scene.success, safety.clipped
 
 
@@ -144,21 +134,16 @@ def test_cartesian_expert_closes_in_on_the_hover_point_and_grasps():
     """The straight-line approach: the tip of the targets closes in on the hover point above the cube (the
     simulator's link model; the joint rate limit lets it lag where the IK turns the wrist), the expert still
     grasps, and the safety filter never clips it."""
-    scene, safety = GraspScene(5, cameras=()), SafetyFilter()
+    scene = GraspScene(5, cameras=())
     expert = ScriptedExpert(scene.cube.copy(), cartesian_speed=0.004)
     hover = np.array([*scene.cube, 0.06])
-    scene.connect()
-    obs = scene.get_observation()
-    last = joints_of(obs)
     dist = []
-    for _ in range(100):
-        q = joints_of(obs)
-        target = expert(q)
+
+    def on_tick(obs, q, sent):  # expert.target: the target it asked for this tick, before the filter
         if expert.phase == "approach":
-            dist.append(float(np.linalg.norm(tip_position(target) - hover)))
-        last = safety(target, q, last)
-        scene.send_action(action_dict(last))
-        obs = scene.get_observation()
+            dist.append(float(np.linalg.norm(tip_position(expert.target) - hover)))
+
+    safety = run_expert(scene, expert, 100, on_tick)
     assert scene.success and safety.clipped == 0
     closer = [b < a for a, b in zip(dist, dist[1:], strict=False)]
     assert sum(closer) >= 0.8 * len(closer) and max(b - a for a, b in zip(dist, dist[1:], strict=False)) < 0.006

@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from lingbot_edge.robot.grasp import TASK, GraspScene
-from lingbot_edge.robot.safety import SafetyFilter
-from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_CAMERAS, action_dict, joints_of
-from train.expert import ScriptedExpert
+from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_CAMERAS
+from train.expert import ScriptedExpert, run_expert
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +45,15 @@ def record_episode(seed: int, steps: int, height: int = 96, width: int = 128,
     "success"}; the actions are what the safety filter let through (what the motors got)."""
     scene = GraspScene(seed, cameras=cameras, height=height, width=width)
     expert = ScriptedExpert(scene.cube.copy(), gain=expert_gain, cartesian_speed=expert_cartesian_speed)
-    safety = SafetyFilter()
-    scene.connect()
-    obs = scene.get_observation()
-    last = joints_of(obs)
     states, actions, frames = [], [], {c: [] for c in cameras}
-    for _ in range(steps):
-        q = joints_of(obs)
+
+    def record(obs, q, sent):
         states.append(q)
+        actions.append(sent)
         for c in cameras:
             frames[c].append(obs[c])
-        last = safety(expert(q), q, last)
-        actions.append(last)
-        scene.send_action(action_dict(last))
-        obs = scene.get_observation()
-    scene.disconnect()
+
+    run_expert(scene, expert, steps, record)
     return {"state": np.asarray(states, np.float32), "action": np.asarray(actions, np.float32),
             "frames": {c: np.stack(v) for c, v in frames.items()}, "success": scene.success}
 

@@ -26,23 +26,12 @@ def _row(name: str, dtype: str, result: dict, exec_step: int | None) -> dict:
 def evaluate_expert(seeds: Sequence[int], steps: int = EVAL_STEPS) -> dict:
     """The scripted expert on the same seeds, through the same safety filter (the task's ceiling)."""
     from lingbot_edge.robot.grasp import GraspScene
-    from lingbot_edge.robot.safety import SafetyFilter
-    from lingbot_edge.robot.so100 import action_dict, joints_of
-    from train.expert import ScriptedExpert
+    from train.expert import ScriptedExpert, run_expert
 
     episodes = []
     for seed in seeds:
-        scene, safety = GraspScene(seed, cameras=()), SafetyFilter()
-        expert = ScriptedExpert(scene.cube.copy())
-        scene.connect()
-        obs = scene.get_observation()
-        last = joints_of(obs)
-        for _ in range(steps):
-            q = joints_of(obs)
-            last = safety(expert(q), q, last)
-            scene.send_action(action_dict(last))
-            obs = scene.get_observation()
-        scene.disconnect()
+        scene = GraspScene(seed, cameras=())
+        safety = run_expert(scene, ScriptedExpert(scene.cube.copy()), steps)
         episodes.append({"seed": seed, "success": bool(scene.success), "clipped": safety.clipped})
     successes = sum(e["success"] for e in episodes)
     return {"success_rate": successes / max(1, len(episodes)), "successes": successes, "episodes": episodes}

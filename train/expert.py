@@ -19,6 +19,29 @@ GRIP_CLOSED_TARGET = 0.0
 HOVER = 0.06  # m above the table: the pre-grasp and lift height of the tip
 
 
+def run_expert(scene, expert, steps: int, on_tick=None):
+    """`steps` ticks of `expert` on `scene` through a fresh `SafetyFilter` (connect .. disconnect); `on_tick(obs,
+    q, sent)` sees each tick's observation, joint readings and the target sent. Returns the filter."""
+    from lingbot_edge.robot.safety import SafetyFilter
+    from lingbot_edge.robot.so100 import action_dict, joints_of
+
+    safety = SafetyFilter()
+    scene.connect()
+    obs = scene.get_observation()
+    last = joints_of(obs)
+    try:
+        for _ in range(steps):
+            q = joints_of(obs)
+            last = safety(expert(q), q, last)
+            if on_tick is not None:
+                on_tick(obs, q, last)
+            scene.send_action(action_dict(last))
+            obs = scene.get_observation()
+    finally:
+        scene.disconnect()
+    return safety
+
+
 @dataclass
 class ScriptedExpert:
     cube_xy: np.ndarray

@@ -92,19 +92,11 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         ffn_dim=64,
         num_layers=2,
     ),
-    # The tiny model's inputs and outputs with a deeper, wider trunk (4 blocks, 2 heads x 32, ffn 256): the DiT
-    # of the embedded checkpoint trained on the SO-100 grasp task (`lingbot-edge train`), still CPU-trainable.
-    "tiny-grasp": ModelConfig(
-        num_attention_heads=2,
-        attention_head_dim=32,
-        in_channels=16,
-        out_channels=16,
-        action_dim=8,
-        text_dim=32,
-        ffn_dim=256,
-        num_layers=4,
-    ),
 }
+# The tiny model's inputs and outputs with a deeper, wider trunk (4 blocks, 2 heads x 32, ffn 256): a DiT for
+# `lingbot-edge train --model tiny-grasp`, still CPU-trainable.
+MODEL_PRESETS["tiny-grasp"] = dataclasses.replace(MODEL_PRESETS["tiny"], attention_head_dim=32, ffn_dim=256,
+                                                  num_layers=4)
 # Models that share the tiny model's inputs (latent channels, action width, text width): a policy preset's
 # robot side goes onto any of them through `tiny_variant`.
 TINY_MODELS = ("tiny", "tiny-grasp")
