@@ -10,8 +10,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from lingbot_edge.eval.grasp import EVAL_STEPS, evaluate, held_out_seeds, with_random_transformer
 
 log = logging.getLogger(__name__)
@@ -70,17 +68,17 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
 
 
 def format_table(rows: Sequence[dict], episodes: int) -> str:
-    from lingbot_edge.eval.grasp import cube_tracking
+    from lingbot_edge.eval.grasp import summarize
 
     lines = [f"| policy | dtype | video steps | success over {episodes} held-out seeds | closest approach (median) "
              "| grasp point vs cube (slope x, y) | CPU ms per chunk (median) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         per = r["per_episode"]
         steps = {None: "-", -1: "full"}.get(r["video_exec_step"], f"video_exec_step {r['video_exec_step']}")
-        dist = (f"{100 * float(np.median([e['min_distance'] for e in per])):.1f} cm"
-                if per and "min_distance" in per[0] else "-")
-        ms = f"{float(np.median([e['chunk_ms'] for e in per])):.0f}" if per and "chunk_ms" in per[0] else "-"
-        track = "{:.2f}, {:.2f}".format(*cube_tracking(per)) if len(per) > 1 and "grasp_xy" in per[0] else "-"
+        s = summarize(per) if per and "min_distance" in per[0] else None  # the expert's rows have no distances
+        dist = f"{100 * s['min_distance']:.1f} cm" if s else "-"
+        ms = f"{s['chunk_ms']:.0f}" if s else "-"
+        track = "{:.2f}, {:.2f}".format(*s["tracking"]) if s and s["tracking"] else "-"
         lines.append(f"| {r['policy']} | {r['dtype']} | {steps} | {r['successes']}/{r['episodes']} "
                      f"({100 * r['success_rate']:.0f}%) | {dist} | {track} | {ms} |")
     return "\n".join(lines)

@@ -43,7 +43,7 @@ def _register_plugins(sub) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     """The embedded trained tiny policy on the simulated SO-100 grasp task: success over held-out seeds next to
     the same checkpoint with a random-weight DiT, and the first episode as a video."""
-    from lingbot_edge.eval.grasp import evaluate, held_out_seeds, with_random_transformer
+    from lingbot_edge.eval.grasp import evaluate, held_out_seeds, summarize, with_random_transformer
     from lingbot_edge.io.loading import EMBEDDED_CHECKPOINTS, TINY, load_policy
 
     seeds = held_out_seeds(args.episodes)
@@ -63,11 +63,9 @@ def run_demo(args: argparse.Namespace) -> int:
         rows.append(("random weights", evaluate(random_policy, seeds, desc="random", progress=not args.quiet)))
     print(f"SO-100 grasp, {args.episodes} held-out seeds ({seeds[0]}..{seeds[-1]}), kinematic sim:")
     for name, result in rows:
-        per = result["episodes"]
-        dist = sorted(e["min_distance"] for e in per)[len(per) // 2]
-        ms = sorted(e["chunk_ms"] for e in per)[len(per) // 2]
-        print(f"  {name:15s} success {result['successes']}/{len(per)} ({100 * result['success_rate']:.0f}%), "
-              f"closest approach {100 * dist:.1f} cm (median), {ms:.0f} ms per chunk (median)")
+        s = summarize(result["episodes"])
+        print(f"  {name:15s} success {s['successes']}/{s['episodes']} ({100 * result['success_rate']:.0f}%), "
+              f"closest approach {100 * s['min_distance']:.1f} cm (median), {s['chunk_ms']:.0f} ms per chunk (median)")
     return 0
 
 

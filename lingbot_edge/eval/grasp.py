@@ -82,6 +82,15 @@ def cube_tracking(episodes: Sequence[dict]) -> tuple[float, float]:
     return slopes[0], slopes[1]
 
 
+def summarize(episodes: Sequence[dict]) -> dict:
+    """The figures every success table prints, from `run_episode` results: successes, median closest approach
+    (m), median ms per chunk, and the grasp-point slopes (`cube_tracking`; None below two episodes)."""
+    return {"successes": sum(bool(e["success"]) for e in episodes), "episodes": len(episodes),
+            "min_distance": float(np.median([e["min_distance"] for e in episodes])) if episodes else float("nan"),
+            "chunk_ms": float(np.median([e["chunk_ms"] for e in episodes])) if episodes else float("nan"),
+            "tracking": cube_tracking(episodes) if len(episodes) > 1 else None}
+
+
 def evaluate(policy, seeds: Sequence[int], steps: int = EVAL_STEPS, progress: bool = True, desc: str = "eval",
              video_path: str | Path | None = None) -> dict:
     """Success rate over `seeds`; the first episode is written to `video_path` (mp4) when given."""
