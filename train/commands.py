@@ -28,6 +28,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     rec.add_argument("--out", required=True, help="new dataset folder (refused if it exists)")
     rec.add_argument("--episodes", type=int, default=200)
     rec.add_argument("--first-seed", type=int, default=0)
+    _expert_args(rec)
+    rec.add_argument("--camera", action="append", default=[], metavar="NAME",
+                     help="camera to record (repeatable; default: all three SO-100 cameras)")
     rec.set_defaults(func=_record)
 
     fit = sub.add_parser("fit", help="record (unless --dataset), train, export the checkpoint; resumes from --out")
@@ -43,11 +46,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                      help="DiT model preset: tiny (2 blocks x 48) or tiny-grasp (4 blocks x 64)")
     fit.add_argument("--action-weight", type=float, help="weight of the action loss next to the video loss "
                                                          "(default: TrainConfig's)")
-    fit.add_argument("--expert-gain", type=float, default=0.0,
-                     help="the recorded expert's proportional gain (0: constant speed); see train/expert.py")
-    fit.add_argument("--expert-cartesian-speed", type=float, default=0.004,
-                     help="the recorded expert's straight-line approach speed in m per tick (default 0.004; 0: joint "
-                          "space)")
+    _expert_args(fit)
+    fit.add_argument("--camera", action="append", default=[], metavar="NAME",
+                     help="a camera of the trained policy (repeatable; default: POLICY_SETTINGS' cameras); only "
+                          "these are recorded")
+    fit.add_argument("--height", type=int, help="policy image height per camera (default: POLICY_SETTINGS')")
+    fit.add_argument("--width", type=int, help="policy image width per camera (default: POLICY_SETTINGS')")
     fit.add_argument("--history-action-noise", type=float, default=0.5,
                      help="noise std (normalized units) on the action history the model is trained with")
     fit.add_argument("--change-weight", type=float, default=0.0,
@@ -75,11 +79,23 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _expert_args(parser) -> None:
+    from train.expert import RECORDING_CARTESIAN_SPEED
+
+    parser.add_argument("--expert-gain", type=float, default=0.0,
+                        help="the recorded expert's proportional gain (0: constant speed); see train/expert.py")
+    parser.add_argument("--expert-cartesian-speed", type=float, default=RECORDING_CARTESIAN_SPEED,
+                        help=f"the recorded expert's straight-line approach speed in m per tick (default "
+                             f"{RECORDING_CARTESIAN_SPEED}; 0: joint space)")
+
+
 def _record(args) -> int:
     from train.dataset import record_dataset
     from train.pipeline import EPISODE_FRAMES
 
-    record_dataset(args.out, list(range(args.first_seed, args.first_seed + args.episodes)), EPISODE_FRAMES)
+    kwargs = {"cameras": args.camera} if args.camera else {}
+    record_dataset(args.out, list(range(args.first_seed, args.first_seed + args.episodes)), EPISODE_FRAMES,
+                   expert_gain=args.expert_gain, expert_cartesian_speed=args.expert_cartesian_speed, **kwargs)
     return 0
 
 
@@ -93,7 +109,8 @@ def _fit(args) -> int:
                      history_action_noise=args.history_action_noise, change_weight=args.change_weight, **extra)
     report = fit(args.out, dataset=args.dataset, episodes=args.episodes, tc=tc, threads=args.threads,
                  model=args.model, expert_gain=args.expert_gain,
-                 expert_cartesian_speed=args.expert_cartesian_speed)
+                 expert_cartesian_speed=args.expert_cartesian_speed, cameras=args.camera or None,
+                 height=args.height, width=args.width)
     print(f"loss video {report['first_loss']['video']:.3f} -> {report['final_loss']['video']:.3f}, "
           f"action {report['first_loss']['action']:.3f} -> {report['final_loss']['action']:.3f}; "
           f"checkpoint {Path(args.out) / 'checkpoint'}; curves {Path(args.out) / 'loss.png'}")

@@ -17,6 +17,10 @@ from lingbot_edge.robot.grasp import CUBE_Z, grasp_joints, tip_position
 GRIP_OPEN_TARGET = 60.0
 GRIP_CLOSED_TARGET = 0.0
 HOVER = 0.06  # m above the table: the pre-grasp and lift height of the tip
+# The demonstrations' approach: the tip on a straight line to the hover point at this speed (m per tick).
+# Joint-space moves at constant speed let a policy copy its past actions and ignore the cube (bench/results/
+# task_success/so100_grasp.md); `train record` / `train fit` default to this.
+RECORDING_CARTESIAN_SPEED = 0.004
 
 
 def run_expert(scene, expert, steps: int, on_tick=None):

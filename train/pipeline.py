@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from lingbot_edge.core.config import PolicyConfig, get_policy_config, tiny_variant
+from lingbot_edge.robot.so100 import camera_keys, camera_name
+from train.expert import RECORDING_CARTESIAN_SPEED
 from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode_dataset, train
 
 log = logging.getLogger(__name__)
@@ -35,8 +38,13 @@ POLICY_SETTINGS = {"height": 64, "width": 128, "guidance_scale": 1.0, "action_gu
                    "num_inference_steps": 4, "action_num_inference_steps": 10, "max_sequence_length": 32}
 
 
-def base_policy_config(model: str = "tiny", **settings) -> PolicyConfig:
-    return tiny_variant(get_policy_config("so100"), model).replace(**{**POLICY_SETTINGS, **settings})
+def base_policy_config(model: str = "tiny", cameras: Sequence[str] | None = None, **settings) -> PolicyConfig:
+    """The trained checkpoint's policy settings; `cameras` (robot camera names, e.g. camera_top): the so100
+    preset's when None."""
+    cfg = tiny_variant(get_policy_config("so100"), model)
+    if cameras is not None:
+        settings["obs_cam_keys"] = camera_keys(cameras)
+    return cfg.replace(**{**POLICY_SETTINGS, **settings})
 
 
 def policy_config_json(cfg: PolicyConfig) -> dict:
@@ -114,7 +122,8 @@ def load_checkpoint_policy(folder: str | Path, dtype: str = "float32", transform
 
 def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200, tc: TrainConfig | None = None,
         progress: bool = True, threads: int | None = None, episode_frames: int = EPISODE_FRAMES,
-        model: str = "tiny", expert_gain: float = 0.0, expert_cartesian_speed: float = 0.004) -> dict:
+        model: str = "tiny", expert_gain: float = 0.0, expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
+        cameras: Sequence[str] | None = None, height: int | None = None, width: int | None = None) -> dict:
     """The whole run; every stage is skipped when its output is already there (resume)."""
     from lingbot_edge.io.checkpoint import save_transformer
     from lingbot_edge.io.datasets import load_action_quantiles
@@ -131,14 +140,16 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     if dataset is None:
         dataset = out / "dataset"
         if not (dataset / "meta" / "info.json").is_file():
-            record_dataset(dataset, list(range(episodes)), episode_frames, progress=progress, expert_gain=expert_gain,
-                           expert_cartesian_speed=expert_cartesian_speed)
+            recorded = [camera_name(k) for k in base_policy_config(model, cameras).obs_cam_keys]  # what it reads
+            record_dataset(dataset, list(range(episodes)), episode_frames, cameras=recorded, progress=progress,
+                           expert_gain=expert_gain, expert_cartesian_speed=expert_cartesian_speed)
     dataset = Path(dataset)
     timings["record_s"] = time.perf_counter() - t
     q01, q99 = load_action_quantiles(dataset, SO100_MOTORS)
     dim = get_policy_config("tiny").model_config.action_dim
-    cfg = base_policy_config(model, action_q01=tuple(q01) + (0.0,) * (dim - len(q01)),
-                             action_q99=tuple(q99) + (0.0,) * (dim - len(q99)))
+    size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    cfg = base_policy_config(model, cameras, action_q01=tuple(q01) + (0.0,) * (dim - len(q01)),
+                             action_q99=tuple(q99) + (0.0,) * (dim - len(q99)), **size)
     ckpt = write_checkpoint_skeleton(out / "checkpoint", cfg)
     policy = load_checkpoint_policy(ckpt)
     cfg = policy.cfg

@@ -112,6 +112,10 @@ def _robot(args, cams: tuple[str, ...], cameras):
     h, w = (int(v) for v in args.sim_size.lower().split("x"))
     names = [camera_name(k) for k in cams]
     if args.robot == "sim":
+        if args.scene == "grasp":
+            from lingbot_edge.robot.grasp import GraspScene
+
+            return GraspScene(args.scene_seed, cameras=names, height=h, width=w, fps=args.fps)
         from lingbot_edge.robot.sim import KinematicSO100
 
         return KinematicSO100(cameras=names, height=h, width=w, fps=args.fps)
@@ -190,6 +194,8 @@ def run_so100(args: argparse.Namespace) -> int:
           f"{s['hold_ticks']} holding), {s['chunks_executed']} chunks, {s['overruns']} overruns, {s['missed']} missed, "
           f"safety: {safety.clipped_limits} joint-limit / {safety.clipped_step} step clips, {safety.refused} refused"
           f"{traffic}")
+    if hasattr(robot, "success"):  # the grasp scene: did the policy do its task
+        print(f"run-so100: grasp scene seed {robot.seed}: cube {'held' if robot.success else 'not held'} at the end")
     if recorder is not None:
         print(f"run-so100: wrote {recorder.write(args.video, args.fps)}")
     if result.failure is not None:
@@ -245,6 +251,11 @@ def register(subparsers) -> None:
                      help="no lookahead: infer the next chunk only after the current one executed")
     run.add_argument("--video", default=None, help="write the cameras to this mp4")
     run.add_argument("--sim-size", default="96x128", help="simulated camera HxW")
+    run.add_argument("--scene", choices=("plain", "grasp"), default="plain",
+                     help="sim: plain (default) or grasp (the red-cube task of `lingbot-edge demo`, cube placed by "
+                          "--scene-seed; prints whether the cube is held at the end)")
+    run.add_argument("--scene-seed", type=int, default=100_000,
+                     help="--scene grasp: the episode seed placing the cube (default 100000, the first held-out seed)")
     run.add_argument("--port", default=None, help="lerobot: the arm's serial port, e.g. /dev/ttyACM0")
     run.add_argument("--robot-id", default=None, help="lerobot: calibration id")
     run.add_argument("--api-key", default=None, help="remote policy: API key (default: $LINGBOT_EDGE_API_KEY)")
