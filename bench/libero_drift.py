@@ -16,6 +16,12 @@ compare step by step (`lingbot_edge.eval.libero.DriftHarness`). Two settings:
 Static-activation schemes are calibrated on another synthesized scene (2 chunks). The random tiny
 model says how the schemes and the policy around them behave, not how the real 5B checkpoint does:
 the GPU benchmarks on the real checkpoint report that.
+
+    python -m bench.libero_drift --task-episodes N   # + task success per scheme (bf16 compute)
+
+`--task-episodes N` adds what the drift cannot say, whether the task still succeeds: each scheme applied to
+the trained SO-100 grasp checkpoint (not tiny-LIBERO: no trained LIBERO policy exists here) in bf16, over N
+held-out seeds of the simulated grasp task (`calib.task_success`), in the bf16-compute table.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from quantize import SCHEMES, quantize_
 DATA = Path(__file__).resolve().parent.parent / "tests" / "libero" / "data"
 OUT = Path(__file__).resolve().parent / "results" / "libero_drift.md"
 FP8_W8A8 = ("fp8_dynamic", "quanto_fp8_a8")  # float8 matmuls: CUDA sm >= 8.9 only
+BF16_TASK_ROW = "bf16 (no quantization)"
 
 
 def _cpu_name() -> str:
@@ -69,11 +76,43 @@ def measure(data_dir: Path = DATA, schemes: list[str] | None = None, log=print) 
                 libero.replay_episode(harness.policy(m, real_encoder=True), calib)
 
             quantize_(model, SCHEMES[name], calibrate=calibrate, check_hardware=name not in FP8_W8A8)
-            label = f"{name} (emulated)" if name in FP8_W8A8 else name
+            label = _label(name)
             rows[label] = harness.run(model)[1]
             log(f"{setting} {label}: max {rows[label]['max_step_err']:.3g} cumulative "
                 f"{rows[label]['cumulative_err']:.3g} ({time.perf_counter() - t0:.1f} s)")
     return tables
+
+
+def _label(name: str) -> str:
+    return f"{name} (emulated)" if name in FP8_W8A8 else name
+
+
+def task_success(schemes: list[str] | None, episodes: int, steps: int | None = None,
+                 progress: bool = False) -> dict[str, dict]:
+    """{bf16-table label: `calib.task_success.measure` row}: the unquantized bf16 SO-100 grasp checkpoint
+    (label "bf16 (no quantization)") and each scheme on it, over `episodes` held-out seeds; float8 W8A8
+    emulated on a CPU, as in the drift rows."""
+    from calib.task_success import TASK_CHECKPOINT, TaskSetting, checkpoint_loader, measure
+    from lingbot_edge.eval.grasp import EVAL_STEPS
+
+    settings = [TaskSetting(BF16_TASK_ROW)] + [
+        TaskSetting(_label(n), n, check_hardware=n not in FP8_W8A8) for n in (schemes or list(SCHEMES))]
+    rows = measure(checkpoint_loader(TASK_CHECKPOINT, "bfloat16"), settings, episodes, steps or EVAL_STEPS,
+                   progress)
+    return {r["policy"]: r for r in rows}
+
+
+def _task_section(task: dict[str, dict]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """(the bf16 table's extra column, the paragraph under it) of `task_success` rows."""
+    from calib.task_success import TASK_CHECKPOINT, success_cell
+
+    n = next(iter(task.values()))["episodes"]
+    title = f"task success, SO-100 grasp ({n} seeds)"
+    text = [f"Task success (`--task-episodes {n}`): NOT this tiny-LIBERO policy (it has no task to succeed at here) "
+            f"but the trained SO-100 grasp checkpoint `{TASK_CHECKPOINT}` in bf16 with the same scheme, over {n} "
+            f"held-out seeds of the simulated grasp task (`calib.task_success`); unquantized bf16: "
+            f"{success_cell(task[BF16_TASK_ROW])}.", ""]
+    return {title: {label: success_cell(r) for label, r in task.items()}}, text
 
 
 def _reading(tables: dict[str, dict]) -> list[str]:
@@ -110,8 +149,10 @@ def _reading(tables: dict[str, dict]) -> list[str]:
     return out
 
 
-def report(tables: dict[str, dict], seconds: float) -> str:
+def report(tables: dict[str, dict], seconds: float, task: dict[str, dict] | None = None) -> str:
+    """The markdown report; `task`: `task_success` rows, a column of the bf16-compute table."""
     cfg = libero.tiny_libero_config()
+    extra, task_text = _task_section(task) if task else ({}, [])
     steps = next(iter(tables["fp32"].values()))["steps"]
     lines = [
         "# LIBERO action drift: quantized vs reference, tiny-LIBERO policy (CPU)",
@@ -143,7 +184,8 @@ def report(tables: dict[str, dict], seconds: float) -> str:
         "",
         "Each scheme applied to the bf16 model, against the bf16 run.",
         "",
-        libero.format_drift_table(tables["bf16"]),
+        *task_text,
+        libero.format_drift_table(tables["bf16"], extra=extra),
         "## Reading it",
         "",
         *_reading(tables),
@@ -157,10 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(DATA), help="tests/libero/data")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--schemes", nargs="+", choices=list(SCHEMES), help="default: all")
+    parser.add_argument("--task-episodes", type=int, default=0,
+                        help="also task success per scheme on the SO-100 grasp checkpoint over N held-out seeds")
     args = parser.parse_args(argv)
+    if args.task_episodes < 0:
+        parser.error(f"--task-episodes: expected >= 0, got {args.task_episodes}")
     t0 = time.perf_counter()
     tables = measure(Path(args.data), args.schemes)
-    text = report(tables, time.perf_counter() - t0)
+    task = task_success(args.schemes, args.task_episodes, progress=True) if args.task_episodes else None
+    text = report(tables, time.perf_counter() - t0, task)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
