@@ -154,9 +154,10 @@ def task_success(variants: list[Variant], episodes: int, device: torch.device, s
                  progress: bool = False) -> dict[str, dict]:
     """The ladder's task-success column: each rung's setting (`task_settings`) on the trained SO-100 grasp
     checkpoint (bf16, `calib.task_success.TASK_CHECKPOINT`), over `episodes` held-out seeds. {variant:
-    {"successes", "episodes", "setting"} or {"reason"}}; rungs with the same setting share one measurement."""
+    {"successes", "episodes", "setting", "sampler", "min_distance" (median closest approach, m)} or {"reason"}};
+    rungs with the same setting share one measurement."""
     from calib.task_success import TASK_CHECKPOINT, checkpoint_loader, measure, steps_cell
-    from lingbot_edge.eval.grasp import EVAL_STEPS
+    from lingbot_edge.eval.grasp import EVAL_STEPS, summarize
 
     load = checkpoint_loader(TASK_CHECKPOINT, "bfloat16", str(device))
     settings = task_settings(variants, load().cfg, device)
@@ -177,7 +178,7 @@ def task_success(variants: list[Variant], episodes: int, device: torch.device, s
         r = done[key]
         column[v.name] = dict(r) if "reason" in r else {
             "successes": r["successes"], "episodes": r["episodes"], "setting": f"{quant}, {steps_cell(r)} steps",
-            "sampler": setting.sampler}
+            "sampler": setting.sampler, "min_distance": summarize(r["per_episode"])["min_distance"]}
     return column
 
 

@@ -235,9 +235,10 @@ def _task_options(args: argparse.Namespace) -> list[int]:
                          f"{args.exec_steps!r}") from None
 
 
-def task_success_report(args: argparse.Namespace, paths: dict, exec_steps: list[int]) -> str:
+def task_success_report(args: argparse.Namespace, paths: dict, exec_steps: list[int], steps: int | None = None) -> str:
     """Task success of the unquantized policy and of the plan just written (with its static input scales, on the
-    DiT it applies to), per video step setting; appended to report.md. Returns the table."""
+    DiT it applies to), per video step setting, `steps` actions per episode (default the task's); appended to
+    report.md. Returns the table."""
     import json
 
     from calib.report import append_task_success
@@ -258,7 +259,7 @@ def task_success_report(args: argparse.Namespace, paths: dict, exec_steps: list[
         settings += [TaskSetting("unquantized", None, axes),
                      TaskSetting(f"plan {paths['plan'].name}", plan, axes, transformer=paths.get("transformer"),
                                  input_scales=scales)]
-    rows = measure(load, settings, args.task_episodes, progress=True)
+    rows = measure(load, settings, args.task_episodes, **({} if steps is None else {"steps": steps}), progress=True)
     table = format_table(rows, args.task_episodes)
     append_task_success(paths["report"], table, args.checkpoint, args.task_episodes)
     return table
