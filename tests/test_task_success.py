@@ -194,3 +194,34 @@ def test_calibrate_task_flags_are_checked_up_front(tmp_path, extra, error):
     tiny.checkpoint = "tiny"
     with pytest.raises(ValueError, match="random weights"):
         commands._task_options(tiny)
+
+
+@pytest.mark.slow
+def test_calibrate_plan_task_episodes_end_to_end(tmp_path):
+    """The three calibrate steps on the so100-grasp checkpoint, then `plan --task-episodes 1`: report.md gains
+    the unquantized and the plan rows, full steps, the plan's row as a direct run of plan.json gives it."""
+    from calib.commands import _run_capture, _run_plan, _run_sensitivity
+
+    out = tmp_path / "calib"
+    data = ["--checkpoint", TASK_CHECKPOINT, "--preset", "so100", "--synthetic", "1", "--chunks", "1"]
+
+    def run(step, func, *extra):
+        parser = argparse.ArgumentParser(prog="lingbot-edge")
+        from calib import commands
+
+        commands.register(parser.add_subparsers(dest="command", required=True))
+        return func(parser.parse_args(["calibrate", step, "--out", str(out), *data, *extra]))
+
+    assert run("capture", _run_capture) == 0
+    assert run("sensitivity", _run_sensitivity, "--episodes", "1", "--schemes", "int8_dynamic",
+               "--modules", r"blocks\.0\.ffn\..+") == 0
+    assert run("plan", _run_plan, "--max-action-rms", "1", "--task-episodes", "1", "--exec-steps", "full") == 0
+    section = (out / "report.md").read_text().split("## Task success: SO-100 grasp task (simulated)")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| unquantized") or line.startswith("| plan")]
+    assert len(rows) == 2, section
+    policy = load_policy(TASK_CHECKPOINT, preset="so100", device="cpu", dtype="bfloat16", compile=False,
+                         prompt_cache_dir=False)
+    quantize_(policy.model, QuantPlan.from_json(out / "plan.json"))
+    ref = evaluate(policy, held_out_seeds(1), progress=False)["episodes"]
+    assert f"| {sum(e['success'] for e in ref)}/1 " in rows[1]
+    assert f"| {100 * ref[0]['min_distance']:.1f} cm |" in rows[1]
