@@ -41,6 +41,10 @@ class Variant:
     # Step axes: PolicyConfig changes of this variant (video_exec_step, action_num_inference_steps)
     # for a preset; None = the preset's full steps. The accuracy reference keeps full steps.
     steps: Callable[[PolicyConfig], dict] | None = None
+    # What the rung runs, for its task-success setting (`task_settings`): the quantization (a SCHEMES name or
+    # a plan JSON path; None = bf16) and the sampler. Compilation is not part of it (the same math, eager).
+    quant: str | None = None
+    sampler: str = "static"
 
     def step_axes(self, cfg: PolicyConfig) -> tuple[int, int]:
         """(video_exec_step, action steps) this variant runs on `cfg`."""
@@ -58,7 +62,7 @@ def _static(compile: bool) -> Callable:
 def base_variants() -> list[Variant]:
     return [
         Variant("a_reference", "reference sampler, eager, dynamic list cache (upstream-style)",
-                lambda m, c: ReferenceSampler(m, c)),
+                lambda m, c: ReferenceSampler(m, c), sampler="reference"),
         Variant("b_static_eager", "static ring cache + per-prompt cross K/V, eager", _static(False)),
         Variant("c_static_compiled", "static + torch.compile(fullgraph, dynamic=False)", _static(True)),
     ]
@@ -78,17 +82,18 @@ def quant_variants() -> list[Variant]:
     """Rungs d-g: the compiled static sampler with the block Linears in 8 bits (default plan)."""
     variants = [
         Variant("d_int8_weight_only", "+ int8 weight-only (torchao scales, runtime QuantizedLinear)",
-                _quantized("int8_weight_only"), mutates_model=True),
+                _quantized("int8_weight_only"), mutates_model=True, quant="int8_weight_only"),
         Variant("e_int8_w8a8", "+ int8 dynamic activations x int8 weights", _quantized("int8_dynamic"),
-                mutates_model=True),
-        Variant("f_fp8_weight_only", "+ fp8 e4m3 weight-only", _quantized("fp8_weight_only"), mutates_model=True),
+                mutates_model=True, quant="int8_dynamic"),
+        Variant("f_fp8_weight_only", "+ fp8 e4m3 weight-only", _quantized("fp8_weight_only"), mutates_model=True,
+                quant="fp8_weight_only"),
         Variant("f_fp8_w8a8", "+ fp8 dynamic W8A8 (CUDA sm >= 8.9)", _quantized("fp8_dynamic"), gpu_only=True,
-                mutates_model=True),
+                mutates_model=True, quant="fp8_dynamic"),
     ]
     plan = os.environ.get("LINGBOT_BENCH_PLAN")  # a calibrated plan JSON (lingbot-edge calibrate plan)
     if plan:
         variants.append(Variant("g_calibrated_plan", f"+ calibrated mixed plan {Path(plan).name}",
-                                _quantized("", plan), mutates_model=True))
+                                _quantized("", plan), mutates_model=True, quant=plan))
     return variants
 
 
@@ -121,12 +126,60 @@ def step_variants() -> list[Variant]:
     combined = _both(quarter, fifth)
     variants.append(Variant("i_int8_exec_quarter_action_fifth", "int8 weight-only + video_exec_step = N/4, "
                             "action steps / 5", _with_steps(_quantized("int8_weight_only"), combined),
-                            mutates_model=True, steps=combined))
+                            mutates_model=True, steps=combined, quant="int8_weight_only"))
     return variants
 
 
 def all_variants() -> list[Variant]:
     return base_variants() + quant_variants() + step_variants()
+
+
+def task_settings(variants: list[Variant], cfg: PolicyConfig, device: torch.device) -> dict[str, object]:
+    """{variant: its `calib.task_success.TaskSetting` on a policy of `cfg` (the rung's quantization and sampler,
+    its step axes applied to `cfg`'s steps), or the reason it has none on `device`}."""
+    from calib.task_success import TaskSetting
+    from quantize import QuantPlan
+
+    out: dict[str, object] = {}
+    for v in variants:
+        if v.gpu_only and device.type != "cuda":
+            out[v.name] = "needs a CUDA GPU"
+            continue
+        quant = QuantPlan.from_json(v.quant) if v.quant and v.quant.endswith(".json") else v.quant
+        out[v.name] = TaskSetting(v.name, quant, v.steps(cfg) if v.steps else {}, sampler=v.sampler)
+    return out
+
+
+def task_success(variants: list[Variant], episodes: int, device: torch.device, steps: int | None = None,
+                 progress: bool = False) -> dict[str, dict]:
+    """The ladder's task-success column: each rung's setting (`task_settings`) on the trained SO-100 grasp
+    checkpoint (bf16, `calib.task_success.TASK_CHECKPOINT`), over `episodes` held-out seeds. {variant:
+    {"successes", "episodes", "setting", "sampler", "min_distance" (median closest approach, m)} or {"reason"}};
+    rungs with the same setting share one measurement."""
+    from calib.task_success import TASK_CHECKPOINT, checkpoint_loader, measure, steps_cell
+    from lingbot_edge.eval.grasp import EVAL_STEPS, summarize
+
+    load = checkpoint_loader(TASK_CHECKPOINT, "bfloat16", str(device))
+    settings = task_settings(variants, load().cfg, device)
+    done: dict[tuple, dict] = {}
+    column: dict[str, dict] = {}
+    for v in variants:
+        setting = settings[v.name]
+        if isinstance(setting, str):
+            column[v.name] = {"reason": setting}
+            continue
+        quant = Path(v.quant).name if v.quant and v.quant.endswith(".json") else v.quant or "bf16"
+        key = (quant, setting.sampler, tuple(sorted(setting.overrides.items())))
+        if key not in done:
+            try:
+                done[key] = measure(load, [setting], episodes, steps or EVAL_STEPS, progress)[0]
+            except ValueError as e:  # e.g. a calibrated plan of another model: nothing to quantize here
+                done[key] = {"reason": str(e)}
+        r = done[key]
+        column[v.name] = dict(r) if "reason" in r else {
+            "successes": r["successes"], "episodes": r["episodes"], "setting": f"{quant}, {steps_cell(r)} steps",
+            "sampler": setting.sampler, "min_distance": summarize(r["per_episode"])["min_distance"]}
+    return column
 
 
 @dataclass

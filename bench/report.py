@@ -44,6 +44,13 @@ def render(data: dict) -> str:
         "| latent SQNR dB | video_exec_step | action steps |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    task = data.get("task_success")  # the opt-in column (LINGBOT_BENCH_TASK_EPISODES)
+    if task:
+        lines[2] += (f" Task success: each rung's setting (quantization, sampler, step axes on the checkpoint's own "
+                     f"steps; eager) on the trained `{task['checkpoint']}` checkpoint in bf16, the SO-100 grasp task "
+                     f"(`calib.task_success`), {task['episodes']} held-out seeds.")
+        lines[4] += " task success | task setting |"
+        lines[5] += "---:|---|"
     axes = _step_axes(first["preset"])
     base_fwd = {s: forwards.get(("a_reference", s)) for s in ("video", "action")}
     for name, c in chunks.items():
@@ -67,12 +74,14 @@ def render(data: dict) -> str:
             f"| {rate} | {frac(fv)} / {frac(fa)} "
             f"| {c['weight_bytes'] / 2**20:.2f} | {c['peak_memory_bytes'] / 2**20:.0f} | {c['action_rms']:.2e} "
             f"| {c['action_cos']:.5f} | {c['latent_sqnr_db']:.1f} | {axes(name)[0]} | {axes(name)[1]} |"
+            + (" {} | {} |".format(*task_cells(task["variants"].get(name))) if task else "")
         )
     lines += ["", "Variants:", ""] + [f"- `{n}`: {c['description']}" for n, c in chunks.items()]
     from bench.ladder import all_variants
 
     not_run = [v for v in all_variants() if v.name not in chunks]
     lines += [f"- `{v.name}`: {v.description}: not run here" + (" (needs a CUDA GPU)" if v.gpu_only else "")
+              + ("; task success {} ({})".format(*task_cells(task["variants"].get(v.name))) if task else "")
               for v in not_run]
     peaks = next(iter(forwards.values()))["peaks"] if forwards else {}
     if peaks:
@@ -86,6 +95,16 @@ def render(data: dict) -> str:
     lines += ["", f"Peak memory: {counts}." if counts else
               "Peak memory: not labelled in this file (older runs: the CPU column was the whole run's max RSS)."]
     return "\n".join(lines)
+
+
+def task_cells(cell: dict | None) -> tuple[str, str]:
+    """(success, setting) cells of one rung of the task-success column: "k/N" or "-" and why not."""
+    if cell is None:
+        return "-", "not measured"
+    if "reason" in cell:
+        return "-", cell["reason"]
+    return f"{cell['successes']}/{cell['episodes']}", cell["setting"] + (
+        f", {cell['sampler']} sampler" if cell.get("sampler", "static") != "static" else "")
 
 
 def _step_axes(preset: str):

@@ -10,6 +10,8 @@ against the reference within bounds, no recompile while timed, no forward faster
 Environment:
     LINGBOT_BENCH_PRESET  tiny (default on CPU) | libero | robotwin (full model, GPU)
     LINGBOT_BENCH_CHUNKS  chunks per accuracy episode (default 6)
+    LINGBOT_BENCH_TASK_EPISODES  N > 0: also the task-success column, each rung's setting on the trained
+                          SO-100 grasp checkpoint over N held-out seeds (`ladder.task_success`; default 0: off)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = os.environ.get("LINGBOT_BENCH_PRESET", "tiny" if DEVICE.type == "cpu" else "libero")
 CHUNKS = int(os.environ.get("LINGBOT_BENCH_CHUNKS", "6"))
 ROUNDS = int(os.environ.get("LINGBOT_BENCH_ROUNDS", "5"))
+TASK_EPISODES = int(os.environ.get("LINGBOT_BENCH_TASK_EPISODES", "0"))
 VARIANTS = ladder.all_variants()
 # Accuracy vs the bf16 reference sampler (core.actions.action_error; latent SQNR in dB). The reference
 # rerun is exact. Other rungs: bf16 op-order noise (static / compiled) and 8-bit weights on the tiny
@@ -56,6 +59,16 @@ def setup():
     return dict(cfg=cfg, model=model, inputs=inputs, reference=reference, peaks=peaks, flops=flops)
 
 
+@pytest.fixture(scope="session")
+def task_success(ladder_json_extra):
+    """The task-success column of every rung (gpu-only ones with their reason), into the benchmark JSON."""
+    if TASK_EPISODES > 0:
+        from calib.task_success import TASK_CHECKPOINT
+
+        ladder_json_extra["task_success"] = {"checkpoint": TASK_CHECKPOINT, "episodes": TASK_EPISODES,
+                                             "variants": ladder.task_success(VARIANTS, TASK_EPISODES, DEVICE)}
+
+
 def _sampler(setup, variant):
     if variant.gpu_only and DEVICE.type != "cuda":
         pytest.skip(f"{variant.name} needs a CUDA GPU")  # reported as 'not run on this device'
@@ -64,7 +77,7 @@ def _sampler(setup, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
-def test_chunk(benchmark, setup, variant):
+def test_chunk(benchmark, setup, task_success, variant):
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

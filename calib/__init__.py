@@ -16,6 +16,8 @@
 - `sensitivity`, `planner`: one target at a time, then a greedy plan under an action-error and / or
   weight-bytes budget; `smoothing`: SmoothQuant factors folded exactly where the DiT allows it;
   `report`: plan.json, calibration.json, report.md, sensitivity.png; `pipeline`: the CLI's steps.
+- `task_success`: success on the simulated SO-100 grasp task per (scheme / plan, step setting), the one
+  measurement and table behind `train eval`, `plan --task-episodes`, the ladder's and the drift table's columns.
 - `outliers`: the injected-outlier construction the tests and `--checkpoint tiny --inject-outliers` use.
 
 Import direction: `calib -> quantize -> lingbot_edge`, never back.

@@ -63,6 +63,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     plan.add_argument("--max-action-rms", type=float, help="action RMS error budget (normalized units)")
     plan.add_argument("--max-weight-gb", type=float, help="weight bytes budget of the whole DiT (GB, 1e9)")
     plan.add_argument("--schemes", help=f"{_SCHEMES_HELP}; default: those of sensitivity.json")
+    plan.add_argument("--task-episodes", type=int, default=0, metavar="N",
+                      help="SO-100 checkpoints: add to report.md the success of the unquantized policy and of the "
+                           "plan on the simulated grasp task over N held-out seeds (default 0: off)")
+    plan.add_argument("--exec-steps", default="full,1",
+                      help="with --task-episodes: comma-separated video step settings, 'full' or a video_exec_step "
+                           "count (default full,1)")
     plan.set_defaults(func=_run_plan)
     return p
 
@@ -79,7 +85,7 @@ def _load(args: argparse.Namespace):
     if args.inject_outliers and args.checkpoint != TINY:
         raise ValueError(f"--inject-outliers: only with --checkpoint {TINY} (the embedded test model), "
                          f"not {args.checkpoint!r}")
-    check_output(args.out, [p for p in (args.checkpoint, args.transformer, *(args.data or ())) if p and p != TINY])
+    check_output(args.out, [p for p in (_checkpoint_folder(args), args.transformer, *(args.data or ())) if p])
     policy = load_policy(args.checkpoint, **policy_kwargs(args))
     if args.inject_outliers:
         from calib.outliers import inject_outlier_channels
@@ -88,13 +94,19 @@ def _load(args: argparse.Namespace):
     return policy.model, policy.cfg, policy
 
 
-def _folder(args: argparse.Namespace) -> str | None:
-    """The DiT folder the plan applies to (None: the embedded tiny model, written next to the plan)."""
-    from lingbot_edge.io.loading import TINY
+def _checkpoint_folder(args: argparse.Namespace) -> str | None:
+    """--checkpoint as a folder: an embedded checkpoint's name resolved (None: the embedded tiny model)."""
+    from lingbot_edge.io.loading import EMBEDDED_CHECKPOINTS, TINY
 
     if args.checkpoint == TINY:
         return None
-    return args.transformer or args.checkpoint
+    return str(EMBEDDED_CHECKPOINTS.get(args.checkpoint, args.checkpoint))
+
+
+def _folder(args: argparse.Namespace) -> str | None:
+    """The DiT folder the plan applies to (None: the embedded tiny model, written next to the plan)."""
+    folder = _checkpoint_folder(args)
+    return None if folder is None else args.transformer or folder
 
 
 def _source(args: argparse.Namespace, cfg, policy):
@@ -182,7 +194,12 @@ def _run_plan(args: argparse.Namespace) -> int:
     meta = Sensitivity.load(path).meta  # the plan runs the same episodes, smoothing and targets
     budget = Budget(args.max_action_rms, int(args.max_weight_gb * 1e9) if args.max_weight_gb is not None else None)
     schemes = [s.strip() for s in args.schemes.split(",")] if args.schemes else None
+    exec_steps = _task_options(args)
     model, cfg, policy = _load(args)
+    if args.task_episodes:
+        from calib.task_success import check_task_policy
+
+        check_task_policy(cfg, "--task-episodes")
     stats = load_stats(args.out)
     s = setup(model, cfg, _source(args, cfg, policy), stats, episodes=len(meta["episodes"]),
               smooth_alpha=meta["smooth_alpha"], pattern=meta["pattern"], granularity=meta["granularity"])
@@ -191,7 +208,58 @@ def _run_plan(args: argparse.Namespace) -> int:
         print(f"every candidate on {name}: action RMS {err.action_rms:.3g}")
     print(f"plan: action RMS {result.error.action_rms:.3g} ({'meets' if result.feasible else 'MISSES'} the budget), "
           f"weights {result.weight_bytes:,} bytes (bf16 {result.weight_bytes_bf16:,}), kept: {result.kept}")
+    deploy_dtype = dtype_flag(model)
+    if args.task_episodes:
+        del model, policy, s  # the task loads fresh policies
+        table = task_success_report(args, paths, exec_steps)
+        print(table)
     for name, p in paths.items():
         print(f"{name}: {p}")
-    print("next: " + quantize_command(paths, _folder(args), dtype_flag(model)))
+    print("next: " + quantize_command(paths, _folder(args), deploy_dtype))
     return 0 if result.feasible else 1
+
+
+def _task_options(args: argparse.Namespace) -> list[int]:
+    """The video step settings of --task-episodes (refused up front, before any measurement)."""
+    from lingbot_edge.io.loading import TINY
+
+    if args.task_episodes < 0:
+        raise ValueError(f"--task-episodes: expected >= 0, got {args.task_episodes}")
+    if args.task_episodes and args.checkpoint == TINY:
+        raise ValueError(f"--task-episodes: needs a checkpoint folder or an embedded checkpoint (so100-grasp); the "
+                         f"embedded {TINY!r} model has random weights and no folder for the plan to load from")
+    try:
+        return [-1 if x.strip() == "full" else int(x) for x in args.exec_steps.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--exec-steps: expected 'full' or video_exec_step counts, comma-separated; got "
+                         f"{args.exec_steps!r}") from None
+
+
+def task_success_report(args: argparse.Namespace, paths: dict, exec_steps: list[int], steps: int | None = None) -> str:
+    """Task success of the unquantized policy and of the plan just written (with its static input scales, on the
+    DiT it applies to), per video step setting, `steps` actions per episode (default the task's); appended to
+    report.md. Returns the table."""
+    import json
+
+    from calib.report import append_task_success
+    from calib.task_success import TaskSetting, format_table, measure
+    from lingbot_edge.io.loading import load_policy
+    from quantize import QuantPlan
+
+    kwargs = policy_kwargs(args)
+
+    def load(**overrides):
+        return load_policy(args.checkpoint, **{**kwargs, **overrides})
+
+    plan = QuantPlan.from_json(paths["plan"])
+    scales = json.loads(paths["calibration"].read_text())["static_input_scales"] or None
+    settings = []
+    for step in exec_steps:
+        axes = {"video_exec_step": step}
+        settings += [TaskSetting("unquantized", None, axes),
+                     TaskSetting(f"plan {paths['plan'].name}", plan, axes, transformer=paths.get("transformer"),
+                                 input_scales=scales)]
+    rows = measure(load, settings, args.task_episodes, **({} if steps is None else {"steps": steps}), progress=True)
+    table = format_table(rows, args.task_episodes)
+    append_task_success(paths["report"], table, args.checkpoint, args.task_episodes)
+    return table

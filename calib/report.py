@@ -120,6 +120,25 @@ def markdown_report(result: PlanResult, sensitivity: Sensitivity, stats: Activat
     return "\n".join(lines) + "\n"
 
 
+def append_task_success(report: Path, table: str, checkpoint: str, episodes: int) -> None:
+    """Add the task-success section (`calib.task_success.format_table` of `calibrate plan --task-episodes`) to
+    report.md, atomically."""
+    from lingbot_edge.eval.grasp import EVAL_SEED0
+
+    text = report.read_text().rstrip("\n") + "\n\n" + "\n".join([
+        "## Task success: SO-100 grasp task (simulated)",
+        "",
+        f"`{checkpoint}` unquantized and with this plan (its static input scales from calibration.json, on the DiT "
+        f"it applies to), same dtype and settings as above; held-out seeds {EVAL_SEED0}..{EVAL_SEED0 + episodes - 1} "
+        "(`calib.task_success`, `--task-episodes`). The action RMS budget above is over the calibration episodes; "
+        "this is whether the task still succeeds.",
+        "",
+        table,
+        "",
+    ])
+    write_file(report, lambda tmp: tmp.write_text(text))
+
+
 def plot_sensitivity(sensitivity: Sensitivity, result: PlanResult, path: Path) -> bool:
     """Horizontal bars: standalone action RMS per target and scheme (log scale), the budget as a
     line, kept targets' labels in red. False (and nothing written) without matplotlib."""

@@ -64,7 +64,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="task success over held-out seeds: the checkpoint vs random weights")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `train fit`")
-    ev.add_argument("--episodes", type=int, default=20)
+    ev.add_argument("--episodes", "--task-episodes", dest="episodes", type=int, default=20,
+                    help="held-out seeds (default 20); --task-episodes is the same flag as in `calibrate plan`")
     ev.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ev.add_argument("--schemes", default="", help="comma-separated 8-bit schemes to evaluate too "
                                                   "(e.g. int8_weight_only,int8_dynamic,fp8_weight_only)")

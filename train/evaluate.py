@@ -1,7 +1,9 @@
 """Task success of a trained checkpoint: bf16 / fp32, each 8-bit scheme, and the random-weight baseline.
 
 The episode loop and the held-out seeds are the runtime's (`lingbot_edge.eval.grasp`, which `lingbot-edge
-demo` uses too); this module adds what needs the offline tools: the quantization schemes of `quantize/`.
+demo` uses too); the settings (scheme x step setting), their measurement and the table are
+`calib.task_success`'s, shared with the ladder, the drift table and the calibration report. This module adds
+the rows only training has: the scripted expert and the checkpoint with a random-weight DiT.
 """
 
 from __future__ import annotations
@@ -10,15 +12,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from lingbot_edge.eval.grasp import EVAL_STEPS, evaluate, held_out_seeds, with_random_transformer
+from calib.task_success import TaskSetting, checkpoint_loader, format_table, measure, row
+from lingbot_edge.eval.grasp import EVAL_STEPS, held_out_seeds, with_random_transformer
 
 log = logging.getLogger(__name__)
-
-
-def _row(name: str, dtype: str, result: dict, exec_step: int | None) -> dict:
-    return {"policy": name, "dtype": dtype, "video_exec_step": exec_step, "success_rate": result["success_rate"],
-            "successes": result["successes"],
-            "episodes": len(result["episodes"]), "per_episode": result["episodes"]}
+__all__ = ["evaluate_checkpoint", "evaluate_expert", "format_table"]
 
 
 def evaluate_expert(seeds: Sequence[int], steps: int = EVAL_STEPS) -> dict:
@@ -42,43 +40,22 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
     """Success over `episodes` held-out seeds, for every step setting in `exec_steps` (`video_exec_step`, -1 =
     full video steps): the checkpoint in `dtype`, each 8-bit scheme of `quantize.schemes.SCHEMES` applied to
     its blocks' Linears (quantize_ in memory), and the same checkpoint with a random-weight DiT."""
-    from train.pipeline import load_checkpoint_policy
+    from lingbot_edge.io.loading import EMBEDDED_CHECKPOINTS
 
-    seeds = held_out_seeds(episodes)
-    rows = [_row("scripted expert", "-", evaluate_expert(seeds, steps), None)] if expert else []
+    load = checkpoint_loader(checkpoint, dtype)
+    folder = EMBEDDED_CHECKPOINTS.get(str(checkpoint), checkpoint)  # the random DiT copies its architecture
+
+    def random_dit(**kwargs):
+        return with_random_transformer(folder, lambda transformer: load(**kwargs, transformer=transformer))
+
+    rows = ([row("scripted expert", "-", evaluate_expert(held_out_seeds(episodes), steps), None, None)]
+            if expert else [])
     for exec_step in exec_steps:
-        def load(transformer=None, exec_step=exec_step):
-            return load_checkpoint_policy(checkpoint, dtype, transformer=transformer, video_exec_step=exec_step)
-
         tag = "" if exec_step == -1 else f" (video_exec_step {exec_step})"
-        rows.append(_row("trained", dtype, evaluate(load(), seeds, steps, progress, f"trained{tag}",
-                                                    video if exec_step == exec_steps[0] else None), exec_step))
-        for scheme in schemes:
-            from quantize.api import quantize_
-            from quantize.schemes import SCHEMES
-
-            policy = load()
-            quantize_(policy.model, SCHEMES[scheme])
-            rows.append(_row(f"trained + {scheme}", dtype, evaluate(policy, seeds, steps, progress, scheme + tag),
-                             exec_step))
+        axes = {"video_exec_step": exec_step}
+        settings = [TaskSetting("trained", None, axes)] + [TaskSetting(f"trained + {s}", s, axes) for s in schemes]
+        rows += measure(load, settings, episodes, steps, progress, video if exec_step == exec_steps[0] else None)
         if random_baseline:
-            rows.append(_row("random weights", dtype, evaluate(with_random_transformer(checkpoint, load), seeds,
-                                                               steps, progress, "random" + tag), exec_step))
+            rows += measure(random_dit, [TaskSetting("random weights", None, axes)], episodes, steps, progress)
+        log.info("step setting %s done", tag or "full")
     return rows
-
-
-def format_table(rows: Sequence[dict], episodes: int) -> str:
-    from lingbot_edge.eval.grasp import summarize
-
-    lines = [f"| policy | dtype | video steps | success over {episodes} held-out seeds | closest approach (median) "
-             "| grasp point vs cube (slope x, y) | CPU ms per chunk (median) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        per = r["per_episode"]
-        steps = {None: "-", -1: "full"}.get(r["video_exec_step"], f"video_exec_step {r['video_exec_step']}")
-        s = summarize(per) if per and "min_distance" in per[0] else None  # the expert's rows have no distances
-        dist = f"{100 * s['min_distance']:.1f} cm" if s else "-"
-        ms = f"{s['chunk_ms']:.0f}" if s else "-"
-        track = "{:.2f}, {:.2f}".format(*s["tracking"]) if s and s["tracking"] else "-"
-        lines.append(f"| {r['policy']} | {r['dtype']} | {steps} | {r['successes']}/{r['episodes']} "
-                     f"({100 * r['success_rate']:.0f}%) | {dist} | {track} | {ms} |")
-    return "\n".join(lines)

@@ -114,10 +114,9 @@ def normalize_latents(data: EpisodeTensors, vae_dir: Path) -> EpisodeTensors:
 
 def load_checkpoint_policy(folder: str | Path, dtype: str = "float32", transformer: str | Path | None = None,
                            sampler: str = "static", **overrides):
-    from lingbot_edge.io.loading import load_policy
+    from calib.task_success import checkpoint_loader
 
-    return load_policy(folder, preset="so100", device="cpu", dtype=dtype, compile=False, sampler=sampler,
-                       prompt_cache_dir=False, transformer=transformer, **overrides)
+    return checkpoint_loader(folder, dtype)(sampler=sampler, transformer=transformer, **overrides)
 
 
 def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200, tc: TrainConfig | None = None,

@@ -346,13 +346,17 @@ class DriftHarness:
         return run, action_drift(self.reference.actions[:len(run.actions)], run.actions, self.cfg)
 
 
-def format_drift_table(rows: Mapping[str, Mapping[str, Any]], chunk_columns: bool = True) -> str:
-    """Markdown: one row per variant of `action_drift` results (+ the mean error per chunk)."""
-    head = ("| variant | max step err | mean step err | cumulative err | RMS | cosine | xyz drift | gripper flips |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+def format_drift_table(rows: Mapping[str, Mapping[str, Any]], chunk_columns: bool = True,
+                       extra: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """Markdown: one row per variant of `action_drift` results (+ the mean error per chunk). `extra`: more
+    columns, {title: {variant: cell}} ("-" where a variant has none)."""
+    extra = extra or {}
+    head = ("| variant | max step err | mean step err | cumulative err | RMS | cosine | xyz drift | gripper flips |"
+            + "".join(f" {t} |" for t in extra) + "\n|---|---|---|---|---|---|---|---|" + "---|" * len(extra) + "\n")
     body = "".join(
         f"| {name} | {r['max_step_err']:.2e} | {r['mean_step_err']:.2e} | {r['cumulative_err']:.2e} "
-        f"| {r['rms']:.2e} | {r['cos']:.6f} | {r['xyz_drift']:.2e} | {r.get('gripper_flips', '-')} |\n"
+        f"| {r['rms']:.2e} | {r['cos']:.6f} | {r['xyz_drift']:.2e} | {r.get('gripper_flips', '-')} |"
+        + "".join(f" {cells.get(name, '-')} |" for cells in extra.values()) + "\n"
         for name, r in rows.items())
     if not chunk_columns or not rows:
         return head + body

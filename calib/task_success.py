@@ -1,0 +1,132 @@
+"""Task success per precision and step setting, on the simulated SO-100 grasp task.
+
+The episode loop, the held-out seeds and the summary are the runtime's (`lingbot_edge.eval.grasp`, which
+`lingbot-edge demo` uses too); this module adds what needs the offline tools: each `TaskSetting` loads a fresh
+policy with its step axes (`video_exec_step`, action steps), quantizes its DiT in memory (`quantize_`: a scheme
+of `quantize.SCHEMES` by the default plan, or a `QuantPlan`) and runs the same held-out seeds. Every table with a
+task-success column measures through `measure` and prints through `format_table`: `lingbot-edge train eval`
+(`train.evaluate`), `calibrate plan --task-episodes`, the ladder and the drift table (`bench/`).
+
+The grasp task runs any SO-100 policy (6 used action channels: 5 joints + gripper, any cameras); the one it
+means something for is the trained embedded checkpoint `TASK_CHECKPOINT`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lingbot_edge.eval.grasp import EVAL_STEPS, evaluate, held_out_seeds, run_episode, summarize
+from lingbot_edge.robot.so100 import SO100_MOTORS
+from quantize import QuantPlan, get_scheme, quantize_
+
+log = logging.getLogger(__name__)
+
+TASK_CHECKPOINT = "so100-grasp"  # lingbot_edge.io.loading.EMBEDDED_CHECKPOINTS: the DiT trained on the grasp task
+CALIBRATION_SEED = 0  # a training seed (held-out seeds start far above): static activation scales come from it
+LoadFn = Callable[..., Any]  # load(**kwargs) -> LingBotPolicy; kwargs: sampler, transformer, PolicyConfig fields
+
+
+@dataclass(frozen=True)
+class TaskSetting:
+    """One row: the DiT's Linears on `quant` (a `quantize.SCHEMES` name, a `QuantPlan`, or None: unquantized),
+    the policy settings `overrides` (the step axes: `video_exec_step`, `action_num_inference_steps`; absent =
+    the checkpoint's), the sampler, another DiT folder (`transformer`, e.g. the smoothed weights a plan applies
+    to), the plan's static activation scales (`calibration.json`; else calibrated on one training-seed episode)."""
+
+    label: str
+    quant: str | QuantPlan | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    sampler: str = "static"
+    transformer: str | Path | None = None
+    input_scales: Mapping[str, float] | None = None
+    check_hardware: bool = True  # False: float8 W8A8 emulated on a CPU, as the drift table runs it
+
+
+def checkpoint_loader(checkpoint: str | Path = TASK_CHECKPOINT, dtype: str = "bfloat16", device: str = "cpu",
+                      **kwargs: Any) -> LoadFn:
+    """`load` of an SO-100 checkpoint folder (or an embedded checkpoint's name) for `measure`: eager, prompts
+    encoded in memory, the so100 preset under the checkpoint's own settings; `kwargs`: more `load_policy` ones."""
+    from functools import partial
+
+    from lingbot_edge.io.loading import load_policy
+
+    return partial(load_policy, checkpoint, **{"preset": "so100", "device": device, "dtype": dtype, "compile": False,
+                                                "prompt_cache_dir": False, **kwargs})
+
+
+def check_task_policy(cfg, where: str = "policy") -> None:
+    """The grasp task drives the SO-100: the policy must output its 6 joints (5 + gripper)."""
+    if len(cfg.used_action_channel_ids) != len(SO100_MOTORS):
+        raise ValueError(f"{where}: the SO-100 grasp task needs a policy with {len(SO100_MOTORS)} used action "
+                         f"channels ({', '.join(SO100_MOTORS)}); {cfg.name!r} has "
+                         f"{len(cfg.used_action_channel_ids)}")
+
+
+def load_setting(load: LoadFn, setting: TaskSetting, calibration_steps: int = EVAL_STEPS):
+    """(policy, its compute dtype) of `setting`: loaded with its settings, its DiT quantized in place."""
+    kwargs = {**setting.overrides, "sampler": setting.sampler}
+    if setting.transformer is not None:
+        kwargs["transformer"] = setting.transformer
+    policy = load(**kwargs)
+    check_task_policy(policy.cfg, setting.label)
+    dtype = str(next(policy.model.parameters()).dtype).removeprefix("torch.")
+    if setting.quant is not None:
+        config = setting.quant if isinstance(setting.quant, QuantPlan) else get_scheme(setting.quant)
+
+        def calibrate(model):  # static-activation schemes without scales: one training-seed episode
+            run_episode(policy, CALIBRATION_SEED, calibration_steps)
+
+        quantize_(policy.model, config, calibrate=calibrate, input_scales=setting.input_scales,
+                  check_hardware=setting.check_hardware)
+    return policy, dtype
+
+
+def row(label: str, dtype: str, result: dict, video_exec_step: int | None, action_steps: int | None) -> dict:
+    """One table row of an `evaluate` result (`video_exec_step` -1: full video steps; None: not a policy)."""
+    return {"policy": label, "dtype": dtype, "video_exec_step": video_exec_step, "action_steps": action_steps,
+            "success_rate": result["success_rate"], "successes": result["successes"],
+            "episodes": len(result["episodes"]), "per_episode": result["episodes"]}
+
+
+def measure(load: LoadFn, settings: Sequence[TaskSetting], episodes: int, steps: int = EVAL_STEPS,
+            progress: bool = False, video: str | Path | None = None) -> list[dict]:
+    """Success of each setting over the same `episodes` held-out seeds (`steps` actions each); rows for
+    `format_table`. `video`: the first setting's first episode as an mp4."""
+    if episodes < 1:
+        raise ValueError(f"task episodes: expected >= 1, got {episodes}")
+    seeds = held_out_seeds(episodes)
+    rows = []
+    for i, setting in enumerate(settings):
+        policy, dtype = load_setting(load, setting)
+        result = evaluate(policy, seeds, steps, progress, setting.label, video if i == 0 else None)
+        rows.append(row(setting.label, dtype, result, policy.cfg.video_exec_step,
+                        policy.cfg.action_num_inference_steps))
+    return rows
+
+
+def steps_cell(r: dict) -> str:
+    steps = {None: "-", -1: "full"}.get(r["video_exec_step"], f"video_exec_step {r['video_exec_step']}")
+    return steps if r.get("action_steps") is None else f"{steps}, {r['action_steps']} action"
+
+
+def success_cell(r: dict) -> str:
+    return f"{r['successes']}/{r['episodes']} ({100 * r['success_rate']:.0f}%)"
+
+
+def format_table(rows: Sequence[dict], episodes: int) -> str:
+    """Markdown: one row per `measure` row (or the expert's: successes only)."""
+    lines = [f"| policy | dtype | steps | success over {episodes} held-out seeds | closest approach (median) "
+             "| grasp point vs cube (slope x, y) | CPU ms per chunk (median) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = r["per_episode"]
+        s = summarize(per) if per and "min_distance" in per[0] else None  # the expert's rows have no distances
+        dist = f"{100 * s['min_distance']:.1f} cm" if s else "-"
+        ms = f"{s['chunk_ms']:.0f}" if s else "-"
+        track = "{:.2f}, {:.2f}".format(*s["tracking"]) if s and s["tracking"] else "-"
+        lines.append(f"| {r['policy']} | {r['dtype']} | {steps_cell(r)} | {success_cell(r)} | {dist} | {track} "
+                     f"| {ms} |")
+    return "\n".join(lines)
