@@ -20,7 +20,7 @@ venv: $(STAMP)
 
 demo: venv
 	$(BIN)/lingbot-edge demo
-	$(BIN)/lingbot-edge run-so100 --robot sim --seconds 5 --video out/demo_so100.mp4
+	$(BIN)/lingbot-edge run-so100 --robot sim --scene grasp --checkpoint so100-grasp --seconds 5 --video out/demo_so100.mp4
 
 # Markers (pyproject.toml): `make test` deselects slow, gpu, sim, lerobot and libero; each has its own
 # target, and a marked test that cannot run where it was selected fails (tests/conftest.py), never skips.

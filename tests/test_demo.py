@@ -10,7 +10,7 @@ def test_demo_reports_success_next_to_random_weights(capsys, tmp_path):
     video = tmp_path / "grasp.mp4"
     assert main(["demo", "--episodes", "2", "--video", str(video), "-q"]) == 0
     out = capsys.readouterr().out
-    assert "policy so100-grasp: so100-tiny, 64x128 x 3 cameras" in out
+    assert "policy so100-grasp: so100-tiny, 128x256 per camera (camera_top)" in out
     rows = re.findall(r"^  (policy|random weights) +success (\d)/2 \((\d+)%\), closest approach ([\d.]+) cm", out,
                       re.MULTILINE)
     assert [r[0] for r in rows] == ["policy", "random weights"]

@@ -309,6 +309,25 @@ def test_cli_run_so100_sim_two_cameras_and_video(tmp_path, capsys):
     assert imageio.mimread(out)[0].shape == (48, 128, 3)  # two cameras side by side
 
 
+def test_cli_run_so100_grasp_scene_places_the_seeds_cube_and_reports_the_task(capsys, monkeypatch):
+    """--scene grasp: the robot is the task's scene for --scene-seed, and the run ends with whether the cube is held
+    (the scene's own success)."""
+    from lingbot_edge.cli import robot as robot_cli
+    from lingbot_edge.cli.main import main
+    from lingbot_edge.robot.grasp import GraspScene, cube_for_seed
+
+    built = []
+    original = robot_cli._robot
+    monkeypatch.setattr(robot_cli, "_robot", lambda *a: built.append(original(*a)) or built[-1])
+    assert main(["run-so100", "--robot", "sim", "--scene", "grasp", "--scene-seed", "100003", "--checkpoint",
+                 "so100-grasp", "--max-chunks", "2", "--sync", "--device", "cpu"]) == 0
+    scene = built[0]
+    assert isinstance(scene, GraspScene) and scene.seed == 100003
+    assert scene.success or np.allclose(scene.cube, cube_for_seed(100003)[0])  # a cube not held stays put
+    held = "held" if scene.success else "not held"
+    assert f"run-so100: grasp scene seed 100003: cube {held} at the end" in capsys.readouterr().out
+
+
 def test_camera_set_must_match_a_checkpoint_that_names_its_cameras(tmp_path):
     import argparse
     import json

@@ -148,3 +148,26 @@ def test_cartesian_expert_closes_in_on_the_hover_point_and_grasps():
     closer = [b < a for a, b in zip(dist, dist[1:], strict=False)]
     assert sum(closer) >= 0.8 * len(closer) and max(b - a for a, b in zip(dist, dist[1:], strict=False)) < 0.006
     assert dist[-1] < 0.015
+
+
+def test_detour_expert_passes_the_detour_point_then_grasps():
+    """With a detour the straight-line approach first goes to the shifted hover point (the targets' tip comes
+    within 1 cm of it, by the simulator's link model), then back over the cube, and still grasps unclipped;
+    `episode_detour` stays inside its disk and is the seed's own (same seed, same detour)."""
+    from train.expert import episode_detour
+
+    detours = np.array([episode_detour(s, 0.04) for s in range(200)])
+    assert np.linalg.norm(detours, axis=1).max() <= 0.04 and np.linalg.norm(detours, axis=1).mean() > 0.02
+    assert episode_detour(7, 0.04) == episode_detour(7, 0.04) and episode_detour(7, 0.0) == (0.0, 0.0)
+    scene = GraspScene(5, cameras=())
+    detour = (0.03, -0.02)
+    expert = ScriptedExpert(scene.cube.copy(), cartesian_speed=0.004, detour=detour)
+    shifted = np.array([scene.cube[0] + detour[0], scene.cube[1] + detour[1], 0.06])
+    near_shifted = []
+
+    def on_tick(obs, q, sent):
+        near_shifted.append(float(np.linalg.norm(tip_position(expert.target) - shifted)))
+
+    safety = run_expert(scene, expert, 101, on_tick)
+    assert min(near_shifted) < 0.01
+    assert scene.success and safety.clipped == 0

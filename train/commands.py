@@ -81,13 +81,16 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _expert_args(parser) -> None:
-    from train.expert import RECORDING_CARTESIAN_SPEED
+    from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR
 
     parser.add_argument("--expert-gain", type=float, default=0.0,
                         help="the recorded expert's proportional gain (0: constant speed); see train/expert.py")
     parser.add_argument("--expert-cartesian-speed", type=float, default=RECORDING_CARTESIAN_SPEED,
                         help=f"the recorded expert's straight-line approach speed in m per tick (default "
                              f"{RECORDING_CARTESIAN_SPEED}; 0: joint space)")
+    parser.add_argument("--expert-detour", type=float, default=RECORDING_DETOUR,
+                        help=f"largest detour (m) of the recorded expert's approach, drawn per episode (default "
+                             f"{RECORDING_DETOUR}; 0: the straight path)")
 
 
 def _record(args) -> int:
@@ -96,7 +99,8 @@ def _record(args) -> int:
 
     kwargs = {"cameras": args.camera} if args.camera else {}
     record_dataset(args.out, list(range(args.first_seed, args.first_seed + args.episodes)), EPISODE_FRAMES,
-                   expert_gain=args.expert_gain, expert_cartesian_speed=args.expert_cartesian_speed, **kwargs)
+                   expert_gain=args.expert_gain, expert_cartesian_speed=args.expert_cartesian_speed,
+                   expert_detour=args.expert_detour, **kwargs)
     return 0
 
 
@@ -110,7 +114,8 @@ def _fit(args) -> int:
                      history_action_noise=args.history_action_noise, change_weight=args.change_weight, **extra)
     report = fit(args.out, dataset=args.dataset, episodes=args.episodes, tc=tc, threads=args.threads,
                  model=args.model, expert_gain=args.expert_gain,
-                 expert_cartesian_speed=args.expert_cartesian_speed, cameras=args.camera or None,
+                 expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,
+                 cameras=args.camera or None,
                  height=args.height, width=args.width)
     print(f"loss video {report['first_loss']['video']:.3f} -> {report['final_loss']['video']:.3f}, "
           f"action {report['first_loss']['action']:.3f} -> {report['final_loss']['action']:.3f}; "

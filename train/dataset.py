@@ -26,7 +26,7 @@ import numpy as np
 
 from lingbot_edge.robot.grasp import TASK, GraspScene
 from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_CAMERAS
-from train.expert import RECORDING_CARTESIAN_SPEED, ScriptedExpert, run_expert
+from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR, ScriptedExpert, episode_detour, run_expert
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,13 @@ IMAGE_PREFIX = "observation.images."
 
 def record_episode(seed: int, steps: int, height: int = 96, width: int = 128,
                    cameras: Sequence[str] = SO100_CAMERAS, expert_gain: float = 0.0,
-                   expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED) -> dict:
+                   expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
+                   expert_detour: float = RECORDING_DETOUR) -> dict:
     """One expert episode: {"state", "action": [steps, 6] float32, "frames": {camera: [steps, H, W, 3]},
     "success"}; the actions are what the safety filter let through (what the motors got)."""
     scene = GraspScene(seed, cameras=cameras, height=height, width=width)
-    expert = ScriptedExpert(scene.cube.copy(), gain=expert_gain, cartesian_speed=expert_cartesian_speed)
+    expert = ScriptedExpert(scene.cube.copy(), gain=expert_gain, cartesian_speed=expert_cartesian_speed,
+                            detour=episode_detour(seed, expert_detour))
     states, actions, frames = [], [], {c: [] for c in cameras}
 
     def record(obs, q, sent):
@@ -112,7 +114,8 @@ def _features(height: int, width: int, cameras: Sequence[str]) -> dict:
 
 def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: int = 96, width: int = 128,
                    cameras: Sequence[str] = SO100_CAMERAS, task: str = TASK, progress: bool = True,
-                   expert_gain: float = 0.0, expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED) -> Path:
+                   expert_gain: float = 0.0, expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
+                   expert_detour: float = RECORDING_DETOUR) -> Path:
     """Record one expert episode per seed into a new LeRobot v2.1 dataset at `root` (written in a
     temporary folder next to it and moved into place at the end; an existing `root` is refused)."""
     from tqdm import tqdm
@@ -125,7 +128,8 @@ def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: i
     try:
         episodes, all_actions, all_states, index, failed = [], [], [], 0, 0
         for ep, seed in enumerate(tqdm(seeds, desc="record", unit="episode", disable=not progress)):
-            rec = record_episode(seed, steps, height, width, cameras, expert_gain, expert_cartesian_speed)
+            rec = record_episode(seed, steps, height, width, cameras, expert_gain, expert_cartesian_speed,
+                                 expert_detour)
             failed += not rec["success"]
             chunk = ep // CHUNKS_SIZE
             n = len(rec["action"])

@@ -21,6 +21,16 @@ HOVER = 0.06  # m above the table: the pre-grasp and lift height of the tip
 # Joint-space moves at constant speed let a policy copy its past actions and ignore the cube (bench/results/
 # task_success/so100_grasp.md); `train record` / `train fit` default to this.
 RECORDING_CARTESIAN_SPEED = 0.004
+RECORDING_DETOUR = 0.0  # m: the largest approach detour of a recorded episode (`ScriptedExpert.detour`; 0.04 was
+# tried: 3/20 against 7/20 without, and more clipped targets)
+
+
+def episode_detour(seed: int, largest: float) -> tuple[float, float]:
+    """The approach detour of episode `seed`: uniform in the disk of radius `largest` m (its own RNG stream,
+    so the cube and start pose of a seed do not change)."""
+    rng = np.random.default_rng([seed, 1])
+    r, a = largest * np.sqrt(rng.uniform()), rng.uniform(0.0, 2 * np.pi)
+    return float(r * np.cos(a)), float(r * np.sin(a))
 
 
 def run_expert(scene, expert, steps: int, on_tick=None):
@@ -59,6 +69,10 @@ class ScriptedExpert:
     # Straight-line approach: the tip moves toward the hover point at this many metres per tick (0 = joint space),
     # so every approach step's joint motion depends on where the cube is, not only where the motion ends.
     cartesian_speed: float = 0.0
+    # Straight-line approach only: first to the hover point shifted by this (x, y) in m, then to the hover point.
+    # Recorded with a random detour per episode, the demonstrations show the tip off the cube and the move that
+    # corrects it (what a policy a few cm off needs to have seen), not only the one perfect path.
+    detour: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self):
         x, y = (float(v) for v in self.cube_xy)
@@ -69,6 +83,8 @@ class ScriptedExpert:
             "lift": grasp_joints(x, y, HOVER, GRIP_CLOSED_TARGET),
         }
         self.hover = np.array([x, y, HOVER])
+        self.aims = [self.hover + np.array([*self.detour, 0.0])] if any(self.detour) else []
+        self.aims.append(self.hover)  # the straight-line approach's points, in order
         self.phase = "approach"
         self.target: np.ndarray | None = None
         self.path: np.ndarray | None = None  # the straight-line approach's current tip point
@@ -97,14 +113,19 @@ class ScriptedExpert:
         return self.target.copy()
 
     def _along_line(self, waypoint: np.ndarray) -> np.ndarray:
-        """Joints of the next point on the straight line from the start tip to the hover point (gripper and
-        roll of the waypoint); the waypoint itself once the line is done or a point is out of reach."""
+        """Joints of the next point on the straight line(s) from the start tip to the hover point (via the detour;
+        gripper and roll of the waypoint); the waypoint itself once the line is done or a point is out of reach."""
         if self.path is None:
             self.path = tip_position(self.target)
-        left = self.hover - self.path
+        left = self.aims[0] - self.path
         dist = float(np.linalg.norm(left))
         step = self.cartesian_speed
-        self.path = self.hover.copy() if dist <= step else self.path + left * step / dist
+        if dist <= step:
+            self.path = self.aims[0].copy()
+            if len(self.aims) > 1:
+                self.aims.pop(0)
+        else:
+            self.path = self.path + left * step / dist
         try:
             return grasp_joints(*self.path, gripper=float(waypoint[5]), roll=float(waypoint[4]))
         except ValueError:

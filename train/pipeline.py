@@ -25,17 +25,20 @@ import torch
 
 from lingbot_edge.core.config import PolicyConfig, get_policy_config, tiny_variant
 from lingbot_edge.robot.so100 import camera_keys, camera_name
-from train.expert import RECORDING_CARTESIAN_SPEED
+from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR
 from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode_dataset, train
 
 log = logging.getLogger(__name__)
 
 EPISODE_FRAMES = 101  # LeRobot frames per episode: 13 whole chunks of the tiny so100 policy (8 k - 3)
 # Policy settings of the trained checkpoint, on top of the so100 preset's tiny variant (2-frame chunks, a
-# 2-chunk cache). 64x128 per camera: at the tiny preset's 64x64 one latent pixel spans 6 cm of the top
-# camera's view, too coarse to place a 2 cm grasp. No CFG: one prompt, trained without prompt dropout.
-POLICY_SETTINGS = {"height": 64, "width": 128, "guidance_scale": 1.0, "action_guidance_scale": 1.0,
-                   "num_inference_steps": 4, "action_num_inference_steps": 10, "max_sequence_length": 32}
+# 2-chunk cache). The top camera only, at 128x256: a DiT token (2x2 latents of the 16x VAE) then spans 3.3 cm
+# of the workspace instead of 6.5 x 10 cm with three cameras at 64x128, for about the same token count; that
+# made the grasp point follow the cube sideways at all (bench/results/task_success/so100_grasp.md).
+# No CFG: one prompt, trained without prompt dropout.
+POLICY_SETTINGS = {"obs_cam_keys": ("observation.images.camera_top",), "height": 128, "width": 256,
+                   "guidance_scale": 1.0, "action_guidance_scale": 1.0, "num_inference_steps": 4,
+                   "action_num_inference_steps": 10, "max_sequence_length": 32}
 
 
 def base_policy_config(model: str = "tiny", cameras: Sequence[str] | None = None, **settings) -> PolicyConfig:
@@ -122,7 +125,8 @@ def load_checkpoint_policy(folder: str | Path, dtype: str = "float32", transform
 def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200, tc: TrainConfig | None = None,
         progress: bool = True, threads: int | None = None, episode_frames: int = EPISODE_FRAMES,
         model: str = "tiny", expert_gain: float = 0.0, expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
-        cameras: Sequence[str] | None = None, height: int | None = None, width: int | None = None) -> dict:
+        expert_detour: float = RECORDING_DETOUR, cameras: Sequence[str] | None = None, height: int | None = None,
+        width: int | None = None) -> dict:
     """The whole run; every stage is skipped when its output is already there (resume)."""
     from lingbot_edge.io.checkpoint import save_transformer
     from lingbot_edge.io.datasets import load_action_quantiles
@@ -141,7 +145,8 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
         if not (dataset / "meta" / "info.json").is_file():
             recorded = [camera_name(k) for k in base_policy_config(model, cameras).obs_cam_keys]  # what it reads
             record_dataset(dataset, list(range(episodes)), episode_frames, cameras=recorded, progress=progress,
-                           expert_gain=expert_gain, expert_cartesian_speed=expert_cartesian_speed)
+                           expert_gain=expert_gain, expert_cartesian_speed=expert_cartesian_speed,
+                           expert_detour=expert_detour)
     dataset = Path(dataset)
     timings["record_s"] = time.perf_counter() - t
     q01, q99 = load_action_quantiles(dataset, SO100_MOTORS)

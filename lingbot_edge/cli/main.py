@@ -50,7 +50,8 @@ def run_demo(args: argparse.Namespace) -> int:
     kwargs = policy_kwargs(args)
     policy = build_policy(args)
     cfg = policy.cfg
-    print(f"policy {args.checkpoint}: {cfg.name}, {cfg.height}x{cfg.width} x {len(cfg.obs_cam_keys)} cameras, "
+    cams = ", ".join(k.removeprefix("observation.images.") for k in cfg.obs_cam_keys)
+    print(f"policy {args.checkpoint}: {cfg.name}, {cfg.height}x{cfg.width} per camera ({cams}), "
           f"{cfg.num_inference_steps} video / {cfg.action_num_inference_steps} action steps, "
           f"{sum(p.numel() for p in policy.model.parameters()) / 1e6:.2f}M DiT parameters")
     rows = [("policy", evaluate(policy, seeds, desc="policy", video_path=args.video, progress=not args.quiet))]
