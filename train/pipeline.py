@@ -42,8 +42,8 @@ POLICY_SETTINGS = {"obs_cam_keys": ("observation.images.camera_top",), "height":
 
 
 def base_policy_config(model: str = "tiny", cameras: Sequence[str] | None = None, **settings) -> PolicyConfig:
-    """The trained checkpoint's policy settings; `cameras` (robot camera names, e.g. camera_top): the so100
-    preset's when None."""
+    """The trained checkpoint's policy settings; `cameras` (robot camera names, e.g. camera_top): POLICY_SETTINGS'
+    (the top camera) when None."""
     cfg = tiny_variant(get_policy_config("so100"), model)
     if cameras is not None:
         settings["obs_cam_keys"] = camera_keys(cameras)
