@@ -96,11 +96,11 @@ def _load(args: argparse.Namespace):
 
 def _checkpoint_folder(args: argparse.Namespace) -> str | None:
     """--checkpoint as a folder: an embedded checkpoint's name resolved (None: the embedded tiny model)."""
-    from lingbot_edge.io.loading import EMBEDDED_CHECKPOINTS, TINY
+    from lingbot_edge.io.loading import TINY, checkpoint_folder
 
     if args.checkpoint == TINY:
         return None
-    return str(EMBEDDED_CHECKPOINTS.get(args.checkpoint, args.checkpoint))
+    return str(checkpoint_folder(args.checkpoint))
 
 
 def _folder(args: argparse.Namespace) -> str | None:

@@ -40,13 +40,10 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
     """Success over `episodes` held-out seeds, for every step setting in `exec_steps` (`video_exec_step`, -1 =
     full video steps): the checkpoint in `dtype`, each 8-bit scheme of `quantize.schemes.SCHEMES` applied to
     its blocks' Linears (quantize_ in memory), and the same checkpoint with a random-weight DiT."""
-    from lingbot_edge.io.loading import EMBEDDED_CHECKPOINTS
-
     load = checkpoint_loader(checkpoint, dtype)
-    folder = EMBEDDED_CHECKPOINTS.get(str(checkpoint), checkpoint)  # the random DiT copies its architecture
 
-    def random_dit(**kwargs):
-        return with_random_transformer(folder, lambda transformer: load(**kwargs, transformer=transformer))
+    def random_dit(**kwargs):  # the random DiT copies the checkpoint's architecture
+        return with_random_transformer(checkpoint, lambda transformer: load(**kwargs, transformer=transformer))
 
     rows = ([row("scripted expert", "-", evaluate_expert(held_out_seeds(episodes), steps), None, None)]
             if expert else [])

@@ -44,7 +44,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """The embedded trained tiny policy on the simulated SO-100 grasp task: success over held-out seeds next to
     the same checkpoint with a random-weight DiT, and the first episode as a video."""
     from lingbot_edge.eval.grasp import evaluate, held_out_seeds, summarize, with_random_transformer
-    from lingbot_edge.io.loading import EMBEDDED_CHECKPOINTS, TINY, load_policy
+    from lingbot_edge.io.loading import TINY, load_policy
 
     seeds = held_out_seeds(args.episodes)
     kwargs = policy_kwargs(args)
@@ -57,10 +57,9 @@ def run_demo(args: argparse.Namespace) -> int:
     rows = [("policy", evaluate(policy, seeds, desc="policy", video_path=args.video, progress=not args.quiet))]
     if args.video:
         print(f"video of seed {seeds[0]}: {args.video}")
-    folder = EMBEDDED_CHECKPOINTS.get(args.checkpoint, args.checkpoint)
     if args.baseline and args.checkpoint != TINY and args.transformer is None:
-        random_policy = with_random_transformer(folder, lambda transformer: load_policy(
-            folder, **{**kwargs, "transformer": transformer}))
+        random_policy = with_random_transformer(args.checkpoint, lambda transformer: load_policy(
+            args.checkpoint, **{**kwargs, "transformer": transformer}))
         rows.append(("random weights", evaluate(random_policy, seeds, desc="random", progress=not args.quiet)))
     print(f"SO-100 grasp, {args.episodes} held-out seeds ({seeds[0]}..{seeds[-1]}), kinematic sim:")
     for name, result in rows:

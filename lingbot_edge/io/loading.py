@@ -297,6 +297,11 @@ TINY = "tiny"  # load_policy's embedded source: the tiny model with random weigh
 EMBEDDED_CHECKPOINTS = {"so100-grasp": Path(__file__).resolve().parents[1] / "assets" / "so100-grasp-tiny"}
 
 
+def checkpoint_folder(source: str | Path) -> str | Path:
+    """`source` with an embedded checkpoint's name replaced by its folder (anything else unchanged)."""
+    return EMBEDDED_CHECKPOINTS.get(source, source) if isinstance(source, str) else source
+
+
 def load_policy(
     source: str | Path,
     *,
@@ -351,8 +356,7 @@ def load_policy(
                  str(dtype).removeprefix("torch."), compile)
         return build_tiny_policy(sampler=sampler, compile=compile, seed=seed, device=str(device), dtype=dtype, cfg=cfg)
 
-    if isinstance(source, str) and source in EMBEDDED_CHECKPOINTS:
-        source = EMBEDDED_CHECKPOINTS[source]
+    source = checkpoint_folder(source)
     # 1. Everything validated from headers and configs: no weight read, no device memory.
     layout = resolve_checkpoint(source, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                 transformer=transformer)
