@@ -127,41 +127,81 @@ def encode_episode(rec: RecordedEpisode, policy, seed: int, max_chunks: int | No
     """A recording as fixed sampler inputs, through the policy's own encoders: the prompt pair, the
     first observation and each chunk's keyframes (streaming VAE, in order), the executed actions
     (normalized, channel-mapped) and seeded noise."""
+    return encode_episodes([rec], policy, [seed], max_chunks)[0]
+
+
+def encode_episodes(recs: Sequence[RecordedEpisode], policy, seeds: Sequence[int],
+                    max_chunks: int | None = None) -> list[Episode]:
+    """`encode_episode` of several recordings at once: each recording is its own stream of the VAE (its own batch
+    rows, `ObservationEncoder.encode_batch`; one batch per episode length), so the numbers are those of one at a
+    time, several times faster on a CPU. Layouts other than width_concat encode one recording after the other."""
     from lingbot_edge.core.policy import orient_frames
 
     cfg = policy.cfg
-    chunks = rec.num_chunks(cfg)
-    if max_chunks is not None:
-        chunks = min(chunks, max_chunks)
+    if len(recs) != len(seeds):
+        raise ValueError(f"seeds: expected one per recording ({len(recs)}), got {len(seeds)}")
+    batched = policy.obs_encoder.layout == "width_concat"
+    if not batched and len(recs) > 1:
+        return [encode_episodes([r], policy, [s], max_chunks)[0] for r, s in zip(recs, seeds, strict=True)]
+    lengths = [min(r.num_chunks(cfg), max_chunks) if max_chunks is not None else r.num_chunks(cfg) for r in recs]
+    if len(set(lengths)) > 1:  # one batch per length
+        out: list[Episode | None] = [None] * len(recs)
+        for n in set(lengths):
+            idx = [i for i, m in enumerate(lengths) if m == n]
+            for i, ep in zip(idx, encode_episodes([recs[i] for i in idx], policy, [seeds[i] for i in idx],
+                                                  max_chunks), strict=True):
+                out[i] = ep
+        return out
+    chunks = lengths[0]
     if chunks == 0:
         raise ValueError(f"recording too short for one chunk of {cfg.name!r}: needs {frames_needed(cfg, 1)} frames "
                          f"and {actions_needed(cfg, 1)} actions")
-    missing = [k for k in cfg.obs_cam_keys if k not in rec.frames]
-    if missing:
-        raise ValueError(f"recording: no frames for cameras {missing} (has {sorted(rec.frames)})")
-    frames = orient_frames({k: rec.frames[k] for k in cfg.obs_cam_keys}, cfg.image_transform)
-    g = torch.Generator().manual_seed(seed)
+    frames = []
+    for rec in recs:
+        missing = [k for k in cfg.obs_cam_keys if k not in rec.frames]
+        if missing:
+            raise ValueError(f"recording: no frames for cameras {missing} (has {sorted(rec.frames)})")
+        frames.append(orient_frames({k: rec.frames[k] for k in cfg.obs_cam_keys}, cfg.image_transform))
+
+    def encode(lo: int, hi: int) -> torch.Tensor:  # [E, z, T', h, w] of frames lo..hi of every recording
+        window = [{k: v[lo:hi] for k, v in f.items()} for f in frames]
+        if batched:
+            return policy.obs_encoder.encode_batch(window).float().cpu()
+        return policy.obs_encoder.encode(window[0]).float().cpu()
+
+    prompts: dict[str, tuple] = {}
     with torch.no_grad():
-        cond, uncond = policy.prompt_encoder.encode_pair(rec.prompt, cfg.use_cfg)
+        for rec in recs:
+            if rec.prompt not in prompts:
+                prompts[rec.prompt] = policy.prompt_encoder.encode_pair(rec.prompt, cfg.use_cfg)
         policy.obs_encoder.reset()
-        first = policy.obs_encoder.encode({k: v[0] for k, v in frames.items()}).float().cpu()
-        steps, frame, step = [], 1, 0
+        first = encode(0, 1)
+        observed, frame = [], 1
         for c in range(chunks):
-            n_frames, n_actions = (frames_needed(cfg, c + 1) - frame), (actions_needed(cfg, c + 1) - step)
-            observed = policy.obs_encoder.encode({k: v[frame:frame + n_frames] for k, v in frames.items()})
-            observed = observed.float().cpu()
+            n_frames = frames_needed(cfg, c + 1) - frame
+            observed.append(encode(frame, frame + n_frames))
+            frame += n_frames
+    episodes = []
+    for e, (rec, seed) in enumerate(zip(recs, seeds, strict=True)):
+        g = torch.Generator().manual_seed(seed)
+        steps, step = [], 0
+        for c in range(chunks):
+            n_actions = actions_needed(cfg, c + 1) - step
+            obs = observed[c][e:e + 1]
             if c == 0:
-                observed = torch.cat([first, observed], dim=2)
+                obs = torch.cat([first[e:e + 1], obs], dim=2)
             executed = policy.codec.from_robot(rec.actions[step:step + n_actions], first_chunk=c == 0)
             steps.append(dict(
-                noise_video=torch.randn(1, *observed.shape[1:], generator=g),
+                noise_video=torch.randn(1, *obs.shape[1:], generator=g),
                 noise_action=torch.randn(executed.shape, generator=g),
-                observed=observed,
+                observed=obs,
                 executed=executed,
             ))
-            frame, step = frame + n_frames, step + n_actions
-    negative = uncond if uncond is not None else torch.zeros_like(cond)
-    return Episode(cond.float().cpu(), negative.float().cpu(), first, steps)
+            step += n_actions
+        cond, uncond = prompts[rec.prompt]
+        negative = uncond if uncond is not None else torch.zeros_like(cond)
+        episodes.append(Episode(cond.float().cpu(), negative.float().cpu(), first[e:e + 1], steps))
+    return episodes
 
 
 @dataclass(frozen=True)
@@ -359,8 +399,13 @@ class LeRobotEpisodes:
         return RecordedEpisode(str(tasks[0]), frames, actions[: episode_steps(cfg, chunks)])
 
     def load(self, episode_id: str) -> Episode:
-        seed = self.seed + self.episode_ids().index(episode_id)
-        return encode_episode(self.recording(episode_id), self.policy, seed=seed, max_chunks=self.max_chunks)
+        return self.load_many([episode_id])[0]
+
+    def load_many(self, episode_ids: Sequence[str]) -> list[Episode]:
+        """`load` of several episodes, encoded together (`encode_episodes`): the same numbers, faster."""
+        ids = self.episode_ids()
+        seeds = [self.seed + ids.index(e) if e in ids else self.seed for e in episode_ids]  # unknown: recording raises
+        return encode_episodes([self.recording(e) for e in episode_ids], self.policy, seeds, self.max_chunks)
 
     def describe(self) -> dict[str, Any]:
         return {"source": "lerobot", "root": str(self.root), "action_key": self.action_key,

@@ -17,6 +17,7 @@ from calib.data import (
     SyntheticEpisodes,
     actions_needed,
     encode_episode,
+    encode_episodes,
     frames_needed,
     open_source,
 )
@@ -205,6 +206,26 @@ def test_recording_too_short_is_refused(tiny_policy):
     short = RecordedEpisode(rec.prompt, {k: v[:3] for k, v in rec.frames.items()}, rec.actions)
     with pytest.raises(ValueError, match="too short"):
         encode_episode(short, tiny_policy, seed=0)
+
+
+def test_recordings_encoded_together_equal_one_by_one(tiny_policy):
+    """`encode_episodes` (every recording its own VAE stream, as batch rows; one batch per length) gives what
+    `encode_episode` gives one recording at a time: latents to float rounding, noise and actions exactly."""
+    cfg = tiny_policy.cfg
+    recs = [_recording(cfg, chunks=n, seed=i) for i, n in enumerate((2, 3, 2))]
+    together = encode_episodes(recs, tiny_policy, seeds=[5, 6, 7])
+    for rec, seed, ep in zip(recs, (5, 6, 7), together, strict=True):
+        alone = encode_episode(rec, tiny_policy, seed=seed)
+        assert len(ep.chunks) == len(alone.chunks) == rec.num_chunks(cfg)
+        torch.testing.assert_close(ep.first_latent, alone.first_latent, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ep.text, alone.text)
+        for a, b in zip(ep.chunks, alone.chunks, strict=True):
+            torch.testing.assert_close(a["observed"], b["observed"], atol=1e-5, rtol=1e-5)
+            assert all(torch.equal(a[k], b[k]) for k in ("noise_video", "noise_action", "executed"))
+    # Different recordings give different latents (the rows are not mixed up or shared).
+    assert (together[0].first_latent - together[1].first_latent).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="one per recording"):
+        encode_episodes(recs, tiny_policy, seeds=[0])
 
 
 # ----------------------------------------------------------------------------- LeRobot datasets

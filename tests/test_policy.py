@@ -50,6 +50,31 @@ def test_same_seed_same_episode_and_feedback_matters():
     assert np.abs(c[1]["actions"] - a[1]["actions"]).max() > 1e-3
 
 
+def test_action_noise_scale_scales_only_the_action_noise():
+    """action_noise_scale multiplies the action stream's initial noise and nothing else: the video noise (drawn
+    first, from the same generator) and so the chunk's video are those of scale 1; with scale 0 the actions are
+    what the sampler gives from zero action noise."""
+    cfg = get_policy_config("tiny")
+    frames = ToyScene(cfg.obs_cam_keys).render()
+    out = {}
+    for scale in (1.0, 0.0):
+        policy = build_tiny_policy(sampler="static", compile=False, cfg=cfg.replace(action_noise_scale=scale))
+        policy.reset(prompt="stack the blocks", seed=3)
+        chunk = policy.infer(frames)
+        out[scale] = (np.array(chunk.actions), policy.last_result.latents.clone())
+    torch.testing.assert_close(out[0.0][1], out[1.0][1], atol=0, rtol=0)
+    assert np.abs(out[0.0][0] - out[1.0][0]).max() > 1e-3
+    # The same first chunk by hand: the generator's two draws, the action one replaced by zeros.
+    policy.reset(prompt="stack the blocks", seed=3)
+    g = torch.Generator().manual_seed(3)
+    noise_video = torch.randn(policy.sampler.latent_shape, generator=g)
+    first = policy.obs_encoder.encode(frames).to(policy.sampler.dtype)
+    result = policy.sampler.sample_chunk(noise_video, torch.zeros(policy.sampler.action_shape), first)
+    np.testing.assert_allclose(policy.codec.to_robot(result.actions, first_chunk=True), out[0.0][0], atol=1e-6)
+    with pytest.raises(ValueError, match="action_noise_scale"):
+        cfg.replace(action_noise_scale=-1.0)
+
+
 def test_bad_calls_get_clear_errors():
     policy = build_tiny_policy(sampler="static", compile=False)
     cfg = policy.cfg

@@ -62,6 +62,21 @@ def test_measure_is_load_quantize_evaluate():
         [r], EPISODES)
 
 
+def test_train_eval_set_applies_to_every_row(tmp_path):
+    """`train eval --set KEY=VALUE`: every policy row (trained, 8-bit, random) runs with the setting, named in its
+    label; the trained and int8 rows equal direct runs with it."""
+    from train.evaluate import evaluate_checkpoint
+
+    rows = evaluate_checkpoint(TASK_CHECKPOINT, EPISODES, schemes=["int8_weight_only"], steps=STEPS, progress=False,
+                               overrides={"action_noise_scale": 0.5})
+    assert [r["policy"] for r in rows] == ["trained (action_noise_scale=0.5)",
+                                           "trained + int8_weight_only (action_noise_scale=0.5)",
+                                           "random weights (action_noise_scale=0.5)"]
+    assert _closest(rows[0]["per_episode"]) == _closest(direct(action_noise_scale=0.5))
+    assert _closest(rows[1]["per_episode"]) == _closest(direct("int8_weight_only", action_noise_scale=0.5))
+    assert _closest(rows[0]["per_episode"]) != _closest(direct(action_noise_scale=1.0))  # the setting did act
+
+
 def test_the_task_runs_so100_policies_only():
     check_task_policy(get_policy_config("so100"))
     with pytest.raises(ValueError, match="6 used action channels"):

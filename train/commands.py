@@ -1,7 +1,7 @@
 """`lingbot-edge train`: record demonstrations, train the tiny SO-100 policy, measure its task success.
 
     lingbot-edge train record --out DIR [--episodes 200]
-    lingbot-edge train fit --out DIR [--dataset DIR] [--episodes 200] [--steps 1500] [--eval-episodes 20]
+    lingbot-edge train fit --out DIR [--dataset DIR] [--episodes 200] [--steps 3200] [--eval-episodes 20]
     lingbot-edge train eval --checkpoint DIR [--episodes 20] [--dtype bfloat16] [--schemes a,b] [--json F]
 
 Registered from this package through the `lingbot_edge.commands` entry point (`train.commands:register`);
@@ -37,11 +37,16 @@ def register(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="run folder: dataset/, checkpoint/, train_state.pt, loss.png")
     fit.add_argument("--dataset", help="an existing LeRobot dataset (default: record one into OUT/dataset)")
     fit.add_argument("--episodes", type=int, default=200, help="episodes to record / use (default 200)")
-    fit.add_argument("--steps", type=int, default=1500)
-    fit.add_argument("--batch-size", type=int, default=8)
-    fit.add_argument("--lr", type=float, default=2e-3)
-    fit.add_argument("--save-every", type=int, default=100)
-    fit.add_argument("--seed", type=int, default=0)
+    from train.config import TrainConfig
+
+    tc = TrainConfig()  # the one place for the training defaults
+    fit.add_argument("--steps", type=int, default=tc.steps, help=f"optimizer steps (default {tc.steps})")
+    fit.add_argument("--batch-size", type=int, default=tc.batch_size,
+                     help=f"episodes per step (default {tc.batch_size})")
+    fit.add_argument("--lr", type=float, default=tc.lr, help=f"peak learning rate (default {tc.lr:g})")
+    fit.add_argument("--save-every", type=int, default=tc.save_every, help=f"steps between saved states "
+                                                                             f"(default {tc.save_every})")
+    fit.add_argument("--seed", type=int, default=tc.seed)
     fit.add_argument("--model", default="tiny", choices=("tiny", "tiny-grasp"),
                      help="DiT model preset: tiny (2 blocks x 48) or tiny-grasp (4 blocks x 64)")
     fit.add_argument("--action-weight", type=float, help="weight of the action loss next to the video loss "
@@ -52,9 +57,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                           "these are recorded")
     fit.add_argument("--height", type=int, help="policy image height per camera (default: POLICY_SETTINGS')")
     fit.add_argument("--width", type=int, help="policy image width per camera (default: POLICY_SETTINGS')")
-    fit.add_argument("--history-action-noise", type=float, default=0.5,
+    fit.add_argument("--history-action-noise", type=float, default=tc.history_action_noise,
                      help="noise std (normalized units) on the action history the model is trained with")
-    fit.add_argument("--change-weight", type=float, default=0.0,
+    fit.add_argument("--change-weight", type=float, default=tc.change_weight,
                      help="extra loss weight on chunks where the expert's motion changes (see TrainConfig)")
     fit.add_argument("--clean-predicted", action="store_true",
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
@@ -71,6 +76,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                                                   "(e.g. int8_weight_only,int8_dynamic,fp8_weight_only)")
     ev.add_argument("--exec-steps", default="full", help="comma-separated video step settings to evaluate: 'full' "
                                                          "or a video_exec_step count (e.g. full,1)")
+    ev.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="policy setting override for every row, JSON value (e.g. --set action_noise_scale=1); "
+                         "repeatable")
     ev.add_argument("--no-random", action="store_true", help="skip the random-weight baseline")
     ev.add_argument("--expert", action="store_true", help="add the scripted expert's row (same seeds and filter)")
     ev.add_argument("--video", help="write the first trained episode as an mp4")
@@ -135,9 +143,11 @@ def _eval(args) -> int:
 
     schemes = [s for s in args.schemes.split(",") if s]
     exec_steps = [-1 if s == "full" else int(s) for s in args.exec_steps.split(",") if s]
+    from lingbot_edge.core.config import parse_overrides
+
     rows = evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
                                exec_steps=exec_steps, random_baseline=not args.no_random, expert=args.expert,
-                               video=args.video)
+                               video=args.video, overrides=parse_overrides(args.settings))
     table = format_table(rows, args.episodes)
     print(table)
     if args.json:
@@ -150,7 +160,7 @@ def _eval(args) -> int:
             f"Checkpoint `{args.checkpoint}`; held-out seeds {EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}, "
             f"{EVAL_STEPS} actions per episode, CPU, `lingbot-edge train eval --episodes {args.episodes} "
             f"--dtype {args.dtype}{' --schemes ' + args.schemes if args.schemes else ''} --exec-steps "
-            f"{args.exec_steps}`.\n\n{table}\n")
+            f"{args.exec_steps}{''.join(' --set ' + item for item in args.settings)}`.\n\n{table}\n")
     return 0
 
 

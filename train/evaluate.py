@@ -36,10 +36,11 @@ def evaluate_expert(seeds: Sequence[int], steps: int = EVAL_STEPS) -> dict:
 def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str = "bfloat16",
                         schemes: Sequence[str] = (), exec_steps: Sequence[int] = (-1,), random_baseline: bool = True,
                         expert: bool = False, video: str | Path | None = None, steps: int = EVAL_STEPS,
-                        progress: bool = True) -> list[dict]:
+                        progress: bool = True, overrides: dict | None = None) -> list[dict]:
     """Success over `episodes` held-out seeds, for every step setting in `exec_steps` (`video_exec_step`, -1 =
     full video steps): the checkpoint in `dtype`, each 8-bit scheme of `quantize.schemes.SCHEMES` applied to
-    its blocks' Linears (quantize_ in memory), and the same checkpoint with a random-weight DiT."""
+    its blocks' Linears (quantize_ in memory), and the same checkpoint with a random-weight DiT. `overrides`:
+    policy settings for every row (`--set`), named in the row labels."""
     load = checkpoint_loader(checkpoint, dtype)
 
     def random_dit(**kwargs):  # the random DiT copies the checkpoint's architecture
@@ -47,12 +48,15 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
 
     rows = ([row("scripted expert", "-", evaluate_expert(held_out_seeds(episodes), steps), None, None)]
             if expert else [])
+    overrides = dict(overrides or {})
+    note = f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""
     for exec_step in exec_steps:
         tag = "" if exec_step == -1 else f" (video_exec_step {exec_step})"
-        axes = {"video_exec_step": exec_step}
-        settings = [TaskSetting("trained", None, axes)] + [TaskSetting(f"trained + {s}", s, axes) for s in schemes]
+        axes = {**overrides, "video_exec_step": exec_step}
+        settings = [TaskSetting("trained" + note, None, axes)] + [TaskSetting(f"trained + {s}{note}", s, axes)
+                                                                  for s in schemes]
         rows += measure(load, settings, episodes, steps, progress, video if exec_step == exec_steps[0] else None)
         if random_baseline:
-            rows += measure(random_dit, [TaskSetting("random weights", None, axes)], episodes, steps, progress)
+            rows += measure(random_dit, [TaskSetting("random weights" + note, None, axes)], episodes, steps, progress)
         log.info("step setting %s done", tag or "full")
     return rows

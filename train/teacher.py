@@ -25,13 +25,15 @@ cannot take gradients through a cache write.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lingbot_edge.core.config import PolicyConfig
-from lingbot_edge.core.model import WanVATransformer, action_grid_ids, rope_angles, sdpa, video_grid_ids
+from lingbot_edge.core.model import WanVATransformer, action_grid_ids, rope_angles, video_grid_ids
 
 # Per chunk, in sequence order. The clean video appears twice: as the chunk's PREDICTED entries (what its
 # noisy actions attend to) and as its HISTORY entries (what later chunks attend to). Their inputs are
@@ -41,36 +43,72 @@ SEGMENTS = ("video", "action", "video_noisy", "video_predicted", "action_noisy")
 
 
 class ChunkBandAttention:
-    """Self-attention backend for the episode sequence: each chunk's queries against the keys of the chunks
-    its mask can reach (the cache window: a few chunks back), not against the whole sequence. Exact
-    (the mask is applied within the band) and about episode-length / band times cheaper than dense."""
+    """Self-attention backend for the episode sequence: each segment's queries (a chunk's video, actions, noisy
+    video, ...) against only the keys that segment's mask can reach in some chunk, gathered per chunk by
+    strided slices (offsets relative to the chunk's start, so a few chunks back at most). Exact: the mask is
+    applied on those keys, keys outside it are masked in every chunk. About 3x less attention than the whole
+    band of chunks a query may reach (most of it masked) and no index scatter in the backward pass."""
 
-    def __init__(self, mask: Tensor, chunk_tokens: int):
+    def __init__(self, mask: Tensor, chunk_tokens: int, sizes: tuple[int, ...] | None = None):
         length = mask.shape[0]
-        self.chunks, self.per = length // chunk_tokens, chunk_tokens
-        chunk_of = torch.arange(length) // chunk_tokens
+        per = chunk_tokens
+        self.chunks, self.per = length // per, per
+        chunk_of = torch.arange(length) // per
         q, k = mask.nonzero(as_tuple=True)
         if (chunk_of[k] > chunk_of[q]).any():
             raise ValueError("mask: a token attends to a later chunk (not a cache mask)")
         self.band = int((chunk_of[q] - chunk_of[k]).max()) + 1 if len(q) else 1
-        first = torch.arange(self.chunks)[:, None] - self.band + 1 + torch.arange(self.band)[None]  # [K, band]
-        valid = (first >= 0)[:, :, None].expand(-1, -1, chunk_tokens).reshape(self.chunks, -1)
-        self.key_pos = (first.clamp(min=0)[:, :, None] * chunk_tokens + torch.arange(chunk_tokens)).flatten(1)
-        rows = torch.arange(length).view(self.chunks, chunk_tokens)
-        self.window_mask = mask[rows[:, :, None], self.key_pos[:, None, :]] & valid[:, None, :]  # [K, per, W]
+        self.pad = (self.band - 1) * per  # keys before the first chunk: zeros, always masked
+        bounds = [0]
+        for n in sizes or (per,):
+            bounds.append(bounds[-1] + n)
+        if bounds[-1] != per:
+            raise ValueError(f"sizes: {sizes} do not add up to the {per} tokens of a chunk")
+        base = torch.arange(self.chunks) * per
+        self.segments = []  # (first query, last query + 1, key runs [(offset, n)], additive mask [K, n_q, n_k])
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            rows = base[:, None] + torch.arange(lo, hi)[None]  # [K, n_q]
+            visible = mask[rows.flatten()].view(self.chunks, hi - lo, length)
+            cols = visible.any(1).nonzero(as_tuple=True)  # (chunk, key position)
+            offsets = torch.unique(cols[1] - base[cols[0]])  # relative to the chunk start, sorted
+            runs = []  # contiguous runs of offsets, at most a chunk long each (a strided slice per run)
+            for off in offsets.tolist():
+                if runs and off == runs[-1][0] + runs[-1][1] and runs[-1][1] < per:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([off, 1])
+            pos = base[:, None] + offsets[None]  # [K, n_k] key positions per chunk
+            allowed = torch.gather(visible, 2, pos.clamp(min=0)[:, None].expand(-1, hi - lo, -1)) & (pos >= 0)[:, None]
+            bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+            self.segments.append((lo, hi, [tuple(r) for r in runs], bias))
 
     def to(self, device) -> ChunkBandAttention:
-        self.key_pos, self.window_mask = self.key_pos.to(device), self.window_mask.to(device)
+        self.segments = [(lo, hi, runs, bias.to(device)) for lo, hi, runs, bias in self.segments]
         return self
+
+    def _keys(self, xp: Tensor, runs) -> Tensor:
+        """Padded [B, pad + L + per, H, D] -> [B, K, n_k, H, D]: per chunk, the tokens at each run's offsets."""
+        b, _, h, d = xp.shape
+        span = self.chunks * self.per
+        return torch.cat([xp[:, self.pad + off:self.pad + off + span].view(b, self.chunks, self.per, h, d)[:, :, :n]
+                          for off, n in runs], dim=2)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         b, _, h, d = q.shape
-        kc, per = self.chunks, self.per
-        qw = q.reshape(b * kc, per, h, d)
-        kw = k[:, self.key_pos].reshape(b * kc, -1, h, d)  # [B*K, W, H, D]
-        vw = v[:, self.key_pos].reshape(b * kc, -1, h, d)
-        mask = self.window_mask[None].expand(b, -1, -1, -1).reshape(b * kc, 1, per, -1)
-        return sdpa(qw, kw, vw, mask=mask).reshape(b, kc * per, h, d)
+        kc = self.chunks
+        qc = q.view(b, kc, self.per, h, d)
+        kp, vp = (F.pad(x, (0, 0, 0, 0, self.pad, self.per)) for x in (k, v))  # any run's slice stays inside
+
+        def heads(x: Tensor) -> Tensor:  # [B, K, n, H, D] -> [B, K*H, n, D]: the chunks as more heads
+            return x.permute(0, 1, 3, 2, 4).reshape(b, kc * h, x.shape[2], d)
+
+        out = []
+        for lo, hi, runs, bias in self.segments:
+            mask = bias.to(q.dtype)[:, None].expand(-1, h, -1, -1).reshape(1, kc * h, hi - lo, -1)
+            o = F.scaled_dot_product_attention(heads(qc[:, :, lo:hi]), heads(self._keys(kp, runs)),
+                                               heads(self._keys(vp, runs)), attn_mask=mask)
+            out.append(o.view(b, kc, h, hi - lo, d).permute(0, 1, 3, 2, 4))
+        return torch.cat(out, dim=2).reshape(b, kc * self.per, h, d)
 
 
 @dataclass(frozen=True)
@@ -92,6 +130,11 @@ class EpisodeLayout:
     @property
     def chunk_tokens(self) -> int:
         return sum(self.sizes)
+
+    @functools.cached_property
+    def attention(self) -> ChunkBandAttention:
+        """The attention backend of this layout (built once: it scans the whole mask)."""
+        return ChunkBandAttention(self.mask, self.chunk_tokens, self.sizes)
 
     def segment(self, name: str) -> Tensor:
         """Sequence positions [K, n] of one segment in every chunk."""
@@ -218,7 +261,7 @@ def teacher_forced_forward(
     temb = torch.cat([p[1] for p in parts], dim=2).flatten(1, 2)
     mod = torch.cat([p[2] for p in parts], dim=2).flatten(1, 2)
     rope = rope_angles(layout.grid.to(tokens.device), model.config.attention_head_dim)
-    attention = ChunkBandAttention(layout.mask, layout.chunk_tokens).to(tokens.device)
+    attention = layout.attention.to(tokens.device)
     for blk in model.blocks:
         tokens = blk(tokens, mod, rope, text_kv[blk.index], attention)
 

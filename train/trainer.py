@@ -29,35 +29,14 @@ from torch import Tensor
 
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.scheduler import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
+from train.config import TrainConfig
 from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "train_state.pt"
 LOSS_PNG = "loss.png"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1500
-    batch_size: int = 8
-    lr: float = 2e-3
-    warmup: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    action_weight: float = 1.0  # the action loss's weight next to the video loss
-    # Noise on the chunk's PREDICTED video (what its actions attend to), sigma from the video training grid.
-    # Without it the actions learn to read the ground-truth future frames, which the sampler never has.
-    noisy_predicted: bool = True
-    # Gaussian noise (normalized units) on the executed actions written as HISTORY: the expert's past actions
-    # predict its next ones so well that a policy can copy them and never look at the cube.
-    history_action_noise: float = 0.5
-    # Extra weight on the chunks where the expert changes what it does (starts, stops, phase changes), where a
-    # copy of the past actions is wrong and only the images tell: chunk weight 1 + change_weight * (the chunk's
-    # summed |second difference| of the actions) / (its mean over the batch). 0 = every chunk alike.
-    change_weight: float = 0.0
-    seed: int = 0
-    save_every: int = 100
+ENCODE_BATCH = 8  # episodes through the VAE at once (3x faster per frame than one on a CPU)
 
 
 @dataclass
@@ -72,17 +51,24 @@ class EpisodeTensors:
         return self.video.shape[0]
 
 
-def encode_dataset(root: str | Path, policy, max_episodes: int | None = None, progress: bool = True) -> EpisodeTensors:
+def encode_dataset(root: str | Path, policy, max_episodes: int | None = None, progress: bool = True,
+                   batch: int = ENCODE_BATCH) -> EpisodeTensors:
     """A LeRobot dataset through the policy's own encoders (`calib.data.LeRobotEpisodes`: streaming VAE,
-    prompt encoder, action codec), episodes cut to the same number of whole chunks."""
+    prompt encoder, action codec), `batch` episodes at a time (the same latents as one by one),
+    episodes cut to the same number of whole chunks."""
     from tqdm import tqdm
 
     from calib.data import LeRobotEpisodes
 
     source = LeRobotEpisodes(Path(root), policy, max_episodes=max_episodes)
+    ids = source.episode_ids()
+    encoded = []
+    with tqdm(total=len(ids), desc="encode", unit="episode", disable=not progress) as bar:
+        for i in range(0, len(ids), batch):
+            encoded += source.load_many(ids[i:i + batch])
+            bar.update(len(ids[i:i + batch]))
     videos, actions, texts = [], [], []
-    for ep in tqdm(source.episode_ids(), desc="encode", unit="episode", disable=not progress):
-        episode = source.load(ep)
+    for episode in encoded:
         videos.append(torch.stack([c["observed"][0] for c in episode.chunks]))
         actions.append(torch.stack([c["executed"][0] for c in episode.chunks]))
         texts.append(episode.text[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,10 @@ class PolicyConfig:
     action_guidance_scale: float = 1.0
     snr_shift: float = 5.0
     action_snr_shift: float = 1.0
+    # Scale of the action stream's initial noise (not an upstream setting; 1.0 = upstream's N(0, 1)). 0 starts
+    # every action flow at zero: the sampler's ODE then gives one deterministic chunk per context instead of a
+    # draw from the spread a small, under-trained policy has learned (bench/results/task_success/so100_grasp.md).
+    action_noise_scale: float = 1.0
     used_action_channel_ids: tuple[int, ...] = tuple(range(7))
     # Quantiles over the full action_dim space (unused channels included, as upstream stores them).
     action_q01: tuple[float, ...] = ()
@@ -186,6 +191,8 @@ class PolicyConfig:
             # from sigma_N): not a setting anyone trains for, so it is refused rather than guessed.
             raise ValueError(f"video_exec_step: expected -1 (all steps) or 1..num_inference_steps "
                              f"({self.num_inference_steps}), got {self.video_exec_step}")
+        if not (math.isfinite(self.action_noise_scale) and self.action_noise_scale >= 0):
+            raise ValueError(f"action_noise_scale: expected a finite value >= 0, got {self.action_noise_scale}")
         if self.attn_window < 2:
             raise ValueError(f"attn_window: must be >= 2 (the cache holds attn_window // 2 chunks), "
                              f"got {self.attn_window}")

@@ -214,8 +214,10 @@ class LingBotPolicy:
             self.init_latent = first_latent
             timer.mark("encode_obs")
         shift = len(self._pending) * self.cfg.frame_chunk_size
+        noise_video = self._noise(self.sampler.latent_shape)  # video first: the generator's order
+        noise_action = self._noise(self.sampler.action_shape) * self.cfg.action_noise_scale
         result = self.sampler.sample_chunk(
-            self._noise(self.sampler.latent_shape), self._noise(self.sampler.action_shape), first_latent, timer=timer,
+            noise_video, noise_action, first_latent, timer=timer,
             frame_shift=shift,
         )
         actions = self.codec.to_robot(result.actions, first_chunk=first)  # host copy: syncs once

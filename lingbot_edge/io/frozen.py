@@ -460,6 +460,23 @@ class ObservationEncoder:
         latents = self.vae_encoder.encode(torch.stack(videos))  # [num_cams, z, T', h, w]
         return torch.cat(latents.unbind(0), dim=-1).unsqueeze(0)
 
+    def encode_batch(self, frames: Sequence[Mapping[str, np.ndarray | torch.Tensor]]) -> torch.Tensor:
+        """`encode` of several independent streams at once (e.g. episodes of a dataset), each its own batch rows of
+        the VAE: [E, z_dim, T', h, w], row e equal to what `encode(frames[e])` gives on its own stream. On a CPU
+        the VAE's 3-D convolutions run several times faster per frame on a batch than on one small frame.
+        `width_concat` only; the number of streams is fixed from the first call until `reset()`."""
+        if self.layout != "width_concat":
+            raise ValueError(f"encode_batch: only the width_concat layout, not {self.layout!r}")
+        if not frames:
+            raise ValueError("frames: expected at least one stream")
+        videos = [v for f in frames for v in self._videos(f)]  # stream-major, cameras in order
+        lengths = {v.shape[1] for v in videos}
+        if len(lengths) != 1:
+            raise ValueError(f"frames: expected the same number of frames T in every stream, got {sorted(lengths)}")
+        latents = self.vae_encoder.encode(torch.stack(videos))  # [E * num_cams, z, T', h, w]
+        latents = latents.view(len(frames), len(self.camera_keys), *latents.shape[1:])
+        return torch.cat(latents.unbind(1), dim=-1)
+
 
 # --------------------------------------------------------------------------------------------------
 # Predicted video (debugging): latents -> frames -> mp4

@@ -1,0 +1,28 @@
+"""Training settings: a cheap module (no torch), so the CLI's defaults come from here without importing the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3200
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    action_weight: float = 1.0  # the action loss's weight next to the video loss
+    # Noise on the chunk's PREDICTED video (what its actions attend to), sigma from the video training grid.
+    # Without it the actions learn to read the ground-truth future frames, which the sampler never has.
+    noisy_predicted: bool = True
+    # Gaussian noise (normalized units) on the executed actions written as HISTORY: the expert's past actions
+    # predict its next ones so well that a policy can copy them and never look at the cube.
+    history_action_noise: float = 0.5
+    # Extra weight on the chunks where the expert changes what it does (starts, stops, phase changes), where a
+    # copy of the past actions is wrong and only the images tell: chunk weight 1 + change_weight * (the chunk's
+    # summed |second difference| of the actions) / (its mean over the batch). 0 = every chunk alike.
+    change_weight: float = 0.0
+    seed: int = 0
+    save_every: int = 100
