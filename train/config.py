@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3200
+    steps: int = 2800
     batch_size: int = 8
     lr: float = 2e-3
     warmup: int = 50
