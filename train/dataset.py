@@ -26,7 +26,7 @@ import numpy as np
 
 from lingbot_edge.robot.grasp import TASK, GraspScene
 from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_CAMERAS
-from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR, ScriptedExpert, episode_detour, run_expert
+from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR, recording_expert, run_expert
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def record_episode(seed: int, steps: int, height: int = 96, width: int = 128,
     """One expert episode: {"state", "action": [steps, 6] float32, "frames": {camera: [steps, H, W, 3]},
     "success"}; the actions are what the safety filter let through (what the motors got)."""
     scene = GraspScene(seed, cameras=cameras, height=height, width=width)
-    expert = ScriptedExpert(scene.cube.copy(), gain=expert_gain, cartesian_speed=expert_cartesian_speed,
-                            detour=episode_detour(seed, expert_detour))
+    expert = recording_expert(scene, seed, expert_gain, expert_cartesian_speed, expert_detour)
     states, actions, frames = [], [], {c: [] for c in cameras}
 
     def record(obs, q, sent):

@@ -22,12 +22,12 @@ __all__ = ["evaluate_checkpoint", "evaluate_expert", "format_table"]
 def evaluate_expert(seeds: Sequence[int], steps: int = EVAL_STEPS) -> dict:
     """The scripted expert as recorded, on the same seeds, through the same safety filter (the task's ceiling)."""
     from lingbot_edge.robot.grasp import GraspScene
-    from train.expert import RECORDING_CARTESIAN_SPEED, ScriptedExpert, run_expert
+    from train.expert import recording_expert, run_expert
 
     episodes = []
     for seed in seeds:
         scene = GraspScene(seed, cameras=())
-        safety = run_expert(scene, ScriptedExpert(scene.cube.copy(), cartesian_speed=RECORDING_CARTESIAN_SPEED), steps)
+        safety = run_expert(scene, recording_expert(scene, seed), steps)
         episodes.append({"seed": seed, "success": bool(scene.success), "clipped": safety.clipped})
     successes = sum(e["success"] for e in episodes)
     return {"success_rate": successes / max(1, len(episodes)), "successes": successes, "episodes": episodes}

@@ -33,6 +33,13 @@ def episode_detour(seed: int, largest: float) -> tuple[float, float]:
     return float(r * np.cos(a)), float(r * np.sin(a))
 
 
+def recording_expert(scene, seed: int, gain: float = 0.0, cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
+                     detour: float = RECORDING_DETOUR) -> ScriptedExpert:
+    """The expert `train record` records episode `seed` of `scene` with (and `train eval`'s expert row runs)."""
+    return ScriptedExpert(scene.cube.copy(), gain=gain, cartesian_speed=cartesian_speed,
+                          detour=episode_detour(seed, detour))
+
+
 def run_expert(scene, expert, steps: int, on_tick=None):
     """`steps` ticks of `expert` on `scene` through a fresh `SafetyFilter` (connect .. disconnect); `on_tick(obs,
     q, sent)` sees each tick's observation, joint readings and the target sent. Returns the filter."""

@@ -39,7 +39,7 @@ EPISODE_FRAMES = 101
 # of the workspace instead of 6.5 x 10 cm with three cameras at 64x128, for about the same token count; that
 # made the grasp point follow the cube sideways at all (bench/results/task_success/so100_grasp.md).
 # No CFG: one prompt, trained without prompt dropout. The action flow starts from zero noise
-# (`action_noise_scale`; 14/20 against 8/20 from N(0, 1) for the same 3000-step DiT, so100_grasp.md).
+# (`action_noise_scale`; the committed DiT: 15/20 against 12/20 from N(0, 1), so100_grasp.md).
 POLICY_SETTINGS = {"obs_cam_keys": ("observation.images.camera_top",), "height": 128, "width": 256,
                    "guidance_scale": 1.0, "action_guidance_scale": 1.0, "num_inference_steps": 4,
                    "action_num_inference_steps": 10, "max_sequence_length": 32, "action_noise_scale": 0.0}

@@ -451,14 +451,13 @@ class ObservationEncoder:
         """{camera: uint8 [T, H, W, 3] or [H, W, 3]} -> normalized latents [1, z_dim, T', h, w].
 
         T = 1 on the first call after `reset()`, then multiples of 4 (see `StreamingVAEEncoder`)."""
+        if self.layout != "robotwin_tshape":
+            return self.encode_batch([frames])  # width_concat: one stream
         videos = self._videos(frames)
-        if self.layout == "robotwin_tshape":
-            head = self.vae_encoder.encode(videos[0].unsqueeze(0))  # [1, z, T', h, w]
-            wrists = self.wrist_encoder.encode(torch.stack(videos[1:]))  # [2, z, T', h/2, w/2]
-            top = torch.cat(wrists.unbind(0), dim=-1).unsqueeze(0)  # [1, z, T', h/2, w]
-            return torch.cat([top, head], dim=-2)
-        latents = self.vae_encoder.encode(torch.stack(videos))  # [num_cams, z, T', h, w]
-        return torch.cat(latents.unbind(0), dim=-1).unsqueeze(0)
+        head = self.vae_encoder.encode(videos[0].unsqueeze(0))  # [1, z, T', h, w]
+        wrists = self.wrist_encoder.encode(torch.stack(videos[1:]))  # [2, z, T', h/2, w/2]
+        top = torch.cat(wrists.unbind(0), dim=-1).unsqueeze(0)  # [1, z, T', h/2, w]
+        return torch.cat([top, head], dim=-2)
 
     def encode_batch(self, frames: Sequence[Mapping[str, np.ndarray | torch.Tensor]]) -> torch.Tensor:
         """`encode` of several independent streams at once (e.g. episodes of a dataset), each its own batch rows of
