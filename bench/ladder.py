@@ -39,16 +39,21 @@ class Variant:
     gpu_only: bool = False
     mutates_model: bool = False  # quantizing variants get their own copy of the model
     # Step axes: PolicyConfig changes of this variant (video_exec_step, action_num_inference_steps)
-    # for a preset; None = the preset's full steps. The accuracy reference keeps full steps.
+    # for a preset; None = full steps (video_exec_step -1, whatever the checkpoint's default). The accuracy
+    # reference keeps full steps.
     steps: Callable[[PolicyConfig], dict] | None = None
     # What the rung runs, for its task-success setting (`task_settings`): the quantization (a SCHEMES name or
     # a plan JSON path; None = bf16) and the sampler. Compilation is not part of it (the same math, eager).
     quant: str | None = None
     sampler: str = "static"
 
+    def axes(self, cfg: PolicyConfig) -> dict:
+        """The PolicyConfig changes this variant runs `cfg` with (full video steps unless it has step axes)."""
+        return self.steps(cfg) if self.steps else {"video_exec_step": -1}
+
     def step_axes(self, cfg: PolicyConfig) -> tuple[int, int]:
         """(video_exec_step, action steps) this variant runs on `cfg`."""
-        c = cfg.replace(**self.steps(cfg)) if self.steps else cfg
+        c = cfg.replace(**self.axes(cfg))
         return c.video_exec_step, c.action_num_inference_steps
 
 
@@ -146,7 +151,7 @@ def task_settings(variants: list[Variant], cfg: PolicyConfig, device: torch.devi
             out[v.name] = "needs a CUDA GPU"
             continue
         quant = QuantPlan.from_json(v.quant) if v.quant and v.quant.endswith(".json") else v.quant
-        out[v.name] = TaskSetting(v.name, quant, v.steps(cfg) if v.steps else {}, sampler=v.sampler)
+        out[v.name] = TaskSetting(v.name, quant, v.axes(cfg), sampler=v.sampler)
     return out
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lingbot_edge.eval.grasp import EVAL_STEPS, evaluate, held_out_seeds, run_episode, summarize
+from lingbot_edge.eval.grasp import EVAL_SEED0, EVAL_STEPS, evaluate, held_out_seeds, run_episode, summarize
 from lingbot_edge.robot.so100 import SO100_MOTORS
 from quantize import QuantPlan, get_scheme, quantize_
 
@@ -93,12 +93,13 @@ def row(label: str, dtype: str, result: dict, video_exec_step: int | None, actio
 
 
 def measure(load: LoadFn, settings: Sequence[TaskSetting], episodes: int, steps: int = EVAL_STEPS,
-            progress: bool = False, video: str | Path | None = None) -> list[dict]:
-    """Success of each setting over the same `episodes` held-out seeds (`steps` actions each); rows for
-    `format_table`. `video`: the first setting's first episode as an mp4."""
+            progress: bool = False, video: str | Path | None = None, first_seed: int = EVAL_SEED0) -> list[dict]:
+    """Success of each setting over the same `episodes` held-out seeds (`steps` actions each; from
+    `first_seed`, e.g. `VALIDATION_SEED0`); rows for `format_table`. `video`: the first setting's first
+    episode as an mp4."""
     if episodes < 1:
         raise ValueError(f"task episodes: expected >= 1, got {episodes}")
-    seeds = held_out_seeds(episodes)
+    seeds = held_out_seeds(episodes, first_seed)
     rows = []
     for i, setting in enumerate(settings):
         policy, dtype = load_setting(load, setting)
@@ -117,9 +118,9 @@ def success_cell(r: dict) -> str:
     return f"{r['successes']}/{r['episodes']} ({100 * r['success_rate']:.0f}%)"
 
 
-def format_table(rows: Sequence[dict], episodes: int) -> str:
-    """Markdown: one row per `measure` row (or the expert's: successes only)."""
-    lines = [f"| policy | dtype | steps | success over {episodes} held-out seeds | closest approach (median) "
+def format_table(rows: Sequence[dict], episodes: int, seeds: str = "held-out") -> str:
+    """Markdown: one row per `measure` row (or the expert's: successes only); `seeds`: their set's name."""
+    lines = [f"| policy | dtype | steps | success over {episodes} {seeds} seeds | closest approach (median) "
              "| grasp point vs cube (slope x, y) | CPU ms per chunk (median) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         per = r["per_episode"]

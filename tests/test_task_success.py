@@ -17,7 +17,7 @@ import torch
 from bench import ladder
 from calib.task_success import TASK_CHECKPOINT, TaskSetting, check_task_policy, format_table, measure
 from lingbot_edge.core.config import get_policy_config
-from lingbot_edge.eval.grasp import evaluate, held_out_seeds
+from lingbot_edge.eval.grasp import EVAL_SEED0, VALIDATION_SEED0, evaluate, held_out_seeds
 from lingbot_edge.io.loading import load_policy
 from quantize import SCHEMES, QuantPlan, default_plan, quantize_
 
@@ -31,16 +31,16 @@ def _prompt_cache(tmp_path, monkeypatch):
 
 
 @cache
-def direct(quant: str | None = None, **overrides) -> list[dict]:
+def direct(quant: str | None = None, first_seed: int = EVAL_SEED0, **overrides) -> list[dict]:
     """The independent computation: load, quantize (a scheme name or 'plan:<scheme>', its default plan as a
-    QuantPlan), evaluate; per-episode results."""
+    QuantPlan), evaluate on the seeds from `first_seed`; per-episode results."""
     policy = load_policy(TASK_CHECKPOINT, preset="so100", device="cpu", dtype="bfloat16", compile=False,
                          prompt_cache_dir=False, **overrides)
     if quant is not None:
         scheme = SCHEMES[quant.removeprefix("plan:")]
         quantize_(policy.model, QuantPlan.from_dict(default_plan(scheme).to_dict()) if quant.startswith("plan:")
                   else scheme)
-    return evaluate(policy, held_out_seeds(EPISODES), STEPS, progress=False)["episodes"]
+    return evaluate(policy, held_out_seeds(EPISODES, first_seed), STEPS, progress=False)["episodes"]
 
 
 def _closest(episodes: list[dict]) -> list[float]:
@@ -72,9 +72,31 @@ def test_train_eval_set_applies_to_every_row(tmp_path):
     assert [r["policy"] for r in rows] == ["trained (action_noise_scale=0.5)",
                                            "trained + int8_weight_only (action_noise_scale=0.5)",
                                            "random weights (action_noise_scale=0.5)"]
-    assert _closest(rows[0]["per_episode"]) == _closest(direct(action_noise_scale=0.5))
-    assert _closest(rows[1]["per_episode"]) == _closest(direct("int8_weight_only", action_noise_scale=0.5))
-    assert _closest(rows[0]["per_episode"]) != _closest(direct(action_noise_scale=1.0))  # the setting did act
+    assert _closest(rows[0]["per_episode"]) == _closest(direct(action_noise_scale=0.5, video_exec_step=-1))
+    assert _closest(rows[1]["per_episode"]) == _closest(direct("int8_weight_only", action_noise_scale=0.5,
+                                                               video_exec_step=-1))
+    assert _closest(rows[0]["per_episode"]) != _closest(direct(action_noise_scale=1.0, video_exec_step=-1))
+
+
+def test_train_eval_validation_seeds(tmp_path):
+    """`train eval --seeds validation`: every row (expert too) on the seeds from VALIDATION_SEED0, the trained row
+    equal to a direct run there; the table and the Markdown header name the set."""
+    from train.evaluate import evaluate_checkpoint
+
+    rows = evaluate_checkpoint(TASK_CHECKPOINT, EPISODES, steps=STEPS, progress=False, random_baseline=False,
+                               expert=True, first_seed=VALIDATION_SEED0)
+    validation = held_out_seeds(EPISODES, VALIDATION_SEED0)
+    assert [[e["seed"] for e in r["per_episode"]] for r in rows] == [validation, validation]
+    assert _closest(rows[1]["per_episode"]) == _closest(direct(first_seed=VALIDATION_SEED0, video_exec_step=-1))
+    assert _closest(rows[1]["per_episode"]) != _closest(direct(video_exec_step=-1))  # other seeds, other episodes
+    from train.commands import main
+
+    md = tmp_path / "v.md"
+    assert main(["eval", "--checkpoint", TASK_CHECKPOINT, "--episodes", "1", "--seeds", "validation", "--no-random",
+                 "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert f"validation seeds {VALIDATION_SEED0}..{VALIDATION_SEED0}, " in text and "--seeds validation" in text
+    assert "| success over 1 validation seeds |" in text
 
 
 def test_the_task_runs_so100_policies_only():
@@ -87,10 +109,11 @@ def test_ladder_maps_every_rung_to_its_setting():
     cfg = get_policy_config("so100").replace(num_inference_steps=8, action_num_inference_steps=10)
     cpu = ladder.task_settings(ladder.all_variants(), cfg, torch.device("cpu"))
     gpu = ladder.task_settings(ladder.all_variants(), cfg, torch.device("cuda"))
+    full = {"video_exec_step": -1}  # rungs without step axes: full video steps, whatever the checkpoint's default
     expected = {  # (quantization, sampler, step overrides) by hand from the rung descriptions
-        "a_reference": (None, "reference", {}), "b_static_eager": (None, "static", {}),
-        "c_static_compiled": (None, "static", {}), "d_int8_weight_only": ("int8_weight_only", "static", {}),
-        "e_int8_w8a8": ("int8_dynamic", "static", {}), "f_fp8_weight_only": ("fp8_weight_only", "static", {}),
+        "a_reference": (None, "reference", full), "b_static_eager": (None, "static", full),
+        "c_static_compiled": (None, "static", full), "d_int8_weight_only": ("int8_weight_only", "static", full),
+        "e_int8_w8a8": ("int8_dynamic", "static", full), "f_fp8_weight_only": ("fp8_weight_only", "static", full),
         "h_video_exec_half": (None, "static", {"video_exec_step": 4}),
         "h_video_exec_quarter": (None, "static", {"video_exec_step": 2}),
         "h_action_steps_fifth": (None, "static", {"action_num_inference_steps": 2}),
@@ -113,7 +136,7 @@ def test_ladder_column_equals_direct_runs():
     checkpoint_steps = load_policy(TASK_CHECKPOINT, preset="so100", device="cpu", prompt_cache_dir=False).cfg
     axes = {"video_exec_step": max(1, int(checkpoint_steps.num_inference_steps / 4)),
             "action_num_inference_steps": max(1, int(checkpoint_steps.action_num_inference_steps / 5))}
-    for name, ref in (("d_int8_weight_only", direct("int8_weight_only")),
+    for name, ref in (("d_int8_weight_only", direct("int8_weight_only", video_exec_step=-1)),
                       ("h_exec_quarter_action_fifth", direct(**axes))):
         cell = column[name]
         assert (cell["successes"], cell["episodes"]) == (sum(e["success"] for e in ref), EPISODES), name
@@ -188,7 +211,8 @@ def test_calibration_report_gains_the_task_rows(tmp_path):
     assert text.startswith("# Calibration report\n\nBudget: ...\n\n## Task success: SO-100 grasp task")
     assert table in text
     unquantized, planned = (line for line in table.splitlines()[2:])
-    for line, ref in ((unquantized, direct()), (planned, direct("plan:int8_dynamic"))):
+    for line, ref in ((unquantized, direct(video_exec_step=-1)), (planned, direct("plan:int8_dynamic",
+                                                                                   video_exec_step=-1))):
         k = sum(e["success"] for e in ref)
         assert f"| bfloat16 | full, 10 action | {k}/2 ({50 * k:.0f}%) |" in line
         assert f"| {100 * float(np.median(_closest(ref))):.1f} cm |" in line

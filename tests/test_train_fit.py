@@ -159,3 +159,36 @@ def test_augmentations_touch_only_the_model_inputs(monkeypatch):
     assert 0.8 < float(residual.std()) < 1.2
     # Zero predictions: the losses are those of the clean targets noise - x0 (> 1 per element on average).
     assert parts["action"] > 1.0 and parts["video"] > 1.0
+
+
+@pytest.mark.parametrize("exec_step", [1, 2])
+def test_predicted_copy_at_the_samplers_sigma(monkeypatch, exec_step):
+    """`predicted_at_sampler_sigma`: the PREDICTED copy holds x at the sigma of the sampler's write, the input of its
+    video_exec_step-th forward (shifted linspace(1, 0, N + 1)[exec_step - 1]); at video_exec_step 1 that is pure
+    noise (the same whatever the video)."""
+    import train.trainer as trainer
+    from lingbot_edge.io.checkpoint import build_model
+    from train.pipeline import base_policy_config
+
+    cfg = base_policy_config().replace(video_exec_step=exec_step)
+    b, k, f, h, w = 2, 3, cfg.frame_chunk_size, *cfg.latent_hw
+    seen = []
+
+    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp):
+        seen.append((xp, tp))
+        return torch.zeros_like(video_clean), torch.zeros_like(action_clean)
+
+    monkeypatch.setattr(trainer, "teacher_forced_forward", capture)
+    model = build_model(cfg.model_config)
+    objective = FlowMatchingLoss(cfg, k)
+    text = torch.zeros(b, 4, cfg.model_config.text_dim)
+    action = torch.randn(b, k, cfg.model_config.action_dim, f, cfg.action_per_frame, 1)
+    for scale in (1.0, 3.0):
+        video = scale * torch.ones(b, k, cfg.model_config.in_channels, f, h, w)
+        objective(model, video, action, text, torch.Generator().manual_seed(0), True, 0.0, 0.0, True)
+    s = 1 - (exec_step - 1) / cfg.num_inference_steps
+    sigma = cfg.snr_shift * s / (1 + (cfg.snr_shift - 1) * s)
+    (xp1, tp), (xp3, _) = seen
+    torch.testing.assert_close(tp[:, 1:], torch.full_like(tp[:, 1:], 1000 * sigma))
+    assert (tp[:, 0, 0] == 0).all()  # the first chunk's pinned frame
+    torch.testing.assert_close(xp3[:, 1:] - xp1[:, 1:], torch.full_like(xp1[:, 1:], 2 * (1 - sigma)))

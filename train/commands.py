@@ -79,6 +79,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="policy setting override for every row, JSON value (e.g. --set action_noise_scale=1); "
                          "repeatable")
+    ev.add_argument("--seeds", default="held-out", choices=("held-out", "validation"),
+                    help="the seed set: held-out (100000.., to report on; default) or validation (200000.., to "
+                         "choose recipes and settings on)")
     ev.add_argument("--no-random", action="store_true", help="skip the random-weight baseline")
     ev.add_argument("--expert", action="store_true", help="add the scripted expert's row (same seeds and filter)")
     ev.add_argument("--video", help="write the first trained episode as an mp4")
@@ -144,23 +147,23 @@ def _eval(args) -> int:
     schemes = [s for s in args.schemes.split(",") if s]
     exec_steps = [-1 if s == "full" else int(s) for s in args.exec_steps.split(",") if s]
     from lingbot_edge.core.config import parse_overrides
+    from lingbot_edge.eval.grasp import EVAL_STEPS, SEED_SETS
 
+    first = SEED_SETS[args.seeds]
     rows = evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
                                exec_steps=exec_steps, random_baseline=not args.no_random, expert=args.expert,
-                               video=args.video, overrides=parse_overrides(args.settings))
-    table = format_table(rows, args.episodes)
+                               video=args.video, overrides=parse_overrides(args.settings), first_seed=first)
+    table = format_table(rows, args.episodes, args.seeds)
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if args.markdown:
-        from lingbot_edge.eval.grasp import EVAL_SEED0, EVAL_STEPS
-
         Path(args.markdown).write_text(
             f"# Task success: reach and grasp the red cube (kinematic SO-100, `lingbot_edge/robot/grasp.py`)\n\n"
-            f"Checkpoint `{args.checkpoint}`; held-out seeds {EVAL_SEED0}..{EVAL_SEED0 + args.episodes - 1}, "
+            f"Checkpoint `{args.checkpoint}`; {args.seeds} seeds {first}..{first + args.episodes - 1}, "
             f"{EVAL_STEPS} actions per episode, CPU, `lingbot-edge train eval --episodes {args.episodes} "
-            f"--dtype {args.dtype}{' --schemes ' + args.schemes if args.schemes else ''} --exec-steps "
-            f"{args.exec_steps}{''.join(' --set ' + item for item in args.settings)}`.\n\n{table}\n")
+            f"--dtype {args.dtype} --seeds {args.seeds}{' --schemes ' + args.schemes if args.schemes else ''} "
+            f"--exec-steps {args.exec_steps}{''.join(' --set ' + item for item in args.settings)}`.\n\n{table}\n")
     return 0
 
 

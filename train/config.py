@@ -17,6 +17,10 @@ class TrainConfig:
     # Noise on the chunk's PREDICTED video (what its actions attend to), sigma from the video training grid.
     # Without it the actions learn to read the ground-truth future frames, which the sampler never has.
     noisy_predicted: bool = True
+    # With noisy_predicted: the PREDICTED copy at the sigma the policy's sampler writes it at (the input of its
+    # `video_exec_step`-th video forward: sigma 1, pure noise, at video_exec_step 1; the clean video at full steps)
+    # instead of a random one, so the actions train on what they attend to at inference.
+    predicted_at_sampler_sigma: bool = False
     # Gaussian noise (normalized units) on the executed actions written as HISTORY: the expert's past actions
     # predict its next ones so well that a policy can copy them and never look at the cube.
     history_action_noise: float = 0.5

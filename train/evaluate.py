@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from calib.task_success import TaskSetting, checkpoint_loader, format_table, measure, row
-from lingbot_edge.eval.grasp import EVAL_STEPS, held_out_seeds, with_random_transformer
+from lingbot_edge.eval.grasp import EVAL_SEED0, EVAL_STEPS, held_out_seeds, with_random_transformer
 
 log = logging.getLogger(__name__)
 __all__ = ["evaluate_checkpoint", "evaluate_expert", "format_table"]
@@ -36,17 +36,19 @@ def evaluate_expert(seeds: Sequence[int], steps: int = EVAL_STEPS) -> dict:
 def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str = "bfloat16",
                         schemes: Sequence[str] = (), exec_steps: Sequence[int] = (-1,), random_baseline: bool = True,
                         expert: bool = False, video: str | Path | None = None, steps: int = EVAL_STEPS,
-                        progress: bool = True, overrides: dict | None = None) -> list[dict]:
+                        progress: bool = True, overrides: dict | None = None,
+                        first_seed: int = EVAL_SEED0) -> list[dict]:
     """Success over `episodes` held-out seeds, for every step setting in `exec_steps` (`video_exec_step`, -1 =
     full video steps): the checkpoint in `dtype`, each 8-bit scheme of `quantize.schemes.SCHEMES` applied to
     its blocks' Linears (quantize_ in memory), and the same checkpoint with a random-weight DiT. `overrides`:
-    policy settings for every row (`--set`), named in the row labels."""
+    policy settings for every row (`--set`), named in the row labels. `first_seed`: of the seeds (VALIDATION_SEED0
+    for the validation set)."""
     load = checkpoint_loader(checkpoint, dtype)
 
     def random_dit(**kwargs):  # the random DiT copies the checkpoint's architecture
         return with_random_transformer(checkpoint, lambda transformer: load(**kwargs, transformer=transformer))
 
-    rows = ([row("scripted expert", "-", evaluate_expert(held_out_seeds(episodes), steps), None, None)]
+    rows = ([row("scripted expert", "-", evaluate_expert(held_out_seeds(episodes, first_seed), steps), None, None)]
             if expert else [])
     overrides = dict(overrides or {})
     note = f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""
@@ -55,8 +57,10 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
         axes = {**overrides, "video_exec_step": exec_step}
         settings = [TaskSetting("trained" + note, None, axes)] + [TaskSetting(f"trained + {s}{note}", s, axes)
                                                                   for s in schemes]
-        rows += measure(load, settings, episodes, steps, progress, video if exec_step == exec_steps[0] else None)
+        rows += measure(load, settings, episodes, steps, progress, video if exec_step == exec_steps[0] else None,
+                        first_seed)
         if random_baseline:
-            rows += measure(random_dit, [TaskSetting("random weights" + note, None, axes)], episodes, steps, progress)
+            rows += measure(random_dit, [TaskSetting("random weights" + note, None, axes)], episodes, steps, progress,
+                            first_seed=first_seed)
         log.info("step setting %s done", tag or "full")
     return rows

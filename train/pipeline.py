@@ -65,7 +65,8 @@ def policy_config_json(cfg: PolicyConfig) -> dict:
     return {
         "env_type": "none", "height": cfg.height, "width": cfg.width, "obs_cam_keys": list(cfg.obs_cam_keys),
         "action_dim": dim, "action_per_frame": cfg.action_per_frame, "frame_chunk_size": cfg.frame_chunk_size,
-        "attn_window": cfg.attn_window, "num_inference_steps": cfg.num_inference_steps, "video_exec_step": -1,
+        "attn_window": cfg.attn_window, "num_inference_steps": cfg.num_inference_steps,
+        "video_exec_step": cfg.video_exec_step,
         "action_num_inference_steps": cfg.action_num_inference_steps, "guidance_scale": cfg.guidance_scale,
         "action_guidance_scale": cfg.action_guidance_scale, "snr_shift": cfg.snr_shift,
         "action_snr_shift": cfg.action_snr_shift, "used_action_channel_ids": used,

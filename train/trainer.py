@@ -87,13 +87,17 @@ class FlowMatchingLoss:
         self.layout: EpisodeLayout = episode_layout(cfg, chunks)
         self.video_sigmas = FlowMatchSchedule(NUM_TRAIN_TIMESTEPS, cfg.snr_shift).sigmas()
         self.action_sigmas = FlowMatchSchedule(NUM_TRAIN_TIMESTEPS, cfg.action_snr_shift).sigmas()
+        # The sigma of the sampler's PREDICTED write: the input of its video_exec_step-th forward (0: full steps).
+        self.sampler_predicted_sigma = 0.0 if cfg.video_exec_step == -1 else float(
+            FlowMatchSchedule(cfg.num_inference_steps, cfg.snr_shift).sigmas()[cfg.video_exec_step - 1])
         mask = torch.zeros(cfg.model_config.action_dim, dtype=torch.bool)
         mask[list(cfg.used_action_channel_ids)] = True
         self.channel_mask = mask
 
     def __call__(self, model, video: Tensor, action: Tensor, text: Tensor, generator: torch.Generator,
                  noisy_predicted: bool = False, history_action_noise: float = 0.0,
-                 change_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+                 change_weight: float = 0.0,
+                 predicted_at_sampler_sigma: bool = False) -> tuple[Tensor, dict[str, float]]:
         b, k, _, f = video.shape[:4]
         g = generator
         sv = self.video_sigmas[torch.randint(len(self.video_sigmas), (b, k), generator=g)]
@@ -116,6 +120,8 @@ class FlowMatchingLoss:
         xp = tp = None
         if noisy_predicted:  # as the sampler's PREDICTED write under video_exec_step: x at sigma, t = 1000 sigma
             sp = self.video_sigmas[torch.randint(len(self.video_sigmas), (b, k), generator=g)]
+            if predicted_at_sampler_sigma:  # drawn anyway: the RNG stream stays that of a random-sigma run
+                sp = torch.full_like(sp, self.sampler_predicted_sigma)
             xp = (1 - sp.view(b, k, 1, 1, 1, 1)) * video + sp.view(b, k, 1, 1, 1, 1) * torch.randn(video.shape,
                                                                                                   generator=g)
             tp = (sp * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
@@ -251,7 +257,7 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, tc)
         loss_v, parts = objective(model, data.video[idx], data.action[idx], data.text[idx], gen, tc.noisy_predicted,
-                                  tc.history_action_noise, tc.change_weight)
+                                  tc.history_action_noise, tc.change_weight, tc.predicted_at_sampler_sigma)
         loss = loss_v + tc.action_weight * parts.pop("_action")
         opt.zero_grad(set_to_none=True)
         loss.backward()

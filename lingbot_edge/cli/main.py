@@ -52,7 +52,9 @@ def run_demo(args: argparse.Namespace) -> int:
     cfg = policy.cfg
     cams = ", ".join(k.removeprefix("observation.images.") for k in cfg.obs_cam_keys)
     print(f"policy {args.checkpoint}: {cfg.name}, {cfg.height}x{cfg.width} per camera ({cams}), "
-          f"{cfg.num_inference_steps} video / {cfg.action_num_inference_steps} action steps, "
+          f"{cfg.num_inference_steps} video"
+          + (f" (video_exec_step {cfg.video_exec_step})" if cfg.video_exec_step != -1 else "")
+          + f" / {cfg.action_num_inference_steps} action steps, "
           + (f"action noise x{cfg.action_noise_scale:g}, " if cfg.action_noise_scale != 1.0 else "")
           + f"{sum(p.numel() for p in policy.model.parameters()) / 1e6:.2f}M DiT parameters")
     rows = [("policy", evaluate(policy, seeds, desc="policy", video_path=args.video, progress=not args.quiet))]

@@ -3,7 +3,9 @@
 Each episode: `GraspScene(seed)`, `policy.reset(prompt)`, then chunk after chunk `infer` -> every
 action through the `SafetyFilter` -> `chunk.record` -> `feedback`, as the robot loop does
 (synchronously: no wall-clock deadline, the sim waits for the policy). Held-out seeds start at
-EVAL_SEED0, far from the seeds a training dataset is recorded from (0, 1, ...).
+EVAL_SEED0, far from the seeds a training dataset is recorded from (0, 1, ...); validation seeds start at
+VALIDATION_SEED0: training recipes and policy settings are chosen on those, success is reported on the
+held-out ones.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from lingbot_edge.robot.so100 import camera_images, camera_name, joints_of
 log = logging.getLogger(__name__)
 
 EVAL_SEED0 = 100_000
+VALIDATION_SEED0 = 200_000
+SEED_SETS = {"held-out": EVAL_SEED0, "validation": VALIDATION_SEED0}  # `--seeds` of `lingbot-edge train eval`
 EVAL_STEPS = 124  # 4 + 8 * 15 actions (16 chunks of the tiny so100 policy): twice what the expert needs
 
 
