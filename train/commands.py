@@ -61,6 +61,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                      help="noise std (normalized units) on the action history the model is trained with")
     fit.add_argument("--change-weight", type=float, default=tc.change_weight,
                      help="extra loss weight on chunks where the expert's motion changes (see TrainConfig)")
+    fit.add_argument("--predicted-sigma", choices=("sampler", "random"),
+                     default="sampler" if tc.predicted_at_sampler_sigma else "random",
+                     help="the noise on the PREDICTED video the actions train on: the sigma the policy's sampler "
+                          "writes it at (its video_exec_step) or a random one of the video grid (default: %(default)s)")
     fit.add_argument("--clean-predicted", action="store_true",
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
     fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -122,6 +126,7 @@ def _fit(args) -> int:
     extra = {} if args.action_weight is None else {"action_weight": args.action_weight}
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
                      seed=args.seed, noisy_predicted=not args.clean_predicted,
+                     predicted_at_sampler_sigma=args.predicted_sigma == "sampler",
                      history_action_noise=args.history_action_noise, change_weight=args.change_weight, **extra)
     report = fit(args.out, dataset=args.dataset, episodes=args.episodes, tc=tc, threads=args.threads,
                  model=args.model, expert_gain=args.expert_gain,
