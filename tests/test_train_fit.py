@@ -117,6 +117,7 @@ def test_committed_checkpoint_loads():
 
     assert policy.cfg.model == "tiny" and (policy.cfg.height, policy.cfg.width) == (128, 256)
     assert policy.cfg.obs_cam_keys == POLICY_SETTINGS["obs_cam_keys"] == ("observation.images.camera_top",)
+    assert policy.cfg.video_exec_step == POLICY_SETTINGS["video_exec_step"] == 1
     from lingbot_edge.eval.grasp import run_episode
 
     assert run_episode(policy, seed=7, steps=4)["steps"] == 4
