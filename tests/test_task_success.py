@@ -72,10 +72,12 @@ def test_train_eval_set_applies_to_every_row(tmp_path):
     assert [r["policy"] for r in rows] == ["trained (action_noise_scale=0.5)",
                                            "trained + int8_weight_only (action_noise_scale=0.5)",
                                            "random weights (action_noise_scale=0.5)"]
-    assert _closest(rows[0]["per_episode"]) == _closest(direct(action_noise_scale=0.5, video_exec_step=-1))
-    assert _closest(rows[1]["per_episode"]) == _closest(direct("int8_weight_only", action_noise_scale=0.5,
-                                                               video_exec_step=-1))
-    assert _closest(rows[0]["per_episode"]) != _closest(direct(action_noise_scale=1.0, video_exec_step=-1))
+    # No --exec-steps: the checkpoint's own step setting (its policy_config.json).
+    assert _closest(rows[0]["per_episode"]) == _closest(direct(action_noise_scale=0.5))
+    assert _closest(rows[1]["per_episode"]) == _closest(direct("int8_weight_only", action_noise_scale=0.5))
+    assert _closest(rows[0]["per_episode"]) != _closest(direct(action_noise_scale=1.0))  # the setting did act
+    assert rows[0]["video_exec_step"] == load_policy(TASK_CHECKPOINT, preset="so100", device="cpu",
+                                                     prompt_cache_dir=False).cfg.video_exec_step
 
 
 def test_train_eval_validation_seeds(tmp_path):
@@ -87,8 +89,8 @@ def test_train_eval_validation_seeds(tmp_path):
                                expert=True, first_seed=VALIDATION_SEED0)
     validation = held_out_seeds(EPISODES, VALIDATION_SEED0)
     assert [[e["seed"] for e in r["per_episode"]] for r in rows] == [validation, validation]
-    assert _closest(rows[1]["per_episode"]) == _closest(direct(first_seed=VALIDATION_SEED0, video_exec_step=-1))
-    assert _closest(rows[1]["per_episode"]) != _closest(direct(video_exec_step=-1))  # other seeds, other episodes
+    assert _closest(rows[1]["per_episode"]) == _closest(direct(first_seed=VALIDATION_SEED0))
+    assert _closest(rows[1]["per_episode"]) != _closest(direct())  # other seeds, other episodes
     from train.commands import main
 
     md = tmp_path / "v.md"
@@ -97,6 +99,8 @@ def test_train_eval_validation_seeds(tmp_path):
     text = md.read_text()
     assert f"validation seeds {VALIDATION_SEED0}..{VALIDATION_SEED0}, " in text and "--seeds validation" in text
     assert "| success over 1 validation seeds |" in text
+    with pytest.raises(SystemExit, match="--exec-steps: expected 'checkpoint', 'full'"):
+        main(["eval", "--checkpoint", TASK_CHECKPOINT, "--exec-steps", "1,fast"])
 
 
 def test_the_task_runs_so100_policies_only():

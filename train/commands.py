@@ -78,8 +78,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ev.add_argument("--schemes", default="", help="comma-separated 8-bit schemes to evaluate too "
                                                   "(e.g. int8_weight_only,int8_dynamic,fp8_weight_only)")
-    ev.add_argument("--exec-steps", default="full", help="comma-separated video step settings to evaluate: 'full' "
-                                                         "or a video_exec_step count (e.g. full,1)")
+    ev.add_argument("--exec-steps", default="checkpoint",
+                    help="comma-separated video step settings to evaluate: 'checkpoint' (its policy_config's; the "
+                         "default), 'full' or a video_exec_step count (e.g. 1,full)")
     ev.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="policy setting override for every row, JSON value (e.g. --set action_noise_scale=1); "
                          "repeatable")
@@ -150,7 +151,12 @@ def _eval(args) -> int:
     from train.evaluate import evaluate_checkpoint, format_table
 
     schemes = [s for s in args.schemes.split(",") if s]
-    exec_steps = [-1 if s == "full" else int(s) for s in args.exec_steps.split(",") if s]
+    named = {"full": -1, "checkpoint": None}
+    try:
+        exec_steps = [named[s] if s in named else int(s) for s in args.exec_steps.split(",") if s]
+    except ValueError:
+        raise SystemExit(f"lingbot-edge train eval: error: --exec-steps: expected 'checkpoint', 'full' or "
+                         f"video_exec_step counts, comma-separated; got {args.exec_steps!r}") from None
     from lingbot_edge.core.config import parse_overrides
     from lingbot_edge.eval.grasp import EVAL_STEPS, SEED_SETS
 

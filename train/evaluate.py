@@ -34,15 +34,15 @@ def evaluate_expert(seeds: Sequence[int], steps: int = EVAL_STEPS) -> dict:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str = "bfloat16",
-                        schemes: Sequence[str] = (), exec_steps: Sequence[int] = (-1,), random_baseline: bool = True,
-                        expert: bool = False, video: str | Path | None = None, steps: int = EVAL_STEPS,
-                        progress: bool = True, overrides: dict | None = None,
+                        schemes: Sequence[str] = (), exec_steps: Sequence[int | None] = (None,),
+                        random_baseline: bool = True, expert: bool = False, video: str | Path | None = None,
+                        steps: int = EVAL_STEPS, progress: bool = True, overrides: dict | None = None,
                         first_seed: int = EVAL_SEED0) -> list[dict]:
     """Success over `episodes` held-out seeds, for every step setting in `exec_steps` (`video_exec_step`, -1 =
-    full video steps): the checkpoint in `dtype`, each 8-bit scheme of `quantize.schemes.SCHEMES` applied to
-    its blocks' Linears (quantize_ in memory), and the same checkpoint with a random-weight DiT. `overrides`:
-    policy settings for every row (`--set`), named in the row labels. `first_seed`: of the seeds (VALIDATION_SEED0
-    for the validation set)."""
+    full video steps, None = the checkpoint's own setting): the checkpoint in `dtype`, each 8-bit scheme of
+    `quantize.schemes.SCHEMES` applied to its blocks' Linears (quantize_ in memory), and the same checkpoint with a
+    random-weight DiT. `overrides`: policy settings for every row (`--set`), named in the row labels. `first_seed`:
+    of the seeds (VALIDATION_SEED0 for the validation set)."""
     load = checkpoint_loader(checkpoint, dtype)
 
     def random_dit(**kwargs):  # the random DiT copies the checkpoint's architecture
@@ -53,8 +53,8 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
     overrides = dict(overrides or {})
     note = f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""
     for exec_step in exec_steps:
-        tag = "" if exec_step == -1 else f" (video_exec_step {exec_step})"
-        axes = {**overrides, "video_exec_step": exec_step}
+        tag = {None: "the checkpoint's", -1: "full"}.get(exec_step, f"video_exec_step {exec_step}")
+        axes = dict(overrides) if exec_step is None else {**overrides, "video_exec_step": exec_step}
         settings = [TaskSetting("trained" + note, None, axes)] + [TaskSetting(f"trained + {s}{note}", s, axes)
                                                                   for s in schemes]
         rows += measure(load, settings, episodes, steps, progress, video if exec_step == exec_steps[0] else None,
@@ -62,5 +62,5 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
         if random_baseline:
             rows += measure(random_dit, [TaskSetting("random weights" + note, None, axes)], episodes, steps, progress,
                             first_seed=first_seed)
-        log.info("step setting %s done", tag or "full")
+        log.info("step setting %s done", tag)
     return rows
