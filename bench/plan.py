@@ -5,13 +5,13 @@
 
 Per (preset, scheme, video steps, video_exec_step, action steps): the forwards the static sampler
 runs for one chunk plus its two history writes, each costed as max(bytes / bandwidth, FLOPs / peak)
-(DESIGN.md section 5). Bytes: the weights one forward reads (block Linears at the scheme's width
+(docs/design.md section 5). Bytes: the weights one forward reads (block Linears at the scheme's width
 plus one fp32 scale per output channel; the prompt's cross-attention K/V projections are not read:
 computed once per prompt) and the self/cross-attention K/V of its CFG rows. FLOPs: the block
 Linears at the scheme's peak (bf16 for weight-only formats: they dequantize into a bf16 GEMM),
 attention and the small embedders at the bf16 peak. The chunk's budget is its execution time at
 the control rate (16 actions at 30 Hz = 533 ms); the next chunk is inferred while one executes.
-A configuration "meets" the rate when 1.5x its roofline time fits (the efficiency DESIGN.md
+A configuration "meets" the rate when 1.5x its roofline time fits (the efficiency docs/design.md
 targets); launch overheads are what CUDA graphs remove and are not modelled.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
 
 CONTROL_HZ = 30.0
-EFFICIENCY = 1.5  # DESIGN.md: chunk latency within 1.5x of the roofline
+EFFICIENCY = 1.5  # docs/design.md: chunk latency within 1.5x of the roofline
 BF16 = 2
 
 

@@ -20,7 +20,7 @@ JSON form (`QuantPlan.from_json` / `to_json`); a scheme is a registered name, "k
 on; `lingbot-edge quantize` refuses another checkpoint. A rule that matches no Linear is an error.
 
 The default plan quantizes the Linears inside the blocks (attn1, attn2, ffn: ~98% of the weights)
-and keeps embedders, modulation (`time_proj`) and output heads in high precision (DESIGN.md
+and keeps embedders, modulation (`time_proj`) and output heads in high precision (docs/design.md
 section 1). Keeping `patch_embedding_mlp` and `condition_embedder*.time_embedder.linear_1` also keeps
 the biases `model.dtype` and the condition embedder read in a plain Linear (QuantizedLinear keeps its
 bias in the compute dtype too, so quantizing them would still work).

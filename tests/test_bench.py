@@ -17,7 +17,7 @@ def test_memory_model_kv_and_dit_bytes():
     assert memory_model.kv_cache_bytes(libero) == 30 * 2 * (15 * (128 + 16)) * 3072 * 2 * 2
     assert memory_model.kv_cache_bytes(robotwin) == 30 * 2 * (36 * (240 + 32)) * 3072 * 2 * 2
     counts = memory_model.dit_param_counts()
-    assert 4.8e9 < counts.quantizable < 4.95e9  # "~4.9B of 5.0B params" (DESIGN.md section 1)
+    assert 4.8e9 < counts.quantizable < 4.95e9  # "~4.9B of 5.0B params" (docs/design.md section 1)
     # The int8 estimate agrees with quantize's dry run, built independently from the runtime format.
     from quantize import SCHEMES, plan_summary
 

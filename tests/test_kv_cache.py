@@ -1,4 +1,4 @@
-"""Ring-buffer cache vs the plain list cache (the DESIGN.md section 2 text, written plainly)."""
+"""Ring-buffer cache vs the plain list cache (docs/design.md section 2 text, written plainly)."""
 
 import random
 

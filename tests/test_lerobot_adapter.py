@@ -315,7 +315,7 @@ def test_predict_action_chunk(adapter, reference):
 @pytest.mark.lerobot
 @needs_lerobot
 def test_transformers_and_diffusers_import_next_to_lerobot(lerobot_api):
-    """LeRobot's torchvision must not break the frozen encoders' libraries (ENVIRONMENT.md)."""
+    """LeRobot's torchvision must not break the frozen encoders' libraries."""
     from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable, fallback_installed
 
     ensure_torchvision_importable()

@@ -14,7 +14,7 @@ TINY = MODEL_PRESETS["tiny"]
 
 
 def test_upstream_key_names():
-    """Key names from DESIGN.md section 1 / upstream `transformer/` (a sample of every kind)."""
+    """Key names from docs/design.md section 1 / upstream `transformer/` (a sample of every kind)."""
     keys = set(build_meta_model(MODEL_PRESETS["full"]).state_dict())
     expected = {
         "patch_embedding_mlp.weight", "action_embedder.bias",

@@ -104,7 +104,7 @@ def test_bad_calls_get_clear_errors():
 
 def test_libero_preset_is_upstreams_config():
     """Pinned to upstream's published LIBERO config: Robbyant/lingbot-va `wan_va/configs/va_libero_cfg.py`
-    (the released LIBERO checkpoint's config; DESIGN.md section 4). LeRobot's port uses 0-6 and 0.05."""
+    (the released LIBERO checkpoint's config; docs/design.md section 4). LeRobot's port uses 0-6 and 0.05."""
     cfg = get_policy_config("libero")
     assert cfg.used_action_channel_ids == (0, 1, 2, 3, 4, 5, 28)
     assert cfg.action_snr_shift == 1.0 and cfg.snr_shift == 5.0

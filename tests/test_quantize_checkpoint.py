@@ -226,7 +226,7 @@ def _independent_full_count():
 
 def test_dry_run_full_int8_counts_on_meta(capsys):
     params, block_weights, int8_bytes = _independent_full_count()
-    assert 4.85e9 < block_weights < 4.95e9 and 5.0e9 < params < 5.2e9  # DESIGN.md: ~4.9B of ~5.0B
+    assert 4.85e9 < block_weights < 4.95e9 and 5.0e9 < params < 5.2e9  # docs/design.md: ~4.9B of ~5.0B
     rows, assignment = plan_summary(MODEL_PRESETS["full"], SCHEMES["int8_weight_only"])
     assert len(assignment) == 30 * 10
     assert sum(r.params for r in rows) == params

@@ -6,7 +6,7 @@ demo` measures the embedded trained checkpoint on them.
 - `train.expert`: a scripted reach-and-grasp expert (IK + a small state machine).
 - `train.dataset`: episodes recorded in LeRobot's v2.1 dataset layout with `meta/stats.json` quantiles.
 - `train.teacher`: the teacher-forced forward: one pass over a whole episode whose attention mask
-  reproduces the inference KV-cache semantics (DESIGN.md sections 2-3).
+  reproduces the inference KV-cache semantics (docs/design.md sections 2-3).
 - `train.trainer`: flow matching on both streams, resumable atomic checkpoints, loss curve PNG, export
   in the released folder layout with `policy_config.json`.
 - `train.evaluate`: task success of a checkpoint per 8-bit scheme and step setting (`calib.task_success`, shared

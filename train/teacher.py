@@ -1,6 +1,6 @@
 """The teacher-forced forward: a whole episode in one differentiable pass, with the inference cache semantics.
 
-At inference (DESIGN.md sections 2-3) chunk k's noisy video tokens attend to the KV cache (the clean
+At inference (docs/design.md sections 2-3) chunk k's noisy video tokens attend to the KV cache (the clean
 history of the chunks before, written with t = 0) plus themselves; its noisy action tokens attend to
 that history, the chunk's own clean video (its PREDICTED entries) plus themselves; feedback then writes
 the observed video and the executed actions as HISTORY. Every insert sees at most `capacity` keys: the
@@ -144,7 +144,7 @@ class EpisodeLayout:
 
 
 def cache_visibility(chunks: int, nv: int, na: int, capacity: int) -> list[tuple[str, int, list[tuple[str, int]]]]:
-    """Replay the KV cache's bookkeeping (DESIGN.md section 2) over the sampler's inserts, symbolically:
+    """Replay the KV cache's bookkeeping (docs/design.md section 2) over the sampler's inserts, symbolically:
     per chunk the noisy video (TRANSIENT; every denoising step sees the same keys, since the first one
     already evicted what it needs), its clean video (PREDICTED, the last video step), the noisy actions
     (TRANSIENT), the last action step (PREDICTED, dropped unseen), then feedback: video and actions as

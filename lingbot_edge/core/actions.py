@@ -1,4 +1,4 @@
-"""Action (un)normalization and the robot <-> model action layouts (DESIGN.md section 3).
+"""Action (un)normalization and the robot <-> model action layouts (docs/design.md section 3).
 
 Model space: [1, action_dim, F, apf, 1], quantile-normalized to [-1, 1], unused channels zero.
 Robot space: [steps, n_used] in the robot's units, steps in execution order (frame-major).

@@ -18,7 +18,7 @@ _IGNORED_MODEL_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "at
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The dual-stream Wan DiT (DESIGN.md section 1). Defaults are the released ~5B model."""
+    """The dual-stream Wan DiT (docs/design.md section 1). Defaults are the released ~5B model."""
 
     patch_size: tuple[int, int, int] = (1, 2, 2)
     num_attention_heads: int = 24
@@ -82,7 +82,7 @@ class ModelConfig:
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "full": ModelConfig(),
-    # DESIGN.md section 4: 2 blocks, 2 heads x 24, ffn 64, text_dim 32, latent ch 16, action_dim 8.
+    # docs/design.md section 4: 2 blocks, 2 heads x 24, ffn 64, text_dim 32, latent ch 16, action_dim 8.
     "tiny": ModelConfig(
         num_attention_heads=2,
         attention_head_dim=24,
@@ -112,7 +112,7 @@ IMAGE_TRANSFORMS = ("none", "vflip", "hflip", "rot180")
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Sampler + observation settings of one robot setup (DESIGN.md sections 3-4)."""
+    """Sampler + observation settings of one robot setup (docs/design.md sections 3-4)."""
 
     name: str
     model: str  # key of MODEL_PRESETS the policy was trained with
@@ -233,7 +233,7 @@ class PolicyConfig:
 
     @property
     def cache_capacity(self) -> int:
-        """Self-attention KV slots per block and CFG row (DESIGN.md section 2)."""
+        """Self-attention KV slots per block and CFG row (docs/design.md section 2)."""
         return (self.attn_window // 2) * (self.video_tokens_per_chunk + self.action_tokens_per_chunk)
 
     @property

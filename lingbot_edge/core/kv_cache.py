@@ -1,4 +1,4 @@
-"""Self-attention KV caches (DESIGN.md section 2).
+"""Self-attention KV caches (docs/design.md section 2).
 
 Semantics, shared by both caches: every self-attention forward first inserts its own K/V,
 then attends (no causal mask) over everything valid, then

@@ -1,4 +1,4 @@
-"""The dual-stream Wan DiT of LingBot-VA (DESIGN.md section 1).
+"""The dual-stream Wan DiT of LingBot-VA (docs/design.md section 1).
 
 Module and parameter names reproduce upstream `transformer/` state-dict keys exactly, so a
 released checkpoint loads without remapping. The model does not own a KV cache: self-attention

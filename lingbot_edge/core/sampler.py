@@ -1,4 +1,4 @@
-"""Chunk samplers (DESIGN.md section 3): the eager reference and the static compiled one.
+"""Chunk samplers (docs/design.md section 3): the eager reference and the static compiled one.
 
 Both compute the same thing from the same inputs (noise, prompt embeddings, observed latents,
 executed actions); they differ only in how:

@@ -1,4 +1,4 @@
-"""Flow-matching schedule (DESIGN.md section 3), the same for the video and action streams.
+"""Flow-matching schedule (docs/design.md section 3), the same for the video and action streams.
 
 sigmas = linspace(1, 0, N + 1)[:-1], shifted s*sigma / (1 + (s - 1)*sigma); timesteps = 1000*sigma;
 Euler: x += v * (sigma_next - sigma) with sigma_next = 0 after the last step. A final timestep 0

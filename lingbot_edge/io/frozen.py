@@ -1,6 +1,6 @@
 """Frozen encoders of the policy: observations through the Wan2.2 VAE, prompts through UMT5.
 
-DESIGN.md section 3 ("Observation encoding", "Prompt"). Both encoders take already-built models
+docs/design.md section 3 ("Observation encoding", "Prompt"). Both encoders take already-built models
 (diffusers `AutoencoderKLWan`, transformers `UMT5EncoderModel`) plus a tokenizer callable;
 `lingbot_edge.io.loading` builds them from the released folders and `lingbot_edge.io.prompt_cache` keeps
 prompt embeddings so UMT5 runs once per prompt, ever. For tests and the `tiny` preset,

@@ -1,6 +1,6 @@
 """Prompt embeddings computed once, kept in memory and on disk; UMT5 loaded only on a miss and released.
 
-DESIGN.md section 3 ("Prompt"): a prompt's embedding is UMT5's `last_hidden_state` over the T5 tokens
+docs/design.md section 3 ("Prompt"): a prompt's embedding is UMT5's `last_hidden_state` over the T5 tokens
 padded to 512, zero past the real length, and the empty negative prompt is encoded the same way under
 CFG. Nothing else in the policy needs UMT5 (5.7B parameters, ~11 GB in bf16), so:
 

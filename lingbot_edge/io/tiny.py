@@ -1,6 +1,6 @@
 """The embedded `tiny` source: a tiny DiT, Wan2.2-family VAE, UMT5 and tokenizer built in-process.
 
-What `load_policy("tiny")` builds (DESIGN.md section 4, ENVIRONMENT.md "Tiny frozen models"): the real
+What `load_policy("tiny")` builds (docs/design.md section 4): the real
 model classes at stand-in sizes, offline, so the demo, the tests and the CPU benchmarks run without a
 checkpoint. diffusers / transformers / tokenizers are imported lazily.
 """

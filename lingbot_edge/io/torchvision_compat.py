@@ -3,7 +3,7 @@
 Next to the CPU torch wheel, `pip install lerobot` brings a CUDA build of torchvision whose C++
 ops library cannot load. torchvision then dies at import time (`operator torchvision::nms does
 not exist`: its fake-tensor registrations need the op), and since transformers, diffusers and
-LeRobot import torchvision whenever it is installed, they all fail too (ENVIRONMENT.md).
+LeRobot import torchvision whenever it is installed, they all fail too.
 
 `ensure_torchvision_importable()` imports torchvision; only if that fails with exactly this error
 does it define the two ops torchvision's import needs (`nms` with a small CPU kernel, `qnms` as a

@@ -1,6 +1,6 @@
 """The real SO-100 through LeRobot's follower (extra `robot`; LeRobot is imported only here, on demand).
 
-LeRobot 0.3.2 (the release that installs next to torch 2.13, see shared/ENVIRONMENT.md) has
+LeRobot 0.3.2 (the release that installs next to torch 2.13) has
 `lerobot.robots.so100_follower`; newer releases moved it to `lerobot.robots.so_follower` (same class
 names) and default to `use_degrees=True`. The policy speaks LeRobot's normalized units (joints
 -100..100, gripper 0..100), so `use_degrees` is always set to False where the config has it.
@@ -31,7 +31,7 @@ def follower_classes():
         except (ImportError, AttributeError) as e:
             errors.append(f"{name}: {e}")
     raise ImportError("the real SO-100 needs LeRobot: pip install -c constraints.txt -e '.[robot]' (lerobot 0.3.2 "
-                      "with torch 2.13; see shared/ENVIRONMENT.md); tried " + "; ".join(errors))
+                      "with torch 2.13); tried " + "; ".join(errors))
 
 
 def make_lerobot_so100(port: str, cameras: Sequence[CameraSpec], robot_id: str | None = None,

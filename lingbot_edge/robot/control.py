@@ -7,7 +7,7 @@ ready when the current one ends, the loop keeps ticking but re-sends the last sa
 such wait is one overrun (a wait still open when the run ends counts too). The robot is always
 disconnected (torque off) on exit, KeyboardInterrupt included.
 
-Pipelining with a KV-cache world model (DESIGN.md sections 2-3). `infer(k+1)` conditions on what the
+Pipelining with a KV-cache world model (docs/design.md sections 2-3). `infer(k+1)` conditions on what the
 cache holds about chunk k; `feedback(k)` needs chunk k fully executed. Two schedules:
 
 - sync (any policy): at the end of chunk k the worker runs `feedback(k)` then `infer(k+1)` while the arm
