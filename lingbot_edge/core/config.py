@@ -108,6 +108,7 @@ VAE_TEMPORAL = 4
 
 # PolicyConfig.image_transform: applied to every camera frame before resizing (policy.orient_frames).
 IMAGE_TRANSFORMS = ("none", "vflip", "hflip", "rot180")
+ASYNC_MODES = ("grounded", "naive")
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,11 @@ class PolicyConfig:
     # every action flow at zero: the sampler's ODE then gives one deterministic chunk per context instead of a
     # draw from the spread a small, under-trained policy has learned (bench/results/task_success/so100_grasp.md).
     action_noise_scale: float = 1.0
+    # How `infer(obs, ahead=True)` conditions the chunk after the one executing (docs/design.md section 7):
+    # "grounded" writes the real history up to the chunk before it, then the executing chunk's imagined video
+    # and its known actions as temporary entries; "naive" continues from the model's own stale forecast of the
+    # executing chunk (kept for comparison: it loses the task, bench/results/task_success/so100_grasp_async.md).
+    async_mode: str = "grounded"
     used_action_channel_ids: tuple[int, ...] = tuple(range(7))
     # Quantiles over the full action_dim space (unused channels included, as upstream stores them).
     action_q01: tuple[float, ...] = ()
@@ -193,6 +199,8 @@ class PolicyConfig:
                              f"({self.num_inference_steps}), got {self.video_exec_step}")
         if not (math.isfinite(self.action_noise_scale) and self.action_noise_scale >= 0):
             raise ValueError(f"action_noise_scale: expected a finite value >= 0, got {self.action_noise_scale}")
+        if self.async_mode not in ASYNC_MODES:
+            raise ValueError(f"async_mode: expected one of {list(ASYNC_MODES)}, got {self.async_mode!r}")
         if self.attn_window < 2:
             raise ValueError(f"attn_window: must be >= 2 (the cache holds attn_window // 2 chunks), "
                              f"got {self.attn_window}")

@@ -27,7 +27,7 @@ from lingbot_edge.core.actions import ActionCodec
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.episode import Chunk, chunk_keyframes
 from lingbot_edge.core.model import WanVATransformer
-from lingbot_edge.core.sampler import ReferenceSampler, StaticSampler
+from lingbot_edge.core.sampler import ChunkResult, ReferenceSampler, StaticSampler
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +189,12 @@ class LingBotPolicy:
         actions / chunk / frame_start / timing). The first chunk of an episode needs one frame per
         camera in obs (obs_cam_keys names or their camera_aliases).
 
-        ahead=True: predict the chunk after the one awaiting feedback, while that one executes. It
-        conditions on the cache's PREDICTED entries of the pending chunk (the model's own prediction,
-        a one-chunk lag); `feedback` of the pending chunk then replaces them with what happened and
-        re-inserts this chunk's prediction, so the next `infer(ahead=True)` can follow it."""
+        ahead=True: predict the chunk after the one awaiting feedback, while that one executes
+        (`cfg.async_mode`). Grounded: the cache holds the real history up to the chunk before the
+        executing one, then the executing chunk's imagined video and its known actions as temporary
+        entries; this chunk runs its action pass alone on top. Naive: it conditions on the executing
+        chunk's own stale forecast. `feedback` of the oldest pending chunk writes what happened and
+        rewrites the executing chunk's temporary entries, so the next `infer(ahead=True)` follows it."""
         if self.prompt is None:
             raise RuntimeError("infer: call reset(prompt=...) first")
         if ahead and len(self._pending) != 1:
@@ -216,13 +218,19 @@ class LingBotPolicy:
         shift = len(self._pending) * self.cfg.frame_chunk_size
         noise_video = self._noise(self.sampler.latent_shape)  # video first: the generator's order
         noise_action = self._noise(self.sampler.action_shape) * self.cfg.action_noise_scale
-        result = self.sampler.sample_chunk(
-            noise_video, noise_action, first_latent, timer=timer,
-            frame_shift=shift,
-        )
+        if ahead and self.cfg.async_mode == "grounded":
+            # The executing chunk's grounded entries are in the cache (written by `infer` of chunk 0 or by
+            # `feedback`): the next chunk needs only its action pass.
+            actions = self.sampler.sample_actions(noise_action, frame_shift=shift, timer=timer)
+            result = ChunkResult(actions=actions, latents=None)
+        else:
+            result = self.sampler.sample_chunk(
+                noise_video, noise_action, first_latent, timer=timer,
+                frame_shift=shift,
+            )
         actions = self.codec.to_robot(result.actions, first_chunk=first)  # host copy: syncs once
         self.last_result = result
-        if self.record_predicted_video:
+        if self.record_predicted_video and result.latents is not None:
             self.predicted_latents.append(result.latents.detach().float().cpu())
         self._pending.append(result)
         return Chunk(actions, index=self.chunk_index + len(self._pending) - 1, first=first,
@@ -262,9 +270,20 @@ class LingBotPolicy:
         timer.mark("encode_obs")
         self.sampler.feedback(latents, actions, timer=timer)
         self._pending.pop(0)
-        if self._pending:  # a chunk inferred ahead: feedback dropped its PREDICTED entries, restore them
-            self.sampler.write_predicted(self._pending[0].latents, self._pending[0].actions, timer=timer)
+        if self._pending:  # a chunk inferred ahead is executing: feedback dropped its PREDICTED entries
+            self._rewrite_executing(self._pending[0], timer)
         self.chunk_index += 1
         return timer.result()
+
+    def _rewrite_executing(self, executing: ChunkResult, timer: PhaseTimer) -> None:
+        """Entries for the chunk now executing, after the real history before it was written. Grounded: its
+        video imagined from that history and its known actions (`sampler.ground`). Naive: its stale forecast
+        as inferred (`sampler.write_predicted`)."""
+        if self.cfg.async_mode == "naive":
+            self.sampler.write_predicted(executing.latents, executing.actions, timer=timer)
+            return
+        latents = self.sampler.ground(self._noise(self.sampler.latent_shape), executing.actions, timer=timer)
+        if self.record_predicted_video:
+            self.predicted_latents.append(latents.detach().float().cpu())
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ChunkResult:
     actions: Tensor  # [1, A, F, apf, 1] normalized, unused channels zero
-    latents: Tensor  # [1, C, F, h, w] predicted video latents
+    latents: Tensor | None  # [1, C, F, h, w] predicted video latents (None: an action-only pass)
 
 
 class _SamplerBase:
@@ -121,18 +121,10 @@ class ReferenceSampler(_SamplerBase):
         self.cache.end(mode)
         return out
 
-    @torch.no_grad()
-    def sample_chunk(
-        self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None, timer=None,
-        frame_shift: int = 0,
-    ) -> ChunkResult:
-        """frame_shift: latent frames between frame_start and this chunk (a chunk inferred ahead of
-        the one awaiting feedback sits frame_chunk_size frames later)."""
-        self.check_inputs(noise_video, noise_action, first_latent)
+    def _video_pass(self, noise_video: Tensor, first_latent: Tensor | None, frame_start: int) -> Tensor:
+        """Denoise one chunk's video at `frame_start` (TRANSIENT steps, the last one PREDICTED)."""
         cfg, f = self.cfg, self.cfg.frame_chunk_size
         first = first_latent is not None
-        frame_start = self.frame_start + frame_shift
-
         latents = noise_video.to(self.device, self.dtype).clone()
         ts, ds, last_updates = self.stream_schedule(action=False)
         for i in range(len(ts)):
@@ -147,8 +139,11 @@ class ReferenceSampler(_SamplerBase):
                 latents = latents + self._cfg(v, cfg.guidance_scale) * ds[i]
         if first:
             latents[:, :, :1] = first_latent
-        _mark(timer, "video")
+        return latents
 
+    def _action_pass(self, noise_action: Tensor, first: bool, frame_start: int) -> Tensor:
+        """Denoise one chunk's actions at `frame_start` (TRANSIENT steps, the last one PREDICTED)."""
+        cfg, f = self.cfg, self.cfg.frame_chunk_size
         actions = noise_action.to(self.device, self.dtype).clone()
         ts, ds, _ = self.stream_schedule(action=True)
         for i in range(len(ts)):
@@ -165,18 +160,59 @@ class ReferenceSampler(_SamplerBase):
         if first:
             actions[:, :, :1] = 0
         actions[:, ~self.action_channel_mask] = 0
+        return actions
+
+    @torch.no_grad()
+    def sample_chunk(
+        self, noise_video: Tensor, noise_action: Tensor, first_latent: Tensor | None = None, timer=None,
+        frame_shift: int = 0,
+    ) -> ChunkResult:
+        """frame_shift: latent frames between frame_start and this chunk (a chunk inferred ahead of
+        the one awaiting feedback sits frame_chunk_size frames later)."""
+        self.check_inputs(noise_video, noise_action, first_latent)
+        frame_start = self.frame_start + frame_shift
+        latents = self._video_pass(noise_video, first_latent, frame_start)
+        _mark(timer, "video")
+        actions = self._action_pass(noise_action, first_latent is not None, frame_start)
         _mark(timer, "action")
         return ChunkResult(actions=actions, latents=latents)
+
+    @torch.no_grad()
+    def sample_actions(self, noise_action: Tensor, frame_shift: int, timer=None) -> Tensor:
+        """The action pass alone at frame_start + frame_shift: the grounded lookahead's next chunk, which
+        attends to the history and the executing chunk's grounded entries (`ground`)."""
+        _check("noise_action", noise_action, self.action_shape)
+        actions = self._action_pass(noise_action, False, self.frame_start + frame_shift)
+        _mark(timer, "action")
+        return actions
+
+    @torch.no_grad()
+    def ground(self, noise_video: Tensor, executing_actions: Tensor, timer=None) -> Tensor:
+        """Temporary entries for the chunk now executing (at frame_start), right after the real history
+        before it was written: its video imagined from that history (the policy's video steps, the last
+        one PREDICTED), then its executing actions as PREDICTED (t = 0). The next real write drops both.
+        Returns the imagined latents."""
+        _check("noise_video", noise_video, self.latent_shape)
+        _check("executing_actions", executing_actions, self.action_shape)
+        latents = self._video_pass(noise_video, None, self.frame_start)
+        _mark(timer, "video")
+        self._write_actions(executing_actions, CacheMode.PREDICTED, self.frame_start)
+        _mark(timer, "grounded")
+        return latents
+
+    def _write_actions(self, actions: Tensor, mode: CacheMode, frame_start: int) -> None:
+        t0 = torch.zeros(actions.shape[2], device=self.device)
+        actions = actions.to(self.device, self.dtype).clone()
+        actions[:, ~self.action_channel_mask] = 0
+        self._forward(actions, t0, mode, True, frame_start)
 
     @torch.no_grad()
     def feedback(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
         """Write observed latents then executed actions as HISTORY (t = 0); advance the frame ids."""
         self.check_feedback(video_latents, actions)
         t0 = torch.zeros(video_latents.shape[2], device=self.device)
-        actions = actions.to(self.device, self.dtype).clone()
-        actions[:, ~self.action_channel_mask] = 0
         self._forward(video_latents.to(self.device, self.dtype), t0, CacheMode.HISTORY, False, self.frame_start)
-        self._forward(actions, t0, CacheMode.HISTORY, True, self.frame_start)
+        self._write_actions(actions, CacheMode.HISTORY, self.frame_start)
         _mark(timer, "history")
         self.frame_start += video_latents.shape[2]
 
@@ -186,10 +222,8 @@ class ReferenceSampler(_SamplerBase):
         `sample_chunk`: restores a chunk inferred ahead after `feedback` dropped the predicted entries."""
         self.check_feedback(video_latents, actions)
         t0 = torch.zeros(video_latents.shape[2], device=self.device)
-        actions = actions.to(self.device, self.dtype).clone()
-        actions[:, ~self.action_channel_mask] = 0
         self._forward(video_latents.to(self.device, self.dtype), t0, CacheMode.PREDICTED, False, self.frame_start)
-        self._forward(actions, t0, CacheMode.PREDICTED, True, self.frame_start)
+        self._write_actions(actions, CacheMode.PREDICTED, self.frame_start)
         _mark(timer, "predicted")
 
 
@@ -358,13 +392,40 @@ class StaticSampler(_SamplerBase):
         _mark(timer, "action")
         return ChunkResult(actions=actions, latents=latents)
 
+    @torch.no_grad()
+    def sample_actions(self, noise_action: Tensor, frame_shift: int, timer=None) -> Tensor:
+        """See ReferenceSampler.sample_actions (the action graphs, the frame offset shifted in place)."""
+        _check("noise_action", noise_action, self.action_shape)
+        self.frame_offset.add_(frame_shift)
+        try:
+            actions = self._denoise(noise_action.to(self.device, self.dtype), True, self.no_pin)
+        finally:
+            self.frame_offset.sub_(frame_shift)
+        _mark(timer, "action")
+        return actions * self.action_channel_mask.view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def ground(self, noise_video: Tensor, executing_actions: Tensor, timer=None) -> Tensor:
+        """See ReferenceSampler.ground (the video graph, then the clean-write action graph)."""
+        _check("noise_video", noise_video, self.latent_shape)
+        _check("executing_actions", executing_actions, self.action_shape)
+        latents = self._denoise(noise_video.to(self.device, self.dtype), False, self.no_pin)
+        _mark(timer, "video")
+        self._write_action(executing_actions, CacheMode.PREDICTED)
+        _mark(timer, "grounded")
+        return latents
+
+    def _write_action(self, actions: Tensor, mode: CacheMode) -> None:
+        t, ds, b = self.history_t, self.history_dsigma, self.cfg.cfg_batch
+        self._run_step(actions.to(self.device, self.dtype), t, ds, self.modes[mode], self.no_pin, True, b)
+
     def _write_clean(self, video_latents: Tensor, actions: Tensor, mode: CacheMode) -> None:
         """Clean (t = 0) video then action tokens into the cache as `mode`, both CFG rows, through the same
         graphs as the denoising steps."""
         self.check_feedback(video_latents, actions)
         t, ds, b = self.history_t, self.history_dsigma, self.cfg.cfg_batch
         self._run_step(video_latents.to(self.device, self.dtype), t, ds, self.modes[mode], self.no_pin, False, b)
-        self._run_step(actions.to(self.device, self.dtype), t, ds, self.modes[mode], self.no_pin, True, b)
+        self._write_action(actions, mode)
 
     @torch.no_grad()
     def feedback(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
