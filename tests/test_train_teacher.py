@@ -99,3 +99,82 @@ def test_mask_counts_follow_the_cache_capacity():
     hist = torch.cat([lay.segment("video").flatten(), lay.segment("action").flatten()])
     other = torch.cat([lay.segment(s).flatten() for s in ("video_noisy", "video_predicted", "action_noisy")])
     assert not lay.mask[hist][:, other].any()
+
+
+def _reference_grounded(model, cfg, x, x_async, t_async):
+    """The grounded lookahead's order through the list cache: chunk 0 as the sampler writes it (its last action
+    step holds the clean actions); then per chunk k: its action pass while chunk k-1 executes (TRANSIENT, then
+    the last step PREDICTED), feedback of chunk k-1 (HISTORY), chunk k's imagined video (TRANSIENT, PREDICTED)
+    and its executing actions (PREDICTED, t = 0). Returns the action velocities of chunks 1.."""
+    f, apf = cfg.frame_chunk_size, cfg.action_per_frame
+    h, w = cfg.latent_hw
+    _, ph, pw = model.config.patch_size
+    cache = ListKVCache(model.config.num_layers, cfg.cache_capacity)
+
+    def fwd(inp, t, mode, action, fs):
+        grid = action_grid_ids(f, apf, fs) if action else video_grid_ids(f, h // ph, w // pw, fs)
+        cache.begin(mode, grid.shape[1])
+        out = model(inp, t, grid, cache, action=action, text_emb=x["text"])
+        cache.end(mode)
+        return out
+
+    zeros = torch.zeros(f)
+    fwd(x["video_noisy"][:, 0], x["t_video"][0, 0], CacheMode.TRANSIENT, False, 0)
+    fwd(x["video_clean"][:, 0], zeros, CacheMode.PREDICTED, False, 0)
+    fwd(x["action_noisy"][:, 0], x["t_action"][0, 0], CacheMode.TRANSIENT, True, 0)
+    fwd(x["action_clean"][:, 0], zeros, CacheMode.PREDICTED, True, 0)
+    out = []
+    for k in range(1, x["video_clean"].shape[1]):
+        fs = k * f
+        out.append(fwd(x_async[:, k], t_async[0, k], CacheMode.TRANSIENT, True, fs))
+        fwd(x_async[:, k], zeros, CacheMode.PREDICTED, True, fs)  # the last action step: dropped unseen
+        fwd(x["video_clean"][:, k - 1], zeros, CacheMode.HISTORY, False, fs - f)
+        fwd(x["action_clean"][:, k - 1], zeros, CacheMode.HISTORY, True, fs - f)
+        fwd(x["video_noisy"][:, k], x["t_video"][0, k], CacheMode.TRANSIENT, False, fs)
+        fwd(x["video_clean"][:, k], zeros, CacheMode.PREDICTED, False, fs)
+        fwd(x["action_clean"][:, k], zeros, CacheMode.PREDICTED, True, fs)
+    return torch.stack(out, 1)
+
+
+def test_grounded_layout_matches_the_grounded_lookahead_order():
+    """Without eviction (an 8-chunk cache) the grounded copy reproduces the lookahead exactly, and the
+    synchronous outputs are those of the synchronous layout: the added segments are invisible to them."""
+    cfg = get_policy_config("tiny").replace(attn_window=16)
+    model = build_model(cfg.model_config, seed=3)
+    x = _inputs(cfg, b=2, k=4)
+    g = torch.Generator().manual_seed(1)
+    x_async = torch.randn(x["action_noisy"].shape, generator=g)
+    t_async = (torch.rand(4, generator=g) * 1000).view(1, 4, 1).expand(2, 4, cfg.frame_chunk_size).clone()
+    ref = _reference_grounded(model, cfg, x, x_async, t_async)
+    args = (x["video_clean"], x["action_clean"], x["video_noisy"], x["action_noisy"], x["t_video"], x["t_action"],
+            model.text_kv(x["text"]))
+    with torch.no_grad():
+        v, a, a_async = teacher_forced_forward(model, episode_layout(cfg, 4, grounded=True), *args,
+                                               action_noisy_async=x_async, t_action_async=t_async)
+        v_sync, a_sync = teacher_forced_forward(model, episode_layout(cfg, 4), *args)
+    torch.testing.assert_close(a_async[:, 1:], ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(v, v_sync, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(a, a_sync, atol=2e-5, rtol=1e-4)
+    # The grounded copy differs from the synchronous one: it sees the executing chunk's actions, not its video.
+    assert (a_async[:, 2] - a_sync[:, 2]).abs().max() > 1e-3
+
+
+def test_grounded_layout_under_eviction_stays_close():
+    """With a 2-chunk cache the history copies carry the synchronous order's K/V (module docstring): the
+    grounded copy's first chunk (nothing evicted yet) is exact, the later ones within a small error."""
+    cfg = get_policy_config("tiny")
+    model = build_model(cfg.model_config, seed=3)
+    x = _inputs(cfg, b=2, k=4)
+    g = torch.Generator().manual_seed(1)
+    x_async = torch.randn(x["action_noisy"].shape, generator=g)
+    t_async = (torch.rand(4, generator=g) * 1000).view(1, 4, 1).expand(2, 4, cfg.frame_chunk_size).clone()
+    ref = _reference_grounded(model, cfg, x, x_async, t_async)
+    with torch.no_grad():
+        _, _, a_async = teacher_forced_forward(
+            model, episode_layout(cfg, 4, grounded=True), x["video_clean"], x["action_clean"], x["video_noisy"],
+            x["action_noisy"], x["t_video"], x["t_action"], model.text_kv(x["text"]),
+            action_noisy_async=x_async, t_action_async=t_async)
+    torch.testing.assert_close(a_async[:, 1], ref[:, 0], atol=2e-5, rtol=1e-4)
+    rel = (a_async[:, 1:] - ref).norm() / ref.norm()
+    print(f"grounded copy under eviction: relative error {rel:.2e}")
+    assert rel < 1e-3

@@ -65,6 +65,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                      default="sampler" if tc.predicted_at_sampler_sigma else "random",
                      help="the noise on the PREDICTED video the actions train on: the sigma the policy's sampler "
                           "writes it at (its video_exec_step) or a random one of the video grid (default: %(default)s)")
+    fit.add_argument("--grounded-weight", type=float, default=tc.grounded_weight,
+                     help="weight of the grounded lookahead's action loss (0: train the synchronous order alone; "
+                          "default %(default)s)")
     fit.add_argument("--clean-predicted", action="store_true",
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
     fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -128,7 +131,8 @@ def _fit(args) -> int:
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
                      seed=args.seed, noisy_predicted=not args.clean_predicted,
                      predicted_at_sampler_sigma=args.predicted_sigma == "sampler",
-                     history_action_noise=args.history_action_noise, change_weight=args.change_weight, **extra)
+                     history_action_noise=args.history_action_noise, change_weight=args.change_weight,
+                     grounded_weight=args.grounded_weight, **extra)
     report = fit(args.out, dataset=args.dataset, episodes=args.episodes, tc=tc, threads=args.threads,
                  model=args.model, expert_gain=args.expert_gain,
                  expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,

@@ -31,5 +31,9 @@ class TrainConfig:
     # copy of the past actions is wrong and only the images tell: chunk weight 1 + change_weight * (the chunk's
     # summed |second difference| of the actions) / (its mean over the batch). 0 = every chunk alike.
     change_weight: float = 0.0
+    # Weight of the grounded lookahead's action loss (the chunk's actions denoised while the chunk before it
+    # executes, `train.teacher.GROUNDED_SEGMENTS`) next to the synchronous action loss; 0 trains the synchronous
+    # order alone, and `infer(ahead=True)` then acts on an order it never saw.
+    grounded_weight: float = 1.0
     seed: int = 0
     save_every: int = 100

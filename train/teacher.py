@@ -16,8 +16,16 @@ checks the outputs against the model run through `ListKVCache`.
 
 Because a token's K/V depend on what it attended to, this reproduces the cache's K/V layer by layer
 only when the sequence starts at the episode's first chunk: training always runs whole episodes.
-Grid ids (RoPE) are the inference ones: chunk k sits at frames k*F.., every copy alike. (Lookahead
-inference, `infer(ahead=True)`, inserts in another order and is not what this trains.)
+Grid ids (RoPE) are the inference ones: chunk k sits at frames k*F.., every copy alike.
+
+Grounded lookahead (`infer(ahead=True)`, `async_mode` "grounded") inserts in another order: chunk k's actions
+are denoised while chunk k-1 executes, on top of the real history up to chunk k-2, chunk k-1's imagined video
+and chunk k-1's known actions. `episode_layout(..., grounded=True)` adds those two segments per chunk
+(`GROUNDED_SEGMENTS`: the executing chunk's clean actions, and the chunk's noisy actions as the lookahead
+denoises them), their visibility replayed in that order by `grounded_cache_visibility`. The history and
+predicted-video copies they attend to are the synchronous ones: once the cache evicts, the two orders may have
+evicted a different number of the oldest frame's tokens when those copies were written, so there the
+lookahead's keys are reproduced and their K/V approximately.
 The model's modules (embedders, blocks, heads) are used as they are; only the attention backend and
 the per-token timesteps differ from `WanVATransformer.forward`, which runs one stream per call and
 cannot take gradients through a cache write.
@@ -40,6 +48,9 @@ from lingbot_edge.core.model import WanVATransformer, action_grid_ids, rope_angl
 # the same latents, but once the cache evicts they were written with different keys visible, so their
 # K/V differ from the second block on.
 SEGMENTS = ("video", "action", "video_noisy", "video_predicted", "action_noisy")
+# Added per chunk by grounded training: the chunk's clean actions as the executing chunk's temporary entries,
+# and its noisy actions as the grounded lookahead denoises them.
+GROUNDED_SEGMENTS = ("action_predicted", "action_noisy_async")
 
 
 class ChunkBandAttention:
@@ -121,11 +132,12 @@ class EpisodeLayout:
     capacity: int
     grid: Tensor  # [3, L]
     mask: Tensor  # [L, L] bool, True = may attend
+    segments: tuple[str, ...] = SEGMENTS  # per chunk, in sequence order
 
     @property
     def sizes(self) -> tuple[int, ...]:
-        nv, na = self.video_tokens, self.action_tokens
-        return (nv, na, nv, nv, na)
+        return tuple(self.action_tokens if name.startswith("action") else self.video_tokens
+                     for name in self.segments)
 
     @property
     def chunk_tokens(self) -> int:
@@ -138,57 +150,93 @@ class EpisodeLayout:
 
     def segment(self, name: str) -> Tensor:
         """Sequence positions [K, n] of one segment in every chunk."""
-        i = SEGMENTS.index(name)
+        i = self.segments.index(name)
         base = torch.arange(self.chunks)[:, None] * self.chunk_tokens
         return base + sum(self.sizes[:i]) + torch.arange(self.sizes[i])[None]
 
 
-def cache_visibility(chunks: int, nv: int, na: int, capacity: int) -> list[tuple[str, int, list[tuple[str, int]]]]:
-    """Replay the KV cache's bookkeeping (docs/design.md section 2) over the sampler's inserts, symbolically:
-    per chunk the noisy video (TRANSIENT; every denoising step sees the same keys, since the first one
-    already evicted what it needs), its clean video (PREDICTED, the last video step), the noisy actions
-    (TRANSIENT), the last action step (PREDICTED, dropped unseen), then feedback: video and actions as
-    HISTORY. Returns (segment, chunk, [(segment, chunk) of every key token]) per insert that the
-    training sequence holds; keys are listed token by token, oldest first."""
+Insert = tuple[str, int, int, str]  # (segment, chunk, tokens, "transient" | "predicted" | "history")
+
+
+def replay_cache(inserts: list[Insert], capacity: int) -> list[tuple[str, int, list[tuple[str, int]]]]:
+    """Replay the KV cache's bookkeeping (docs/design.md section 2) over a sequence of inserts, symbolically.
+    Returns (segment, chunk, [(segment, chunk) of every key token]) per insert, keys token by token, oldest
+    first."""
     cache: list[tuple[str, int]] = []  # one entry per token, oldest first
     predicted: list[bool] = []
     seen = []
-    for k in range(chunks):
-        for name, n, mode in (("video_noisy", nv, "transient"), ("video_predicted", nv, "predicted"),
-                              ("action_noisy", na, "transient"), ("action_last_step", na, "predicted"),
-                              ("video", nv, "history"), ("action", na, "history")):
-            if mode == "history":  # a real observation replaces the predicted future
-                cache = [c for c, p in zip(cache, predicted, strict=True) if not p]
-                predicted = [False] * len(cache)
-            evict = max(0, len(cache) + n - capacity)
-            cache, predicted = cache[evict:], predicted[evict:]
-            keys = cache + [(name, k)] * n
-            if name != "action_last_step":
-                seen.append((name, k, keys))
-            if mode != "transient":
-                cache, predicted = keys, predicted + [mode == "predicted"] * n
+    for name, k, n, mode in inserts:
+        if mode == "history":  # a real observation replaces the predicted future
+            cache = [c for c, p in zip(cache, predicted, strict=True) if not p]
+            predicted = [False] * len(cache)
+        evict = max(0, len(cache) + n - capacity)
+        cache, predicted = cache[evict:], predicted[evict:]
+        keys = cache + [(name, k)] * n
+        seen.append((name, k, keys))
+        if mode != "transient":
+            cache, predicted = keys, predicted + [mode == "predicted"] * n
     return seen
 
 
-def episode_layout(cfg: PolicyConfig, chunks: int) -> EpisodeLayout:
+def cache_visibility(chunks: int, nv: int, na: int, capacity: int) -> list[tuple[str, int, list[tuple[str, int]]]]:
+    """The synchronous sampler's inserts, replayed: per chunk the noisy video (TRANSIENT; every denoising step
+    sees the same keys, since the first one already evicted what it needs), its clean video (PREDICTED, the last
+    video step), the noisy actions (TRANSIENT), the last action step (PREDICTED, dropped unseen), then feedback:
+    video and actions as HISTORY. Returns `replay_cache`'s entries for the segments the sequence holds."""
+    inserts: list[Insert] = []
+    for k in range(chunks):
+        inserts += [("video_noisy", k, nv, "transient"), ("video_predicted", k, nv, "predicted"),
+                    ("action_noisy", k, na, "transient"), ("action_last_step", k, na, "predicted"),
+                    ("video", k, nv, "history"), ("action", k, na, "history")]
+    return [s for s in replay_cache(inserts, capacity) if s[0] in SEGMENTS]
+
+
+def grounded_cache_visibility(chunks: int, nv: int, na: int,
+                              capacity: int) -> list[tuple[str, int, list[tuple[str, int]]]]:
+    """The grounded lookahead's inserts, replayed: chunk 0 as the synchronous sampler writes it (its last action
+    step is the executing chunk's actions, `action_predicted`); then, while chunk k-1 executes, chunk k's
+    action pass (`action_noisy_async`, its last step PREDICTED and dropped unseen); feedback of chunk k-2 (video
+    and actions as HISTORY); the grounding of chunk k-1... in steady state: feedback(k-1), the executing chunk
+    k's imagined video (TRANSIENT steps, PREDICTED last) and its actions (PREDICTED), then chunk k+1's action
+    pass. Returns `replay_cache`'s entries for `GROUNDED_SEGMENTS`."""
+    inserts: list[Insert] = [("video_noisy", 0, nv, "transient"), ("video_predicted", 0, nv, "predicted"),
+                             ("action_noisy", 0, na, "transient"), ("action_predicted", 0, na, "predicted")]
+    for k in range(1, chunks):
+        inserts += [("action_noisy_async", k, na, "transient"), ("action_last_step", k, na, "predicted"),
+                    ("video", k - 1, nv, "history"), ("action", k - 1, na, "history"),
+                    ("video_noisy", k, nv, "transient"), ("video_predicted", k, nv, "predicted"),
+                    ("action_predicted", k, na, "predicted")]
+    return [s for s in replay_cache(inserts, capacity) if s[0] in GROUNDED_SEGMENTS]
+
+
+def episode_layout(cfg: PolicyConfig, chunks: int, grounded: bool = False) -> EpisodeLayout:
+    """The token layout of a `chunks`-chunk episode; `grounded` adds `GROUNDED_SEGMENTS` to every chunk."""
     mc = cfg.model_config
     f, apf = cfg.frame_chunk_size, cfg.action_per_frame
     h, w = cfg.latent_hw
     _, ph, pw = mc.patch_size
     nv, na = cfg.video_tokens_per_chunk, cfg.action_tokens_per_chunk
-    sizes = (nv, na, nv, nv, na)
+    segments = SEGMENTS + (GROUNDED_SEGMENTS if grounded else ())
+    sizes = tuple(na if name.startswith("action") else nv for name in segments)
     per = sum(sizes)
     grids = []
     for k in range(chunks):
         vgrid, agrid = video_grid_ids(f, h // ph, w // pw, k * f), action_grid_ids(f, apf, k * f)
-        grids += [vgrid, agrid, vgrid, vgrid, agrid]
+        grids += [agrid if name.startswith("action") else vgrid for name in segments]
 
     def positions(name: str, k: int) -> Tensor:
-        i = SEGMENTS.index(name)
+        i = segments.index(name)
         return k * per + sum(sizes[:i]) + torch.arange(sizes[i])
 
+    visibility = cache_visibility(chunks, nv, na, cfg.cache_capacity)
+    if grounded:
+        visibility += grounded_cache_visibility(chunks, nv, na, cfg.cache_capacity)
     mask = torch.zeros(chunks * per, chunks * per, dtype=torch.bool)
-    for name, k, keys in cache_visibility(chunks, nv, na, cfg.cache_capacity):
+    for k in range(chunks):  # every token sees itself (the grounded segments of chunk 0 are never used)
+        for name in segments:
+            rows = positions(name, k)
+            mask[rows[:, None], rows[None]] = True
+    for name, k, keys in visibility:
         rows = positions(name, k)
         # Keys come in whole inserts except the oldest, which may be partly evicted: keep its newest tokens.
         i = 0
@@ -199,7 +247,7 @@ def episode_layout(cfg: PolicyConfig, chunks: int) -> EpisodeLayout:
             cols = positions(*keys[i])
             mask[rows[:, None], cols[len(cols) - (j - i):][None]] = True
             i = j
-    return EpisodeLayout(chunks, nv, na, cfg.cache_capacity, torch.cat(grids, dim=1), mask)
+    return EpisodeLayout(chunks, nv, na, cfg.cache_capacity, torch.cat(grids, dim=1), mask, segments)
 
 
 def _embed_time(embedder, t: Tensor, tokens_per_frame: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -223,7 +271,9 @@ def teacher_forced_forward(
     text_kv: list[tuple[Tensor, Tensor]],
     video_predicted: Tensor | None = None,
     t_predicted: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    action_noisy_async: Tensor | None = None,
+    t_action_async: Tensor | None = None,
+) -> tuple[Tensor, ...]:
     """Velocities of the noisy tokens of every chunk.
 
     video_*: [B, K, C, F, h, w]; action_*: [B, K, A, F, apf, 1] (normalized, unused channels zero);
@@ -232,11 +282,17 @@ def teacher_forced_forward(
     video_predicted / t_predicted: what the chunk's PREDICTED entries hold and their timesteps [B, K, F]
     (default: the clean video at t = 0, the full-step sampler's last write). Under `video_exec_step` the
     sampler writes a partly denoised latent at its own timestep there instead.
-    Returns (video velocity [B, K, C, F, h, w], action velocity [B, K, A, F, apf, 1]).
+    action_noisy_async / t_action_async: the noisy actions of the grounded lookahead's copy (layouts with
+    `GROUNDED_SEGMENTS` only; its executing-chunk copy holds `action_clean` at t = 0).
+    Returns (video velocity [B, K, C, F, h, w], action velocity [B, K, A, F, apf, 1]), plus the grounded
+    copy's action velocity for a grounded layout.
     """
     dtype = model.dtype
     b, k, c, f, h, w = video_clean.shape
     a_shape = action_clean.shape
+    grounded = "action_noisy_async" in layout.segments
+    if grounded and action_noisy_async is None:
+        raise ValueError("action_noisy_async: a grounded layout needs the lookahead copy's noisy actions")
 
     def video_tokens(x: Tensor) -> Tensor:
         return model.patch_embedding_mlp(model.patchify(x.reshape(b * k, c, f, h, w).to(dtype))).view(b, k, -1,
@@ -249,17 +305,24 @@ def teacher_forced_forward(
     nv, na = layout.video_tokens // f, layout.action_tokens // f  # tokens per frame
     zeros = torch.zeros(b, k, f, device=t_video.device)
     clean_video = (video_tokens(video_clean), *_embed_time(model.condition_embedder, zeros, nv, dtype))
-    parts = [  # in SEGMENTS order
-        clean_video,
-        (action_tokens(action_clean), *_embed_time(model.condition_embedder_action, zeros, na, dtype)),
-        (video_tokens(video_noisy), *_embed_time(model.condition_embedder, t_video, nv, dtype)),
-        clean_video if video_predicted is None else
+    clean_action = (action_tokens(action_clean), *_embed_time(model.condition_embedder_action, zeros, na, dtype))
+    parts = {
+        "video": clean_video,
+        "action": clean_action,
+        "video_noisy": (video_tokens(video_noisy), *_embed_time(model.condition_embedder, t_video, nv, dtype)),
+        "video_predicted": clean_video if video_predicted is None else
         (video_tokens(video_predicted), *_embed_time(model.condition_embedder, t_predicted, nv, dtype)),
-        (action_tokens(action_noisy), *_embed_time(model.condition_embedder_action, t_action, na, dtype)),
-    ]
-    tokens = torch.cat([p[0] for p in parts], dim=2).flatten(1, 2)  # [B, L, dim], chunk-major
-    temb = torch.cat([p[1] for p in parts], dim=2).flatten(1, 2)
-    mod = torch.cat([p[2] for p in parts], dim=2).flatten(1, 2)
+        "action_noisy": (action_tokens(action_noisy),
+                         *_embed_time(model.condition_embedder_action, t_action, na, dtype)),
+    }
+    if grounded:
+        parts["action_predicted"] = clean_action
+        parts["action_noisy_async"] = (action_tokens(action_noisy_async),
+                                       *_embed_time(model.condition_embedder_action, t_action_async, na, dtype))
+    ordered = [parts[name] for name in layout.segments]
+    tokens = torch.cat([p[0] for p in ordered], dim=2).flatten(1, 2)  # [B, L, dim], chunk-major
+    temb = torch.cat([p[1] for p in ordered], dim=2).flatten(1, 2)
+    mod = torch.cat([p[2] for p in ordered], dim=2).flatten(1, 2)
     rope = rope_angles(layout.grid.to(tokens.device), model.config.attention_head_dim)
     attention = layout.attention.to(tokens.device)
     for blk in model.blocks:
@@ -267,8 +330,12 @@ def teacher_forced_forward(
 
     shift, scale = (model.scale_shift_table[None] + temb[:, :, None]).float().unbind(2)
     tokens = (model.norm_out(tokens) * (1.0 + scale) + shift).to(dtype)
+
+    def action_velocity(segment: str) -> Tensor:
+        act = tokens[:, layout.segment(segment).flatten().to(tokens.device)]
+        return model.action_proj_out(act).reshape(b * k, layout.action_tokens, -1).transpose(1, 2).reshape(a_shape)
+
     vid = tokens[:, layout.segment("video_noisy").flatten().to(tokens.device)]  # [B, K*nv*f, dim]
-    act = tokens[:, layout.segment("action_noisy").flatten().to(tokens.device)]
     v_video = model.unpatchify(model.proj_out(vid).reshape(b * k, layout.video_tokens, -1), f, h, w)
-    v_action = model.action_proj_out(act).reshape(b * k, layout.action_tokens, -1).transpose(1, 2)
-    return v_video.view(b, k, c, f, h, w), v_action.reshape(a_shape)
+    out = (v_video.view(b, k, c, f, h, w), action_velocity("action_noisy"))
+    return out + (action_velocity("action_noisy_async"),) if grounded else out

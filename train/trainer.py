@@ -82,9 +82,12 @@ def encode_dataset(root: str | Path, policy, max_episodes: int | None = None, pr
 class FlowMatchingLoss:
     """Noising, pinning and masking of one batch, and the two streams' losses."""
 
-    def __init__(self, cfg: PolicyConfig, chunks: int):
+    def __init__(self, cfg: PolicyConfig, chunks: int, grounded_weight: float = 0.0):
         self.cfg = cfg
-        self.layout: EpisodeLayout = episode_layout(cfg, chunks)
+        # grounded_weight > 0: the grounded lookahead's copy of every chunk's actions trains too (its loss
+        # times grounded_weight is added to the action loss).
+        self.grounded_weight = grounded_weight
+        self.layout: EpisodeLayout = episode_layout(cfg, chunks, grounded=grounded_weight > 0)
         self.video_sigmas = FlowMatchSchedule(NUM_TRAIN_TIMESTEPS, cfg.snr_shift).sigmas()
         self.action_sigmas = FlowMatchSchedule(NUM_TRAIN_TIMESTEPS, cfg.action_snr_shift).sigmas()
         # The sigma of the sampler's PREDICTED write: the input of its video_exec_step-th forward (0: full steps).
@@ -130,8 +133,15 @@ class FlowMatchingLoss:
         history = action
         if history_action_noise:
             history = action + history_action_noise * torch.randn(action.shape, generator=g) * cmask
+        xg = tg = None
+        if self.grounded_weight:  # the lookahead's copy: its own sigma and noise
+            sg = self.action_sigmas[torch.randint(len(self.action_sigmas), (b, k), generator=g)]
+            noise_g = torch.randn(action.shape, generator=g) * cmask
+            xg = (1 - sg.view(b, k, 1, 1, 1, 1)) * action + sg.view(b, k, 1, 1, 1, 1) * noise_g
+            tg = (sg * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
         text_kv = model.text_kv(text)
-        pv, pa = teacher_forced_forward(model, self.layout, video, history, xv, xa, tv, ta, text_kv, xp, tp)
+        pv, pa, *pg = teacher_forced_forward(model, self.layout, video, history, xv, xa, tv, ta, text_kv, xp, tp,
+                                             xg, tg)
         wv = frame_w.view(1, k, 1, f, 1, 1)
         wa = frame_w.view(1, k, 1, f, 1, 1) * cmask
         if change_weight:
@@ -140,7 +150,13 @@ class FlowMatchingLoss:
         err_a = (pa.float() - (noise_a - action)).pow(2)
         loss_v = (err_v * wv).sum() / (wv.expand_as(err_v)).sum()
         loss_a = (err_a * wa).sum() / (wa.expand_as(err_a)).sum()
-        return loss_v, {"video": loss_v.item(), "action": loss_a.item(), "_action": loss_a}
+        parts = {"video": loss_v.item(), "action": loss_a.item()}
+        if pg:  # chunk 0 is never inferred ahead: no loss on its lookahead copy
+            wg = (wa * (torch.arange(k) > 0).view(1, k, 1, 1, 1, 1)).expand_as(err_a)
+            loss_g = ((pg[0].float() - (noise_g - action)).pow(2) * wg).sum() / wg.sum()
+            parts["action_grounded"] = loss_g.item()
+            loss_a = loss_a + self.grounded_weight * loss_g
+        return loss_v, {**parts, "_action": loss_a}
 
 
 def action_change(action: Tensor) -> Tensor:
@@ -241,7 +257,7 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
         gen.set_state(state["generator"])
         losses, step = state["losses"], state["step"]
         log.info("resumed %s at step %d", state_path, step)
-    objective = FlowMatchingLoss(cfg, data.video.shape[1])
+    objective = FlowMatchingLoss(cfg, data.video.shape[1], tc.grounded_weight)
 
     def save() -> None:
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),

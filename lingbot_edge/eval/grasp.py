@@ -1,8 +1,9 @@
 """Task success on the SO-100 reach-and-grasp task (`robot.grasp.GraspScene`), through the episode protocol.
 
-Each episode: `GraspScene(seed)`, `policy.reset(prompt)`, then chunk after chunk `infer` -> every
-action through the `SafetyFilter` -> `chunk.record` -> `feedback`, as the robot loop does
-(synchronously: no wall-clock deadline, the sim waits for the policy). Held-out seeds start at
+Each episode runs the robot loop itself (`robot.control.AsyncController`) on a `GraspScene(seed)` under
+virtual time (`robot.virtual`): the same hand-off as `run-so100`, synchronous or lookahead, with every
+inference taking a fixed number of control ticks instead of wall time, so results do not depend on the
+machine. Held-out seeds start at
 EVAL_SEED0, far from the seeds a training dataset is recorded from (0, 1, ...); validation seeds start at
 VALIDATION_SEED0: training recipes and policy settings are chosen on those, success is reported on the
 held-out ones.
@@ -12,18 +13,18 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from lingbot_edge.robot.control import execute_step
+from lingbot_edge.core.episode import chunk_steps
+from lingbot_edge.robot.control import AsyncController
 from lingbot_edge.robot.grasp import TASK, GraspScene
 from lingbot_edge.robot.safety import SafetyFilter
 from lingbot_edge.robot.sim import VideoRecorder
-from lingbot_edge.robot.so100 import camera_images, camera_name, joints_of
+from lingbot_edge.robot.so100 import camera_name
+from lingbot_edge.robot.virtual import DelayedExecutor, VirtualClock
 
 log = logging.getLogger(__name__)
 
@@ -31,47 +32,91 @@ EVAL_SEED0 = 100_000
 VALIDATION_SEED0 = 200_000
 SEED_SETS = {"held-out": EVAL_SEED0, "validation": VALIDATION_SEED0}  # `--seeds` of `lingbot-edge train eval`
 EVAL_STEPS = 124  # 4 + 8 * 15 actions (16 chunks of the tiny so100 policy): twice what the expert needs
+EVAL_FPS = 30.0  # the control rate the inference delay is counted at
 
 
 def held_out_seeds(n: int, start: int = EVAL_SEED0) -> list[int]:
     return list(range(start, start + n))
 
 
+MODES = ("sync", "naive", "grounded")  # sync: infer after each chunk; naive / grounded: lookahead (async_mode)
+
+
+def chunk_delay_ticks(cfg) -> int:
+    """The default inference delay: half a steady-state chunk's execution (a GPU that meets the control rate
+    with room to spare), in control ticks."""
+    return max(1, chunk_steps(cfg, 1) // 2)
+
+
 def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str = TASK, height: int = 96,
-                width: int = 128, video: VideoRecorder | None = None) -> dict:
-    """One closed-loop episode; returns {"seed", "success", "clipped", "steps", "min_distance", "chunk_ms",
-    "cube_xy", "grasp_xy"} (grasp_xy: the tip's xy where it came lowest, i.e. where the policy tried to grasp)."""
+                width: int = 128, video: VideoRecorder | None = None, mode: str = "sync",
+                delay_ticks: float | None = None) -> dict:
+    """One closed-loop episode through the robot loop (`AsyncController`) under virtual time: every inference
+    takes `delay_ticks` control ticks (default `chunk_delay_ticks`), the synchronous loop holds the arm while it
+    waits, the lookahead loop (`mode` naive / grounded: the policy's `async_mode`) infers the next chunk while
+    the current one executes. The episode runs the chunks of `steps` actions, however many ticks that takes.
+
+    Returns {"seed", "success", "clipped", "steps", "ticks", "completion_tick" (first tick with the cube held,
+    None if never), "hold_ticks", "min_distance", "chunk_ms" (median CPU ms of a chunk's feedback + infer),
+    "cube_xy", "grasp_xy"} (grasp_xy: the tip's xy where it came lowest, i.e. where the policy tried to grasp).
+    """
     cfg = policy.cfg
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+    if mode != "sync" and cfg.async_mode != mode:
+        raise ValueError(f"mode {mode!r}: the policy's async_mode is {cfg.async_mode!r}; load it with "
+                         f"async_mode={mode!r}")
+    chunks, total = 0, 0
+    while total < steps:
+        total += chunk_steps(cfg, chunks)
+        chunks += 1
     scene = GraspScene(seed, cameras=[camera_name(k) for k in cfg.obs_cam_keys], height=height, width=width)
-    safety = SafetyFilter()
-    scene.connect()
-    obs = scene.get_observation()
-    policy.reset(prompt=prompt, seed=seed)
-    last = joints_of(obs)
     cube_xy = scene.cube.copy()
-    done, chunk_index, tick, min_dist, infer_ms, lowest = 0, 0, 0, np.inf, [], (np.inf, None)
-    try:
-        while done < steps:
-            t = time.perf_counter()
-            chunk = policy.infer(camera_images(obs, cfg.obs_cam_keys) if chunk_index == 0 else {})
-            infer_ms.append(1e3 * (time.perf_counter() - t))
-            for step in range(chunk.steps):
-                obs, last = execute_step(scene, chunk, step, safety, obs, last)
-                tip = scene.tip()
-                min_dist = min(min_dist, float(np.linalg.norm(tip[:2] - scene.cube)))
-                lowest = min(lowest, (float(tip[2]), tip[:2].tolist()), key=lambda x: x[0])
-                if video is not None:
-                    video(obs, SimpleNamespace(index=tick))
-                tick += 1
-            done += chunk.steps
-            chunk_index += 1
-            if done < steps:
-                policy.feedback(chunk)
-    finally:
-        scene.disconnect()
-    return {"seed": seed, "success": bool(scene.success), "clipped": safety.clipped, "steps": done,
-            "min_distance": min_dist, "chunk_ms": float(np.median(infer_ms)), "cube_xy": cube_xy.tolist(),
-            "grasp_xy": lowest[1]}
+    track = {"min_dist": np.inf, "lowest": (np.inf, None), "completion": None}
+
+    def on_tick(obs, tick) -> None:
+        tip = scene.tip()
+        track["min_dist"] = min(track["min_dist"], float(np.linalg.norm(tip[:2] - scene.cube)))
+        track["lowest"] = min(track["lowest"], (float(tip[2]), tip[:2].tolist()), key=lambda x: x[0])
+        if track["completion"] is None and scene.success:
+            track["completion"] = tick.index
+        if video is not None:
+            video(obs, tick)
+
+    clock = VirtualClock()
+    delay = chunk_delay_ticks(cfg) if delay_ticks is None else delay_ticks
+    safety = SafetyFilter()
+    controller = AsyncController(scene, _Seeded(policy, seed), prompt, safety=safety, lookahead=mode != "sync",
+                                 on_tick=on_tick, clock=clock, sleep=clock.sleep,
+                                 executor=DelayedExecutor(clock, delay, EVAL_FPS))
+    logbook = controller.run(max_chunks=chunks)
+    summary = logbook.summary()
+    job_ms = [c["job_ms"] for c in logbook.chunks]
+    return {"seed": seed, "success": bool(scene.success), "clipped": safety.clipped, "steps": summary["exec_ticks"],
+            "ticks": summary["ticks"], "completion_tick": track["completion"], "hold_ticks": summary["hold_ticks"],
+            "min_distance": track["min_dist"], "chunk_ms": float(np.median(job_ms)), "cube_xy": cube_xy.tolist(),
+            "grasp_xy": track["lowest"][1]}
+
+
+class _Seeded:
+    """The policy with `reset(prompt)` seeded by the episode (the controller resets with the prompt alone)."""
+
+    def __init__(self, policy, seed: int):
+        self._policy, self._seed = policy, seed
+        self.cfg = policy.cfg
+        self.supports_lookahead = policy.supports_lookahead
+
+    def reset(self, prompt: str) -> None:
+        self._policy.reset(prompt=prompt, seed=self._seed)
+
+    def infer(self, obs, ahead: bool = False):
+        return self._policy.infer(obs, ahead=ahead)
+
+    def feedback(self, chunk):
+        return self._policy.feedback(chunk)
+
+    def cancel(self) -> None:
+        self._policy.cancel()
 
 
 def cube_tracking(episodes: Sequence[dict]) -> tuple[float, float]:
@@ -86,25 +131,34 @@ def cube_tracking(episodes: Sequence[dict]) -> tuple[float, float]:
     return slopes[0], slopes[1]
 
 
+def completion_ticks(episodes: Sequence[dict]) -> float | None:
+    """Median ticks to task completion over the successful episodes (None without one)."""
+    done = [e["completion_tick"] for e in episodes if e.get("completion_tick") is not None and e["success"]]
+    return float(np.median(done)) if done else None
+
+
 def summarize(episodes: Sequence[dict]) -> dict:
     """The figures every success table prints, from `run_episode` results: successes, median closest approach
-    (m), median ms per chunk, and the grasp-point slopes (`cube_tracking`; None below two episodes)."""
+    (m), median ms per chunk, the grasp-point slopes (`cube_tracking`; None below two episodes) and the median
+    ticks to completion of the successful episodes (`completion_ticks`)."""
     return {"successes": sum(bool(e["success"]) for e in episodes), "episodes": len(episodes),
+            "completion_ticks": completion_ticks(episodes),
             "min_distance": float(np.median([e["min_distance"] for e in episodes])) if episodes else float("nan"),
             "chunk_ms": float(np.median([e["chunk_ms"] for e in episodes])) if episodes else float("nan"),
             "tracking": cube_tracking(episodes) if len(episodes) > 1 else None}
 
 
 def evaluate(policy, seeds: Sequence[int], steps: int = EVAL_STEPS, progress: bool = True, desc: str = "eval",
-             video_path: str | Path | None = None) -> dict:
-    """Success rate over `seeds`; the first episode is written to `video_path` (mp4) when given."""
+             video_path: str | Path | None = None, mode: str = "sync", delay_ticks: float | None = None) -> dict:
+    """Success rate over `seeds` in `mode` (`run_episode`); the first episode is written to `video_path` (mp4)
+    when given."""
     from tqdm import tqdm
 
     episodes = []
     bar = tqdm(seeds, desc=desc, unit="episode", disable=not progress)
     for i, seed in enumerate(bar):
         video = VideoRecorder([camera_name(k) for k in policy.cfg.obs_cam_keys]) if video_path and i == 0 else None
-        episodes.append(run_episode(policy, seed, steps, video=video))
+        episodes.append(run_episode(policy, seed, steps, video=video, mode=mode, delay_ticks=delay_ticks))
         bar.set_postfix(success=f"{sum(e['success'] for e in episodes)}/{len(episodes)}",
                         dist_cm=f"{100 * episodes[-1]['min_distance']:.1f}")
         if video is not None:
