@@ -90,6 +90,7 @@ def quantize_(
         from quantize import SCHEMES, quantize_
         from quantize.metrics import synthetic_calibration
         quantize_(model, SCHEMES["int8_weight_only"])  # the block Linears, int8 weights
+        # or int8 weights and activations, with activation scales calibrated on a random-input episode:
         quantize_(model, SCHEMES["quanto_int8_a8"], calibrate=synthetic_calibration(cfg, chunks=2))
     """
     plan = as_plan(config)
