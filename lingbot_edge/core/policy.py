@@ -85,8 +85,10 @@ class PromptMemo:
         policy = LingBotPolicy(cfg, model, obs_encoder, PromptMemo(frozen.PromptEncoder(umt5, tokenizer)))
     """
 
-    def __init__(self, encoder: PromptEncoder):
-        self.encoder = encoder
+    memory_report = None  # nothing measured: the wrapped encoder stays loaded
+
+    def __init__(self, encoder):
+        self.encoder = encoder  # anything with encode_pair(prompt, use_cfg)
         self._pairs: dict[tuple[str, bool], tuple[Tensor, Tensor | None]] = {}
 
     def encode_pair(self, prompt: str, use_cfg: bool) -> tuple[Tensor, Tensor | None]:
@@ -190,7 +192,7 @@ class LingBotPolicy:
             "gpu_reserved": torch.cuda.memory_reserved(self.device) if cuda else None,
         }
         report.update(self.load_report)
-        prompt = getattr(self.prompt_encoder, "memory_report", None)
+        prompt = self.prompt_encoder.memory_report
         if prompt is not None:
             report["prompt"] = dict(prompt)
         return report

@@ -64,6 +64,12 @@ class PromptEncoder(Protocol):
     encoder that runs the text model at each call belongs in a `core.policy.PromptMemo`.
     """
 
+    @property
+    def memory_report(self) -> Mapping[str, Any] | None:
+        """What running the text encoder cost (`PromptCache.memory_report`), for `LingBotPolicy.memory_report`;
+        None when not measured."""
+        ...
+
     def encode_pair(self, prompt: str, use_cfg: bool) -> tuple[Tensor, Tensor | None]:
         """(cond, uncond): uncond is the negative prompt's embedding when `use_cfg`, else None."""
         ...

@@ -49,8 +49,26 @@ log = logging.getLogger(__name__)
 
 def execute_step(robot: Robot, chunk: Chunk, step: int, safety: SafetyFilter, obs: Mapping[str, Any],
                  last_safe: np.ndarray | None) -> tuple[Mapping[str, Any], np.ndarray]:
-    """One step of a chunk without a clock (the demo, evaluations): its target through the safety filter,
-    sent, the robot observed, the step recorded (with the cameras at keyframes). Returns (obs, sent)."""
+    """One step of a chunk without a clock (the synchronous loop of the demo and the evaluations): its target
+    through the safety filter, sent, the robot observed, the step recorded (with the cameras at keyframes).
+
+    Args:
+        robot: the robot (connected).
+        chunk: the chunk executing; `step` is recorded into it.
+        step: the step of the chunk to execute (0-based, in order).
+        safety: the filter the target goes through.
+        obs: the robot's observation before the step (the safety filter's reference).
+        last_safe: the previous target sent (None before the first).
+
+    Returns:
+        (obs, sent): the observation after the step, and the joint targets the robot took.
+
+    Example:
+        obs, last = robot.get_observation(), None
+        for step in range(chunk.steps):
+            obs, last = execute_step(robot, chunk, step, safety, obs, last)
+        policy.feedback(chunk)
+    """
     safe = safety(chunk.actions[step], joints_of(obs), last_safe)
     sent = joints_of(robot.send_action(action_dict(safe)))
     obs = robot.get_observation()

@@ -1,4 +1,4 @@
-"""`RemotePolicy`: the `lingbot-edge/1` protocol behind the policy interface the control loop uses.
+"""`RemotePolicy`: the `lingbot-edge/1` protocol (docs/serving.md) behind `core.protocols.Policy`.
 
 `run-so100 --policy ws://HOST:PORT` drives any arm (sim, MuJoCo, LeRobot) from a policy on a GPU box with
 the same loop as a local policy: `reset(prompt)`, `infer(obs[, ahead]) -> episode.Chunk`,
