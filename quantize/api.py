@@ -63,14 +63,35 @@ def quantize_(
 ) -> dict[str, Scheme]:
     """Swap the model's Linears for runtime `QuantizedLinear`s in place, torchao style.
 
-    `config`: a scheme (applied by the default plan: the Linears inside the blocks) or a plan.
-    `filter_fn(module, fqn)` further restricts which planned Linears are quantized. Schemes with
-    calibrated activations need `calibrate(model)`, which runs representative forwards (eagerly).
-    `device` is where the model will run (default: where it is); schemes it cannot run are refused
-    before anything changes; `input_scales` (FQN -> static activation scale, e.g. `calibration.json`'s
-    `static_input_scales` from `lingbot-edge calibrate plan`) replaces `calibrate`. `check_hardware=False`
-    builds schemes anyway, to study their numerics where their kernel only runs as a slow reference
-    (torch._scaled_mm on CPU). Returns the scheme of every quantized Linear, by FQN.
+    Args:
+        model: the DiT, changed in place.
+        config: a scheme (e.g. `SCHEMES["int8_weight_only"]`, applied by the default plan: the Linears
+            inside the blocks) or a `QuantPlan` (a scheme per module pattern).
+        filter_fn: `filter_fn(module, fqn)` further restricts which planned Linears are quantized.
+        calibrate: `calibrate(model)` runs representative forwards (eagerly); needed by schemes with
+            calibrated (static) activation scales unless `input_scales` are given.
+        input_scales: FQN -> static activation scale (e.g. `calibration.json`'s `static_input_scales` from
+            `lingbot-edge calibrate plan`); replaces `calibrate`.
+        device: where the model will run (default: where it is); schemes it cannot run are refused before
+            anything changes.
+        progress: show a progress bar per block.
+        check_hardware: False builds schemes anyway, to study their numerics where their kernel only runs
+            as a slow reference (torch._scaled_mm on CPU).
+
+    Returns:
+        The scheme of every quantized Linear, by FQN.
+
+    Raises:
+        ValueError: the plan quantizes no Linear, or static activation scales have neither `calibrate` nor
+            a complete `input_scales`.
+        UnsupportedSchemeError: a scheme cannot run on `device` (with `check_hardware`).
+
+    Example:
+        from quantize import SCHEMES, quantize_
+        from quantize.metrics import synthetic_calibration
+        quantize_(model, SCHEMES["int8_weight_only"])  # the block Linears, int8 weights
+        # or int8 weights and activations, with activation scales calibrated on a random-input episode:
+        quantize_(model, SCHEMES["quanto_int8_a8"], calibrate=synthetic_calibration(cfg, chunks=2))
     """
     plan = as_plan(config)
     assignment = {name: s for name, s in plan.resolve(model).items() if s is not None}

@@ -131,7 +131,7 @@ def test_v21_dataset_recorded_by_lerobot_stats_read_and_used(tmp_path, caplog):
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
     from lerobot.policies.factory import make_policy, make_policy_config
 
-    from lingbot_edge.io import datasets  # issue 12's reader (read_action_stats, check_action_names)
+    from lingbot_edge.io import datasets  # the dataset stats reader (read_action_stats, check_action_names)
 
     root = tmp_path / "ds"
     actions = _record_dataset(root)

@@ -51,6 +51,8 @@ class FakePolicy:
     Action [step, 0] = 100 * chunk + step, so the order actions are handed out is visible.
     """
 
+    supports_lookahead = False
+
     def __init__(self, action_per_frame: int):
         self.cfg = get_policy_config("tiny").replace(action_per_frame=action_per_frame)
         self.feedbacks: list[tuple[dict, np.ndarray]] = []
@@ -61,7 +63,7 @@ class FakePolicy:
         self.prompts.append(prompt)
         self.chunk_index, self.pending, self.feedbacks = 0, None, []
 
-    def infer(self, obs) -> Chunk:
+    def infer(self, obs, ahead=False) -> Chunk:
         assert self.pending is None, "infer twice without feedback"
         first = self.chunk_index == 0
         assert set(obs) == (set(self.cfg.obs_cam_keys) if first else set())
@@ -81,6 +83,10 @@ class FakePolicy:
         self.feedbacks.append(({k: np.array(v) for k, v in frames.items()}, np.array(executed)))
         self.chunk_index += 1
         self.pending = None
+        return {}
+
+    def cancel(self):
+        pass
 
 
 @pytest.mark.parametrize("apf", [4, 8])  # keyframe stride 1 and 2

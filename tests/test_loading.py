@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lingbot_edge.core.config import get_policy_config
-from lingbot_edge.core.policy import LingBotPolicy
+from lingbot_edge.core.policy import LingBotPolicy, PromptMemo
 from lingbot_edge.io import checkpoint, loading
 from lingbot_edge.io.checkpoint import build_model
 from lingbot_edge.io.frozen import (
@@ -42,8 +42,8 @@ def in_process_policy(ckpt_vae_config) -> LingBotPolicy:
     vae = build_tiny_vae(z_dim=16, seed=0, latents_mean=ckpt_vae_config["latents_mean"],
                          latents_std=ckpt_vae_config["latents_std"])
     obs = ObservationEncoder(StreamingVAEEncoder(vae), list(cfg.obs_cam_keys), cfg.height, cfg.width)
-    prompts = PromptEncoder(build_tiny_umt5(d_model=mc.text_dim, seed=0), HFTokenizer(build_tiny_tokenizer()),
-                            cfg.max_sequence_length)
+    prompts = PromptMemo(PromptEncoder(build_tiny_umt5(d_model=mc.text_dim, seed=0),
+                                       HFTokenizer(build_tiny_tokenizer()), cfg.max_sequence_length))
     return LingBotPolicy(cfg, build_model(mc, seed=0), obs, prompts, sampler="static", compile=False)
 
 

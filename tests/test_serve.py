@@ -10,6 +10,7 @@ import websockets
 import websockets.sync.client
 
 from lingbot_edge.core.config import get_policy_config, tiny_variant
+from lingbot_edge.core.episode import Chunk
 from lingbot_edge.io.loading import load_policy
 from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_LOWER, SO100_UPPER
 from lingbot_edge.serve.msgpack_numpy import DecodeError, Packer, packb, unpackb
@@ -298,7 +299,9 @@ def test_api_key_and_healthz(policy):
 
 
 class _FailingPolicy:
-    """Shaped like LingBotPolicy; its feedback fails once."""
+    """A `core.protocols.Policy` without a model; its feedback fails once."""
+
+    supports_lookahead = False
 
     def __init__(self, cfg):
         self.cfg, self.fail = cfg, True
@@ -306,10 +309,11 @@ class _FailingPolicy:
     def reset(self, prompt):
         self.n = 0
 
-    def infer(self, obs):
+    def infer(self, obs, ahead=False):
         steps = (self.cfg.frame_chunk_size - (self.n == 0)) * self.cfg.action_per_frame
         self.n += 1
-        return {"actions": np.zeros((steps, 6), np.float32), "timing": {}, "chunk": self.n - 1, "frame_start": 0}
+        return Chunk(np.zeros((steps, 6), np.float32), index=self.n - 1, first=self.n == 1,
+                     keyframe_stride=self.cfg.keyframe_stride, cameras=self.cfg.obs_cam_keys)
 
     def feedback(self, chunk):
         chunk.feedback_inputs()
@@ -317,6 +321,9 @@ class _FailingPolicy:
             self.fail = False
             raise RuntimeError("boom")
         return {}
+
+    def cancel(self):
+        pass
 
 
 def test_policy_failure_ends_episode_keeps_connection():

@@ -170,6 +170,9 @@ class ScriptedPolicy:
         self.calls.append(("feedback", {k: v.shape for k, v in frames.items()}, executed))
         return {}
 
+    def cancel(self):
+        pass
+
 
 def _run(policy, seconds, job_s=0.0, clock=None, **kw):
     clock = clock or FakeClock()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_so100_arm import SO100FollowerStandIn  # tests/ is on sys.path (no __init__.py)
 
+from lingbot_edge.core.episode import Chunk
 from lingbot_edge.io.loading import load_policy
 from lingbot_edge.robot.control import AsyncController, PolicyUnavailableError
 from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_LOWER, SO100_UPPER, camera_name
@@ -36,6 +37,9 @@ class FreezablePolicy:
 
     def feedback(self, *args):
         return self.policy.feedback(*args)
+
+    def cancel(self):
+        self.policy.cancel()
 
 
 def tiny_so100_policy():
@@ -182,6 +186,8 @@ def test_cli_remote_run_reports_bytes_per_chunk_and_a_dead_server_exits_non_zero
 class RecordingPolicy:
     """The so100 preset's geometry (F = 4, 96x128, 3 cameras) without a model: zero actions, frames kept."""
 
+    supports_lookahead = False
+
     def __init__(self):
         from lingbot_edge.core.config import get_policy_config
 
@@ -190,14 +196,18 @@ class RecordingPolicy:
     def reset(self, prompt):
         self.n = 0
 
-    def infer(self, obs):
+    def infer(self, obs, ahead=False):
         self.n += 1
         steps = (self.cfg.frame_chunk_size - (self.n == 1)) * self.cfg.action_per_frame
-        return {"actions": np.zeros((steps, 6), np.float32) + [0, 0, 0, 30, 0, 50]}
+        return Chunk(np.zeros((steps, 6), np.float32) + [0, 0, 0, 30, 0, 50], index=self.n - 1, first=self.n == 1,
+                     keyframe_stride=self.cfg.keyframe_stride, cameras=self.cfg.obs_cam_keys)
 
     def feedback(self, chunk):
         self.fed.append(chunk.keyframes())
         return {}
+
+    def cancel(self):
+        pass
 
 
 def test_so100_preset_bytes_per_chunk_raw_and_jpeg():

@@ -7,15 +7,22 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2800
-    batch_size: int = 8
-    lr: float = 2e-3
-    warmup: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    """The recipe of `lingbot-edge train fit`; the defaults train the embedded so100-grasp checkpoint
+    (bench/results/task_success/so100_grasp.md)."""
+
+    # --- optimization (AdamW, betas 0.9 / 0.99)
+    steps: int = 2800  # optimizer steps
+    batch_size: int = 8  # episodes per step, drawn at random from the encoded dataset
+    lr: float = 2e-3  # peak learning rate: linear warmup to it, then a cosine decay to a tenth of it
+    warmup: int = 50  # steps of the linear warmup
+    weight_decay: float = 0.01  # AdamW weight decay of the matrices (biases and norms: none)
+    grad_clip: float = 1.0  # the gradients' global norm is clipped to this
+
+    # --- the action loss and what the actions learn from
     # The action loss's weight next to the video loss. The video loss is ~9x the action loss and the gradient is
-    # clipped: at 1 the video stream takes most of each step. 4 (with the PREDICTED copy at the sampler's sigma):
-    # 17/20 against 14/20 at 1 on the validation seeds (bench/results/task_success/so100_grasp.md).
+    # clipped, so at weight 1 the video stream takes most of each step. Weight 4 (with
+    # `predicted_at_sampler_sigma`) gives 17/20 on the validation seeds where weight 1 gives 14/20
+    # (bench/results/task_success/so100_grasp.md).
     action_weight: float = 4.0
     # Noise on the chunk's PREDICTED video (what its actions attend to), sigma from the video training grid.
     # Without it the actions learn to read the ground-truth future frames, which the sampler never has.
@@ -35,5 +42,7 @@ class TrainConfig:
     # executes, `train.teacher.GROUNDED_SEGMENTS`) next to the synchronous action loss; 0 trains the synchronous
     # order alone, and `infer(ahead=True)` then acts on an order it never saw.
     grounded_weight: float = 1.0
-    seed: int = 0
-    save_every: int = 100
+
+    # --- run
+    seed: int = 0  # the DiT's initial weights and the batch and noise draws
+    save_every: int = 100  # steps between saved training states (a run resumes from the last one)

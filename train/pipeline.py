@@ -31,17 +31,19 @@ from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode
 log = logging.getLogger(__name__)
 
 # LeRobot frames per episode: 13 whole chunks of the tiny so100 policy (8 k - 3). The expert holds the cube lifted
-# by tick 70 (median; 83 at most over seeds 0-199); 11 chunks (85 frames, a chunk or two of holding) trained to
-# 2/20 where 13 gave 14/20 (bench/results/task_success/so100_grasp.md, r16 and r14).
+# by tick 70 (median; 83 at most over seeds 0-199), so every episode ends with the cube held for a few chunks;
+# 11-chunk episodes (85 frames, a chunk or two of holding) trained to 2/20 where 13 chunks gave 14/20
+# (bench/results/task_success/so100_grasp.md, "Recipes tried").
 EPISODE_FRAMES = 101
 # Policy settings of the trained checkpoint, on top of the so100 preset's tiny variant (2-frame chunks, a
 # 2-chunk cache). The top camera only, at 128x256: a DiT token (2x2 latents of the 16x VAE) then spans 3.3 cm
 # of the workspace instead of 6.5 x 10 cm with three cameras at 64x128, for about the same token count; that
 # made the grasp point follow the cube sideways at all (bench/results/task_success/so100_grasp.md).
 # No CFG: one prompt, trained without prompt dropout. The action flow starts from zero noise
-# (`action_noise_scale`; r17's DiT: 15/20 against 12/20 from N(0, 1), so100_grasp.md). `video_exec_step` 1: the
-# chunk's PREDICTED video is written at the first video step's input (sigma 1), so the actions act on the observed
-# history alone; chosen on the validation seeds (r17's DiT: 13/20 against 4/20 with full video steps there).
+# (`action_noise_scale` 0: 15/20 against 12/20 from N(0, 1) on the same DiT, so100_grasp.md). `video_exec_step` 1:
+# the chunk's PREDICTED video is written at the first video step's input (sigma 1), so the actions act on the
+# observed history alone; chosen on the validation seeds (13/20 against 4/20 with full video steps on the same
+# DiT, so100_grasp.md).
 POLICY_SETTINGS = {"obs_cam_keys": ("observation.images.camera_top",), "height": 128, "width": 256,
                    "guidance_scale": 1.0, "action_guidance_scale": 1.0, "num_inference_steps": 4,
                    "video_exec_step": 1, "action_num_inference_steps": 10, "max_sequence_length": 32,

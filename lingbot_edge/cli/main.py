@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not args.verbose:  # import-time noise of optional backends (harmless load failures of backends this machine lacks)
+    # Import-time noise of optional backends (harmless load failures of backends this machine lacks).
+    if not args.verbose:
         for name in ("bitsandbytes", "torchao", "torch.utils._pytree", "diffusers.models.modeling_utils",
                      "diffusers.quantizers"):
             logging.getLogger(name).setLevel(logging.ERROR)

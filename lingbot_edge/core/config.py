@@ -115,24 +115,35 @@ ASYNC_MODES = ("grounded", "naive")
 class PolicyConfig:
     """Sampler + observation settings of one robot setup (docs/design.md sections 3-4)."""
 
-    name: str
+    # --- identity
+    name: str  # the preset's name (POLICY_PRESETS key), shown in logs and in the server's metadata
     model: str  # key of MODEL_PRESETS the policy was trained with
-    height: int
-    width: int
-    obs_cam_keys: tuple[str, ...]
-    camera_layout: str = "width_concat"  # or "robotwin_tshape"
-    action_per_frame: int = 4
-    frame_chunk_size: int = 4
-    attn_window: int = 30
-    num_inference_steps: int = 20
+
+    # --- cameras
+    height: int  # every camera frame is resized to height x width pixels before the VAE
+    width: int  # (both multiples of 16 x the patch size, twice that for robotwin_tshape's half-size wrists)
+    obs_cam_keys: tuple[str, ...]  # the cameras, in the order their latents are laid out
+    # How the cameras' latents form one frame: "width_concat" (side by side, same size) or
+    # "robotwin_tshape" (the two half-size wrist cameras side by side above the head camera).
+    camera_layout: str = "width_concat"
+
+    # --- chunk geometry and memory
+    action_per_frame: int = 4  # robot steps per latent video frame (a multiple of 4: the VAE's 4 frames per latent)
+    frame_chunk_size: int = 4  # latent frames per chunk: a chunk is frame_chunk_size * action_per_frame steps
+    attn_window: int = 30  # attention window: the KV cache keeps attn_window // 2 chunks of history per block
+
+    # --- denoising (flow matching, Euler steps; the defaults are upstream's LIBERO settings)
+    num_inference_steps: int = 20  # Euler steps of the video stream
     # Partial video denoising (upstream's name): -1 runs every video step; k runs only the first k
     # forwards of the padded timestep list, each followed by its Euler step (the k-th writes the cache).
     video_exec_step: int = -1
-    action_num_inference_steps: int = 50
+    action_num_inference_steps: int = 50  # Euler steps of the action stream
+    # Classifier-free guidance of the video and the action stream; the unconditional pass (a second batch
+    # row) runs only when one of them is > 1.
     guidance_scale: float = 5.0
     action_guidance_scale: float = 1.0
-    snr_shift: float = 5.0
-    action_snr_shift: float = 1.0
+    snr_shift: float = 5.0  # timestep shift of the video schedule, s*sigma / (1 + (s - 1)*sigma); 1 = unshifted
+    action_snr_shift: float = 1.0  # the same shift for the action schedule
     # Scale of the action stream's initial noise (not an upstream setting; 1.0 = upstream's N(0, 1)). 0 starts
     # every action flow at zero: the sampler's ODE then gives one deterministic chunk per context instead of a
     # draw from the spread a small, under-trained policy has learned (bench/results/task_success/so100_grasp.md).
@@ -142,12 +153,19 @@ class PolicyConfig:
     # and its known actions as temporary entries; "naive" continues from the model's own stale forecast of the
     # executing chunk (kept for comparison: it loses the task, bench/results/task_success/so100_grasp_async.md).
     async_mode: str = "grounded"
-    used_action_channel_ids: tuple[int, ...] = tuple(range(7))
-    # Quantiles over the full action_dim space (unused channels included, as upstream stores them).
+
+    # --- action space (robot units <-> the model's action_dim channels in [-1, 1])
+    used_action_channel_ids: tuple[int, ...] = tuple(range(7))  # the model channels this robot drives, in order
+    # Quantiles over the full action_dim space (unused channels included, as upstream stores them): channel i's
+    # [action_q01[i], action_q99[i]] maps to [-1, 1].
     action_q01: tuple[float, ...] = ()
     action_q99: tuple[float, ...] = ()
-    max_sequence_length: int = 512
+
+    # --- prompt and robot side
+    max_sequence_length: int = 512  # prompt tokens (UMT5), zero past the prompt's own length
     state_dim: int | None = None  # robot-side state/action size; defaults to len(used_action_channel_ids)
+
+    # --- incoming frames
     # Orientation fix for incoming camera frames, applied before resizing (first observation and
     # feedback keyframes): "none", "vflip" (rows), "hflip" (columns), "rot180" (both). Set it so that
     # what the model sees has the orientation its checkpoint was trained with (see the libero preset).

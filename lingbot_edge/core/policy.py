@@ -9,7 +9,8 @@ One episode:
     chunk = policy.infer({})                                       # next chunk
     ...
 
-The cadence (which executed steps are keyframes, how many) is `core.episode.Chunk`'s.
+The cadence (which executed steps are keyframes, how many) is `core.episode.Chunk`'s; the interface
+(`Policy`, `PromptEncoder`, `ObservationEncoder`) is `core.protocols`'.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lingbot_edge.core.actions import ActionCodec
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.episode import Chunk, chunk_keyframes
 from lingbot_edge.core.model import WanVATransformer
+from lingbot_edge.core.protocols import ObservationEncoder, PromptEncoder
 from lingbot_edge.core.sampler import ChunkResult, ReferenceSampler, StaticSampler
 
 log = logging.getLogger(__name__)
@@ -75,22 +77,70 @@ class PhaseTimer:
         return out
 
 
+class PromptMemo:
+    """A `PromptEncoder` that keeps each prompt's embeddings: wraps an encoder that runs its text model at
+    every call (an `io.frozen.PromptEncoder`), so a policy's next episode with the same prompt costs nothing.
+
+    Example:
+        policy = LingBotPolicy(cfg, model, obs_encoder, PromptMemo(frozen.PromptEncoder(umt5, tokenizer)))
+    """
+
+    memory_report = None  # nothing measured: the wrapped encoder stays loaded
+
+    def __init__(self, encoder):
+        self.encoder = encoder  # anything with encode_pair(prompt, use_cfg)
+        self._pairs: dict[tuple[str, bool], tuple[Tensor, Tensor | None]] = {}
+
+    def encode_pair(self, prompt: str, use_cfg: bool) -> tuple[Tensor, Tensor | None]:
+        key = (prompt, use_cfg)
+        if key not in self._pairs:
+            self._pairs[key] = self.encoder.encode_pair(prompt, use_cfg)
+        return self._pairs[key]
+
+
 class LingBotPolicy:
     """One robot policy: DiT + sampler, observation encoder (streaming VAE), prompt embeddings.
 
-    `prompt_encoder` is a `prompt_cache.PromptCache` (UMT5 loaded on a miss only, released after;
-    `loading.load_policy` builds one over the checkpoint's files) or anything with
-    `encode_pair(prompt, use_cfg)` such as a `frozen.PromptEncoder` (its results are kept per prompt).
-    `record_predicted_video`: keep each chunk's predicted latents (on the CPU) for
-    `lingbot_edge.io.frozen.save_predicted_video`; off by default (it costs a host copy per chunk).
+    Implements `core.protocols.Policy` (a local policy: lookahead supported, nothing to cancel).
+
+    Args:
+        cfg: the preset (`core.config.PolicyConfig`); `model.config` must be its `model_config`.
+        model: the DiT (`WanVATransformer`), already on its device and in its dtype.
+        obs_encoder: a `core.protocols.ObservationEncoder` (the streaming VAE, `io.frozen.ObservationEncoder`);
+            its `latent_hw` must equal `cfg.latent_hw`.
+        prompt_encoder: a `core.protocols.PromptEncoder`, called at every `reset`: an `io.prompt_cache.PromptCache`
+            (UMT5 loaded on a miss only, released after; `loading.load_policy` builds one over the checkpoint's
+            files), or a `PromptMemo` over an `io.frozen.PromptEncoder`.
+        sampler: "static" (`StaticSampler`, fixed shapes, CUDA graphs / torch.compile) or "reference"
+            (`ReferenceSampler`, the upstream code path, for parity checks).
+        compile: torch.compile the static sampler's forward.
+        seed: seed of the noise generator (each `reset` restarts it; `reset(seed=...)` overrides it).
+        record_predicted_video: keep each chunk's predicted latents (on the CPU) in `predicted_latents`, for
+            `lingbot_edge.io.frozen.save_predicted_video`; off by default (it costs a host copy per chunk).
+
+    Raises:
+        ValueError: the model or the observation encoder does not match `cfg`, or `sampler` is unknown.
+
+    Example:
+        policy = load_policy("so100-grasp")  # lingbot_edge.io.load_policy builds this class
+        policy.reset("pick up the cube")
+        chunk = policy.infer(first_obs)  # {camera key: H x W x 3 uint8} for every camera in cfg.obs_cam_keys
+        for step, action in enumerate(chunk.actions):
+            executed = send_to_robot(action)
+            chunk.record(step, executed, camera_frames() if chunk.is_keyframe(step) else None)
+        policy.feedback(chunk)
+        chunk = policy.infer({})  # the next chunk
     """
+
+    # infer(obs, ahead=True) is available (async execution with a one-chunk lag).
+    supports_lookahead = True
 
     def __init__(
         self,
         cfg: PolicyConfig,
         model: WanVATransformer,
-        obs_encoder,
-        prompt_encoder,
+        obs_encoder: ObservationEncoder,
+        prompt_encoder: PromptEncoder,
         sampler: str = "static",
         compile: bool = True,
         seed: int = 0,
@@ -98,8 +148,8 @@ class LingBotPolicy:
     ):
         if model.config != cfg.model_config:
             raise ValueError(f"model: its config does not match preset {cfg.name!r}'s model {cfg.model!r}")
-        enc_hw = getattr(obs_encoder, "latent_hw", None)
-        if enc_hw is not None and tuple(enc_hw) != tuple(cfg.latent_hw):
+        enc_hw = obs_encoder.latent_hw
+        if tuple(enc_hw) != tuple(cfg.latent_hw):
             raise ValueError(f"obs_encoder: produces latents of {tuple(enc_hw)} (h, w), expected {cfg.latent_hw} "
                              f"for preset {cfg.name!r} ({cfg.camera_layout})")
         self.cfg = cfg
@@ -115,7 +165,6 @@ class LingBotPolicy:
         else:
             raise ValueError(f"sampler: expected 'static' or 'reference', got {sampler!r}")
         self.seed = seed
-        self._prompt_cache: dict[str, tuple[Tensor, Tensor | None]] = {}
         self.prompt: str | None = None
         self._pending: list = []
         self.record_predicted_video = record_predicted_video
@@ -143,7 +192,7 @@ class LingBotPolicy:
             "gpu_reserved": torch.cuda.memory_reserved(self.device) if cuda else None,
         }
         report.update(self.load_report)
-        prompt = getattr(self.prompt_encoder, "memory_report", None)
+        prompt = self.prompt_encoder.memory_report
         if prompt is not None:
             report["prompt"] = dict(prompt)
         return report
@@ -151,15 +200,19 @@ class LingBotPolicy:
     # ------------------------------------------------------------------ episode state
 
     def reset(self, prompt: str, seed: int | None = None) -> None:
-        """Start an episode: look up / encode the prompt, empty the caches."""
+        """Start an episode: encode the prompt (through the prompt encoder's own cache), empty the KV cache
+        and the observation encoder's stream, restart the noise generator.
+
+        Args:
+            prompt: the task, e.g. "pick up the cube".
+            seed: the noise generator's seed for this episode (default: the policy's `seed`).
+
+        Raises:
+            TypeError: `prompt` is not a str.
+        """
         if not isinstance(prompt, str):
             raise TypeError(f"prompt: expected str, got {type(prompt).__name__}")
-        if getattr(self.prompt_encoder, "caches_prompts", False):  # a PromptCache: has its own memory tier
-            cond, uncond = self.prompt_encoder.encode_pair(prompt, self.cfg.use_cfg)
-        else:
-            if prompt not in self._prompt_cache:
-                self._prompt_cache[prompt] = self.prompt_encoder.encode_pair(prompt, self.cfg.use_cfg)
-            cond, uncond = self._prompt_cache[prompt]
+        cond, uncond = self.prompt_encoder.encode_pair(prompt, self.cfg.use_cfg)
         self.text_embeds = (cond, uncond)
         self.sampler.reset(cond, uncond)
         self.obs_encoder.reset()
@@ -180,21 +233,30 @@ class LingBotPolicy:
 
     # ------------------------------------------------------------------ openpi interface
 
-    # infer(obs, ahead=True) is available (async execution with a one-chunk lag).
-    supports_lookahead = True
-
     @torch.no_grad()
     def infer(self, obs: Mapping[str, Any], ahead: bool = False) -> Chunk:
-        """Predict the next chunk (an `episode.Chunk`: its actions, the keyframe rule, a dict of
-        actions / chunk / frame_start / timing). The first chunk of an episode needs one frame per
-        camera in obs (obs_cam_keys names or their camera_aliases).
+        """Predict the next chunk.
 
-        ahead=True: predict the chunk after the one awaiting feedback, while that one executes
-        (`cfg.async_mode`). Grounded: the cache holds the real history up to the chunk before the
-        executing one, then the executing chunk's imagined video and its known actions as temporary
-        entries; this chunk runs its action pass alone on top. Naive: it conditions on the executing
-        chunk's own stale forecast. `feedback` of the oldest pending chunk writes what happened and
-        rewrites the executing chunk's temporary entries, so the next `infer(ahead=True)` follows it."""
+        Args:
+            obs: for the first chunk of an episode, one frame per camera ({`cfg.obs_cam_keys` name or one of
+                its `camera_aliases`: H x W x 3 uint8}); ignored afterwards (pass `{}`: the keyframes come
+                with `feedback`).
+            ahead: predict the chunk after the one awaiting feedback, while that one executes
+                (`cfg.async_mode`). Grounded: the cache holds the real history up to the chunk before the
+                executing one, then the executing chunk's imagined video and its known actions as temporary
+                entries; this chunk runs its action pass alone on top. Naive: it conditions on the executing
+                chunk's own stale forecast. `feedback` of the oldest pending chunk writes what happened and
+                rewrites the executing chunk's temporary entries, so the next `infer(ahead=True)` follows it.
+
+        Returns:
+            An `episode.Chunk`: its actions ([steps, used channels], robot units), the keyframe rule, and
+            the dict keys `actions` / `chunk` / `frame_start` / `timing` (ms per phase).
+
+        Raises:
+            RuntimeError: no `reset` yet, or the feedback/infer order is broken (`ahead=False` with a chunk
+                awaiting feedback, `ahead=True` without exactly one).
+            ValueError: the first chunk's `obs` lacks a camera.
+        """
         if self.prompt is None:
             raise RuntimeError("infer: call reset(prompt=...) first")
         if ahead and len(self._pending) != 1:
@@ -240,9 +302,21 @@ class LingBotPolicy:
     @torch.no_grad()
     def feedback(self, chunk: Chunk | Mapping[str, Any],
                  executed_actions: np.ndarray | None = None) -> dict[str, float]:
-        """Write what really happened into the cache: `feedback(chunk)` with the `Chunk` the loop recorded
-        into (its keyframes and executed actions), or, to replay recorded data, `feedback(frames,
-        executed_actions)` with {camera: [T, H, W, 3] uint8}, T = the chunk's `num_keyframes`."""
+        """Write what really happened during the oldest chunk awaiting feedback into the KV cache.
+
+        Args:
+            chunk: the `Chunk` the loop recorded into (its keyframes and executed actions), or, to replay
+                recorded data, the keyframes {camera: [T, H, W, 3] uint8}, T = the chunk's `num_keyframes`.
+            executed_actions: with keyframes only: [steps, used channels] actions really executed.
+
+        Returns:
+            Milliseconds per phase (`encode_obs_ms`, ..., `total_ms`).
+
+        Raises:
+            RuntimeError: no chunk awaits feedback.
+            TypeError: `executed_actions` given with a `Chunk`, or missing with keyframes.
+            ValueError: a camera is missing or has the wrong number of keyframes.
+        """
         if not self._pending:
             raise RuntimeError("feedback: no chunk to feed back (call infer first)")
         if isinstance(chunk, Chunk):
@@ -285,5 +359,8 @@ class LingBotPolicy:
         latents = self.sampler.ground(self._noise(self.sampler.latent_shape), executing.actions, timer=timer)
         if self.record_predicted_video:
             self.predicted_latents.append(latents.detach().float().cpu())
+
+    def cancel(self) -> None:
+        """Nothing to interrupt: a local call runs to its end (`core.protocols.Policy.cancel`)."""
 
 

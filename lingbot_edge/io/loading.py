@@ -323,20 +323,53 @@ def load_policy(
     record_predicted_video: bool | None = None,
     **overrides: Any,
 ):
-    """The one policy factory: `source` is a checkpoint folder (released layout, LeRobot layout, a user's
-    post-trained checkpoint), "tiny" (the embedded tiny model, random weights, built in-process) or the name
-    of an embedded checkpoint (`EMBEDDED_CHECKPOINTS`: "so100-grasp"); returns a `LingBotPolicy`.
+    """The one policy factory: a `LingBotPolicy` from a checkpoint folder, an embedded checkpoint or "tiny".
 
-    preset: the default policy settings (the checkpoint's own settings come first; "tiny" source: the
-    preset's robot side on the tiny model, see `config.tiny_variant`). transformer: another DiT folder, e.g.
-    a quantized checkpoint from `lingbot-edge quantize`. device / dtype / compile: see `runtime_defaults`.
-    **overrides: PolicyConfig fields, applied last (`--set key=value` in the CLIs).
-    The prompt cache (`prompt_cache_dir`: None -> the default cache folder, False -> memory only) encodes
-    with UMT5 on `text_encoder_device` (default CPU) in `text_encoder_dtype`; `prompts` are encoded before
-    the DiT is loaded, so UMT5 and the DiT are never in memory together. `vae_dtype`: default `dtype`.
-    `record_predicted_video`: keep predicted latents for `io.frozen.save_predicted_video` (default: the
-    LeRobot config's `save_predicted_video`, else off). `policy.memory_report` then holds the GPU bytes
-    allocated after each stage and the text encoder's release numbers.
+    A checkpoint is validated from its headers and configs before any weight is read; then the prompt
+    embeddings are computed (UMT5 is released before the DiT is loaded, so the two are never in memory
+    together), then the DiT, then the VAE encoder. `policy.memory_report` holds the GPU bytes allocated
+    after each stage and the text encoder's release numbers.
+
+    Args:
+        source: a checkpoint folder (released layout, LeRobot layout, a user's post-trained checkpoint),
+            the name of an embedded checkpoint (`EMBEDDED_CHECKPOINTS`: "so100-grasp"), or "tiny" (the
+            embedded tiny model with random weights, built in-process; it takes only `preset`, `device`,
+            `dtype`, `compile`, `sampler`, `seed` and `overrides`).
+        preset: the default policy settings (`core.config` presets); a checkpoint's own settings come first.
+            For "tiny": the preset's robot side on the tiny model (`config.tiny_variant`).
+        transformer: another DiT folder in place of the checkpoint's, e.g. a quantized one written by
+            `lingbot-edge quantize`.
+        device: see `runtime_defaults` (default: CUDA when available, else the CPU).
+        dtype: the DiT's dtype, a torch dtype or a name ("bf16", "fp32", ...); see `runtime_defaults`
+            (default bf16).
+        compile: torch.compile the sampler's forward; see `runtime_defaults` (default: on CUDA only).
+        sampler: "static" (fixed shapes, the fast path) or "reference" (the upstream code path).
+        seed: the noise generator's seed (`LingBotPolicy.reset` restarts it).
+        prompt_cache_dir: the prompt cache's disk tier: None -> `prompt_cache.default_cache_dir()`,
+            False -> memory only, else that folder.
+        prompts: prompts encoded now, before the DiT is loaded (later episodes with them never load UMT5).
+        text_encoder_device: where UMT5 runs on a cache miss (default the CPU).
+        text_encoder_dtype: UMT5's dtype (default bf16; the cache key includes it).
+        vae_dtype: the VAE encoder's dtype (default `dtype`).
+        vae: another VAE folder in place of the checkpoint's.
+        text_encoder: another UMT5 folder in place of the checkpoint's.
+        tokenizer: another tokenizer folder in place of the checkpoint's.
+        record_predicted_video: keep predicted latents for `io.frozen.save_predicted_video` (default: the
+            LeRobot config's `save_predicted_video`, else off).
+        **overrides: `PolicyConfig` fields, applied last (`--set key=value` in the CLIs).
+
+    Returns:
+        The `LingBotPolicy`, with `load_report` (GPU bytes per stage) and `checkpoint` (the resolved
+        `CheckpointLayout`); for "tiny" these are empty and None.
+
+    Raises:
+        CheckpointError: the checkpoint folder or one of its parts is missing or inconsistent.
+        ValueError: an unknown preset, override or dtype name, or `transformer` with the "tiny" source.
+
+    Example:
+        policy = load_policy("so100-grasp", device="cpu", compile=False)
+        policy = load_policy("/ckpt/lingbot-va-libero", preset="libero", transformer="/ckpt/libero-int8")
+        policy = load_policy("tiny", preset="so100", num_inference_steps=2)  # an override
     """
     from lingbot_edge.core.policy import LingBotPolicy
     from lingbot_edge.io.frozen import ObservationEncoder, StreamingVAEEncoder

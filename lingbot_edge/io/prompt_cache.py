@@ -144,7 +144,8 @@ def gpu_memory(device: torch.device | str | None) -> dict[str, int | None]:
 
 
 class PromptCache:
-    """Prompt -> embedding [1, max_sequence_length, text_dim] with a memory and a disk tier.
+    """Prompt -> embedding [1, max_sequence_length, text_dim] with a memory and a disk tier: the
+    `core.protocols.PromptEncoder` that `loading.load_policy` gives the policy.
 
     `encoder_factory()` returns a `PromptEncoder` (tokenizer + UMT5 on its device, output dtype
     `encoder_dtype`); it is called only on a miss, and the encoder is released after the texts that
@@ -159,8 +160,6 @@ class PromptCache:
       device just before and after the last release; `gpu_freed_bytes`: allocated before - after.
     `stats`: `memory_hits`, `disk_hits`, `misses` (texts encoded), `disk_writes`, `disk_rejects`.
     """
-
-    caches_prompts = True  # LingBotPolicy keeps no second memory tier over it
 
     def __init__(
         self,

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from lingbot_edge.core.episode import Chunk
+from lingbot_edge.core.protocols import Policy
 from lingbot_edge.robot.safety import SafetyFilter
 from lingbot_edge.robot.so100 import Robot, action_dict, camera_images, joints_of
 
@@ -48,8 +49,26 @@ log = logging.getLogger(__name__)
 
 def execute_step(robot: Robot, chunk: Chunk, step: int, safety: SafetyFilter, obs: Mapping[str, Any],
                  last_safe: np.ndarray | None) -> tuple[Mapping[str, Any], np.ndarray]:
-    """One step of a chunk without a clock (the demo, evaluations): its target through the safety filter,
-    sent, the robot observed, the step recorded (with the cameras at keyframes). Returns (obs, sent)."""
+    """One step of a chunk without a clock (the synchronous loop of the demo and the evaluations): its target
+    through the safety filter, sent, the robot observed, the step recorded (with the cameras at keyframes).
+
+    Args:
+        robot: the robot (connected).
+        chunk: the chunk executing; `step` is recorded into it.
+        step: the step of the chunk to execute (0-based, in order).
+        safety: the filter the target goes through.
+        obs: the robot's observation before the step (the safety filter's reference).
+        last_safe: the previous target sent (None before the first).
+
+    Returns:
+        (obs, sent): the observation after the step, and the joint targets the robot took.
+
+    Example:
+        obs, last = robot.get_observation(), None
+        for step in range(chunk.steps):
+            obs, last = execute_step(robot, chunk, step, safety, obs, last)
+        policy.feedback(chunk)
+    """
     safe = safety(chunk.actions[step], joints_of(obs), last_safe)
     sent = joints_of(robot.send_action(action_dict(safe)))
     obs = robot.get_observation()
@@ -111,19 +130,63 @@ class ControlLog:
         }
 
 
-def supports_lookahead(policy) -> bool:
-    return bool(getattr(policy, "supports_lookahead", False))
+def supports_lookahead(policy: Policy) -> bool:
+    """Whether `policy.infer(obs, ahead=True)` works (the lookahead schedule)."""
+    return bool(policy.supports_lookahead)
+
+
+@dataclass
+class _RunState:
+    """What one `AsyncController.run` carries from tick to tick (its steps read and update it)."""
+
+    logbook: ControlLog
+    worker: Any  # runs the policy calls: an executor with submit(fn, *args) -> future
+    upcoming: deque = field(default_factory=deque)  # worker futures of (Chunk, job_ms), oldest first
+    obs: Mapping[str, Any] = field(default_factory=dict)  # the robot's latest observation
+    last_safe: np.ndarray | None = None  # the last target sent: what a hold re-sends
+    current: Chunk | None = None  # the chunk executing, None while holding
+    holding: int | None = None  # hold ticks of the wait going on; None when not waiting
+    done_chunks: int = 0  # chunks fully executed
+    tick: int = 0  # the next tick's slot (deadline = tick * period)
+    t0: float = 0.0  # the loop clock at tick 0
 
 
 class AsyncController:
     """Runs a policy on a robot: control ticks at `fps` here, policy calls on one worker thread.
 
-    policy: reset(prompt) / infer(obs[, ahead]) -> Chunk / feedback(chunk) with `.cfg.obs_cam_keys` (a
-    LingBotPolicy, a `serve.client.RemotePolicy`, or anything shaped like them). on_tick(obs, tick) is
-    called after every tick (e.g. to record video)."""
+    Each tick is a sequence of small steps (see `run`): wait for the deadline (`_wait_for_tick`), take a
+    chunk the worker finished (`_take_ready_chunk`), send the next step of the current chunk (`_act`) or
+    the last safe target again (`_hold`), read the robot (`_observe`), record the step and, at the end
+    of a chunk, hand its feedback and the next infer to the worker (`_record_step`,
+    `_request_next_chunk`), then log the tick (`_log_tick`).
 
-    def __init__(self, robot: Robot, policy, prompt: str, fps: float = 30.0, safety: SafetyFilter | None = None,
-                 lookahead: bool | None = None, on_tick: Callable[[dict, Tick], None] | None = None,
+    Args:
+        robot: a `robot.so100.Robot` (connected and disconnected by `run`).
+        policy: a `core.protocols.Policy`: a `LingBotPolicy`, a `serve.client.RemotePolicy`, or a test
+            double; the loop reads `policy.cfg.obs_cam_keys`.
+        prompt: the task, given to `policy.reset`.
+        fps: control ticks per second.
+        safety: the filter every target goes through (default `SafetyFilter()`).
+        lookahead: infer each chunk while the previous one executes (`infer(obs, ahead=True)`); default:
+            whenever `policy.supports_lookahead`. True with a policy that has no lookahead is an error.
+        on_tick: called as `on_tick(obs, tick)` after every tick (e.g. to record video).
+        clock: seconds, monotonic (a fake clock makes ticks exact: `testing.clocks`).
+        sleep: sleeps `s` seconds of `clock`.
+        executor: runs the policy calls (anything with `submit(fn, *args) -> future` with `done()` /
+            `result()`, and `shutdown(...)`); default: one worker thread, shut down by `run`.
+
+    Raises:
+        ValueError: `lookahead=True` with a policy whose `supports_lookahead` is false.
+
+    Example:
+        controller = AsyncController(KinematicSO100(), load_policy("so100-grasp"), "pick up the cube", fps=30)
+        log = controller.run(duration_s=10)
+        print(log.summary()["overruns"])
+    """
+
+    def __init__(self, robot: Robot, policy: Policy, prompt: str, fps: float = 30.0,
+                 safety: SafetyFilter | None = None, lookahead: bool | None = None,
+                 on_tick: Callable[[dict, Tick], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
                  executor=None):
         self.robot, self.policy, self.prompt = robot, policy, prompt
@@ -162,108 +225,181 @@ class AsyncController:
         logbook.failure = str(error)
         log.error("policy unavailable: %s; holding the last safe target until the end of the run", error)
 
+    # -- the loop
     def run(self, duration_s: float | None = None, max_chunks: int | None = None) -> ControlLog:
-        """Connect, run until `duration_s` of control time or `max_chunks` chunks executed (or stop()),
-        then always disconnect (torque off). Returns the timing log."""
+        """Connect, run the episode, then always disconnect (torque off), KeyboardInterrupt included.
+
+        Args:
+            duration_s: stop before the first tick whose deadline is at or past this much control time
+                (None: no limit).
+            max_chunks: stop after this many chunks were executed (None: no limit).
+
+        Returns:
+            The `ControlLog`: every tick, the missed slots, the overruns, the chunks; `.summary()` sums it up.
+
+        Raises:
+            Any error of the robot or of the policy other than `PolicyUnavailableError` (which makes the arm
+            hold until the end, with `ControlLog.failure` saying why), after the robot was disconnected.
+        """
         logbook = ControlLog(self.fps, "lookahead" if self.lookahead else "sync")
         worker = self.executor or concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                         thread_name_prefix="lingbot-infer")
-        upcoming: deque = deque()
+        state = _RunState(logbook, worker)
         connected = False
         try:
             self.robot.connect()
             connected = True
-            obs = self.robot.get_observation()
-            last_safe = joints_of(obs)
-            current: Chunk | None = None
-            try:
-                self.policy.reset(self.prompt)
-                current, job_ms = self._infer(self._images(obs), ahead=False)  # chunk 0 needs the observation
-                logbook.chunks.append({"chunk": current.index, "steps": current.steps, "job_ms": job_ms,
-                                       "first_tick": 0})
-                log.info("control loop: %s mode, %.0f Hz, chunk 0 (%d steps) in %.0f ms", logbook.mode, self.fps,
-                         current.steps, job_ms)
-                if self.lookahead:
-                    upcoming.append(worker.submit(self._infer, {}, True))  # chunk 1, while chunk 0 executes
-            except PolicyUnavailableError as e:
-                self._fail(logbook, e)
-            holding: int | None = None if current is not None else 0  # hold ticks of the wait going on
-            done_chunks = 0
-            t0 = self.clock()
-            i = 0
+            self._observe(state)
+            state.last_safe = joints_of(state.obs)
+            self._start_episode(state)
+            state.t0 = self.clock()
             while not self._stop.is_set():
-                deadline = i * self.period
+                deadline = state.tick * self.period
                 if duration_s is not None and deadline >= duration_s:
                     break
-                now = self.clock() - t0
-                if now < deadline:
-                    self.sleep(deadline - now)
-                start = self.clock() - t0
-                if start - deadline >= self.period:  # a whole slot went by: skip it, never burst
-                    skipped = int((start - deadline) // self.period)
-                    logbook.missed += skipped
-                    log.warning("control loop late by %.1f ms: skipped %d tick(s)", (start - deadline) * 1e3, skipped)
-                    i += skipped
-                    deadline = i * self.period
-                present = joints_of(obs)
-                if current is None and upcoming and upcoming[0].done():
-                    try:
-                        chunk, job_ms = upcoming.popleft().result()  # another error raises: the loop stops safely
-                    except PolicyUnavailableError as e:
-                        self._fail(logbook, e)
-                        upcoming.clear()
-                    else:
-                        current, holds = chunk, holding
-                        logbook.chunks.append({"chunk": chunk.index, "steps": chunk.steps, "job_ms": job_ms,
-                                               "first_tick": i})
-                        if holds > 0:
-                            logbook.overruns.append({"chunk": chunk.index, "hold_ticks": holds,
-                                                     "late_ms": holds * self.period * 1e3, "open": False})
-                            log.info("chunk %d ready after holding %d tick(s)", chunk.index, holds)
-                        holding = None
-                elif current is None and holding == 0 and upcoming:
-                    log.warning("overrun: the next chunk is not ready when the previous one ended; holding the last "
-                                "safe target")
-                if current is not None:
-                    kind, step, chunk_id = "exec", current.executed_steps, current.index
-                    safe = self.safety(current.actions[step], present, last_safe)
+                deadline, start = self._wait_for_tick(state, deadline)
+                present = joints_of(state.obs)
+                self._take_ready_chunk(state)
+                chunk = state.current
+                if chunk is not None:
+                    step = self._act(state, chunk, present)
                 else:
-                    kind, step, chunk_id = "hold", -1, -1
-                    safe = last_safe
-                    holding = (holding or 0) + 1
-                last_safe = joints_of(self.robot.send_action(action_dict(safe)))
-                obs = self.robot.get_observation()
-                if current is not None:
-                    current.record(step, last_safe, self._images(obs) if current.is_keyframe(step) else None)
-                    if current.complete:  # its feedback and the next infer go to the worker
-                        done_chunks += 1
-                        if logbook.failure is None and (max_chunks is None or done_chunks < max_chunks):
-                            upcoming.append(worker.submit(self._boundary_job, current))
-                        current, holding = None, 0
-                tick = Tick(i, deadline, start, self.clock() - t0, kind, chunk_id, step, last_safe, present)
-                logbook.ticks.append(tick)
-                if self.on_tick is not None:
-                    self.on_tick(obs, tick)
-                i += 1
-                if max_chunks is not None and done_chunks >= max_chunks:
-                    holding = None  # done, not waiting
+                    step = -1
+                    self._hold(state)
+                self._observe(state)
+                if chunk is not None:
+                    self._record_step(state, chunk, step, max_chunks)
+                self._log_tick(state, deadline, start, chunk, step, present)
+                state.tick += 1
+                if max_chunks is not None and state.done_chunks >= max_chunks:
+                    state.holding = None  # done, not waiting
                     break
-            if holding:  # a wait still open at the end is an overrun too
-                holds = holding
-                logbook.overruns.append({"chunk": None, "hold_ticks": holds, "late_ms": holds * self.period * 1e3,
-                                         "open": True})
+            self._close_open_wait(state)
         finally:
-            if any(not f.done() for f in upcoming) and hasattr(self.policy, "cancel"):
-                self.policy.cancel()  # e.g. a remote call blocked on a frozen server: unblock it now
-            if self.executor is None:
-                worker.shutdown(wait=True, cancel_futures=True)
-            if connected:
-                try:
-                    self.robot.disconnect()  # torque off
-                except Exception:  # noqa: BLE001 - never mask the original error on the way out
-                    log.exception("robot disconnect failed")
+            self._shut_down(state, connected)
+        self._log_summary(logbook)
+        return logbook
+
+    # -- the steps of `run`
+    def _start_episode(self, state: _RunState) -> None:
+        """Reset the policy and infer chunk 0 here (it needs the first observation); with lookahead,
+        chunk 1 goes to the worker at once, to run while chunk 0 executes. A policy that is unavailable
+        leaves the arm holding from the first tick."""
+        logbook = state.logbook
+        try:
+            self.policy.reset(self.prompt)
+            chunk, job_ms = self._infer(self._images(state.obs), ahead=False)
+            state.current = chunk
+            logbook.chunks.append({"chunk": chunk.index, "steps": chunk.steps, "job_ms": job_ms, "first_tick": 0})
+            log.info("control loop: %s mode, %.0f Hz, chunk 0 (%d steps) in %.0f ms", logbook.mode, self.fps,
+                     chunk.steps, job_ms)
+            if self.lookahead:
+                state.upcoming.append(state.worker.submit(self._infer, {}, True))
+        except PolicyUnavailableError as e:
+            self._fail(logbook, e)
+        state.holding = None if state.current is not None else 0
+
+    def _wait_for_tick(self, state: _RunState, deadline: float) -> tuple[float, float]:
+        """Sleep until `deadline` (loop time); a tick that starts a whole period or more late skips the slots
+        that went by (counted in `missed`), never bursts. Returns (deadline, start) of this tick."""
+        now = self.clock() - state.t0
+        if now < deadline:
+            self.sleep(deadline - now)
+        start = self.clock() - state.t0
+        if start - deadline >= self.period:
+            skipped = int((start - deadline) // self.period)
+            state.logbook.missed += skipped
+            log.warning("control loop late by %.1f ms: skipped %d tick(s)", (start - deadline) * 1e3, skipped)
+            state.tick += skipped
+            deadline = state.tick * self.period
+        return deadline, start
+
+    def _take_ready_chunk(self, state: _RunState) -> None:
+        """While holding: make the worker's oldest result the current chunk once it is done (closing the
+        overrun, if the arm held for it), or note that the policy became unavailable."""
+        if state.current is not None:
+            return
+        if state.upcoming and state.upcoming[0].done():
+            try:
+                chunk, job_ms = state.upcoming.popleft().result()  # another error raises: the loop stops safely
+            except PolicyUnavailableError as e:
+                self._fail(state.logbook, e)
+                state.upcoming.clear()
+                return
+            holds = state.holding
+            state.current = chunk
+            state.logbook.chunks.append({"chunk": chunk.index, "steps": chunk.steps, "job_ms": job_ms,
+                                         "first_tick": state.tick})
+            if holds > 0:
+                state.logbook.overruns.append({"chunk": chunk.index, "hold_ticks": holds,
+                                               "late_ms": holds * self.period * 1e3, "open": False})
+                log.info("chunk %d ready after holding %d tick(s)", chunk.index, holds)
+            state.holding = None
+        elif state.holding == 0 and state.upcoming:
+            log.warning("overrun: the next chunk is not ready when the previous one ended; holding the last "
+                        "safe target")
+
+    def _act(self, state: _RunState, chunk: Chunk, present: np.ndarray) -> int:
+        """Send the chunk's next step through the safety filter; returns the step."""
+        step = chunk.executed_steps
+        self._send(state, self.safety(chunk.actions[step], present, state.last_safe))
+        return step
+
+    def _hold(self, state: _RunState) -> None:
+        """No chunk to execute: send the last safe target again (one more hold tick of the wait)."""
+        state.holding = (state.holding or 0) + 1
+        self._send(state, state.last_safe)
+
+    def _send(self, state: _RunState, target: np.ndarray) -> None:
+        state.last_safe = joints_of(self.robot.send_action(action_dict(target)))
+
+    def _observe(self, state: _RunState) -> None:
+        state.obs = self.robot.get_observation()
+
+    def _record_step(self, state: _RunState, chunk: Chunk, step: int, max_chunks: int | None) -> None:
+        """Record the step sent (with the cameras at a keyframe); a chunk now complete is done: the arm
+        holds until the next one is ready."""
+        chunk.record(step, state.last_safe, self._images(state.obs) if chunk.is_keyframe(step) else None)
+        if chunk.complete:
+            state.done_chunks += 1
+            if state.logbook.failure is None and (max_chunks is None or state.done_chunks < max_chunks):
+                self._request_next_chunk(state, chunk)
+            state.current, state.holding = None, 0
+
+    def _request_next_chunk(self, state: _RunState, done: Chunk) -> None:
+        """Hand the worker `feedback(done)` then the next infer (ahead of the pending chunk with lookahead)."""
+        state.upcoming.append(state.worker.submit(self._boundary_job, done))
+
+    def _log_tick(self, state: _RunState, deadline: float, start: float, chunk: Chunk | None, step: int,
+                  present: np.ndarray) -> None:
+        tick = Tick(state.tick, deadline, start, self.clock() - state.t0, "exec" if chunk is not None else "hold",
+                    chunk.index if chunk is not None else -1, step, state.last_safe, present)
+        state.logbook.ticks.append(tick)
+        if self.on_tick is not None:
+            self.on_tick(state.obs, tick)
+
+    def _close_open_wait(self, state: _RunState) -> None:
+        """A wait still open at the end of the run is an overrun too."""
+        if state.holding:
+            holds = state.holding
+            state.logbook.overruns.append({"chunk": None, "hold_ticks": holds, "late_ms": holds * self.period * 1e3,
+                                           "open": True})
+
+    def _shut_down(self, state: _RunState, connected: bool) -> None:
+        """Unblock a policy call still running (e.g. a remote call on a frozen server), stop our worker,
+        disconnect the robot (torque off) without masking an error on the way out."""
+        if any(not f.done() for f in state.upcoming):
+            self.policy.cancel()
+        if self.executor is None:
+            state.worker.shutdown(wait=True, cancel_futures=True)
+        if connected:
+            try:
+                self.robot.disconnect()  # torque off
+            except Exception:  # noqa: BLE001 - never mask the original error on the way out
+                log.exception("robot disconnect failed")
+
+    def _log_summary(self, logbook: ControlLog) -> None:
         s = logbook.summary()
         log.info("control loop done: %d ticks (%d exec, %d hold), %d missed, %d chunk(s), %d overrun(s), mean "
                  "interval %.2f ms, max late %.2f ms", s["ticks"], s["exec_ticks"], s["hold_ticks"], s["missed"],
                  s["chunks_executed"], s["overruns"], s["mean_interval_ms"], s["max_late_ms"])
-        return logbook

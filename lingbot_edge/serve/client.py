@@ -1,4 +1,4 @@
-"""`RemotePolicy`: the `lingbot-edge/1` protocol behind the policy interface the control loop uses.
+"""`RemotePolicy`: the `lingbot-edge/1` protocol (docs/serving.md) behind `core.protocols.Policy`.
 
 `run-so100 --policy ws://HOST:PORT` drives any arm (sim, MuJoCo, LeRobot) from a policy on a GPU box with
 the same loop as a local policy: `reset(prompt)`, `infer(obs[, ahead]) -> episode.Chunk`,
@@ -33,10 +33,27 @@ log = logging.getLogger(__name__)
 
 
 class RemotePolicy:
-    """Client of `lingbot-edge serve` shaped like `LingBotPolicy` for `robot.control.AsyncController`.
+    """Client of `lingbot-edge serve`: a `core.protocols.Policy` for `robot.control.AsyncController`.
 
-    timeout: seconds to wait for each reply (a frozen server past it is unavailable); first_timeout: for
-    an episode's first chunk (the server may still be compiling); connect_timeout: the handshake."""
+    Connects at once and reads the server's metadata into `metadata`, `cfg` (the preset's name, cameras,
+    image size, chunk geometry) and `supports_lookahead`.
+
+    Args:
+        address: `ws://HOST:PORT` (or `wss://`; a bare `HOST:PORT` means ws).
+        api_key: sent as `Authorization: Api-Key <key>` (a server started with `--api-key` needs it).
+        timeout: seconds to wait for each reply (a frozen server past it is unavailable).
+        first_timeout: the same for an episode's first chunk (the server may still be compiling).
+        connect_timeout: seconds for the handshake and the metadata.
+        jpeg_quality: send each frame as one JPEG of this quality (1-100); None or 0: raw uint8 frames.
+
+    Raises:
+        PolicyUnavailableError: the server cannot be reached or refuses the handshake (e.g. a wrong key).
+
+    Example:
+        policy = RemotePolicy("ws://gpu-box:8000", api_key=key, jpeg_quality=90)
+        log = AsyncController(robot, policy, "pick up the cube").run(duration_s=30)
+        policy.close()
+    """
 
     def __init__(self, address: str, api_key: str | None = None, timeout: float = 5.0, first_timeout: float = 60.0,
                  connect_timeout: float = 10.0, jpeg_quality: int | None = None):
@@ -94,10 +111,26 @@ class RemotePolicy:
         return out
 
     def reset(self, prompt: str) -> None:
+        """Start an episode with `prompt` on the server (ends the one going on there)."""
         self.prompt, self._done = prompt, None
         self._call({"reset": True, "prompt": prompt}, self.timeout)
 
     def infer(self, obs: Mapping[str, Any], ahead: bool = False) -> Chunk:
+        """The next chunk, in one round trip that also carries the keyframes of the chunk last given to
+        `feedback`.
+
+        Args:
+            obs: for the episode's first chunk, one frame per camera ({camera key: H x W x 3 uint8});
+                ignored once a chunk was fed back.
+            ahead: infer the chunk after the pending one (needs `supports_lookahead`).
+
+        Returns:
+            The server's chunk as an `episode.Chunk` (`timing` holds the server's timings).
+
+        Raises:
+            PolicyUnavailableError: no reply in time, connection lost, or a failure inside the server's policy.
+            RuntimeError: the server refused the request (`error: ...`).
+        """
         req: dict[str, Any] = {"prompt": self.prompt}
         if ahead:
             req["ahead"] = True
@@ -117,6 +150,8 @@ class RemotePolicy:
                      frame_start=int(r.get("frame_start", 0)), timing=r.get("server_timing", {}))
 
     def feedback(self, chunk: Chunk) -> dict[str, float]:
+        """Keep the executed `chunk`: its keyframes and executed actions go with the next `infer`.
+        Returns {} (nothing ran yet); raises at once if a step or keyframe is missing."""
         chunk.feedback_inputs()  # raises now, on the loop's side, if a step or keyframe is missing
         self._done = chunk
         return {}
@@ -127,5 +162,6 @@ class RemotePolicy:
             self.ws.socket.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        """Close the connection (the server ends this client's episode)."""
         with contextlib.suppress(Exception):
             self._exit.close()

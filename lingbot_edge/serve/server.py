@@ -1,54 +1,8 @@
-"""`lingbot-edge serve`: the policy behind an openpi-style websocket (msgpack-numpy frames).
+"""`lingbot-edge serve`: a policy behind an openpi-style websocket (msgpack-numpy frames).
 
-Protocol `lingbot-edge/1` (one policy, one episode at a time; all maps have str keys)
-------------------------------------------------------------------------------------
-Transport: websocket, binary frames, msgpack with the numpy encoding of `lingbot_edge.serve.msgpack_numpy`
-(`{b"__ndarray__": True, b"data", b"dtype", b"shape"}`; object / void / complex dtypes refused).
-HTTP `GET /healthz` answers `200 OK` (no key needed). With `--api-key`, the websocket handshake needs the
-header `Authorization: Api-Key <key>` (compared in constant time), else `401`.
-
-1. On connect the server sends one metadata map: `protocol`, `preset`, `model`, `camera_keys`
-   (`observation.images.<camera>`), `image_size` [H, W] the model resizes to, `state_dim`, `action_dim`,
-   `action_keys`, `action_limits` ({"lower", "upper"} or None), `action_per_frame`, `frame_chunk_size`,
-   `keyframe_stride`, `first_chunk_steps`, `chunk_steps`, `first_feedback_keyframes`, `feedback_keyframes`,
-   `supports_lookahead`, `max_message_bytes`.
-2. Each request is a map:
-   - `prompt` (or LeRobot's `task`): str. The first request of an episode needs it; sending the same
-     text again (clients that send their task with every request) continues the episode, a different
-     text from the episode's owner starts a new one.
-   - `reset` (bool, optional): `{"reset": True}` without a prompt ends the episode and replies
-     `{"reset": True, "episode_ended": bool}` (any other key, e.g. `robo_name`, is ignored). With a prompt
-     it starts a new episode (with images in the same map it also returns the first chunk).
-   - One episode owner at a time: while connection A has an episode, requests of connection B are refused
-     (`error: ..another client's episode..`) unless B sends `reset: True`, which takes the policy over
-     (A then gets `error: ..taken over..` until it sends reset too). An episode ends when its owner
-     disconnects.
-   - `observation.images.<camera>` for every camera in `camera_keys`, uint8 RGB (or float already scaled
-     to 0..255), any H x W, or a list of JPEG / PNG bytes (one per frame: `run-so100 --jpeg-quality`); all
-     resized to `image_size` first (send them at that size to save bandwidth):
-     * first request of an episode: the current frame, `H x W x 3`;
-     * every later request: the keyframes recorded while the oldest unanswered chunk executed,
-       `T x H x W x 3` with T = the previous reply's `keyframes_next` (one frame per camera after every
-       `keyframe_stride` executed steps). A single `H x W x 3` frame is accepted too (clients that only
-       send the current observation) and repeated T times: it runs, but the model then sees a static
-       chunk; send the keyframes for full quality.
-   - `ahead` (bool, optional; `supports_lookahead`): infer the chunk after the pending one while that one
-     executes. `{"ahead": True}` without images right after the first chunk returns chunk 1; from then on
-     every request carries the keyframes of the oldest pending chunk and `ahead: True` (one round trip:
-     feedback of chunk k, then chunk k + 2).
-   - `observation.state`: float, `state_dim` values (or T x state_dim); must be finite. Checked and logged;
-     the model conditions on images and on the actions it sent.
-   - `executed_actions` (optional): `steps x action_dim` actions really executed for the chunk being fed
-     back (after the client's own clamping); default: the chunk the server sent.
-3. The reply is a map: `action` (`steps x action_dim` float32, robot units, clamped to `action_limits`,
-   execute in order), `chunk` (its index), `first` (the episode's first chunk), `frame_start`,
-   `keyframes_next` (T expected in the next request with images), `server_timing` (`infer_ms`,
-   `feedback_ms`, `total_ms`, `prev_total_ms`, per-phase policy timings).
-4. Errors: a request that is not valid (bad msgpack, unknown or missing camera, wrong image shape or dtype,
-   NaN state, non-bool `reset`, ...) gets a text frame `error: <what and why>`; nothing of the episode
-   changed, the connection stays usable. A failure inside the policy gets `internal error: ..` (traceback
-   in the server log), ends the episode (the next request with a prompt starts a new one) and keeps the
-   connection. A message over `max_message_bytes` closes the connection with code 1009 (message too big).
+`EpisodeServer` is the protocol's state machine over one `core.protocols.Policy` (one episode at a time,
+transport-free); `PolicyServer` carries it over websockets. The wire protocol `lingbot-edge/1` (metadata,
+requests, replies, errors) is described in docs/serving.md; `serve.client.RemotePolicy` is its client.
 """
 
 from __future__ import annotations
@@ -69,6 +23,7 @@ import numpy as np
 
 from lingbot_edge.core.actions import ActionCodec
 from lingbot_edge.core.episode import Chunk
+from lingbot_edge.core.protocols import Policy
 from lingbot_edge.serve.frames import check_float_image, decode_images, resize_frames
 from lingbot_edge.serve.msgpack_numpy import DecodeError, packb, unpackb
 
@@ -115,10 +70,25 @@ def _flag(req: Mapping[str, Any], name: str) -> bool:
 class EpisodeServer:
     """The protocol's state machine over one policy, transport-free (thread-safe, one call at a time).
 
-    action_limits: (lower, upper) per action channel, robot units: every chunk is clamped before it
-    leaves (the walkthrough client sends `action` straight to the motors)."""
+    Args:
+        policy: the `core.protocols.Policy` served (a `LingBotPolicy`); lookahead is offered when its
+            `supports_lookahead` is true.
+        state_dim: values in `observation.state` (default: the config's `state_dim`, else the action
+            channels).
+        action_keys: one name per action channel, for the metadata (e.g. `SO100_ACTION_KEYS`).
+        action_limits: (lower, upper) per action channel, robot units: every chunk is clamped before it
+            leaves (the walkthrough client sends `action` straight to the motors).
 
-    def __init__(self, policy, state_dim: int | None = None, action_keys: Sequence[str] | None = None,
+    Raises:
+        ValueError: `action_keys` or `action_limits` do not match the policy's action channels.
+
+    Example:
+        episodes = EpisodeServer(policy, action_keys=SO100_ACTION_KEYS, action_limits=(SO100_LOWER, SO100_UPPER))
+        reply = episodes.handle(conn=1, req={"prompt": "pick up the cube", **first_images})
+        reply["action"]  # steps x action_dim float32, clamped
+    """
+
+    def __init__(self, policy: Policy, state_dim: int | None = None, action_keys: Sequence[str] | None = None,
                  action_limits: tuple[Sequence[float], Sequence[float]] | None = None):
         self.policy = policy
         self.cfg = policy.cfg
@@ -135,7 +105,7 @@ class EpisodeServer:
                 raise ValueError(f"action_limits: expected lower <= upper with {self.n_act} values each, got "
                                  f"{lo.tolist()} / {hi.tolist()}")
             self.limits = (lo, hi)
-        self.lookahead = bool(getattr(policy, "supports_lookahead", False))
+        self.lookahead = bool(policy.supports_lookahead)
         self.episode: _Episode | None = None
         self._taken_over: dict[int, int] = {}  # connection -> the connection that took its episode
         self._lock = threading.Lock()
@@ -246,7 +216,20 @@ class EpisodeServer:
     # ---------------------------------------------------------------- requests
 
     def handle(self, conn: int, req: Any) -> dict[str, Any]:
-        """One request -> reply map. ProtocolError: bad request (state unchanged)."""
+        """Answer one request of connection `conn`.
+
+        Args:
+            conn: the connection's id (one episode owner at a time).
+            req: the decoded request map (str or bytes keys).
+
+        Returns:
+            The reply map: a chunk (`action`, `chunk`, `first`, `frame_start`, `keyframes_next`,
+            `server_timing`) or, for a reset without images, `reset` (and `episode_ended`).
+
+        Raises:
+            ProtocolError: a request the protocol does not allow; nothing of the episode changed.
+            Exception: a failure inside the policy; the episode is ended.
+        """
         t_start = time.perf_counter()
         if not isinstance(req, Mapping):
             raise ProtocolError(f"request: expected a map of observation keys, got {type(req).__name__}")
@@ -379,7 +362,19 @@ class EpisodeServer:
 
 
 class PolicyServer:
-    """Websocket transport for an `EpisodeServer` (asyncio; the policy runs on one worker thread)."""
+    """Websocket transport for an `EpisodeServer` (asyncio; the policy runs on one worker thread).
+
+    Args:
+        episodes: the `EpisodeServer` over the policy served.
+        host: the address to listen on (anything but localhost should have an `api_key`).
+        port: the port to listen on; 0 picks a free one (`self.port` is the bound port once serving).
+        api_key: when set, the websocket handshake needs `Authorization: Api-Key <key>` (else 401).
+        max_message_bytes: a larger request closes its connection (code 1009).
+
+    Example:
+        server = PolicyServer(EpisodeServer(load_policy("so100-grasp")), host="0.0.0.0", api_key=key)
+        server.serve_forever()  # `lingbot-edge serve`; or server.start() ... server.stop() on a thread
+    """
 
     def __init__(self, episodes: EpisodeServer, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
@@ -465,6 +460,7 @@ class PolicyServer:
             await self._stopped.wait()
 
     def serve_forever(self) -> None:
+        """Serve on this thread until interrupted (KeyboardInterrupt), then drop the policy's worker."""
         try:
             asyncio.run(self.serve())
         finally:
@@ -486,6 +482,7 @@ class PolicyServer:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop a server started with `start()` (waits up to `timeout` s for its thread)."""
         if self._loop is not None and self._stopped is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stopped.set)
         if self._thread is not None:

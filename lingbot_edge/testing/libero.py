@@ -31,6 +31,7 @@ import numpy as np
 
 from lingbot_edge.core.config import VAE_TEMPORAL, PolicyConfig, get_policy_config
 from lingbot_edge.core.episode import episode_frames
+from lingbot_edge.core.protocols import ObservationEncoder
 from lingbot_edge.eval.libero import LIBERO_CAMERAS
 from lingbot_edge.testing.libero_scene import draw_frame, scene_layout
 
@@ -283,9 +284,9 @@ class RecordedObservations:
     DiT variant gets exactly the reference's latents without re-encoding; other frames than recorded
     at a position raise."""
 
-    def __init__(self, encoder):
+    def __init__(self, encoder: ObservationEncoder):
         self.encoder = encoder
-        self.latent_hw = getattr(encoder, "latent_hw", None)
+        self.latent_hw = encoder.latent_hw
         self.calls: list[tuple[str, Any]] = []
         self.recording = False
         self._next = 0
