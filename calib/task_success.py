@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lingbot_edge.eval.grasp import EVAL_SEED0, EVAL_STEPS, evaluate, held_out_seeds, run_episode, summarize
+from lingbot_edge.eval.grasp import (
+    EVAL_SEED0,
+    EVAL_STEPS,
+    chunk_delay_ticks,
+    evaluate,
+    held_out_seeds,
+    run_episode,
+    summarize,
+)
 from lingbot_edge.robot.so100 import SO100_MOTORS
 from quantize import QuantPlan, get_scheme, quantize_
 
@@ -44,6 +52,8 @@ class TaskSetting:
     transformer: str | Path | None = None
     input_scales: Mapping[str, float] | None = None
     check_hardware: bool = True  # False: float8 W8A8 emulated on a CPU, as the drift table runs it
+    mode: str = "sync"  # the robot loop (`eval.grasp.MODES`): sync, or lookahead with async_mode naive / grounded
+    delay_ticks: float | None = None  # inference delay in control ticks (None: `eval.grasp.chunk_delay_ticks`)
 
 
 def checkpoint_loader(checkpoint: str | Path = TASK_CHECKPOINT, dtype: str = "bfloat16", device: str = "cpu",
@@ -69,6 +79,8 @@ def check_task_policy(cfg, where: str = "policy") -> None:
 def load_setting(load: LoadFn, setting: TaskSetting, calibration_steps: int = EVAL_STEPS):
     """(policy, its compute dtype) of `setting`: loaded with its settings, its DiT quantized in place."""
     kwargs = {**setting.overrides, "sampler": setting.sampler}
+    if setting.mode != "sync":
+        kwargs["async_mode"] = setting.mode
     if setting.transformer is not None:
         kwargs["transformer"] = setting.transformer
     policy = load(**kwargs)
@@ -85,11 +97,13 @@ def load_setting(load: LoadFn, setting: TaskSetting, calibration_steps: int = EV
     return policy, dtype
 
 
-def row(label: str, dtype: str, result: dict, video_exec_step: int | None, action_steps: int | None) -> dict:
-    """One table row of an `evaluate` result (`video_exec_step` -1: full video steps; None: not a policy)."""
+def row(label: str, dtype: str, result: dict, video_exec_step: int | None, action_steps: int | None,
+        mode: str | None = None, delay_ticks: float | None = None) -> dict:
+    """One table row of an `evaluate` result (`video_exec_step` -1: full video steps; None: not a policy; `mode`:
+    the robot loop, None for the expert)."""
     return {"policy": label, "dtype": dtype, "video_exec_step": video_exec_step, "action_steps": action_steps,
-            "success_rate": result["success_rate"], "successes": result["successes"],
-            "episodes": len(result["episodes"]), "per_episode": result["episodes"]}
+            "mode": mode, "delay_ticks": delay_ticks, "success_rate": result["success_rate"],
+            "successes": result["successes"], "episodes": len(result["episodes"]), "per_episode": result["episodes"]}
 
 
 def measure(load: LoadFn, settings: Sequence[TaskSetting], episodes: int, steps: int = EVAL_STEPS,
@@ -103,9 +117,11 @@ def measure(load: LoadFn, settings: Sequence[TaskSetting], episodes: int, steps:
     rows = []
     for i, setting in enumerate(settings):
         policy, dtype = load_setting(load, setting)
-        result = evaluate(policy, seeds, steps, progress, setting.label, video if i == 0 else None)
+        delay = chunk_delay_ticks(policy.cfg) if setting.delay_ticks is None else setting.delay_ticks
+        result = evaluate(policy, seeds, steps, progress, setting.label, video if i == 0 else None, setting.mode,
+                          delay)
         rows.append(row(setting.label, dtype, result, policy.cfg.video_exec_step,
-                        policy.cfg.action_num_inference_steps))
+                        policy.cfg.action_num_inference_steps, setting.mode, delay))
     return rows
 
 
@@ -121,13 +137,16 @@ def success_cell(r: dict) -> str:
 def format_table(rows: Sequence[dict], episodes: int, seeds: str = "held-out") -> str:
     """Markdown: one row per `measure` row (or the expert's: successes only); `seeds`: their set's name."""
     lines = [f"| policy | dtype | steps | success over {episodes} {seeds} seeds | closest approach (median) "
-             "| grasp point vs cube (slope x, y) | CPU ms per chunk (median) |", "|---|---|---|---|---|---|---|"]
+             "| grasp point vs cube (slope x, y) | CPU ms per chunk (median) | loop (inference delay) "
+             "| ticks to completion (median of successes) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per = r["per_episode"]
         s = summarize(per) if per and "min_distance" in per[0] else None  # the expert's rows have no distances
         dist = f"{100 * s['min_distance']:.1f} cm" if s else "-"
         ms = f"{s['chunk_ms']:.0f}" if s else "-"
         track = "{:.2f}, {:.2f}".format(*s["tracking"]) if s and s["tracking"] else "-"
+        loop = "-" if r.get("mode") is None else f"{r['mode']} ({r['delay_ticks']:g} ticks)"
+        ticks = s["completion_ticks"] if s else None
         lines.append(f"| {r['policy']} | {r['dtype']} | {steps_cell(r)} | {success_cell(r)} | {dist} | {track} "
-                     f"| {ms} |")
+                     f"| {ms} | {loop} | {'-' if ticks is None else f'{ticks:g}'} |")
     return "\n".join(lines)

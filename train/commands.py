@@ -90,6 +90,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--seeds", default="held-out", choices=("held-out", "validation"),
                     help="the seed set: held-out (100000.., to report on; default) or validation (200000.., to "
                          "choose recipes and settings on)")
+    ev.add_argument("--modes", default="sync",
+                    help="comma-separated robot loops for the trained rows: sync, naive, grounded (lookahead with that "
+                         "async_mode); 8-bit and random rows run in the first (default: sync)")
+    ev.add_argument("--delay", type=float, default=None, metavar="TICKS",
+                    help="inference delay in control ticks under virtual time (default: half a chunk)")
     ev.add_argument("--no-random", action="store_true", help="skip the random-weight baseline")
     ev.add_argument("--expert", action="store_true", help="add the scripted expert's row (same seeds and filter)")
     ev.add_argument("--video", help="write the first trained episode as an mp4")
@@ -162,12 +167,17 @@ def _eval(args) -> int:
         raise SystemExit(f"lingbot-edge train eval: error: --exec-steps: expected 'checkpoint', 'full' or "
                          f"video_exec_step counts, comma-separated; got {args.exec_steps!r}") from None
     from lingbot_edge.core.config import parse_overrides
-    from lingbot_edge.eval.grasp import EVAL_STEPS, SEED_SETS
+    from lingbot_edge.eval.grasp import EVAL_STEPS, MODES, SEED_SETS
 
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        raise SystemExit(f"lingbot-edge train eval: error: --modes: expected a comma-separated subset of "
+                         f"{', '.join(MODES)}; got {args.modes!r}")
     first = SEED_SETS[args.seeds]
     rows = evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
                                exec_steps=exec_steps, random_baseline=not args.no_random, expert=args.expert,
-                               video=args.video, overrides=parse_overrides(args.settings), first_seed=first)
+                               video=args.video, overrides=parse_overrides(args.settings), first_seed=first,
+                               modes=modes, delay_ticks=args.delay)
     table = format_table(rows, args.episodes, args.seeds)
     print(table)
     if args.json:
@@ -178,7 +188,9 @@ def _eval(args) -> int:
             f"Checkpoint `{args.checkpoint}`; {args.seeds} seeds {first}..{first + args.episodes - 1}, "
             f"{EVAL_STEPS} actions per episode, CPU, `lingbot-edge train eval --episodes {args.episodes} "
             f"--dtype {args.dtype} --seeds {args.seeds}{' --schemes ' + args.schemes if args.schemes else ''} "
-            f"--exec-steps {args.exec_steps}{''.join(' --set ' + item for item in args.settings)}`.\n\n{table}\n")
+            f"--exec-steps {args.exec_steps} --modes {args.modes}"
+            f"{'' if args.delay is None else f' --delay {args.delay:g}'}"
+            f"{''.join(' --set ' + item for item in args.settings)}`.\n\n{table}\n")
     return 0
 
 

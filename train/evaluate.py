@@ -37,12 +37,15 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
                         schemes: Sequence[str] = (), exec_steps: Sequence[int | None] = (None,),
                         random_baseline: bool = True, expert: bool = False, video: str | Path | None = None,
                         steps: int = EVAL_STEPS, progress: bool = True, overrides: dict | None = None,
-                        first_seed: int = EVAL_SEED0) -> list[dict]:
+                        first_seed: int = EVAL_SEED0, modes: Sequence[str] = ("sync",),
+                        delay_ticks: float | None = None) -> list[dict]:
     """Success over `episodes` held-out seeds, for every step setting in `exec_steps` (`video_exec_step`, -1 =
     full video steps, None = the checkpoint's own setting): the checkpoint in `dtype`, each 8-bit scheme of
     `quantize.schemes.SCHEMES` applied to its blocks' Linears (quantize_ in memory), and the same checkpoint with a
     random-weight DiT. `overrides`: policy settings for every row (`--set`), named in the row labels. `first_seed`:
-    of the seeds (VALIDATION_SEED0 for the validation set)."""
+    of the seeds (VALIDATION_SEED0 for the validation set). `modes`: the robot loops the trained rows run in
+    (`eval.grasp.MODES`: sync, naive, grounded), with every inference taking `delay_ticks` control ticks (None:
+    half a chunk); 8-bit rows and the random baseline run in the first mode."""
     load = checkpoint_loader(checkpoint, dtype)
 
     def random_dit(**kwargs):  # the random DiT copies the checkpoint's architecture
@@ -55,12 +58,14 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
     for exec_step in exec_steps:
         tag = {None: "the checkpoint's", -1: "full"}.get(exec_step, f"video_exec_step {exec_step}")
         axes = dict(overrides) if exec_step is None else {**overrides, "video_exec_step": exec_step}
-        settings = [TaskSetting("trained" + note, None, axes)] + [TaskSetting(f"trained + {s}{note}", s, axes)
-                                                                  for s in schemes]
+        settings = [TaskSetting("trained" + note, None, axes, mode=m, delay_ticks=delay_ticks) for m in modes]
+        settings += [TaskSetting(f"trained + {s}{note}", s, axes, mode=modes[0], delay_ticks=delay_ticks)
+                     for s in schemes]
         rows += measure(load, settings, episodes, steps, progress, video if exec_step == exec_steps[0] else None,
                         first_seed)
         if random_baseline:
-            rows += measure(random_dit, [TaskSetting("random weights" + note, None, axes)], episodes, steps, progress,
-                            first_seed=first_seed)
+            rows += measure(random_dit, [TaskSetting("random weights" + note, None, axes, mode=modes[0],
+                                                     delay_ticks=delay_ticks)],
+                            episodes, steps, progress, first_seed=first_seed)
         log.info("step setting %s done", tag)
     return rows

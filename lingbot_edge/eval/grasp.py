@@ -89,7 +89,13 @@ def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str = TASK, 
     controller = AsyncController(scene, _Seeded(policy, seed), prompt, safety=safety, lookahead=mode != "sync",
                                  on_tick=on_tick, clock=clock, sleep=clock.sleep,
                                  executor=DelayedExecutor(clock, delay, EVAL_FPS))
-    logbook = controller.run(max_chunks=chunks)
+    control_log = logging.getLogger(AsyncController.__module__)
+    level = control_log.level
+    control_log.setLevel(logging.ERROR)  # a synchronous loop holds at every boundary: expected here, not news
+    try:
+        logbook = controller.run(max_chunks=chunks)
+    finally:
+        control_log.setLevel(level)
     summary = logbook.summary()
     job_ms = [c["job_ms"] for c in logbook.chunks]
     return {"seed": seed, "success": bool(scene.success), "clipped": safety.clipped, "steps": summary["exec_ticks"],
