@@ -394,3 +394,39 @@ def test_resize_frames_matches_torch_bilinear_to_rounding():
         np.testing.assert_array_equal(resize_frames(x.astype(np.float32), h, w), got)  # float 0..255 the same
     same = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
     assert resize_frames(same, 64, 64) is same
+
+
+@pytest.mark.parametrize("async_mode", ["grounded", "naive"])
+def test_ahead_round_trip_equals_the_local_lookahead(async_mode):
+    """`ahead: true` over the wire: chunk 0 from the first frames, chunk 1 ahead without images, then each request
+    carries the oldest pending chunk's keyframes and asks for the chunk after the executing one. The replies equal
+    the same lookahead episode driven on a local policy in the server's `async_mode`."""
+    from lingbot_edge.serve.frames import resize_frames
+
+    served = load_policy("tiny", preset="so100", device="cpu", compile=False, seed=0, async_mode=async_mode)
+    srv = PolicyServer(EpisodeServer(served, action_keys=SO100_ACTION_KEYS, action_limits=LIMITS), host="127.0.0.1",
+                       port=0, max_message_bytes=MAX_BYTES).start()
+    try:
+        rng = np.random.default_rng(5)
+        client = SO100Client(srv.port)
+        meta = client.metadata
+        assert meta["supports_lookahead"]
+        first = _obs(rng, prompt="stack")
+        replies = [client.infer(first), client.infer({"ahead": True})]
+        feedback = [_obs(rng, t=meta["first_feedback_keyframes"], prompt="stack"),
+                    _obs(rng, t=meta["feedback_keyframes"], prompt="stack")]
+        for i, request in enumerate(feedback):
+            replies.append(client.infer({**request, "executed_actions": replies[i]["action"], "ahead": True}))
+        client.close()
+    finally:
+        srv.stop()
+    h, w = meta["image_size"]
+    local = load_policy("tiny", preset="so100", device="cpu", compile=False, seed=0, async_mode=async_mode)
+    local.reset("stack")
+    want = [local.infer({k: resize_frames(first[k], h, w) for k in CAMS})["actions"], local.infer({}, ahead=True)["actions"]]
+    for i, request in enumerate(feedback):
+        local.feedback({k: resize_frames(request[k], h, w) for k in CAMS}, replies[i]["action"])
+        want.append(local.infer({}, ahead=True)["actions"])
+    assert [r["chunk"] for r in replies] == [0, 1, 2, 3]
+    for got, ref in zip(replies, want, strict=True):
+        np.testing.assert_array_equal(got["action"], np.clip(ref, *LIMITS))
