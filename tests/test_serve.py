@@ -423,7 +423,8 @@ def test_ahead_round_trip_equals_the_local_lookahead(async_mode):
     h, w = meta["image_size"]
     local = load_policy("tiny", preset="so100", device="cpu", compile=False, seed=0, async_mode=async_mode)
     local.reset("stack")
-    want = [local.infer({k: resize_frames(first[k], h, w) for k in CAMS})["actions"], local.infer({}, ahead=True)["actions"]]
+    want = [local.infer({k: resize_frames(first[k], h, w) for k in CAMS})["actions"],
+            local.infer({}, ahead=True)["actions"]]
     for i, request in enumerate(feedback):
         local.feedback({k: resize_frames(request[k], h, w) for k in CAMS}, replies[i]["action"])
         want.append(local.infer({}, ahead=True)["actions"])
