@@ -20,7 +20,8 @@ def _inputs(cfg, latent_shape, action_shape, chunks, seed=0):
     text = torch.randn(1, cfg.max_sequence_length, cfg.model_config.text_dim, generator=g)
     neg = torch.randn(1, cfg.max_sequence_length, cfg.model_config.text_dim, generator=g)
     first = torch.randn(*latent_shape[:2], 1, *latent_shape[3:], generator=g)
-    steps = [dict(noise_video=torch.randn(latent_shape, generator=g), noise_action=torch.randn(action_shape, generator=g),
+    steps = [dict(noise_video=torch.randn(latent_shape, generator=g),
+                  noise_action=torch.randn(action_shape, generator=g),
                   observed=torch.randn(latent_shape, generator=g)) for _ in range(chunks)]
     return text, neg, first, steps
 
