@@ -107,3 +107,10 @@ def test_grounded_order_compiles_to_the_synchronous_graphs(grounded_runs):
     # grounding and the action-only pass reuse them, and nothing recompiles after the first boundary.
     assert grounded_runs["graphs"]["after_warmup"] == 3
     assert grounded_runs["graphs"]["end"] == grounded_runs["graphs"]["after_warmup"]
+
+
+def test_cli_async_modes_are_the_configs():
+    from lingbot_edge.cli.common import ASYNC_MODES as CLI_MODES
+    from lingbot_edge.core.config import ASYNC_MODES
+
+    assert CLI_MODES == ASYNC_MODES

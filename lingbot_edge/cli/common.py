@@ -16,6 +16,7 @@ import argparse
 from typing import Any
 
 DTYPES = ("bf16", "fp16", "fp32")
+ASYNC_MODES = ("grounded", "naive")  # core.config.ASYNC_MODES (not imported: the CLI's parser stays light)
 
 
 def add_policy_args(p: argparse.ArgumentParser, *, default_checkpoint: str | None = "tiny",
@@ -38,12 +39,18 @@ def add_policy_args(p: argparse.ArgumentParser, *, default_checkpoint: str | Non
     p.add_argument("--sampler", choices=("static", "reference"), default="static",
                    help="static: ring-buffer cache, compiled; reference: upstream's loop, eager")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--async-mode", choices=ASYNC_MODES, default=None,
+                   help="how a chunk inferred ahead (lookahead, real time) is conditioned: grounded (the real "
+                        "history, then the executing chunk's known actions) or naive (the model's stale forecast, "
+                        "for comparison) (default: the checkpoint's, else grounded)")
 
 
 def policy_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     """load_policy keyword arguments of the policy flags (`overrides`: PolicyConfig fields a command sets)."""
     from lingbot_edge.core.config import parse_overrides
 
+    if args.async_mode is not None:
+        overrides = {**overrides, "async_mode": args.async_mode}
     settings = {**overrides, **parse_overrides(args.settings)}  # --set wins over a command's own mapping
     return dict(preset=args.preset, transformer=args.transformer, device=args.device, dtype=args.dtype,
                 compile={"auto": None, "on": True, "off": False}[args.compile], sampler=args.sampler,

@@ -190,7 +190,8 @@ def run_so100(args: argparse.Namespace) -> int:
     s = result.summary()
     sizes = remote.feedback_bytes if remote is not None else []
     traffic = f", {sum(sizes) / len(sizes) / 1e6:.3f} MB sent per chunk (keyframes)" if sizes else ""
-    print(f"run-so100: {result.mode}, {s['ticks']} ticks at {args.fps:g} Hz ({s['exec_ticks']} executing, "
+    mode = f"{result.mode} ({policy.cfg.async_mode})" if result.mode == "lookahead" else result.mode
+    print(f"run-so100: {mode}, {s['ticks']} ticks at {args.fps:g} Hz ({s['exec_ticks']} executing, "
           f"{s['hold_ticks']} holding), {s['chunks_executed']} chunks, {s['overruns']} overruns, {s['missed']} missed, "
           f"safety: {safety.clipped_limits} joint-limit / {safety.clipped_step} step clips, {safety.refused} refused"
           f"{traffic}")

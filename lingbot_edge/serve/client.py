@@ -81,7 +81,8 @@ class RemotePolicy:
         self.cfg = SimpleNamespace(name=m["preset"], obs_cam_keys=tuple(m["camera_keys"]), height=m["image_size"][0],
                                    width=m["image_size"][1], keyframe_stride=m["keyframe_stride"],
                                    action_per_frame=m["action_per_frame"], frame_chunk_size=m["frame_chunk_size"],
-                                   used_action_channel_ids=tuple(range(m["action_dim"])))
+                                   used_action_channel_ids=tuple(range(m["action_dim"])),
+                                   async_mode=m.get("async_mode", "naive"))  # servers without the key: naive
         self.supports_lookahead = bool(m.get("supports_lookahead", False))
         self.prompt: str | None = None
         self._done: Chunk | None = None  # the executed chunk whose keyframes go with the next infer

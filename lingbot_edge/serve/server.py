@@ -140,6 +140,7 @@ class EpisodeServer:
             "first_feedback_keyframes": self._plan(True).num_keyframes,
             "feedback_keyframes": self._plan(False).num_keyframes,
             "supports_lookahead": self.lookahead,
+            "async_mode": cfg.async_mode,
             "max_message_bytes": max_message_bytes,
         }
 
