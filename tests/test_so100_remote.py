@@ -221,11 +221,11 @@ def test_cli_remote_run_reports_bytes_per_chunk_and_a_dead_server_exits_non_zero
         assert "MB sent per chunk" in out and "run-so100: lookahead" in out
     finally:
         srv.stop()
-    srv = frozen_server(freeze_at=2, whole=True)  # a stopped server: no reply, no closing handshake
+    srv = frozen_server(freeze_at=1, whole=True)  # a stopped server: no reply, no closing handshake
     try:
         start = time.perf_counter()
         code = main(["run-so100", "--policy", f"ws://127.0.0.1:{srv.port}", "--seconds", "1.5",
-                     "--policy-timeout", "0.3"])
+                     "--policy-timeout", "0.5"])
         assert time.perf_counter() - start < 1.5 + 1.0  # the whole command, connecting to the server included
         captured = capsys.readouterr()
         assert code == 1 and "Traceback" not in captured.err
