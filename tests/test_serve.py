@@ -150,6 +150,47 @@ def test_so100_user_client_gets_actions_and_survives_bad_requests(server):
     client.close()
 
 
+def test_float_images_in_0_1_are_refused_naming_the_field_and_the_episode_goes_on(server):
+    """Floats in 0..1 (unscaled) would be read as a near-black 0..255 image: refused with the camera's name;
+    floats in 0..255 (`255 * img`, the walkthrough client) and uint8 are served. The connection and the
+    episode stay usable after every refusal."""
+    rng = np.random.default_rng(7)
+    client = SO100Client(server.port)
+
+    def as_float(obs, scale, cams=CAMS, dtype=np.float32):
+        return {k: (v.astype(dtype) * scale if k in cams else v) for k, v in obs.items()}
+
+    def small(t=None):  # floats are 4-8x bigger on the wire: frames of the policy's size, not 480x640
+        return {**_frames(rng, t, 96, 128), "observation.state": np.zeros(6, np.float32), "prompt": "floats"}
+
+    first = small()
+    for frame in (as_float(first, 1 / 255), as_float(first, 1 / 255, dtype=np.float64)):
+        reply = client.send_raw(client.packer.pack(frame))  # an episode's first request
+        assert isinstance(reply, str) and reply.startswith(
+            "error: observation.images.camera_top: float image with values in 0..") and "looks scaled to 0..1" in reply
+        assert "send uint8, or 255 * img" in reply, reply
+    out = client.infer(as_float(first, 1.0))  # the same frames as floats in 0..255 start the episode
+    assert out["chunk"] == 0 and np.isfinite(out["action"]).all()
+
+    keyframes = small(t=out["keyframes_next"])
+    bad = {
+        "error: observation.images.camera_wrist_left: float image with values in 0..": as_float(  # one camera only
+            keyframes, 1 / 255, cams=CAMS[1:2]),
+        "error: observation.images.camera_top: expected an H x W x 3 uint8 image, or float in 0..255 (or T x H x W "
+        "x 3 keyframes, sides <= 4096), got shape [4, 96, 128, 3] int64": {
+            **keyframes, CAMS[0]: keyframes[CAMS[0]].astype(np.int64)},
+        "error: observation.images.camera_top: float images must be finite and in 0..255": as_float(keyframes, 2.0),
+        "error: observation.state: expected a numeric array of shape (6,) or (T, 6), got <U3 array": {
+            **keyframes, "observation.state": np.array(["abc"] * 6)},
+    }
+    for match, request in bad.items():
+        reply = client.send_raw(client.packer.pack(request))
+        assert isinstance(reply, str) and reply.startswith(match), (match, reply)
+    out = client.infer(as_float(keyframes, 1.0))  # nothing above touched the episode: its chunk 1 follows
+    assert out["chunk"] == 1 and out["first"] is False
+    client.close()
+
+
 def test_keyframe_protocol_equals_driving_the_policy_directly(server):
     """Server-side feedback: what a client gets equals reset / infer / feedback on a local policy."""
     rng = np.random.default_rng(2)

@@ -251,6 +251,42 @@ def test_policy_unavailable_holds_until_the_end_and_reports_it():
     assert not robot.is_connected and not robot.torque_enabled
 
 
+class SlowStartPolicy(ScriptedPolicy):
+    """The reset takes `reset_s` of the fake clock; with `block`, chunk 0 never comes: it blocks (a frozen
+    server) until `cancel()`, then raises PolicyUnavailableError as `RemotePolicy` does."""
+
+    def __init__(self, clock, reset_s=0.0, block=False):
+        super().__init__()
+        self.clock, self.reset_s, self.block, self.cancelled = clock, reset_s, block, threading.Event()
+
+    def reset(self, prompt):
+        super().reset(prompt)
+        self.clock.t += self.reset_s
+
+    def infer(self, obs, ahead=False):
+        if self.block and self.n == 0:
+            assert self.cancelled.wait(10), "the loop never cancelled the frozen call"
+            raise PolicyUnavailableError("connection lost")
+        return super().infer(obs, ahead)
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+def test_the_run_length_counts_the_reset_and_chunk_0_and_a_frozen_chunk_0_is_cancelled():
+    clock = FakeClock()
+    robot, result = _run(SlowStartPolicy(clock, reset_s=0.5), 1.0, clock=clock)
+    s = result.summary()
+    assert result.first_tick_s == 0.5 and s["ticks"] == 15 and s["missed"] == 0  # 0.5 s reset + 15 ticks
+    # chunk 0 frozen past the end of the run: cancelled once the clock passes it, no tick, torque off
+    clock = FakeClock()
+    policy = SlowStartPolicy(clock, reset_s=1.5, block=True)
+    robot, result = _run(policy, 1.0, clock=clock)
+    assert policy.cancelled.is_set() and result.summary()["ticks"] == 0 and result.overruns == []
+    assert result.failure == "no first chunk within the run's 1 s, cancelled (connection lost)"
+    assert not robot.is_connected and not robot.torque_enabled
+
+
 def test_safety_in_the_loop_and_torque_off_on_errors():
     policy = ScriptedPolicy(amplitude=400.0)  # wild targets: far out of range, fast
     safety = SafetyFilter(SafetyLimits(max_step=4.0))
@@ -303,8 +339,9 @@ def test_cli_run_so100_sim_two_cameras_and_video(tmp_path, capsys):
     from lingbot_edge.cli.main import main
 
     out = tmp_path / "demo.mp4"
-    assert main(["run-so100", "--robot", "sim", "--seconds", "0.5", "--video", str(out), "--sim-size", "48x64",
-                 "--camera", "top", "--camera", "wrist", "--device", "cpu"]) == 0
+    # --seconds counts the policy's first chunk too (slow on a loaded CPU): the run ends after chunk 0 instead
+    assert main(["run-so100", "--robot", "sim", "--seconds", "60", "--max-chunks", "1", "--video", str(out),
+                 "--sim-size", "48x64", "--camera", "top", "--camera", "wrist", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "run-so100: lookahead" in printed and "joint-limit" in printed and "step clips" in printed
     import imageio.v2 as imageio

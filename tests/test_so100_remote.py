@@ -19,20 +19,33 @@ from lingbot_edge.testing.clocks import SlowClock
 
 
 class FreezablePolicy:
-    """A real tiny policy whose infer blocks (a frozen server) from chunk `freeze_at` until `thaw` is set."""
+    """A real tiny policy behind a server that freezes from infer call `freeze_at` on (0: chunk 0; None: at the
+    reset, the episode's very first request) until `thaw` is set. `whole`: the server's event loop freezes too
+    (a stopped process: no closing handshake, no pong), not only its policy; needs `server`. `first_delay`:
+    seconds chunk 0 takes (a server still compiling)."""
 
-    def __init__(self, policy, freeze_at: int):
+    def __init__(self, policy, freeze_at: int | None, whole: bool = False, first_delay: float = 0.0):
         self.policy, self.freeze_at, self.thaw, self.n = policy, freeze_at, threading.Event(), 0
+        self.whole, self.first_delay, self.server = whole, first_delay, None
         self.cfg, self.supports_lookahead = policy.cfg, True
+
+    def _freeze(self):
+        if self.whole:
+            self.server._loop.call_soon_threadsafe(self.thaw.wait, 60)
+        self.thaw.wait(60)
 
     def reset(self, prompt):
         self.n = 0
+        if self.freeze_at is None:
+            self._freeze()
         self.policy.reset(prompt)
 
     def infer(self, obs, ahead=False):
         self.n += 1
-        if self.n > self.freeze_at:
-            self.thaw.wait(60)
+        if self.freeze_at is not None and self.n > self.freeze_at:
+            self._freeze()
+        elif self.n == 1:
+            time.sleep(self.first_delay)
         return self.policy.infer(obs, ahead=ahead)
 
     def feedback(self, *args):
@@ -40,6 +53,12 @@ class FreezablePolicy:
 
     def cancel(self):
         self.policy.cancel()
+
+
+def frozen_server(freeze_at: int | None, whole: bool = False, first_delay: float = 0.0) -> PolicyServer:
+    frozen = FreezablePolicy(tiny_so100_policy(), freeze_at, whole=whole, first_delay=first_delay)
+    frozen.server = PolicyServer(EpisodeServer(frozen), port=0).start()
+    return frozen.server
 
 
 def tiny_so100_policy():
@@ -106,40 +125,71 @@ def test_server_killed_mid_run_the_arm_holds_until_the_end():
     remote.close()
     s = result.summary()
     assert "connection lost" in result.failure
-    assert s["ticks"] + s["missed"] == 60 and s["hold_ticks"] > 0
+    slots = (2.0 - result.first_tick_s) * 30  # the run's 2 s count the reset and chunk 0
+    assert abs(s["ticks"] + s["missed"] - slots) <= 1 and s["hold_ticks"] > 0
     assert result.overruns[-1]["open"] and s["overrun_hold_ticks"] == s["hold_ticks"]
     assert elapsed < 2.0 + 1.0 and not arm.is_connected and not arm.torque_enabled
 
 
-def test_server_frozen_the_run_still_ends_on_time_with_torque_off():
-    frozen = FreezablePolicy(tiny_so100_policy(), freeze_at=1)  # chunk 1 (ahead) never comes
-    srv = PolicyServer(EpisodeServer(frozen), port=0).start()
+FREEZES = {  # where the server freezes -> (freeze_at, whole server, first_delay, client timeout, run seconds)
+    "chunk 1, client timeout inside the run": (1, False, 0.0, 0.5, 1.5),
+    "chunk 1 after a slow chunk 0, client timeout longer than the run": (1, True, 1.0, 30.0, 2.0),
+    "chunk 3, client timeout inside the run, no closing handshake": (3, True, 0.0, 0.3, 1.5),
+    "chunk 0 (first_timeout 60 s)": (0, False, 0.0, 5.0, 1.5),
+    "the reset, the very first request": (None, True, 0.0, 5.0, 1.5),
+}
+
+
+@pytest.mark.parametrize("where", FREEZES)
+def test_server_frozen_the_run_still_ends_on_time_with_torque_off(where):
+    """The run ends within --seconds + 1 s of its start (and of its first tick), the connection closed too,
+    wherever the server freezes: before chunk 0, with a chunk in flight at the end, after a timeout."""
+    freeze_at, whole, first_delay, timeout, seconds = FREEZES[where]
+    srv = frozen_server(freeze_at, whole, first_delay)
     try:
-        for timeout in (0.5, 30.0):  # a timeout inside the run, and one longer than the run
-            frozen.thaw.clear()
-            remote = RemotePolicy(f"127.0.0.1:{srv.port}", timeout=timeout)
-            arm = _arm(remote)
-            first_tick = []
+        remote = RemotePolicy(f"127.0.0.1:{srv.port}", timeout=timeout)
+        arm = _arm(remote)
+        first_tick = []
 
-            def note(obs, tick, first_tick=first_tick):
-                if tick.index == 0:
-                    first_tick.append(time.perf_counter())
+        def note(obs, tick):
+            if tick.index == 0:
+                first_tick.append(time.perf_counter())
 
-            result = AsyncController(arm, remote, "reach", fps=30, on_tick=note).run(1.5)
-            elapsed = time.perf_counter() - first_tick[0]  # --seconds counts from the first tick
-            remote.close()
-            frozen.thaw.set()
-            s = result.summary()
-            assert elapsed < 1.5 + 1.0, (timeout, elapsed)
+        start = time.perf_counter()
+        result = AsyncController(arm, remote, "reach", fps=30, on_tick=note).run(seconds)
+        returned = time.perf_counter()
+        remote.close()
+        closed = time.perf_counter()
+        print(f"{where}: run returned {returned - start:.2f} s after its start "
+              f"({returned - first_tick[0] if first_tick else float('nan'):.2f} s after the first tick), "
+              f"closed at {closed - start:.2f} s; {result.summary()['ticks']} ticks, failure {result.failure!r}")
+        assert closed - start < seconds + 1.0, (returned - start, closed - start)
+        assert not arm.is_connected and not arm.torque_enabled
+        s = result.summary()
+        if freeze_at is None or freeze_at == 0:  # no chunk ever: no tick, and the failure says why
+            assert s["ticks"] == 0 and result.failure.startswith(f"no first chunk within the run's {seconds:g} s")
+        elif s["ticks"] > 4:  # chunk 0 came in time and the arm then held until the end
             assert s["hold_ticks"] > 0 and result.overruns[-1]["open"]
             assert s["overrun_hold_ticks"] == s["hold_ticks"]  # every holding tick is in an overrun
-            if timeout < 1.0:
-                assert f"no reply within {timeout:g} s" in result.failure
-            assert not arm.is_connected and not arm.torque_enabled
-            time.sleep(0.2)  # the server notices the closed connection and ends the episode
+        if timeout < seconds and freeze_at:
+            assert f"no reply within {timeout:g} s" in result.failure
     finally:
-        frozen.thaw.set()
+        srv.episodes.policy.thaw.set()
         srv.stop()
+
+
+def test_the_client_refuses_float_frames_in_0_1_before_sending(server):
+    """A robot whose cameras give floats in 0..1 would drive the policy with black frames: refused on the arm's
+    side already, naming the camera; floats in 0..255 go out as uint8."""
+    remote = RemotePolicy(f"ws://127.0.0.1:{server.port}")
+    remote.reset("reach")
+    frames = {k: np.random.default_rng(0).random((48, 64, 3), dtype=np.float32) for k in remote.cfg.obs_cam_keys}
+    sent = len(remote.request_bytes)
+    with pytest.raises(ValueError, match=rf"{remote.cfg.obs_cam_keys[0]}: float image .* looks scaled to 0\.\.1"):
+        remote.infer(frames)
+    assert len(remote.request_bytes) == sent  # nothing went out
+    assert remote.infer({k: 255 * v for k, v in frames.items()}).index == 0
+    remote.close()
 
 
 def _free_port() -> int:
@@ -171,10 +221,12 @@ def test_cli_remote_run_reports_bytes_per_chunk_and_a_dead_server_exits_non_zero
         assert "MB sent per chunk" in out and "run-so100: lookahead" in out
     finally:
         srv.stop()
-    srv = PolicyServer(EpisodeServer(FreezablePolicy(tiny_so100_policy(), freeze_at=1)), port=0).start()
+    srv = frozen_server(freeze_at=1, whole=True)  # a stopped server: no reply, no closing handshake
     try:
+        start = time.perf_counter()
         code = main(["run-so100", "--policy", f"ws://127.0.0.1:{srv.port}", "--seconds", "1.5",
-                     "--policy-timeout", "0.3"])
+                     "--policy-timeout", "0.5"])
+        assert time.perf_counter() - start < 1.5 + 1.0  # the whole command, connecting to the server included
         captured = capsys.readouterr()
         assert code == 1 and "Traceback" not in captured.err
         assert "run-so100: policy unavailable" in captured.err and "torque off" in captured.err

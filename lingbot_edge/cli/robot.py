@@ -197,7 +197,7 @@ def run_so100(args: argparse.Namespace) -> int:
           f"{traffic}")
     if hasattr(robot, "success"):  # the grasp scene: did the policy do its task
         print(f"run-so100: grasp scene seed {robot.seed}: cube {'held' if robot.success else 'not held'} at the end")
-    if recorder is not None:
+    if recorder is not None and recorder.frames:  # (no frames: the run ended before its first tick)
         print(f"run-so100: wrote {recorder.write(args.video, args.fps)}")
     if result.failure is not None:
         print(f"run-so100: policy unavailable ({result.failure}); the arm held its last safe target for "
@@ -243,7 +243,8 @@ def register(subparsers) -> None:
                      help="a camera of the arm (repeatable): defines the policy's camera set and order; lerobot: "
                           "the OpenCV index or path and capture size (default 640x480)")
     run.add_argument("--prompt", default="pick up the red cube")
-    run.add_argument("--seconds", type=float, default=10.0, help="control time")
+    run.add_argument("--seconds", type=float, default=10.0,
+                     help="run length from the arm's connection, the policy's first chunk included (default 10)")
     run.add_argument("--max-chunks", type=int, default=None)
     run.add_argument("--fps", type=float, default=30.0, help="control rate (Hz)")
     run.add_argument("--max-step", type=float, default=8.0,

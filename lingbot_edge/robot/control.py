@@ -22,6 +22,10 @@ A policy that cannot answer (`PolicyUnavailableError`: a remote server dead, abs
 timeout) makes the arm hold until the run's end; `ControlLog.failure` says why. Any other policy error
 stops the loop at once (robot disconnected) and propagates.
 
+A run's `duration_s` counts from the moment the robot is connected, the policy's reset and chunk 0
+included, so a frozen server cannot stretch it: the reset and chunk 0 are cancelled (`policy.cancel()`)
+when the time is over, and so is a call still running when the loop ends; `run` then returns at once.
+
 Timing is injectable for tests: `clock()` / `sleep(s)` (a fake clock makes ticks exact) and `executor`
 (anything with `submit(fn, *args) -> future` with `done()` / `result()`, and `shutdown(...)`).
 """
@@ -104,6 +108,7 @@ class ControlLog:
     overruns: list[dict] = field(default_factory=list)  # {"chunk", "hold_ticks", "late_ms", "open"}
     chunks: list[dict] = field(default_factory=list)  # {"chunk", "steps", "job_ms", "first_tick"}
     failure: str | None = None  # why the policy stopped answering (PolicyUnavailableError), else None
+    first_tick_s: float = 0.0  # clock seconds from the robot's connection to tick 0 (reset + chunk 0): part of the run
 
     def summary(self) -> dict[str, Any]:
         period = 1.0 / self.fps
@@ -130,6 +135,35 @@ class ControlLog:
         }
 
 
+SHUTDOWN_WAIT_S = 0.5  # how long `run` waits for a cancelled policy call to return before leaving it behind
+
+
+class _Watchdog:
+    """Calls `cancel()` once `clock()` reaches `until`, from a thread that reads the clock every `poll_s`
+    seconds of real time (any clock works: a fake one that does not move never fires). `stop()` ends it."""
+
+    def __init__(self, clock: Callable[[], float], until: float, cancel: Callable[[], None], poll_s: float = 0.01):
+        self.fired = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(clock, until, cancel, poll_s),
+                                        name="lingbot-watchdog", daemon=True)
+        self._thread.start()
+
+    def _watch(self, clock, until, cancel, poll_s) -> None:
+        while not self._done.wait(poll_s):
+            if clock() >= until:
+                self.fired = True
+                try:
+                    cancel()
+                except Exception:  # noqa: BLE001 - the loop goes on; the run's end still stops it
+                    log.exception("policy.cancel failed")
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def supports_lookahead(policy: Policy) -> bool:
     """Whether `policy.infer(obs, ahead=True)` works (the lookahead schedule)."""
     return bool(policy.supports_lookahead)
@@ -149,6 +183,7 @@ class _RunState:
     done_chunks: int = 0  # chunks fully executed
     tick: int = 0  # the next tick's slot (deadline = tick * period)
     t0: float = 0.0  # the loop clock at tick 0
+    started: float = 0.0  # the loop clock once the robot is connected (where `duration_s` starts)
 
 
 class AsyncController:
@@ -230,8 +265,12 @@ class AsyncController:
         """Connect, run the episode, then always disconnect (torque off), KeyboardInterrupt included.
 
         Args:
-            duration_s: stop before the first tick whose deadline is at or past this much control time
-                (None: no limit).
+            duration_s: the run's length in seconds of `clock`, from the moment the robot is connected: the
+                policy's reset and chunk 0 count, so the first tick comes that much later and the loop stops
+                before the first tick whose deadline is at or past the end (None: no limit). A reset or
+                chunk 0 still running at the end is cancelled (`policy.cancel()`), and so is a call still
+                running when the loop ends: `run` returns within a fraction of a second of the end even
+                with a frozen server.
             max_chunks: stop after this many chunks were executed (None: no limit).
 
         Returns:
@@ -249,13 +288,17 @@ class AsyncController:
         try:
             self.robot.connect()
             connected = True
+            state.started = self.clock()
             self._observe(state)
             state.last_safe = joints_of(state.obs)
-            self._start_episode(state)
+            self._start_episode(state, duration_s)
             state.t0 = self.clock()
+            logbook.first_tick_s = state.t0 - state.started
+            # the end in loop time (t0 = 0): `duration_s` less what connecting, the reset and chunk 0 took
+            end = None if duration_s is None else duration_s - logbook.first_tick_s
             while not self._stop.is_set():
                 deadline = state.tick * self.period
-                if duration_s is not None and deadline >= duration_s:
+                if end is not None and deadline >= end:
                     break
                 deadline, start = self._wait_for_tick(state, deadline)
                 present = joints_of(state.obs)
@@ -281,14 +324,22 @@ class AsyncController:
         return logbook
 
     # -- the steps of `run`
-    def _start_episode(self, state: _RunState) -> None:
+    def _start_episode(self, state: _RunState, duration_s: float | None) -> None:
         """Reset the policy and infer chunk 0 here (it needs the first observation); with lookahead,
         chunk 1 goes to the worker at once, to run while chunk 0 executes. A policy that is unavailable
-        leaves the arm holding from the first tick."""
+        leaves the arm holding from the first tick. Both calls are cancelled (`policy.cancel()`) once the
+        run's `duration_s` is over: a server frozen before chunk 0 cannot delay the end of the run."""
         logbook = state.logbook
+        watchdog = None
+        if duration_s is not None:
+            watchdog = _Watchdog(self.clock, state.started + duration_s, self.policy.cancel)
         try:
-            self.policy.reset(self.prompt)
-            chunk, job_ms = self._infer(self._images(state.obs), ahead=False)
+            try:
+                self.policy.reset(self.prompt)
+                chunk, job_ms = self._infer(self._images(state.obs), ahead=False)
+            finally:
+                if watchdog is not None:
+                    watchdog.stop()
             state.current = chunk
             logbook.chunks.append({"chunk": chunk.index, "steps": chunk.steps, "job_ms": job_ms, "first_tick": 0})
             log.info("control loop: %s mode, %.0f Hz, chunk 0 (%d steps) in %.0f ms", logbook.mode, self.fps,
@@ -296,6 +347,8 @@ class AsyncController:
             if self.lookahead:
                 state.upcoming.append(state.worker.submit(self._infer, {}, True))
         except PolicyUnavailableError as e:
+            if watchdog is not None and watchdog.fired:
+                e = PolicyUnavailableError(f"no first chunk within the run's {duration_s:g} s, cancelled ({e})")
             self._fail(logbook, e)
         state.holding = None if state.current is not None else 0
 
@@ -386,17 +439,30 @@ class AsyncController:
                                            "open": True})
 
     def _shut_down(self, state: _RunState, connected: bool) -> None:
-        """Unblock a policy call still running (e.g. a remote call on a frozen server), stop our worker,
-        disconnect the robot (torque off) without masking an error on the way out."""
-        if any(not f.done() for f in state.upcoming):
-            self.policy.cancel()
+        """Stop our worker (queued jobs dropped), unblock a policy call still running (e.g. a remote call on a
+        frozen server), disconnect the robot (torque off) without masking an error on the way out, then give
+        the running call `SHUTDOWN_WAIT_S` to return (a policy whose `cancel` cannot interrupt it finishes it
+        in the background; the worker only ever calls the policy, never the robot)."""
         if self.executor is None:
-            state.worker.shutdown(wait=True, cancel_futures=True)
-        if connected:
-            try:
-                self.robot.disconnect()  # torque off
-            except Exception:  # noqa: BLE001 - never mask the original error on the way out
-                log.exception("robot disconnect failed")
+            state.worker.shutdown(wait=False, cancel_futures=True)
+        running = [f for f in state.upcoming if not f.done()]
+        try:
+            if running:
+                self.policy.cancel()
+        finally:
+            if connected:
+                try:
+                    self.robot.disconnect()  # torque off
+                except Exception:  # noqa: BLE001 - never mask the original error on the way out
+                    log.exception("robot disconnect failed")
+            if self.executor is None:
+                t = time.perf_counter()
+                _, still = concurrent.futures.wait(running, timeout=SHUTDOWN_WAIT_S)
+                log.debug("shut down: %d policy call(s) cancelled, worker stopped in %.0f ms", len(running),
+                          (time.perf_counter() - t) * 1e3)
+                if still:
+                    log.warning("a policy call did not return within %.1f s of policy.cancel(); it finishes in the "
+                                "background", SHUTDOWN_WAIT_S)
 
     def _log_summary(self, logbook: ControlLog) -> None:
         s = logbook.summary()

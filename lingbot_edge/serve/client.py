@@ -11,6 +11,9 @@ request's size.
 
 Every call has a timeout. A server that is dead (connection refused / closed), absent or frozen (no reply
 in time) raises `robot.control.PolicyUnavailableError`: the loop then holds the arm until the run ends.
+After a timeout the connection is dropped at once (a late reply would otherwise answer the next request),
+and `close` waits at most `CLOSE_TIMEOUT_S` for the server's side of the closing handshake, so a frozen
+server cannot delay the end of a run.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import numpy as np
 
 from lingbot_edge.core.episode import Chunk
 from lingbot_edge.robot.control import PolicyUnavailableError
-from lingbot_edge.serve.frames import encode_jpeg, resize_frames
+from lingbot_edge.serve.frames import check_float_image, encode_jpeg, resize_frames
 from lingbot_edge.serve.msgpack_numpy import packb, unpackb
 
 log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 0.25  # the closing handshake; a server that does not answer it in time is just cut off
 
 
 class RemotePolicy:
@@ -69,7 +74,7 @@ class RemotePolicy:
 
             self.ws = self._exit.enter_context(connect(
                 self.uri, compression=None, max_size=None, additional_headers=headers, open_timeout=connect_timeout,
-                close_timeout=1.0))
+                close_timeout=CLOSE_TIMEOUT_S))
             self.metadata = unpackb(self.ws.recv(timeout=connect_timeout))
         except (OSError, TimeoutError) as e:
             self._exit.close()
@@ -96,6 +101,7 @@ class RemotePolicy:
             self.ws.send(data)
             reply = self.ws.recv(timeout=timeout)
         except TimeoutError as e:
+            self.cancel()  # the connection is unusable now: its late reply would answer the next request
             raise PolicyUnavailableError(f"policy server {self.uri}: no reply within {timeout:g} s") from e
         except (websockets.ConnectionClosed, OSError) as e:
             raise PolicyUnavailableError(f"policy server {self.uri}: connection lost ({type(e).__name__}: {e})") from e
@@ -106,7 +112,11 @@ class RemotePolicy:
         return unpackb(reply)
 
     def _frames(self, frames: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        out = {k: resize_frames(np.asarray(v), self.cfg.height, self.cfg.width) for k, v in frames.items()}
+        frames = {k: np.asarray(v) for k, v in frames.items()}
+        for k, v in frames.items():
+            if v.dtype.kind == "f":  # refused here as the server would (0..1 floats would go out as black)
+                check_float_image(v, k)
+        out = {k: resize_frames(v, self.cfg.height, self.cfg.width) for k, v in frames.items()}
         if self.jpeg_quality is not None:
             out = {k: encode_jpeg(v, self.jpeg_quality) for k, v in out.items()}
         return out
@@ -158,7 +168,8 @@ class RemotePolicy:
         return {}
 
     def cancel(self) -> None:
-        """Unblock a call waiting on a frozen server (from another thread): it raises PolicyUnavailableError."""
+        """Drop the connection: a call waiting on a frozen server (in another thread) raises
+        PolicyUnavailableError at once, and so does every later call."""
         with contextlib.suppress(OSError):
             self.ws.socket.shutdown(socket.SHUT_RDWR)
 

@@ -15,10 +15,20 @@ __all__ = ["check_float_image", "decode_images", "encode_jpeg", "resize_frames"]
 
 
 def check_float_image(frames: np.ndarray, name: str) -> None:
-    """Float images are accepted when already scaled to 0..255 (clients that send `255 * img`)."""
+    """Float images are accepted when already scaled to 0..255 (clients that send `255 * img`). One whose
+    largest value is in (0, 1] is refused: it is almost surely scaled to 0..1, which read as 0..255 is a
+    black image the policy would act on without any error. (All zeros is black either way: accepted.)
+
+    Raises:
+        ValueError: naming `name`: values not finite, outside 0..255, or scaled to 0..1.
+    """
     lo, hi = (float(frames.min()), float(frames.max())) if frames.size else (0.0, 0.0)
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 255.0:
-        raise ValueError(f"{name}: float images must be finite and in 0..255 (send 255 * img), got {lo}..{hi}")
+        raise ValueError(f"{name}: float images must be finite and in 0..255 (send uint8, or 255 * img), got "
+                         f"{lo:g}..{hi:g}")
+    if 0.0 < hi <= 1.0:
+        raise ValueError(f"{name}: float image with values in {lo:g}..{hi:g} looks scaled to 0..1; images are "
+                         "read as 0..255, so send uint8, or 255 * img")
 
 
 def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -170,8 +170,8 @@ class EpisodeServer:
             if (not isinstance(img, np.ndarray) or (img.dtype != np.uint8 and img.dtype.kind != "f")
                     or img.ndim not in (3, 4) or img.shape[-1] != 3 or 0 in img.shape
                     or max(img.shape[-3:-1]) > MAX_IMAGE_SIDE):
-                raise ProtocolError(f"{key}: expected an H x W x 3 uint8 image (or T x H x W x 3 keyframes, "
-                                    f"sides <= {MAX_IMAGE_SIDE}), got {desc}")
+                raise ProtocolError(f"{key}: expected an H x W x 3 uint8 image, or float in 0..255 (or T x H x W x 3 "
+                                    f"keyframes, sides <= {MAX_IMAGE_SIDE}), got {desc}")
             if img.dtype.kind == "f":
                 try:
                     check_float_image(img, key)
@@ -184,14 +184,15 @@ class EpisodeServer:
         return {k: resize_frames(v if v.ndim == 4 else v[None], *size) for k, v in raw.items()}
 
     def _floats(self, value: Any, name: str, last_dim: int, rows: int | None = None) -> np.ndarray:
+        want = f"({rows}, {last_dim})" if rows is not None else f"({last_dim},) or (T, {last_dim})"
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
-            raise ProtocolError(f"{name}: expected a numeric array, got {type(value).__name__}")
+            got = f"{value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
+            raise ProtocolError(f"{name}: expected a numeric array of shape {want}, got {got}")
         arr = value.astype(np.float32)
         ok_shape = arr.shape == (last_dim,) or (arr.ndim == 2 and arr.shape[1] == last_dim)
         if rows is not None:
             ok_shape = arr.shape == (rows, last_dim)
         if not ok_shape:
-            want = f"({rows}, {last_dim})" if rows is not None else f"({last_dim},) or (T, {last_dim})"
             raise ProtocolError(f"{name}: expected shape {want}, got {list(arr.shape)}")
         if not np.isfinite(arr).all():
             raise ProtocolError(f"{name}: contains NaN or inf")
