@@ -253,7 +253,7 @@ def write_lerobot_dataset(root, version: str, lengths, names=SO100_NAMES, episod
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lingbot_edge.io.frozen import write_mp4
+    from lingbot_edge.io.encoders import write_mp4
 
     root.mkdir(parents=True)
     features = {**{k: {"dtype": "video", "shape": [32, 32, 3]} for k in CAMERAS},

@@ -264,7 +264,7 @@ def test_exchange_swaps_two_folders(tmp_path):
 
 
 def test_provenance_checks(caplog):
-    from quantize.cli import MismatchError, check_provenance
+    from quantize.run import MismatchError, check_provenance
 
     record = {"checkpoint": "/c/transformer", "checkpoint_sha256": "a" * 64, "dtype": "bfloat16",
               "smoothing_alpha": 0.5, "data": {"source": "synthetic", "episodes": ["synthetic-0"]}}

@@ -75,10 +75,10 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype = torch.bfloat16, d
 
 
 def load_tokenizer(folder: str | Path):
-    """The T5 tokenizer of a tokenizer/ folder wrapped as a `frozen.Tokenizer` (pad to max length)."""
+    """The T5 tokenizer of a tokenizer/ folder wrapped as an `encoders.Tokenizer` (pad to max length)."""
     from transformers import AutoTokenizer
 
-    from lingbot_edge.io.frozen import HFTokenizer
+    from lingbot_edge.io.encoders import HFTokenizer
 
     return HFTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
 
@@ -119,7 +119,7 @@ def build_prompt_cache(
     """A `PromptCache` over the layout's tokenizer + text encoder; both are loaded only on a miss.
 
     `cache_dir`: None -> `prompt_cache.default_cache_dir()`, False -> memory only."""
-    from lingbot_edge.io.frozen import PromptEncoder
+    from lingbot_edge.io.encoders import PromptEncoder
     from lingbot_edge.io.prompt_cache import PromptCache, default_cache_dir, tokenizer_fingerprint, weights_fingerprint
 
     if layout.text_encoder is None or layout.tokenizer is None:
@@ -372,7 +372,7 @@ def load_policy(
         policy = load_policy("tiny", preset="so100", num_inference_steps=2)  # an override
     """
     from lingbot_edge.core.policy import LingBotPolicy
-    from lingbot_edge.io.frozen import ObservationEncoder, StreamingVAEEncoder
+    from lingbot_edge.io.encoders import ObservationEncoder, StreamingVAEEncoder
     from lingbot_edge.io.prompt_cache import gpu_memory
 
     device, dtype, compile = runtime_defaults(device, dtype, compile)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from lingbot_edge.io.checkpoint import is_temp_path, write_file
-from lingbot_edge.io.frozen import PromptEncoder, clean_prompt
+from lingbot_edge.io.encoders import PromptEncoder, clean_prompt
 
 log = logging.getLogger(__name__)
 

@@ -550,6 +550,6 @@ def save_predicted_video(policy, path: str | Path, fps: int = 10, device: str | 
     vae = getattr(policy.obs_encoder, "vae", None)
     if vae is None:
         raise RuntimeError("save_predicted_video: the observation encoder has no VAE "
-                           "(expected a frozen.ObservationEncoder)")
+                           "(expected an encoders.ObservationEncoder)")
     frames = decode_latents(vae, torch.cat(policy.predicted_latents, dim=2), device=device)
     return write_mp4(frames, path, fps=fps)

@@ -1,4 +1,4 @@
-"""The `lingbot-edge quantize` command (arguments: quantize/commands.py)."""
+"""Runs `lingbot-edge quantize` (its arguments are declared in quantize/commands.py)."""
 
 from __future__ import annotations
 
