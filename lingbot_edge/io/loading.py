@@ -378,7 +378,7 @@ def load_policy(
     device, dtype, compile = runtime_defaults(device, dtype, compile)
     if isinstance(source, str) and source == TINY:
         from lingbot_edge.core.config import tiny_variant
-        from lingbot_edge.io.tiny import build_tiny_policy
+        from lingbot_edge.io.tiny import _build_tiny_policy
 
         if transformer is not None:
             raise ValueError("transformer: the embedded tiny source has no checkpoint folder to replace; save it "
@@ -387,7 +387,7 @@ def load_policy(
         cfg = _set_fields(cfg, overrides, "overrides", "overrides") if overrides else cfg
         log.info("policy: embedded tiny model, settings %r on %s/%s (compile=%s)", cfg.name, device,
                  str(dtype).removeprefix("torch."), compile)
-        return build_tiny_policy(sampler=sampler, compile=compile, seed=seed, device=str(device), dtype=dtype, cfg=cfg)
+        return _build_tiny_policy(sampler=sampler, compile=compile, seed=seed, device=str(device), dtype=dtype, cfg=cfg)
 
     source = checkpoint_folder(source)
     # 1. Everything validated from headers and configs: no weight read, no device memory.
