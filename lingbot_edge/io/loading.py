@@ -354,7 +354,7 @@ def load_policy(
         vae: another VAE folder in place of the checkpoint's.
         text_encoder: another UMT5 folder in place of the checkpoint's.
         tokenizer: another tokenizer folder in place of the checkpoint's.
-        record_predicted_video: keep predicted latents for `io.frozen.save_predicted_video` (default: the
+        record_predicted_video: keep predicted latents for `io.encoders.save_predicted_video` (default: the
             LeRobot config's `save_predicted_video`, else off).
         **overrides: `PolicyConfig` fields, applied last (`--set key=value` in the CLIs).
 
