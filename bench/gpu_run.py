@@ -30,10 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.ladder import sync
 from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
 from lingbot_edge.core.qlinear import QuantFormat, QuantizedLinear, check_device_support, quantize_per_row
 from lingbot_edge.core.sampler import CUDA_GRAPHS_MODE, ReferenceSampler, StaticSampler
 from lingbot_edge.io.checkpoint import build_model
+from lingbot_edge.io.files import write_text
 
 log = logging.getLogger("bench.gpu_run")
 RESULTS = Path(__file__).parent / "results"
@@ -103,11 +105,6 @@ def _episode(cfg: PolicyConfig, chunks: int, seed: int = 0) -> dict:
                         "observed": torch.randn(latent, generator=g)} for _ in range(chunks)]}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class Measured:
     times_s: list[float] = field(default_factory=list)
@@ -126,11 +123,11 @@ def run_variant(sampler, episode: dict, chunks: int, warmup: int, device: torch.
     for i, s in enumerate(episode["chunks"][:chunks]):
         if i == warmup:
             m.graphs_after_warmup = counters["stats"]["unique_graphs"]
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         r = sampler.sample_chunk(s["noise_video"], s["noise_action"], episode["first"] if i == 0 else None)
         sampler.feedback(s["observed"], r.actions)
-        _sync(device)
+        sync(device)
         m.times_s.append(time.perf_counter() - start)
         m.actions.append(r.actions.float().cpu())
     m.graphs_end = counters["stats"]["unique_graphs"]
@@ -264,12 +261,8 @@ def render(env: dict, rows: list[dict], skipped: list[str]) -> str:
 
 
 def _write(out: Path, env: dict, rows: list[dict], skipped: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("gpu_run.json", json.dumps({"environment": env, "rows": rows, "skipped": skipped}, indent=1)),
-                       ("gpu_run.md", render(env, rows, skipped) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    write_text(out / "gpu_run.json", json.dumps({"environment": env, "rows": rows, "skipped": skipped}, indent=1))
+    write_text(out / "gpu_run.md", render(env, rows, skipped) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lingbot_edge.core.qlinear import QuantFormat, QuantizedLinear, quantize_per_row
+from lingbot_edge.io.files import write_text
 
 IN_FEATURES, OUT_FEATURES = 3072, 14336  # ffn.net.0.proj of the full model
 
@@ -111,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(run(args.tokens, args.rounds), args.rounds)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.out)
+        write_text(args.out, text + "\n")
     return 0
 
 

@@ -215,6 +215,14 @@ def episode_inputs(cfg: PolicyConfig, chunks: int, seed: int = 0) -> EpisodeInpu
     return EpisodeInputs(text, neg, first, steps)
 
 
+def sync(device: str | torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA); nothing to wait for on the CPU. Every timed call ends
+    with it (the bench's one device sync)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_episode(sampler, inputs: EpisodeInputs, sync: Callable[[], None] = lambda: None) -> list:
     """All chunks with feedback; returns the ChunkResults (on their device)."""
     sampler.reset(inputs.text, inputs.neg)
@@ -295,7 +303,8 @@ def tiny_setup(dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> tupl
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of everything the model holds (parameters and buffers, quantized tensors included)."""
+    """A whole model's bytes: everything it holds (parameters and buffers, quantized tensors included), as
+    loaded. One Linear's deployed bytes under a scheme: `calib.evaluate.linear_deploy_bytes`."""
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
         inner = getattr(t, "__tensor_flatten__", None)

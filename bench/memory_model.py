@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
 from lingbot_edge.io.checkpoint import build_meta_model
+from lingbot_edge.io.files import write_text
 
 GIB = 2**30
 # Parameter counts of the frozen parts (diffusers AutoencoderKLWan Wan2.2 config, UMT5-XXL encoder).
@@ -140,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(dit_param_counts())
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+        write_text(args.out, text + "\n")
     return 0
 
 

@@ -67,8 +67,7 @@ def measure(variant_name: str, preset: str, chunks: int, device: str) -> dict:
     model = ladder.build_model(MODEL_PRESETS[cfg.model], dtype=torch.bfloat16, device=dev, seed=0)
     sampler = variant.build(model, cfg)
     inputs = ladder.episode_inputs(cfg, chunks)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    ladder.run_episode(sampler, inputs, sync)
+    ladder.run_episode(sampler, inputs, lambda: ladder.sync(dev))
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _status_bytes("VmHWM") - baseline
     return {"variant": variant_name, "device": dev.type, "peak_bytes": int(peak),
             "weight_bytes": ladder.weight_bytes(sampler.model), "counts": COUNTS[dev.type]}

@@ -44,8 +44,7 @@ STEP_BOUNDS = {"action_rms": 0.1, "action_cos": 0.99}
 
 
 def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+    ladder.sync(DEVICE)
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ import torch
 
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.episode import Chunk, chunk_steps, episode_frames, episode_steps
+from lingbot_edge.io.files import read_json
 from quantize.metrics import Episode, make_episode
 
 log = logging.getLogger(__name__)
@@ -318,7 +319,7 @@ class LeRobotEpisodes:
 
     def __post_init__(self):
         path = Path(self.root) / "meta" / "info.json"
-        info = json.loads(path.read_text())
+        info = read_json(path, "a LeRobot dataset's meta/info.json")
         version = str(info.get("codebase_version", ""))
         if version not in LEROBOT_VERSIONS:
             raise ValueError(f"{path}: LeRobot codebase_version {version!r} not supported (expected one of "

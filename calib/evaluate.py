@@ -38,7 +38,7 @@ class Error:
         return {"action_rms": self.action_rms, "action_cos": self.action_cos, "latent_sqnr": self.latent_sqnr}
 
 
-def weight_bytes(linear: nn.Linear, scheme: Scheme | None) -> int:
+def linear_deploy_bytes(linear: nn.Linear, scheme: Scheme | None) -> int:
     """Deployed bytes of a Linear: bf16 when kept; 8-bit data + fp32 per-channel scales (+ an input
     scale for static activations) when quantized; the bias stays bf16 either way."""
     out_features, in_features = linear.weight.shape

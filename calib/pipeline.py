@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lingbot_edge.core.config import PolicyConfig
-from lingbot_edge.io.checkpoint import check_output_folder, is_temp_path
+from lingbot_edge.io.files import check_output_folder, is_temp_path
 from lingbot_edge.io.quantized import sha256_file
 from quantize.plan import BLOCK_LINEARS
 

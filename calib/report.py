@@ -12,13 +12,13 @@ from typing import Any
 
 from torch import Tensor
 
-from lingbot_edge.io.checkpoint import write_file
+from lingbot_edge.io.files import write_json, write_text
 from quantize import get_scheme
 from quantize.api import needs_calibration
 
 from .evaluate import static_qmax
 from .planner import PlanResult
-from .sensitivity import Sensitivity, write_json_atomic
+from .sensitivity import Sensitivity
 from .smoothing import producer
 from .stats import ActivationStats
 
@@ -54,8 +54,8 @@ def write_outputs(out: str | Path, result: PlanResult, sensitivity: Sensitivity,
     """plan.json and calibration.json carry `provenance` (checkpoint hash, dtype, smoothing, data):
     `lingbot-edge quantize` checks it against the checkpoint it quantizes."""
     out = Path(out)
-    paths = {"plan": write_json_atomic(out / "plan.json", result.quant_plan(provenance).to_dict()),
-             "calibration": write_json_atomic(out / "calibration.json",
+    paths = {"plan": write_json(out / "plan.json", result.quant_plan(provenance).to_dict()),
+             "calibration": write_json(out / "calibration.json",
                                               calibration_dict(result, input_absmax, factors, alpha, provenance))}
     png = out / "sensitivity.png"
     has_png = plot_sensitivity(sensitivity, result, png)
@@ -63,7 +63,7 @@ def write_outputs(out: str | Path, result: PlanResult, sensitivity: Sensitivity,
         paths["png"] = png
     report = out / "report.md"
     text = markdown_report(result, sensitivity, stats, factors, png.name if has_png else None)
-    write_file(report, lambda tmp: tmp.write_text(text))
+    write_text(report, text)
     paths["report"] = report
     return paths
 
@@ -136,7 +136,7 @@ def append_task_success(report: Path, table: str, checkpoint: str, episodes: int
         table,
         "",
     ])
-    write_file(report, lambda tmp: tmp.write_text(text))
+    write_text(report, text)
 
 
 def plot_sensitivity(sensitivity: Sensitivity, result: PlanResult, path: Path) -> bool:

@@ -19,11 +19,11 @@ from typing import Any
 from torch import nn
 from tqdm import tqdm
 
-from lingbot_edge.io.checkpoint import write_file
+from lingbot_edge.io.files import read_json, write_json
 from quantize import get_scheme
 from quantize.plan import BLOCK_LINEARS
 
-from .evaluate import Evaluator, weight_bytes
+from .evaluate import Evaluator, linear_deploy_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +70,14 @@ class Sensitivity:
                 "entries": [{**asdict(e), "modules": list(e.modules)} for e in self.entries]}
 
     def save(self, path: str | Path) -> Path:
-        return write_json_atomic(path, self.to_dict())
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Sensitivity:
-        d = json.loads(Path(path).read_text())
+        d = read_json(path, "a sensitivity table (`lingbot-edge calibrate sensitivity`)")
         if d.get("version") != SENSITIVITY_VERSION:
             raise ValueError(f"{path}: sensitivity version {d.get('version')!r} not supported")
         return cls(tuple(SensitivityEntry(**{**e, "modules": tuple(e["modules"])}) for e in d["entries"]), d["meta"])
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    return write_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def sensitivity_targets(model: nn.Module, pattern: str = BLOCK_LINEARS, granularity: str = "module"
@@ -132,7 +128,8 @@ def measure_sensitivity(
                 linears = [model.get_submodule(m) for m in modules]
                 entries.append(SensitivityEntry(
                     target, tuple(modules), name, err.action_rms, err.action_cos, err.latent_sqnr,
-                    sum(weight_bytes(lin, None) for lin in linears), sum(weight_bytes(lin, scheme) for lin in linears),
+                    sum(linear_deploy_bytes(lin, None) for lin in linears),
+                    sum(linear_deploy_bytes(lin, scheme) for lin in linears),
                 ))
             if out is not None:
                 Sensitivity(tuple(entries), meta).save(out)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lingbot_edge.io.checkpoint import write_file
+from lingbot_edge.io.files import write_file
 
 STATS_FORMAT = "lingbot-edge-activation-stats"
 STATS_VERSION = 1

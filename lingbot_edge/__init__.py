@@ -18,7 +18,6 @@ _LAZY = {
     "ReferenceSampler": "core.sampler",
     "StaticSampler": "core.sampler",
     "LingBotPolicy": "core.policy",
-    "build_tiny_policy": "io.tiny",
     "load_transformer": "io.checkpoint",
     "save_transformer": "io.checkpoint",
     "build_model": "io.checkpoint",

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from lingbot_edge.core.config import ModelConfig
 from lingbot_edge.core.model import WanVATransformer
 from lingbot_edge.core.qlinear import QuantizedLinear, check_device_support, quantized_linears
-from lingbot_edge.io.checkpoint import build_meta_model, load_transformer, stage
+from lingbot_edge.io.checkpoint import build_meta_model, load_transformer
+from lingbot_edge.io.files import stage
 from lingbot_edge.io.quantized import build_quantized_skeleton, check_quantized_output, save_quantized, sha256_file
 
 from .plan import QuantPlan, default_plan

@@ -57,6 +57,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from quantize.cli import run
+    from quantize.run import run
 
     return run(args)

@@ -28,7 +28,6 @@ bias in the compute dtype too, so quantizing them would still work).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from lingbot_edge.io.files import read_json, write_json
 
 from .schemes import Scheme, get_scheme, scheme_name
 
@@ -131,18 +132,11 @@ class QuantPlan:
         )
 
     def to_json(self, path: str | Path) -> None:
-        from lingbot_edge.io.checkpoint import write_file
-
-        write_file(path, lambda tmp: tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n"))
+        write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | Path) -> QuantPlan:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(path, obj=False), source=str(path))
 
 
 def default_plan(scheme: Scheme) -> QuantPlan:

@@ -162,9 +162,9 @@ def test_failed_save_keeps_the_previous_file(model, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_policy():
-    from lingbot_edge.io.tiny import build_tiny_policy
+    from lingbot_edge.io.loading import load_policy
 
-    return build_tiny_policy(compile=False, seed=0)
+    return load_policy("tiny", compile=False, seed=0, device="cpu", dtype="fp32")
 
 
 def _recording(cfg, chunks: int, seed: int = 0) -> RecordedEpisode:
@@ -253,7 +253,7 @@ def write_lerobot_dataset(root, version: str, lengths, names=SO100_NAMES, episod
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lingbot_edge.io.frozen import write_mp4
+    from lingbot_edge.io.encoders import write_mp4
 
     root.mkdir(parents=True)
     features = {**{k: {"dtype": "video", "shape": [32, 32, 3]} for k in CAMERAS},

@@ -19,8 +19,8 @@ from calib.outliers import DEFAULT_TARGETS, inject_outlier_channels
 from lingbot_edge.cli.main import main as lingbot_edge_main
 from lingbot_edge.core.config import get_policy_config
 from lingbot_edge.io.checkpoint import save_transformer
+from lingbot_edge.io.loading import load_policy
 from lingbot_edge.io.quantized import load_quantized
-from lingbot_edge.io.tiny import build_tiny_policy
 from quantize.api import checkpoint_sha256
 from quantize.metrics import episode_error, run_episode
 
@@ -43,7 +43,7 @@ def calibrate(*argv: str) -> int:
 def deployed_error(model) -> float:
     """Action RMS of `model` against the unsmoothed bf16 original over the calibration episodes,
     combined as the planner does (RMS over episodes)."""
-    policy = build_tiny_policy(compile=False, seed=0, dtype=torch.bfloat16)
+    policy = load_policy("tiny", compile=False, seed=0, device="cpu", dtype=torch.bfloat16)
     inject_outlier_channels(policy.model)
     source = SyntheticEpisodes(CFG, 2, chunks=2, seed=0)
     errors = []
@@ -85,7 +85,7 @@ def test_bf16_plan_meets_its_budget_deployed_in_bf16(tmp_path, capsys, caplog):
     assert err == pytest.approx(calibration["verified"]["action_rms"], rel=1e-9)  # what the plan promised
 
     # The same plan on the checkpoint it was not measured on (the unsmoothed weights) is refused...
-    policy = build_tiny_policy(compile=False, seed=0, dtype=torch.bfloat16)
+    policy = load_policy("tiny", compile=False, seed=0, device="cpu", dtype=torch.bfloat16)
     inject_outlier_channels(policy.model)
     unsmoothed = save_transformer(policy.model, tmp_path / "unsmoothed" / "transformer")
     wrong = ["quantize", "--checkpoint", str(unsmoothed), "--plan", str(out / "plan.json"), "--calibration",

@@ -107,7 +107,7 @@ def test_bad_folders(tmp_path, tiny):
 
 
 def test_save_transformer_replaces_only_its_own_folders(tmp_path, tiny):
-    from lingbot_edge.io.checkpoint import OutputPathError
+    from lingbot_edge.io.files import OutputPathError
 
     _, model = tiny
     own = tmp_path / "own"
@@ -152,7 +152,7 @@ def test_write_file_sweeps_stale_temp_files_only(tmp_path):
     import subprocess
     import sys
 
-    from lingbot_edge.io.checkpoint import is_temp_path, write_file
+    from lingbot_edge.io.files import is_temp_path, write_file
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

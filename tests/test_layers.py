@@ -91,7 +91,7 @@ def test_every_module_follows_the_layers():
 
 
 @pytest.mark.parametrize(("module", "source"), [
-    ("lingbot_edge.cli.main", "def f():\n    from quantize.cli import run\n"),
+    ("lingbot_edge.cli.main", "def f():\n    from quantize.run import run\n"),
     ("lingbot_edge.serve.server", "import calib.stats\n"),
     ("lingbot_edge.robot.so100", "from bench import ladder\n"),
     ("lingbot_edge.core.policy", "from lingbot_edge.io.prompt_cache import PromptCache\n"),

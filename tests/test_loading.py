@@ -14,7 +14,7 @@ from lingbot_edge.core.config import get_policy_config
 from lingbot_edge.core.policy import LingBotPolicy, PromptMemo
 from lingbot_edge.io import checkpoint, loading
 from lingbot_edge.io.checkpoint import build_model
-from lingbot_edge.io.frozen import (
+from lingbot_edge.io.encoders import (
     HFTokenizer,
     ObservationEncoder,
     PromptEncoder,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lingbot_edge.io.tiny import build_tiny_policy
+from lingbot_edge.io.loading import load_policy
 from lingbot_edge.testing.toy import ToyScene
 
 
@@ -26,9 +26,9 @@ def _lookahead_episode(policy, chunks, prompt="stack the blocks"):
 
 
 def test_lookahead_static_matches_reference_and_positions():
-    ref = _lookahead_episode(build_tiny_policy(sampler="reference"), 6)
-    static = _lookahead_episode(build_tiny_policy(sampler="static", compile=False), 6)
-    f = build_tiny_policy(sampler="reference").cfg.frame_chunk_size
+    ref = _lookahead_episode(load_policy("tiny", sampler="reference", device="cpu", dtype="fp32"), 6)
+    static = _lookahead_episode(load_policy("tiny", sampler="static", compile=False, device="cpu", dtype="fp32"), 6)
+    f = load_policy("tiny", sampler="reference", device="cpu", dtype="fp32").cfg.frame_chunk_size
     for r, s in zip(ref, static, strict=True):
         np.testing.assert_allclose(s["actions"], r["actions"], atol=1e-5, rtol=0)
     assert [o["chunk"] for o in static] == list(range(6))
@@ -36,7 +36,7 @@ def test_lookahead_static_matches_reference_and_positions():
 
 
 def test_lookahead_differs_from_sync_and_guards():
-    policy = build_tiny_policy(sampler="static", compile=False)
+    policy = load_policy("tiny", sampler="static", compile=False, device="cpu", dtype="fp32")
     policy.reset(prompt="x")
     with pytest.raises(RuntimeError, match="ahead"):
         policy.infer({}, ahead=True)  # nothing pending yet

@@ -6,7 +6,7 @@ import torch
 
 from lingbot_edge.core.actions import QUANTILE_EPS, ActionCodec
 from lingbot_edge.core.config import get_policy_config
-from lingbot_edge.io.tiny import build_tiny_policy
+from lingbot_edge.io.loading import load_policy
 from lingbot_edge.testing.toy import ToyScene, toy_episode
 
 
@@ -16,8 +16,8 @@ def _run_episode(policy, chunks, seed=0, prompt="stack the blocks"):
 
 @pytest.fixture(scope="module")
 def episodes():
-    ref = _run_episode(build_tiny_policy(sampler="reference"), 6)
-    static = _run_episode(build_tiny_policy(sampler="static", compile=False), 6)
+    ref = _run_episode(load_policy("tiny", sampler="reference", device="cpu", dtype="fp32"), 6)
+    static = _run_episode(load_policy("tiny", sampler="static", compile=False, device="cpu", dtype="fp32"), 6)
     return ref, static
 
 
@@ -41,7 +41,7 @@ def test_outputs_shapes_frames_and_timing(episodes):
 
 
 def test_same_seed_same_episode_and_feedback_matters():
-    policy = build_tiny_policy(sampler="static", compile=False)
+    policy = load_policy("tiny", sampler="static", compile=False, device="cpu", dtype="fp32")
     a = _run_episode(policy, 3)
     b = _run_episode(policy, 3)  # reset() restarts the episode (cache, frame ids, noise, VAE stream)
     for x, y in zip(a, b, strict=True):
@@ -58,7 +58,7 @@ def test_action_noise_scale_scales_only_the_action_noise():
     frames = ToyScene(cfg.obs_cam_keys).render()
     out = {}
     for scale in (1.0, 0.0):
-        policy = build_tiny_policy(sampler="static", compile=False, cfg=cfg.replace(action_noise_scale=scale))
+        policy = load_policy("tiny", compile=False, device="cpu", dtype="fp32", action_noise_scale=scale)
         policy.reset(prompt="stack the blocks", seed=3)
         chunk = policy.infer(frames)
         out[scale] = (np.array(chunk.actions), policy.last_result.latents.clone())
@@ -76,7 +76,7 @@ def test_action_noise_scale_scales_only_the_action_noise():
 
 
 def test_bad_calls_get_clear_errors():
-    policy = build_tiny_policy(sampler="static", compile=False)
+    policy = load_policy("tiny", sampler="static", compile=False, device="cpu", dtype="fp32")
     cfg = policy.cfg
     with pytest.raises(RuntimeError, match="reset"):
         policy.infer({})

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lingbot_edge.cli import frozen as cli_frozen
+from lingbot_edge.cli import encode_prompt as cli_encode_prompt
 from lingbot_edge.io import loading
-from lingbot_edge.io.frozen import ByteTokenizer, PromptEncoder, clean_prompt
+from lingbot_edge.io.encoders import ByteTokenizer, PromptEncoder, clean_prompt
 from lingbot_edge.io.layout import resolve_checkpoint
 from lingbot_edge.io.loading import build_prompt_cache, load_policy
 from lingbot_edge.io.prompt_cache import (
@@ -241,7 +241,7 @@ def test_umt5_on_gpu_is_released(tiny_checkpoint, tmp_path):
 
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="lingbot-edge")
-    cli_frozen.register(parser.add_subparsers(dest="command", required=True))
+    cli_encode_prompt.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,7 +1,7 @@
 """`lingbot-edge quantize --out` as a user meets it: what it refuses (every byte of the refused path
 and of the source left as it was), what it replaces (only its own checkpoints, with --force), and
 kill -9 at every stage of a run (the CLI in a subprocess, SIGKILLed at a named step through
-`lingbot_edge.io.checkpoint.STAGE_HOOK`): the old or the new valid checkpoint stays at --out, and
+`lingbot_edge.io.files.STAGE_HOOK`): the old or the new valid checkpoint stays at --out, and
 nothing the loader accepts is left anywhere else."""
 
 import argparse
@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from lingbot_edge.core.config import get_policy_config
-from lingbot_edge.io import checkpoint as ckpt
-from lingbot_edge.io.checkpoint import build_model, load_transformer, recover, save_transformer
+from lingbot_edge.io import files
+from lingbot_edge.io.checkpoint import build_model, load_transformer, save_transformer
+from lingbot_edge.io.files import recover
 from lingbot_edge.io.loading import CheckpointError, resolve_checkpoint
 from lingbot_edge.io.quantized import MANIFEST_NAME, QuantizedCheckpointError, load_quantized
 from quantize.commands import register
@@ -131,7 +132,7 @@ def test_accepted_outputs(base, capsys, case):
                 "--device", "cpu", *extra) == 0
     assert _schemes(out) == {NEW} and load_quantized(out) is not None
     assert tree(base / "ckpt") == source_before
-    assert not [p for p in out.parent.iterdir() if ckpt.is_temp_path(p)]
+    assert not [p for p in out.parent.iterdir() if files.is_temp_path(p)]
 
 
 def test_empty_plans_and_unmatched_rules_are_errors(base, capsys):
@@ -179,15 +180,15 @@ def test_temp_folders_are_refused_and_swept_once_their_process_is_gone(base):
 
 KILL = r"""
 import os, signal, sys
-import lingbot_edge.io.checkpoint as ckpt
+import lingbot_edge.io.files as files
 
 stage, argv = sys.argv[1], sys.argv[2:]
 def hook(name):
     if name == stage:
         os.kill(os.getpid(), signal.SIGKILL)
-ckpt.STAGE_HOOK = hook
+files.STAGE_HOOK = hook
 if stage in ("moved-aside", "renamed"):  # the two-rename fallback, as without renameat2
-    ckpt.exchange = lambda a, b: False
+    files.exchange = lambda a, b: False
 if stage == "shard":  # during the weight files: after the first of several shards
     import safetensors.torch as st
     real, calls = st.save_file, []
@@ -246,7 +247,7 @@ def test_kill_leaves_old_or_new(tmp_path, source, quantized, stages):
         others = [p for p in base.rglob("*") if p.is_dir() and p != out and not p.is_relative_to(base / "ckpt")]
         assert not [p for p in others if _loadable(p)], stage
         if stage in ("exchanged", "renamed", "written"):
-            assert [p for p in others if ckpt.is_temp_path(p)], stage  # what the next run sweeps
+            assert [p for p in others if files.is_temp_path(p)], stage  # what the next run sweeps
         assert _cli("--checkpoint", str(base / "ckpt"), "--scheme", NEW, "--out", str(out), "--force",
                     "--device", "cpu") == 0
         assert _schemes(out) == {NEW} and load_quantized(out) is not None
@@ -258,13 +259,13 @@ def test_exchange_swaps_two_folders(tmp_path):
     for p in (a, b):
         p.mkdir()
         (p / "name").write_text(p.name)
-    if not ckpt.exchange(a, b):
+    if not files.exchange(a, b):
         pytest.skip("renameat2(RENAME_EXCHANGE) unsupported here: the two-rename fallback is used")
     assert (a / "name").read_text() == "b" and (b / "name").read_text() == "a"
 
 
 def test_provenance_checks(caplog):
-    from quantize.cli import MismatchError, check_provenance
+    from quantize.run import MismatchError, check_provenance
 
     record = {"checkpoint": "/c/transformer", "checkpoint_sha256": "a" * 64, "dtype": "bfloat16",
               "smoothing_alpha": 0.5, "data": {"source": "synthetic", "episodes": ["synthetic-0"]}}

@@ -85,13 +85,12 @@ def policy_config_json(cfg: PolicyConfig) -> dict:
 def write_checkpoint_skeleton(folder: Path, cfg: PolicyConfig, seed: int = 0) -> Path:
     """Released layout with the tiny frozen parts and `policy_config.json`; transformer/ random until
     `export` replaces it. An existing skeleton is kept (its frozen parts made the cached latents)."""
-    from lingbot_edge.core.config import ModelConfig
-    from lingbot_edge.io.checkpoint import build_model, save_transformer
+    from lingbot_edge.io.checkpoint import build_model, read_model_config, save_transformer
     from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 
     if not (folder / "vae").is_dir():
         save_tiny_checkpoint(folder, seed=seed)
-    if ModelConfig.from_json(folder / "transformer" / "config.json") != cfg.model_config:  # a larger tiny DiT
+    if read_model_config(folder / "transformer" / "config.json") != cfg.model_config:  # a larger tiny DiT
         save_transformer(build_model(cfg.model_config, seed=seed), folder / "transformer", replace=True)
     _write_json(folder / "policy_config.json", policy_config_json(cfg))
     return folder

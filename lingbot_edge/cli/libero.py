@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lingbot_edge.cli.common import add_policy_args, policy_kwargs
 from lingbot_edge.eval.libero import LIBERO_SUITES
+from lingbot_edge.io.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,7 @@ def run_eval_libero(args: argparse.Namespace) -> int:
     print(table)
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        _write(out / f"eval_{args.suite}.md", table)
-        _write(out / f"eval_{args.suite}.json", json.dumps(
+        write_text(out / f"eval_{args.suite}.md", table)
+        write_text(out / f"eval_{args.suite}.json", json.dumps(
             {k: [dataclasses.asdict(o) for o in v] for k, v in results.items()}, indent=1))
     return 0
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

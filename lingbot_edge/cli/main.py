@@ -22,7 +22,7 @@ log = logging.getLogger("lingbot_edge")
 
 # Runtime subcommands: each module has `register(subparsers)` and keeps its heavy imports inside the
 # command function, so `lingbot-edge --help` stays fast.
-_COMMAND_MODULES: tuple[str, ...] = ("frozen", "robot", "libero")
+_COMMAND_MODULES: tuple[str, ...] = ("encode_prompt", "robot", "libero")
 # Offline tools (quantize/, calib/) register their commands through this entry-point group from their
 # own packages: the runtime never imports them (imports point calib -> quantize -> lingbot_edge).
 COMMAND_ENTRY_POINTS = "lingbot_edge.commands"

@@ -7,10 +7,8 @@ LeRobot `LingBotVAConfig` so released files and configs map one to one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 # Keys upstream writes into transformer/config.json that do not change the math we run.
 _IGNORED_MODEL_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "attn_mode", "pos_embed_seq_len"}
@@ -62,17 +60,6 @@ class ModelConfig:
             return cls(**kwargs)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: invalid transformer config: {e}") from e
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object of transformer config keys")
-        return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

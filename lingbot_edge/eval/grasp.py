@@ -179,11 +179,10 @@ def with_random_transformer(checkpoint: str | Path, load, seed: int = 0):
     """`load(transformer=DIR)` with a random-weight DiT of the checkpoint's architecture (a folder or an embedded
     checkpoint's name) in DIR (the frozen parts and settings unchanged): the baseline a trained DiT is measured
     against."""
-    from lingbot_edge.core.config import ModelConfig
-    from lingbot_edge.io.checkpoint import build_model, save_transformer
+    from lingbot_edge.io.checkpoint import build_model, read_model_config, save_transformer
     from lingbot_edge.io.loading import checkpoint_folder
 
-    config = ModelConfig.from_json(Path(checkpoint_folder(checkpoint)) / "transformer" / "config.json")
+    config = read_model_config(Path(checkpoint_folder(checkpoint)) / "transformer" / "config.json")
     with tempfile.TemporaryDirectory() as tmp:
         save_transformer(build_model(config, seed=seed), Path(tmp) / "transformer")
         return load(transformer=Path(tmp) / "transformer")

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from lingbot_edge.io.files import write_text
+
 log = logging.getLogger(__name__)
 
 # The frames LiberoEnv delivers: LeRobot's camera names, LeRobot's orientation.
@@ -152,12 +154,9 @@ def ensure_libero_config() -> None:
     pkg = _libero_package_dir()
     if path.exists() or pkg is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     paths = {"benchmark_root": pkg, "bddl_files": pkg / "bddl_files", "init_states": pkg / "init_files",
              "datasets": pkg.parent / "datasets", "assets": libero_asset_dir(pkg) or pkg / "assets"}
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text("".join(f"{k}: {v}\n" for k, v in paths.items()))
-    tmp.replace(path)
+    write_text(path, "".join(f"{k}: {v}\n" for k, v in paths.items()))
     log.info("wrote LIBERO's default config %s", path)
 
 

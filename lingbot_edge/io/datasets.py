@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from lingbot_edge.io.files import read_json
+
 log = logging.getLogger(__name__)
 
 
@@ -36,13 +38,6 @@ class ActionStats:
     high: tuple[float, ...]
     bounds: str  # "q01/q99" or "min/max"
     names: tuple[str, ...] | None  # info.json features.<key>.names, flattened
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def _meta_dir(path: Path) -> Path:
@@ -106,13 +101,13 @@ def read_action_stats(path: str | Path, key: str = "action") -> ActionStats:
     if not p.exists():
         raise ValueError(f"{p}: no such dataset (expected a LeRobot dataset root or its meta/stats.json)")
     meta = _meta_dir(p)
-    info = _read_json(meta / "info.json") if (meta / "info.json").exists() else {}
+    info = read_json(meta / "info.json", "LeRobot dataset info") if (meta / "info.json").exists() else {}
     version = str(info.get("codebase_version", "?"))
     stats_file, episodes_file = meta / "stats.json", meta / "episodes_stats.jsonl"
     if p.is_file():
         stats_file, episodes_file = (p, None) if p.suffix == ".json" else (None, p)
     if stats_file is not None and stats_file.exists():
-        stats = _read_json(stats_file)
+        stats = read_json(stats_file, obj=False)
         if not isinstance(stats, dict) or not isinstance(stats.get(key), dict):
             keys = sorted(stats) if isinstance(stats, dict) else "?"
             raise ValueError(f"{stats_file}: no {key!r} entry (keys: {keys})")

@@ -40,6 +40,7 @@ from lingbot_edge.core.config import (
     VAE_TEMPORAL,
     ModelConfig,
 )
+from lingbot_edge.io.files import read_json
 from lingbot_edge.io.quantized import MANIFEST_NAME as QUANT_MANIFEST
 from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
 
@@ -103,14 +104,8 @@ class CheckpointLayout:
 
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise CheckpointError(f"{path.parent}: no config.json (expected {what})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); expected {what}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object ({what}), got {type(data).__name__}")
-    return data
+        raise CheckpointError(f"{path.parent}: no {path.name} (expected {what})")
+    return read_json(path, what, error=CheckpointError)
 
 
 def _require_dir(path: Path, part: str, expected: str) -> Path:
@@ -408,9 +403,10 @@ def resolve_checkpoint(
 
 
 def _model_config_from_json(folder: Path) -> ModelConfig:
-    _read_json(folder / "config.json", "the transformer config (upstream's transformer/config.json)")
+    path = folder / "config.json"
+    data = _read_json(path, "the transformer config (upstream's transformer/config.json)")
     try:
-        return ModelConfig.from_json(folder / "config.json")
+        return ModelConfig.from_dict(data, source=str(path))
     except ValueError as e:
         raise CheckpointError(str(e)) from e
 

@@ -75,10 +75,10 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype = torch.bfloat16, d
 
 
 def load_tokenizer(folder: str | Path):
-    """The T5 tokenizer of a tokenizer/ folder wrapped as a `frozen.Tokenizer` (pad to max length)."""
+    """The T5 tokenizer of a tokenizer/ folder wrapped as an `encoders.Tokenizer` (pad to max length)."""
     from transformers import AutoTokenizer
 
-    from lingbot_edge.io.frozen import HFTokenizer
+    from lingbot_edge.io.encoders import HFTokenizer
 
     return HFTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
 
@@ -119,7 +119,7 @@ def build_prompt_cache(
     """A `PromptCache` over the layout's tokenizer + text encoder; both are loaded only on a miss.
 
     `cache_dir`: None -> `prompt_cache.default_cache_dir()`, False -> memory only."""
-    from lingbot_edge.io.frozen import PromptEncoder
+    from lingbot_edge.io.encoders import PromptEncoder
     from lingbot_edge.io.prompt_cache import PromptCache, default_cache_dir, tokenizer_fingerprint, weights_fingerprint
 
     if layout.text_encoder is None or layout.tokenizer is None:
@@ -354,7 +354,7 @@ def load_policy(
         vae: another VAE folder in place of the checkpoint's.
         text_encoder: another UMT5 folder in place of the checkpoint's.
         tokenizer: another tokenizer folder in place of the checkpoint's.
-        record_predicted_video: keep predicted latents for `io.frozen.save_predicted_video` (default: the
+        record_predicted_video: keep predicted latents for `io.encoders.save_predicted_video` (default: the
             LeRobot config's `save_predicted_video`, else off).
         **overrides: `PolicyConfig` fields, applied last (`--set key=value` in the CLIs).
 
@@ -372,13 +372,13 @@ def load_policy(
         policy = load_policy("tiny", preset="so100", num_inference_steps=2)  # an override
     """
     from lingbot_edge.core.policy import LingBotPolicy
-    from lingbot_edge.io.frozen import ObservationEncoder, StreamingVAEEncoder
+    from lingbot_edge.io.encoders import ObservationEncoder, StreamingVAEEncoder
     from lingbot_edge.io.prompt_cache import gpu_memory
 
     device, dtype, compile = runtime_defaults(device, dtype, compile)
     if isinstance(source, str) and source == TINY:
         from lingbot_edge.core.config import tiny_variant
-        from lingbot_edge.io.tiny import build_tiny_policy
+        from lingbot_edge.io.tiny import _build_tiny_policy
 
         if transformer is not None:
             raise ValueError("transformer: the embedded tiny source has no checkpoint folder to replace; save it "
@@ -387,7 +387,7 @@ def load_policy(
         cfg = _set_fields(cfg, overrides, "overrides", "overrides") if overrides else cfg
         log.info("policy: embedded tiny model, settings %r on %s/%s (compile=%s)", cfg.name, device,
                  str(dtype).removeprefix("torch."), compile)
-        return build_tiny_policy(sampler=sampler, compile=compile, seed=seed, device=str(device), dtype=dtype, cfg=cfg)
+        return _build_tiny_policy(sampler=sampler, compile=compile, seed=seed, device=str(device), dtype=dtype, cfg=cfg)
 
     source = checkpoint_folder(source)
     # 1. Everything validated from headers and configs: no weight read, no device memory.

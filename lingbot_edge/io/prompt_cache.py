@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lingbot_edge.io.checkpoint import is_temp_path, write_file
-from lingbot_edge.io.frozen import PromptEncoder, clean_prompt
+from lingbot_edge.io.encoders import PromptEncoder, clean_prompt
+from lingbot_edge.io.files import is_temp_path, write_file
 
 log = logging.getLogger(__name__)
 

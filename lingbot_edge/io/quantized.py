@@ -8,7 +8,7 @@ compile with `torch.compile(fullgraph=True)` without graph breaks (quanto's own 
 do not) and do not depend on a library's tensor-subclass internals.
 
 Folder layout (written under a temporary name beside the target and swapped in atomically,
-`lingbot_edge.io.checkpoint.write_folder`; `save_quantized` replaces only a folder of its own):
+`lingbot_edge.io.files.write_folder`; `save_quantized` replaces only a folder of its own):
 
     config.json          the DiT config (upstream transformer/config.json keys)
     quantization.json    manifest: format version, backend, per-module scheme and runtime format,
@@ -50,12 +50,11 @@ from lingbot_edge.core.qlinear import (
 from lingbot_edge.io.checkpoint import (
     QUANTIZED_MANIFEST,
     build_meta_model,
-    check_output_folder,
     open_safetensors,
-    refuse_temp_path,
+    read_model_config,
     shard_state,
-    write_folder,
 )
+from lingbot_edge.io.files import check_output_folder, read_json, refuse_temp_path, write_folder
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +234,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise QuantizedCheckpointError(f"{path.parent}: no {MANIFEST_NAME} (not a quantized lingbot-edge checkpoint; "
                                        "a folder `lingbot-edge quantize` wrote always has one)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise QuantizedCheckpointError(f"{path}: not valid JSON ({e})") from e
+    manifest = read_json(path, error=QuantizedCheckpointError, obj=False)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise QuantizedCheckpointError(f"{path}: not a {FORMAT_NAME} manifest")
     version = manifest.get("format_version")
@@ -301,7 +297,7 @@ def load_quantized(
     folder = Path(folder)
     manifest = read_manifest(folder)
     verify_files(folder, manifest, checksums=verify)
-    cfg = ModelConfig.from_json(folder / CONFIG_NAME)
+    cfg = read_model_config(folder / CONFIG_NAME)
     formats = {name: QuantFormat.from_dict(e.get("format"), source=f"{MANIFEST_NAME}: {name}")
                for name, e in manifest["modules"].items()}
     for name, e in manifest["modules"].items():

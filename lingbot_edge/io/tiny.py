@@ -153,13 +153,13 @@ def build_tiny_tokenizer(vocab_size: int = 128) -> Any:
 
 
 
-def build_tiny_policy(sampler: str = "static", compile: bool = True, seed: int = 0,
+def _build_tiny_policy(sampler: str = "static", compile: bool = True, seed: int = 0,
                       device: str = "cpu", dtype: torch.dtype = torch.float32,
                       cfg: PolicyConfig | None = None) -> LingBotPolicy:
-    """The embedded default: tiny DiT + tiny VAE / UMT5 / byte tokenizer, all built in-process.
+    """What `load_policy("tiny")` returns: tiny DiT + tiny VAE / UMT5 / byte tokenizer, all built in-process.
     `cfg`: a config of the tiny model (default the `tiny` preset; e.g. SO-100 cameras and channels)."""
     from lingbot_edge.io.checkpoint import build_model
-    from lingbot_edge.io.frozen import ByteTokenizer, ObservationEncoder, PromptEncoder, StreamingVAEEncoder
+    from lingbot_edge.io.encoders import ByteTokenizer, ObservationEncoder, PromptEncoder, StreamingVAEEncoder
 
     cfg = cfg or get_policy_config("tiny")
     if cfg.model != "tiny":

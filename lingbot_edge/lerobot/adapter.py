@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from lingbot_edge.core.config import PolicyConfig
     from lingbot_edge.core.episode import Chunk
     from lingbot_edge.core.policy import LingBotPolicy
-    from lingbot_edge.lerobot.classes import LingBotEdgeConfig, LingBotEdgePolicy
+    from lingbot_edge.lerobot.modeling import LingBotEdgeConfig, LingBotEdgePolicy
 
 __all__ = [
     "INSTALL_HINT",
@@ -106,7 +106,7 @@ def _load() -> dict[str, Any]:
     with _LOCK:
         if not _CACHE:
             require_lerobot()
-            mod = importlib.import_module(".classes", __package__)
+            mod = importlib.import_module(".modeling", __package__)
             _CACHE.update({name: getattr(mod, name) for name in _LAZY_CLASSES})
         return _CACHE
 

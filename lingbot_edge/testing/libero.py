@@ -379,7 +379,7 @@ def latent_statistics(vae, seq: ObservationSequence) -> tuple[list[float], list[
     its training data."""
     import torch
 
-    from lingbot_edge.io.frozen import StreamingVAEEncoder
+    from lingbot_edge.io.encoders import StreamingVAEEncoder
 
     enc = StreamingVAEEncoder(vae)
     enc._mean.zero_()

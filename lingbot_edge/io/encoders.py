@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lingbot_edge.io.files import write_file
 from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
 
 # transformers / diffusers import torchvision when it is installed; a LeRobot venv has a broken
@@ -524,14 +524,10 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 10) -> Path:
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
         raise ValueError(f"frames: expected uint8 [T, H, W, 3] with T >= 1, got {frames.dtype} {list(frames.shape)}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.mp4'}")
-    try:
-        # macro_block_size=1: keep the exact size (the tiny presets are not multiples of 16).
-        imageio.mimwrite(tmp, list(frames), fps=fps, macro_block_size=1)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # macro_block_size=1: keep the exact size (the tiny presets are not multiples of 16). The temp file's
+    # suffix is the path's (default .mp4): imageio picks the format by it.
+    write_file(path, lambda tmp: imageio.mimwrite(tmp, list(frames), fps=fps, macro_block_size=1),
+               suffix=path.suffix or ".mp4")
     logger.info("wrote %d frames (%dx%d) to %s", frames.shape[0], frames.shape[2], frames.shape[1], path)
     return path
 
@@ -550,6 +546,6 @@ def save_predicted_video(policy, path: str | Path, fps: int = 10, device: str | 
     vae = getattr(policy.obs_encoder, "vae", None)
     if vae is None:
         raise RuntimeError("save_predicted_video: the observation encoder has no VAE "
-                           "(expected a frozen.ObservationEncoder)")
+                           "(expected an encoders.ObservationEncoder)")
     frames = decode_latents(vae, torch.cat(policy.predicted_latents, dim=2), device=device)
     return write_mp4(frames, path, fps=fps)

@@ -1,4 +1,4 @@
-"""Frozen encoders (lingbot_edge/frozen.py) against independent references: diffusers' own whole-clip
+"""Frozen encoders (lingbot_edge/io/encoders.py) against independent references: diffusers' own whole-clip
 `AutoencoderKLWan.encode` for the VAE and a direct UMT5 forward for the prompt encoder."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lingbot_edge.io.frozen import (
+from lingbot_edge.io.encoders import (
     ByteTokenizer,
     HFTokenizer,
     ObservationEncoder,
@@ -117,7 +117,7 @@ def test_streaming_bf16_close_to_fp32(vae):
 def test_patchify_fallback_matches_diffusers():
     from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
 
-    from lingbot_edge.io.frozen import _patchify_fallback
+    from lingbot_edge.io.encoders import _patchify_fallback
 
     x = torch.randn(2, 3, 5, 8, 12)
     assert torch.equal(_patchify_fallback(x, 2), patchify(x, 2))

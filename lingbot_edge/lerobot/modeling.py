@@ -1,4 +1,5 @@
-"""The LeRobot classes of the adapter; import through `lingbot_edge.lerobot.adapter` (needs LeRobot).
+"""LeRobot's config and policy classes of lingbot-edge (`--policy.type=lingbot_edge`): LingBotEdgeConfig and
+LingBotEdgePolicy. Import them through `lingbot_edge.lerobot.adapter` (needs LeRobot).
 
 Written against LeRobot 0.3.2's `PreTrainedConfig` / `PreTrainedPolicy` (Python 3.11, torch 2.13).
 """

@@ -1,17 +1,18 @@
-"""The `lingbot-edge quantize` command (arguments: quantize/commands.py)."""
+"""Runs `lingbot-edge quantize` (its arguments are declared in quantize/commands.py)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 import torch
 
-from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, PolicyConfig
+from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig
 from lingbot_edge.core.qlinear import UnsupportedSchemeError
+from lingbot_edge.io.checkpoint import read_model_config
+from lingbot_edge.io.files import read_json
 from lingbot_edge.io.layout import resolve_checkpoint
 from lingbot_edge.io.loading import TINY, policy_config_for, runtime_defaults
 from lingbot_edge.io.quantized import QuantizedCheckpointError, check_quantized_output
@@ -55,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.checkpoint == TINY:
             cfg, what = MODEL_PRESETS["tiny"], "the embedded tiny model"
         elif args.checkpoint:
-            cfg = ModelConfig.from_json(transformer_folder(args.checkpoint) / "config.json")
+            cfg = read_model_config(transformer_folder(args.checkpoint) / "config.json")
             what = str(args.checkpoint)
         elif args.arch:
             cfg, what = MODEL_PRESETS[args.arch], f"architecture {args.arch}"
@@ -130,10 +131,7 @@ class MismatchError(Exception):
 
 
 def _read_calibration(path: str) -> dict:
-    try:
-        calibration = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--calibration {path}: not valid JSON ({e})") from e
+    calibration = read_json(path, name=f"--calibration {path}", obj=False)
     if not isinstance(calibration, dict) or not isinstance(calibration.get("static_input_scales"), dict):
         raise ValueError(f"--calibration {path}: expected a JSON object with 'static_input_scales' "
                          "(written by `lingbot-edge calibrate plan`)")
