@@ -138,7 +138,7 @@ def test_augmentations_touch_only_the_model_inputs(monkeypatch):
     action = torch.randn(b, k, a_dim, f, apf, 1)
     seen = {}
 
-    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp):
+    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, xg=None, tg=None):
         seen.update(action=action_clean, xp=xp, tp=tp, xv=xv)
         return torch.zeros_like(video_clean), torch.zeros_like(action_clean)
 
@@ -175,7 +175,7 @@ def test_predicted_copy_at_the_samplers_sigma(monkeypatch, exec_step):
     b, k, f, h, w = 2, 3, cfg.frame_chunk_size, *cfg.latent_hw
     seen = []
 
-    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp):
+    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, xg=None, tg=None):
         seen.append((xp, tp))
         return torch.zeros_like(video_clean), torch.zeros_like(action_clean)
 
@@ -193,3 +193,38 @@ def test_predicted_copy_at_the_samplers_sigma(monkeypatch, exec_step):
     torch.testing.assert_close(tp[:, 1:], torch.full_like(tp[:, 1:], 1000 * sigma))
     assert (tp[:, 0, 0] == 0).all()  # the first chunk's pinned frame
     torch.testing.assert_close(xp3[:, 1:] - xp1[:, 1:], torch.full_like(xp1[:, 1:], 2 * (1 - sigma)))
+
+
+def test_grounded_copy_is_noised_like_the_actions_and_skips_the_first_chunk(monkeypatch):
+    """grounded_weight > 0: the lookahead's copy of the actions is x = (1 - s) a + s n at t = 1000 s (its own draw),
+    its loss (zero predictions: the clean target noise - a) is added to the action loss times the weight, and the
+    first chunk, never inferred ahead, has none."""
+    import train.trainer as trainer
+    from lingbot_edge.io.checkpoint import build_model
+    from train.pipeline import base_policy_config
+
+    cfg = base_policy_config()
+    b, k, f, h, w = 2, 3, cfg.frame_chunk_size, *cfg.latent_hw
+    video = torch.randn(b, k, cfg.model_config.in_channels, f, h, w)
+    action = torch.zeros(b, k, cfg.model_config.action_dim, f, cfg.action_per_frame, 1)
+    seen = {}
+
+    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, xg=None, tg=None):
+        seen.update(layout=layout, xg=xg, tg=tg, xa=xa)
+        return torch.zeros_like(video_clean), torch.zeros_like(action_clean), torch.zeros_like(action_clean)
+
+    monkeypatch.setattr(trainer, "teacher_forced_forward", capture)
+    model = build_model(cfg.model_config)
+    text = torch.zeros(b, 4, cfg.model_config.text_dim)
+    _, parts = FlowMatchingLoss(cfg, k, grounded_weight=2.0)(model, video, action, text,
+                                                              torch.Generator().manual_seed(0))
+    assert "action_noisy_async" in seen["layout"].segments
+    sigma = seen["tg"][..., 0] / 1000  # [B, K]
+    assert ((sigma > 0) & (sigma <= 1)).all() and (seen["tg"] == seen["tg"][..., :1]).all()
+    used = list(cfg.used_action_channel_ids)
+    noise = seen["xg"][:, :, used] / sigma.view(b, k, 1, 1, 1, 1)  # a = 0: x = s n
+    assert 0.8 < float(noise.std()) < 1.2
+    assert not torch.allclose(seen["xg"], seen["xa"])  # its own draw, not the synchronous copy's
+    assert parts["action_grounded"] > 0.5
+    total = parts["action"] + 2.0 * parts["action_grounded"]
+    assert abs(float(parts["_action"]) - total) < 1e-4
