@@ -25,8 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print(f"\ncommands: {', '.join(compat.SCRIPT_NAMES)} (or any module name, e.g. lerobot.scripts.lerobot_eval)")
+        print(f"\ncommands: {', '.join(compat.SCRIPT_NAMES)} (or any module name, e.g. lerobot.scripts.lerobot_eval); "
+              "policy-server: ours for LeRobot 0.4's async robot client")
         return 0 if argv else 2
+    if argv[0] == "policy-server":  # ours, for LeRobot 0.4's async robot client (lingbot_edge.lerobot.async_server)
+        from lingbot_edge.lerobot.async_server import main as serve
+
+        return serve(argv[1:])
     import lingbot_edge_lerobot  # noqa: F401  (torchvision fix, registration; already done under -m)
 
     module = compat.script_module(argv[0])
