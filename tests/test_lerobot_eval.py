@@ -34,12 +34,16 @@ SO100_MOTORS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wr
 
 
 def test_the_expected_lerobot_release_and_pusht_are_installed():
-    """The make target names the release it installs (LINGBOT_EXPECT_LEROBOT); a venv with another fails here."""
+    """The make target names the release and torch it installs (LINGBOT_EXPECT_LEROBOT / _TORCH); a venv with
+    others fails here."""
     assert HAS_LEROBOT, "LeRobot and gym-pusht (LeRobot's `pusht` extra) must be installed: make test-lerobot"
     expected = os.environ.get("LINGBOT_EXPECT_LEROBOT")
     got = compat.version_string()
     print(f"LeRobot {got}, torch {torch.__version__}")
     assert got == expected if expected else got in compat.TESTED, (got, expected)
+    torch_expected = os.environ.get("LINGBOT_EXPECT_TORCH")
+    if torch_expected:  # lingbot-edge[robot] was installed after LeRobot: it must have kept LeRobot's torch
+        assert torch.__version__.split("+")[0] == torch_expected, (torch.__version__, torch_expected)
 
 
 def _eval_summary(info: dict) -> tuple[list[dict], dict]:
