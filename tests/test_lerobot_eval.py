@@ -198,9 +198,9 @@ def test_recorded_dataset_stats_read_by_stats_flag_and_used_by_the_adapter(recor
         own = json.loads((root / "meta" / "stats.json").read_text())["action"]  # LeRobot's own aggregate
         assert stats.bounds == "q01/q99"
         assert stats.low == tuple(own["q01"]) and stats.high == tuple(own["q99"])
-        # LeRobot's quantiles are histogram estimates of the recorded actions' own.
-        np.testing.assert_allclose(stats.low, np.quantile(actions, 0.01, axis=0), atol=2.0)
-        np.testing.assert_allclose(stats.high, np.quantile(actions, 0.99, axis=0), atol=2.0)
+        # LeRobot aggregates per-episode quantile estimates: inside the recorded range, not its extremes.
+        assert (np.asarray(stats.low) >= actions.min(0)).all() and (np.asarray(stats.high) <= actions.max(0)).all()
+        assert (np.asarray(stats.low) > actions.min(0)).any() and (np.asarray(stats.high) < actions.max(0)).any()
         expected = (np.asarray(own["q01"]), np.asarray(own["q99"]))
     else:
         assert not (root / "meta" / "stats.json").exists() and (root / "meta" / "episodes_stats.jsonl").exists()
