@@ -31,7 +31,7 @@ and 0.4.4). With LeRobot 0.4.4 LeRobot's own entry point loads the plugin:
         --policy.checkpoint=tiny --policy.device=cpu --env.type=pusht --eval.batch_size=1 --eval.n_episodes=1
 
 With LeRobot 0.3.2 next to CPU torch 2.13, `lerobot-eval` dies importing its CUDA torchvision before any plugin
-loads; the console script fixes that first and registers `--policy.type=lingbot_edge` (it works with 0.4.4 too):
+loads; the console script fixes that first and registers `--policy.type=lingbot_edge`:
 
     lingbot-edge-lerobot eval --env.type=pusht --policy.type=lingbot_edge --policy.checkpoint=tiny \\
         --policy.device=cpu --eval.batch_size=1 --eval.n_episodes=1
