@@ -153,6 +153,7 @@ def recorded(tmp_path_factory) -> tuple[Path, np.ndarray]:
     """An SO-100 dataset recorded with the installed release's own `LeRobotDataset` (v2.1 with 0.3.2, v3.0 with
     0.4.4): two episodes of FRAMES frames, the actions named as the follower names its motors, one camera as
     video (what calibration and training read). Returns its root and all its actions."""
+    lp.require_lerobot()  # 0.3.2 next to CPU torch: torchvision made importable before LeRobot imports it
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     root = tmp_path_factory.mktemp("lerobot_dataset") / "so100"
@@ -183,6 +184,7 @@ def test_recorded_dataset_stats_read_by_stats_flag_and_used_by_the_adapter(recor
     exactly; 0.3.2 records per-episode min/max only (episodes_stats.jsonl), aggregated with a warning."""
     import argparse
 
+    lp.register_with_lerobot()  # before the factory's names are imported (0.3.2's are wrapped)
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
     from lerobot.policies.factory import make_policy, make_policy_config
 
@@ -218,7 +220,6 @@ def test_recorded_dataset_stats_read_by_stats_flag_and_used_by_the_adapter(recor
     np.testing.assert_allclose([overrides["action_q99"][c] for c in used], expected[1], rtol=0, atol=1e-5)
 
     # The adapter, as `lerobot-record` builds it from this dataset: the tiny model's channels 0-5 take its bounds.
-    lp.register_with_lerobot()
     meta = LeRobotDatasetMetadata("local/lingbot_edge_so100", root=root)
     cfg = make_policy_config("lingbot_edge", device="cpu", compile=False, action_channels=list(range(6)))
     with caplog.at_level("WARNING"):
@@ -236,13 +237,13 @@ def test_recorded_dataset_trains_and_calibrates(recorded, tmp_path, capsys):
     from calib.data import LeRobotEpisodes
     from lingbot_edge.cli.main import main
     from lingbot_edge.io.loading import load_policy
-    from train.config import TrainConfig
-    from train.pipeline import fit
 
     root, actions = recorded
-    report = fit(tmp_path / "fit", dataset=root, episodes=2, progress=False, cameras=["camera_top"], height=HEIGHT,
-                 width=WIDTH, tc=TrainConfig(steps=3, batch_size=2, warmup=1, save_every=3))
-    assert report["episodes"] == 2 and report["chunks"] == 4
+    assert main(["train", "fit", "--out", str(tmp_path / "fit"), "--dataset", str(root), "--episodes", "2",
+                 "--steps", "3", "--batch-size", "2", "--save-every", "3", "--camera", "camera_top",
+                 "--height", str(HEIGHT), "--width", str(WIDTH)]) == 0
+    report = json.loads((tmp_path / "fit" / "report.json").read_text())
+    assert report["dataset"] == str(root) and report["episodes"] == 2 and report["chunks"] == 4
     assert all(np.isfinite(v) for v in report["final_loss"].values())
     ckpt = tmp_path / "fit" / "checkpoint"
 

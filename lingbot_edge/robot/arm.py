@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 
 def follower_classes():
     """(SO100Follower, SO100FollowerConfig, OpenCVCameraConfig) from whichever LeRobot release is installed."""
+    from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
     from lingbot_edge.lerobot import compat
 
     try:
+        ensure_torchvision_importable()  # LeRobot 0.3.2's CUDA torchvision next to CPU torch
         module = compat.follower_module()
         cameras = importlib.import_module("lerobot.cameras.opencv")
         return module.SO100Follower, module.SO100FollowerConfig, cameras.OpenCVCameraConfig
