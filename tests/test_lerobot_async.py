@@ -48,7 +48,8 @@ def test_safe_loads_admits_lerobots_messages_and_refuses_everything_else():
             safe_loads(data, TimedObservation)
 
 
-def test_lerobots_robot_client_drives_an_so100_from_a_lingbot_edge_policy(monkeypatch):
+def test_lerobots_robot_client_drives_an_so100_from_a_lingbot_edge_policy(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # LeRobot's client logs to ./logs/, from its import on
     from lerobot.async_inference import robot_client
     from lerobot.async_inference.configs import RobotClientConfig
     from lerobot.cameras.opencv import OpenCVCameraConfig
