@@ -57,7 +57,8 @@ lint: venv
 # gym-pusht (the `pusht` extra) is the env the eval test plays; `async` brings grpcio for LeRobot 0.4's robot client,
 # which tests/test_lerobot_async.py drives against our policy server (0.3.2 has no lerobot.async_inference).
 # Each target prints the LeRobot and torch versions it runs with; LINGBOT_EXPECT_* make a test fail on others (so a
-# venv where installing lingbot-edge[robot] replaced LeRobot or torch fails).
+# venv where installing lingbot-edge[robot] replaced LeRobot or torch fails). HF_HUB_OFFLINE proves the tests fetch
+# nothing: the env, the datasets and the policy are all local.
 LR_TESTS := tests/test_lerobot_adapter.py tests/test_lerobot_eval.py tests/test_so100_arm.py
 LR_VERSIONS := -c 'import importlib.metadata as m; print("LeRobot", m.version("lerobot"), "| torch", m.version("torch"), \
 	"| torchvision", m.version("torchvision"))'
@@ -76,7 +77,7 @@ $(LR_STAMP): pyproject.toml constraints-lerobot.txt
 
 test-lerobot: $(LR_STAMP)
 	$(LR_BIN)/python $(LR_VERSIONS)
-	LINGBOT_EXPECT_LEROBOT=0.4.4 LINGBOT_EXPECT_TORCH=2.9.1 $(LR_BIN)/python -m pytest -q -m lerobot $(LR_TESTS) tests/test_lerobot_async.py
+	HF_HUB_OFFLINE=1 LINGBOT_EXPECT_LEROBOT=0.4.4 LINGBOT_EXPECT_TORCH=2.9.1 $(LR_BIN)/python -m pytest -q -m lerobot $(LR_TESTS) tests/test_lerobot_async.py
 
 LR03_VENV := .venv-lerobot-0.3
 LR03_BIN := $(LR03_VENV)/bin
@@ -93,7 +94,7 @@ $(LR03_STAMP): pyproject.toml constraints.txt
 .PHONY: test-lerobot-0.3
 test-lerobot-0.3: $(LR03_STAMP)
 	$(LR03_BIN)/python $(LR_VERSIONS)
-	LINGBOT_EXPECT_LEROBOT=0.3.2 LINGBOT_EXPECT_TORCH=2.13.0 $(LR03_BIN)/python -m pytest -q -m lerobot $(LR_TESTS)
+	HF_HUB_OFFLINE=1 LINGBOT_EXPECT_LEROBOT=0.3.2 LINGBOT_EXPECT_TORCH=2.13.0 $(LR03_BIN)/python -m pytest -q -m lerobot $(LR_TESTS)
 
 # LIBERO in its own venv as well: hf-libero's robomimic pulls a CUDA torchvision, which breaks transformers'
 # imports; nothing LIBERO's scenes import needs it, so it goes. The scene assets come from PyPI (the libero
