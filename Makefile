@@ -50,22 +50,51 @@ test-all: $(SIM_STAMP)
 lint: venv
 	$(BIN)/ruff check .
 
-# LeRobot lives in its own venv: its CUDA torchvision must not leak into the main one. LeRobot 0.3.2 is what
-# resolves next to torch 2.13 on Python 3.11; gym-pusht (its `pusht` extra) is the env the eval test plays.
+# LeRobot lives in venvs of its own: each release pins its own torch. `make test-lerobot` runs the `lerobot` tests
+# against LeRobot 0.4.4 (the last release for Python 3.11; torch < 2.11, so torch 2.9.1 + torchvision 0.24.1 under
+# constraints-lerobot.txt), `make test-lerobot-0.3` against LeRobot 0.3.2 (what resolves next to torch 2.13 under
+# constraints.txt). LeRobot goes in before lingbot-edge[robot], which must keep it (and its torch) as they are.
+# gym-pusht (the `pusht` extra) is the env the eval test plays; `async` brings grpcio for LeRobot 0.4's robot client,
+# which tests/test_lerobot_async.py drives against our policy server (0.3.2 has no lerobot.async_inference).
+# Each target prints the LeRobot and torch versions it runs with; LINGBOT_EXPECT_* make a test fail on others (so a
+# venv where installing lingbot-edge[robot] replaced LeRobot or torch fails). HF_HUB_OFFLINE proves the tests fetch
+# nothing: the env, the datasets and the policy are all local.
+LR_TESTS := tests/test_lerobot_adapter.py tests/test_lerobot_eval.py tests/test_so100_arm.py
+LR_VERSIONS := -c 'import importlib.metadata as m; print("LeRobot", m.version("lerobot"), "| torch", m.version("torch"), \
+	"| torchvision", m.version("torchvision"))'
+
 LR_VENV := .venv-lerobot
 LR_BIN := $(LR_VENV)/bin
 LR_STAMP := $(LR_VENV)/.installed
-LR_TESTS := tests/test_lerobot_adapter.py tests/test_lerobot_eval.py tests/test_so100_arm.py
 
-$(LR_STAMP): pyproject.toml constraints.txt
+$(LR_STAMP): pyproject.toml constraints-lerobot.txt
 	test -x $(LR_BIN)/python || $(PYTHON) -m venv $(LR_VENV)
 	$(LR_BIN)/pip install -q --upgrade pip
-	$(LR_BIN)/pip install -q torch==2.13.0
-	$(LR_BIN)/pip install -q -c constraints.txt -e ".[frozen,robot,dev]" "lerobot[pusht]>=0.3.2,<0.4"
+	$(LR_BIN)/pip install -q torch==2.9.1 torchvision==0.24.1
+	$(LR_BIN)/pip install -q -c constraints-lerobot.txt "lerobot[feetech,pusht,async]==0.4.4"
+	$(LR_BIN)/pip install -q -c constraints-lerobot.txt -e ".[frozen,calib,robot,dev]"
 	touch $(LR_STAMP)
 
 test-lerobot: $(LR_STAMP)
-	$(LR_BIN)/python -m pytest -q -m lerobot $(LR_TESTS)
+	$(LR_BIN)/python $(LR_VERSIONS)
+	HF_HUB_OFFLINE=1 LINGBOT_EXPECT_LEROBOT=0.4.4 LINGBOT_EXPECT_TORCH=2.9.1 $(LR_BIN)/python -m pytest -q -m lerobot $(LR_TESTS) tests/test_lerobot_async.py
+
+LR03_VENV := .venv-lerobot-0.3
+LR03_BIN := $(LR03_VENV)/bin
+LR03_STAMP := $(LR03_VENV)/.installed
+
+$(LR03_STAMP): pyproject.toml constraints.txt
+	test -x $(LR03_BIN)/python || $(PYTHON) -m venv $(LR03_VENV)
+	$(LR03_BIN)/pip install -q --upgrade pip
+	$(LR03_BIN)/pip install -q torch==2.13.0
+	$(LR03_BIN)/pip install -q -c constraints.txt "lerobot[feetech,pusht]==0.3.2"
+	$(LR03_BIN)/pip install -q -c constraints.txt -e ".[frozen,calib,robot,dev]"
+	touch $(LR03_STAMP)
+
+.PHONY: test-lerobot-0.3
+test-lerobot-0.3: $(LR03_STAMP)
+	$(LR03_BIN)/python $(LR_VERSIONS)
+	HF_HUB_OFFLINE=1 LINGBOT_EXPECT_LEROBOT=0.3.2 LINGBOT_EXPECT_TORCH=2.13.0 $(LR03_BIN)/python -m pytest -q -m lerobot $(LR_TESTS)
 
 # LIBERO in its own venv as well: hf-libero's robomimic pulls a CUDA torchvision, which breaks transformers'
 # imports; nothing LIBERO's scenes import needs it, so it goes. The scene assets come from PyPI (the libero
@@ -88,7 +117,7 @@ test-libero: $(LB_STAMP)
 	MUJOCO_GL=egl HF_HUB_OFFLINE=1 $(LB_BIN)/python -m pytest -q -s -m libero tests/libero
 
 clean:
-	rm -rf $(VENV) $(LR_VENV) .venv-libero .pytest_cache
+	rm -rf $(VENV) $(LR_VENV) $(LR03_VENV) .venv-libero .pytest_cache
 
 BENCH_DEVICE ?= cpu
 bench: venv

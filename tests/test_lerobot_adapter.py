@@ -1,6 +1,7 @@
-"""The LeRobot adapter through LeRobot 0.3.2's own registry, factory, CLI parser and record helpers.
+"""The LeRobot adapter through the installed LeRobot release's own registry, factory, CLI parser, processors and
+record helpers (0.4.4: `make test-lerobot`; 0.3.2: `make test-lerobot-0.3`; each in its own venv).
 
-Marked `lerobot` (`make test-lerobot`, a separate venv). `select_action` / `predict_action_chunk` are compared
+Marked `lerobot`. `select_action` / `predict_action_chunk` are compared
 with driving `LingBotPolicy` directly.
 """
 
@@ -13,6 +14,7 @@ import torch
 
 from lingbot_edge.core.config import VAE_TEMPORAL, get_policy_config
 from lingbot_edge.lerobot import adapter as lp
+from lingbot_edge.lerobot import compat
 
 HAS_LEROBOT = importlib.util.find_spec("lerobot") is not None
 needs_lerobot = pytest.mark.skipif(not HAS_LEROBOT, reason="LeRobot not installed (make test-lerobot)")
@@ -96,6 +98,23 @@ def _features(cams, n_action, hw=(64, 64)):
     features["observation.state"] = {"dtype": "float32", "shape": (n_action,), "names": None}
     features["action"] = {"dtype": "float32", "shape": (n_action,), "names": None}
     return features
+
+
+@pytest.mark.lerobot
+def test_registration_follows_the_release(lerobot_api):
+    """0.4 finds the plugin's classes by itself (nothing patched); 0.3.2's hard-coded factory is taught them."""
+    from lingbot_edge.lerobot.adapter import LingBotEdgeConfig, LingBotEdgePolicy
+
+    factory = lerobot_api
+    patched = getattr(factory.get_policy_class, "_lingbot_edge", False)
+    assert patched is not compat.factory_finds_plugins()
+    assert factory.get_policy_class("lingbot_edge") is LingBotEdgePolicy
+    assert type(factory.make_policy_config("lingbot_edge", device="cpu")) is LingBotEdgeConfig
+    if compat.has_processors():
+        pre, post = factory.make_pre_post_processors(factory.make_policy_config("lingbot_edge", device="cpu"))
+        assert [type(s).__name__ for s in pre.steps] == ["RenameObservationsProcessorStep",
+                                                          "AddBatchDimensionProcessorStep", "DeviceProcessorStep"]
+        assert [type(s).__name__ for s in post.steps] == ["DeviceProcessorStep"]
 
 
 @pytest.mark.lerobot
@@ -219,7 +238,6 @@ def test_so100_record_loop_path(lerobot_api, tmp_path):
     from types import SimpleNamespace
 
     from lerobot.datasets.utils import build_dataset_frame, hw_to_dataset_features
-    from lerobot.utils.control_utils import predict_action
 
     from lingbot_edge.lerobot.adapter import LingBotEdgePolicy
 
@@ -236,12 +254,14 @@ def test_so100_record_loop_path(lerobot_api, tmp_path):
     assert isinstance(policy, LingBotEdgePolicy)
     assert policy.lingbot.cfg.used_action_channel_ids == tuple(range(6))  # so100 preset on the tiny model
     policy.reset()
+    processors = compat.make_processors(policy.config)  # 0.4: what lerobot-record builds around the policy
     rng = np.random.default_rng(0)
     for _ in range(13):  # chunks of 4 + 8 steps, then the first action of the third chunk
         robot_obs = {k: float(rng.uniform(-50, 50)) for k in motors}  # SO100Follower.get_observation()
         robot_obs |= {k: rng.integers(0, 256, shape, dtype=np.uint8) for k, shape in cams.items()}
         frame = build_dataset_frame(features, robot_obs, prefix="observation")
-        values = predict_action(frame, policy, torch.device("cpu"), False, task="pick", robot_type="so100_follower")
+        values = compat.predict_action(frame, policy, torch.device("cpu"), processors, task="pick",
+                                       robot_type="so100_follower").reshape(-1)
         action = {key: values[i].item() for i, key in enumerate(motors)}  # what robot.send_action gets
         assert list(action) == list(motors) and all(np.isfinite(v) for v in action.values())
     assert policy.lingbot.chunk_index == 2 and policy.lingbot.prompt == "pick"
@@ -254,6 +274,22 @@ def test_so100_record_loop_path(lerobot_api, tmp_path):
     assert loaded.config.preset == "so100" and loaded.lingbot.cfg.obs_cam_keys == policy.lingbot.cfg.obs_cam_keys
     for (k, a), (k2, b) in zip(policy.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
+    if compat.has_processors():  # 0.4: lerobot-eval --policy.path / the async server load them from the folder
+        from lerobot.policies.factory import make_pre_post_processors
+
+        assert (tmp_path / "policy_preprocessor.json").is_file() and (tmp_path / "policy_postprocessor.json").is_file()
+        pre, post = make_pre_post_processors(
+            loaded.config, pretrained_path=str(tmp_path),
+            preprocessor_overrides={"device_processor": {"device": "cpu"},
+                                    "rename_observations_processor": {"rename_map": {"observation.images.cam":
+                                                                                     "observation.images.top"}}},
+            postprocessor_overrides={"device_processor": {"device": "cpu"}})
+        batch = pre({"observation.images.cam": torch.rand(3, 48, 64), "observation.images.wrist": torch.rand(3, 48, 64),
+                     "observation.state": torch.zeros(6), "task": "pick"})
+        assert batch["observation.images.top"].shape == (1, 3, 48, 64)  # renamed, batched
+        loaded.reset()
+        action = post(loaded.select_action(batch))
+        assert action.shape == (1, 6) and action.device.type == "cpu"
 
 
 @pytest.mark.lerobot

@@ -61,5 +61,5 @@ def test_a_marked_test_that_cannot_run_fails_not_skips(pytester, monkeypatch):
     result.assert_outcomes(passed=1, errors=3, skipped=0)
     out = result.stdout.str()
     assert "marked `gpu` but cannot run here: needs a CUDA GPU" in out
-    assert "marked `lerobot` but cannot run here: needs LeRobot 0.3.2" in out
+    assert "marked `lerobot` but cannot run here: needs LeRobot, in a venv of its own: make test-lerobot" in out
     assert "marked `libero` but cannot run here" in out

@@ -6,7 +6,8 @@ Layouts (`meta/info.json` `codebase_version`):
 - v2.1 (what LeRobot 0.3.2 records): no `stats.json`; `meta/episodes_stats.jsonl`, one line per
   episode `{"episode_index", "stats": {"action": {"min", "max", "mean", "std", "count"}}}`, aggregated
   here: min of the minima, max of the maxima; per-episode q01/q99 (if any) as the count-weighted mean.
-- v3.0: `meta/stats.json` aggregated over the dataset (per-episode stats live in parquet files).
+- v3.0 (what LeRobot 0.4 records): `meta/stats.json` aggregated over the dataset, with q01..q99 quantiles
+  (per-episode stats live in parquet files).
 
 q01 / q99 are used where present; else min / max with a warning naming the fallback (outliers then
 stretch the range). `info.json` `features.action.names` is checked against the robot's motor order.

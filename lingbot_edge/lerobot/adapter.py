@@ -24,9 +24,14 @@ This module imports without LeRobot: `EpisodeRunner`, the channel / camera mappi
 conversion need nothing but numpy/torch; `LingBotEdgeConfig` and `LingBotEdgePolicy` are created on
 first access and raise `ImportError` naming `pip install 'lingbot-edge[robot]'` when LeRobot is missing.
 
-From LeRobot's own tools (LeRobot 0.3.2's `lerobot-eval` / `python -m lerobot.scripts.eval` die importing
-its CUDA torchvision next to CPU torch, before any plugin loads; this console script fixes that first
-and registers `--policy.type=lingbot_edge`):
+From LeRobot's own tools (`lingbot_edge.lerobot.compat` holds what differs between the tested releases, 0.3.2
+and 0.4.4). With LeRobot 0.4.4 LeRobot's own entry point loads the plugin:
+
+    lerobot-eval --policy.discover_packages_path=lingbot_edge_lerobot --policy.type=lingbot_edge \\
+        --policy.checkpoint=tiny --policy.device=cpu --env.type=pusht --eval.batch_size=1 --eval.n_episodes=1
+
+With LeRobot 0.3.2 next to CPU torch 2.13, `lerobot-eval` dies importing its CUDA torchvision before any plugin
+loads; the console script fixes that first and registers `--policy.type=lingbot_edge`:
 
     lingbot-edge-lerobot eval --env.type=pusht --policy.type=lingbot_edge --policy.checkpoint=tiny \\
         --policy.device=cpu --eval.batch_size=1 --eval.n_episodes=1
@@ -50,6 +55,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from lingbot_edge.lerobot import compat
 
 if TYPE_CHECKING:  # pragma: no cover
     from lingbot_edge.core.config import PolicyConfig
@@ -75,6 +82,7 @@ log = logging.getLogger(__name__)
 
 POLICY_TYPE = "lingbot_edge"
 INSTALL_HINT = "pip install 'lingbot-edge[robot]'"
+TESTED = compat.TESTED
 
 _LAZY_CLASSES = ("LingBotEdgeConfig", "LingBotEdgePolicy")
 _LOCK = threading.RLock()
@@ -97,7 +105,8 @@ def require_lerobot() -> Any:
         importlib.import_module("lerobot.policies.pretrained")
     except ImportError as e:
         raise ImportError(
-            f"The LeRobot adapter needs LeRobot (tested with 0.3.2): {INSTALL_HINT}  [import failed: {e}]"
+            f"The LeRobot adapter needs LeRobot (tested with {' and '.join(TESTED)}): {INSTALL_HINT}  "
+            f"[import failed: {e}]"
         ) from e
     return lerobot
 
@@ -120,11 +129,14 @@ def __getattr__(name: str) -> Any:
 def register_with_lerobot() -> None:
     """Register `lingbot_edge` with LeRobot's config registry and its policy factory (idempotent).
 
-    `PreTrainedConfig.register_subclass` happens when the classes are created; LeRobot 0.3.2's
-    `get_policy_class` / `make_policy_config` are hard-coded if-chains, so they are wrapped to
-    answer `lingbot_edge` too (every other name goes to the original functions).
+    `PreTrainedConfig.register_subclass` happens when the classes are created. From LeRobot 0.4.0 that is all: the
+    factory finds `LingBotEdgePolicy` and `make_lingbot_edge_pre_post_processors` next to the registered config
+    class. LeRobot 0.3.x's `get_policy_class` / `make_policy_config` are hard-coded if-chains, so they are wrapped
+    to answer `lingbot_edge` too (every other name goes to the original functions).
     """
     classes = _load()
+    if compat.factory_finds_plugins():
+        return
     factory = importlib.import_module("lerobot.policies.factory")
     with _LOCK:
         get_cls = factory.get_policy_class

@@ -1,7 +1,8 @@
 """LeRobot's config and policy classes of lingbot-edge (`--policy.type=lingbot_edge`): LingBotEdgeConfig and
 LingBotEdgePolicy. Import them through `lingbot_edge.lerobot.adapter` (needs LeRobot).
 
-Written against LeRobot 0.3.2's `PreTrainedConfig` / `PreTrainedPolicy` (Python 3.11, torch 2.13).
+One code path for LeRobot 0.3.2 and 0.4.4 (`lingbot_edge.lerobot.compat` names what differs). LeRobot 0.4 finds
+`LingBotEdgePolicy` and `make_lingbot_edge_pre_post_processors` here, next to the registered config class.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 from lingbot_edge.core.config import POLICY_PRESETS, PolicyConfig, get_policy_config, parse_overrides, tiny_variant
 from lingbot_edge.core.policy import LingBotPolicy
 from lingbot_edge.io.loading import TINY, load_policy, policy_config_for, runtime_defaults
+from lingbot_edge.lerobot import compat
 from lingbot_edge.lerobot.adapter import (
     POLICY_TYPE,
     EpisodeRunner,
@@ -90,7 +92,7 @@ class LingBotEdgeConfig(PreTrainedConfig):
     @property
     def action_size(self) -> int | None:
         """Values of the env's / dataset's action (None until LeRobot filled the features)."""
-        feat = self.output_features.get(ACTION)
+        feat = (self.output_features or {}).get(ACTION)
         if feat is None:
             return None
         if len(feat.shape) != 1:
@@ -98,8 +100,9 @@ class LingBotEdgeConfig(PreTrainedConfig):
         return int(feat.shape[0])
 
     @property
-    def image_features(self) -> list[str]:
-        return [k for k, ft in self.input_features.items() if ft.type is FeatureType.VISUAL]
+    def camera_features(self) -> list[str]:
+        """The env's / dataset's image keys, in feature order (LeRobot's own `image_features` is a dict)."""
+        return [k for k, ft in (self.input_features or {}).items() if ft.type is FeatureType.VISUAL]
 
     def validate_features(self) -> None:
         """Cheap checks of what LeRobot filled in; the mapping itself happens when the policy is built."""
@@ -141,7 +144,7 @@ def build_policy(config: LingBotEdgeConfig, dataset_stats: dict | None = None) -
     settings = parse_overrides(config.settings)
     base = checkpoint_policy_config(config, settings)
     adaptable = config.checkpoint == TINY  # random weights: any channel / camera mapping is as good
-    changes, _ = camera_settings(base, config.image_features, config.image_key_map, adaptable)
+    changes, _ = camera_settings(base, config.camera_features, config.image_key_map, adaptable)
     n = config.action_size or len(base.used_action_channel_ids)
     stats = (dataset_stats or {}).get(ACTION)
     changes |= action_settings(base, n, channels=config.action_channels, q01=config.action_q01,
@@ -179,14 +182,24 @@ class LingBotEdgePolicy(PreTrainedPolicy):
         if config.action_size not in (None, n_used):
             raise ValueError(f"output_features['action']: shape ({config.action_size},), but the policy produces "
                              f"({n_used},) (used_action_channel_ids {list(policy.cfg.used_action_channel_ids)})")
+        if config.output_features is None:  # LeRobot 0.4 allows None ("take them from the dataset")
+            config.output_features = {}
         config.output_features.setdefault(ACTION, PolicyFeature(type=FeatureType.ACTION, shape=(n_used,)))
-        _, self._batch_keys = camera_settings(policy.cfg, config.image_features, config.image_key_map)
+        _, self._batch_keys = camera_settings(policy.cfg, config.camera_features, config.image_key_map)
         self.lingbot = policy
         # Registers the DiT's parameters: LeRobot reads the device from them, save_pretrained writes them.
         self.model = policy.model
         self.runner = EpisodeRunner(policy)
 
     # ---------------------------------------------------------------- LeRobot API
+
+    def _save_pretrained(self, save_directory) -> None:
+        """config.json and the weights; from LeRobot 0.4 also the processor pipelines, which LeRobot's own tools
+        (`lerobot-eval --policy.path=DIR`, the async policy server) load from the same folder."""
+        super()._save_pretrained(save_directory)
+        if compat.has_processors():
+            for pipeline in make_lingbot_edge_pre_post_processors(self.config):
+                pipeline.save_pretrained(save_directory)
 
     def get_optim_params(self) -> dict:
         raise NotImplementedError("lingbot_edge is inference only (train LingBot-VA upstream)")
@@ -234,3 +247,30 @@ class LingBotEdgePolicy(PreTrainedPolicy):
                 raise KeyError(f"batch: no camera {key!r} (policy camera {cam!r}); image keys in the batch: {images}")
             out[cam] = lerobot_image_to_uint8(batch[key], hflip=self.config.image_hflip, key=key)
         return out
+
+
+def make_lingbot_edge_pre_post_processors(config: LingBotEdgeConfig, dataset_stats: dict | None = None) -> tuple:
+    """LeRobot 0.4's processor pipelines of `--policy.type=lingbot_edge` (found by its factory through the name).
+
+    Before the policy: the rename step (LeRobot's `rename_map`), a batch dimension for unbatched robot
+    observations, the policy's device. After it: back to the CPU. No normalization on either side: images are
+    encoded and actions unnormalized inside the wrapped policy (robot units out), `dataset_stats` reach it
+    through `make_policy` instead.
+    """
+    from lerobot.processor import (
+        AddBatchDimensionProcessorStep,
+        DeviceProcessorStep,
+        PolicyProcessorPipeline,
+        RenameObservationsProcessorStep,
+    )
+    from lerobot.processor.converters import policy_action_to_transition, transition_to_policy_action
+
+    names = compat.constants()
+    pre = PolicyProcessorPipeline(
+        steps=[RenameObservationsProcessorStep(rename_map={}), AddBatchDimensionProcessorStep(),
+               DeviceProcessorStep(device=config.device)],
+        name=names.POLICY_PREPROCESSOR_DEFAULT_NAME)
+    post = PolicyProcessorPipeline(
+        steps=[DeviceProcessorStep(device="cpu")], name=names.POLICY_POSTPROCESSOR_DEFAULT_NAME,
+        to_transition=policy_action_to_transition, to_output=transition_to_policy_action)
+    return pre, post

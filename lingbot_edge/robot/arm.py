@@ -1,9 +1,9 @@
 """The real SO-100 through LeRobot's follower (extra `robot`; LeRobot is imported only here, on demand).
 
-LeRobot 0.3.2 (the release that installs next to torch 2.13) has
-`lerobot.robots.so100_follower`; newer releases moved it to `lerobot.robots.so_follower` (same class
-names) and default to `use_degrees=True`. The policy speaks LeRobot's normalized units (joints
--100..100, gripper 0..100), so `use_degrees` is always set to False where the config has it.
+Where the follower lives differs by release (`lingbot_edge.lerobot.compat.follower_module`: 0.4.3 moved it
+from `lerobot.robots.so100_follower` to `lerobot.robots.so_follower`, same class names, and made
+`use_degrees=True` the default). The policy speaks LeRobot's normalized units (joints -100..100, gripper
+0..100), so `use_degrees` is always set to False where the config has it.
 """
 
 from __future__ import annotations
@@ -17,21 +17,22 @@ from lingbot_edge.robot.so100 import CameraSpec
 
 log = logging.getLogger(__name__)
 
-FOLLOWER_MODULES = ("lerobot.robots.so_follower", "lerobot.robots.so100_follower")  # newest first
 
 
 def follower_classes():
-    """(SO100Follower, SO100FollowerConfig, OpenCVCameraConfig) from whichever LeRobot layout is installed."""
-    errors = []
-    for name in FOLLOWER_MODULES:
-        try:
-            module = importlib.import_module(name)
-            cameras = importlib.import_module("lerobot.cameras.opencv")
-            return module.SO100Follower, module.SO100FollowerConfig, cameras.OpenCVCameraConfig
-        except (ImportError, AttributeError) as e:
-            errors.append(f"{name}: {e}")
-    raise ImportError("the real SO-100 needs LeRobot: pip install -c constraints.txt -e '.[robot]' (lerobot 0.3.2 "
-                      "with torch 2.13); tried " + "; ".join(errors))
+    """(SO100Follower, SO100FollowerConfig, OpenCVCameraConfig) from whichever LeRobot release is installed."""
+    from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
+    from lingbot_edge.lerobot import compat
+
+    try:
+        ensure_torchvision_importable()  # LeRobot 0.3.2's CUDA torchvision next to CPU torch
+        module = compat.follower_module()
+        cameras = importlib.import_module("lerobot.cameras.opencv")
+        return module.SO100Follower, module.SO100FollowerConfig, cameras.OpenCVCameraConfig
+    except (ImportError, AttributeError) as e:
+        raise ImportError("the real SO-100 needs LeRobot (tested: " + ", ".join(compat.TESTED) + "): pip install "
+                          "'lingbot-edge[robot]' into a venv that has the LeRobot release you use, see "
+                          f"docs/lerobot.md ({e})") from e
 
 
 def make_lerobot_so100(port: str, cameras: Sequence[CameraSpec], robot_id: str | None = None,
