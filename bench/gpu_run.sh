@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU run (issue 15): the full-size random-weight libero and so100 presets, every
+# One prepared GPU run: the full-size random-weight libero and so100 presets, every
 # sampler / precision / step variant, per-chunk p50/p99, roofline fraction, peak memory, recompiles.
 #
 #   bench/gpu_run.sh                 # on the GPU machine, from anywhere; <= 8 minutes
