@@ -56,6 +56,7 @@ class RunVariant:
     video_exec_step: int = -1
     action_steps: int | None = None  # None: the preset's
     chunks: int | None = None  # None: the run's default
+    loop: str = "sync"  # sync: chunk then feedback; grounded: the real-time lookahead's job per chunk
 
 
 def variants(tiny: bool) -> list[RunVariant]:
@@ -70,6 +71,9 @@ def variants(tiny: bool) -> list[RunVariant]:
         RunVariant("static_compiled_bf16", "eager" if tiny else "compiled"),
         RunVariant("static_cudagraphs_bf16", "cudagraphs", chunks=3),
         RunVariant("cudagraphs_int8_weight_only", graphs, "int8_weight_only"),
+        # The real-time loop's job per chunk: feedback, grounding of the executing chunk, the next action pass.
+        RunVariant("cudagraphs_int8_weight_only_exec2_action10_grounded", graphs, "int8_weight_only", 2, 10,
+                   loop="grounded"),
         RunVariant("cudagraphs_int8_weight_only_exec5_action10", graphs, "int8_weight_only", 5, 10),
         RunVariant("cudagraphs_fp8_w8a8", graphs, "fp8_w8a8"),
         RunVariant("cudagraphs_fp8_w8a8_exec2_action10", graphs, "fp8_w8a8", 2, 10),
@@ -113,23 +117,39 @@ class Measured:
     graphs_end: int | None = None
 
 
-def run_variant(sampler, episode: dict, chunks: int, warmup: int, device: torch.device) -> Measured:
-    """Chunk + feedback (the executed actions = the predicted ones), timed per chunk with a sync;
-    counts the graphs dynamo compiles after the warm-up chunks."""
+def run_variant(sampler, episode: dict, chunks: int, warmup: int, device: torch.device,
+                loop: str = "sync") -> Measured:
+    """Per chunk, timed with a sync. sync: the chunk, then its feedback (the executed actions = the predicted
+    ones). grounded: what the real-time loop's worker runs while a chunk executes: the previous chunk's
+    feedback, the grounding of the executing chunk, the next chunk's action pass (chunk 0 and the first
+    action pass ahead at the first step). Counts the graphs dynamo compiles after the warm-up chunks."""
     from torch._dynamo.utils import counters
 
     m = Measured()
     sampler.reset(episode["text"], episode["neg"])
-    for i, s in enumerate(episode["chunks"][:chunks]):
+    steps = episode["chunks"][:chunks]
+    shift = sampler.cfg.frame_chunk_size
+    executing = None
+    for i, s in enumerate(steps):
         if i == warmup:
             m.graphs_after_warmup = counters["stats"]["unique_graphs"]
         sync(device)
         start = time.perf_counter()
-        r = sampler.sample_chunk(s["noise_video"], s["noise_action"], episode["first"] if i == 0 else None)
-        sampler.feedback(s["observed"], r.actions)
+        nxt = steps[(i + 1) % len(steps)]["noise_action"]
+        if loop == "sync":
+            actions = sampler.sample_chunk(s["noise_video"], s["noise_action"],
+                                           episode["first"] if i == 0 else None).actions
+            sampler.feedback(s["observed"], actions)
+        elif i == 0:
+            actions = sampler.sample_chunk(s["noise_video"], s["noise_action"], episode["first"]).actions
+            executing = sampler.sample_actions(nxt, frame_shift=shift)
+        else:
+            sampler.feedback(steps[i - 1]["observed"], actions)
+            sampler.ground(s["noise_video"], executing)
+            actions, executing = executing, sampler.sample_actions(nxt, frame_shift=shift)
         sync(device)
         m.times_s.append(time.perf_counter() - start)
-        m.actions.append(r.actions.float().cpu())
+        m.actions.append(actions.float().cpu())
     m.graphs_end = counters["stats"]["unique_graphs"]
     return m
 
@@ -191,11 +211,11 @@ def measure(preset: str, v: RunVariant, device: torch.device, dtype: torch.dtype
     chunks = min(v.chunks or default_chunks, len(episode["chunks"]))
     warmup = 1 if v.sampler in ("reference", "eager") else 2  # first chunk (pinning) + steady state compile
     graphs_before, skips_before = counters["stats"]["unique_graphs"], _cudagraph_skips(counters)
-    m = run_variant(sampler, episode, chunks, warmup, device)
+    m = run_variant(sampler, episode, chunks, warmup, device, v.loop)
     timed = m.times_s[warmup:] or m.times_s
     p50 = statistics.median(timed)
     row = {
-        "preset": preset, "variant": v.name, "sampler": v.sampler, "scheme": v.scheme,
+        "preset": preset, "variant": v.name, "sampler": v.sampler, "scheme": v.scheme, "loop": v.loop,
         "video_steps": cfg.num_inference_steps, "video_exec_step": cfg.video_exec_step,
         "action_steps": cfg.action_num_inference_steps, "chunks": chunks, "warmup_chunks": warmup,
         "p50_ms": p50 * 1e3, "p99_ms": _quantile(timed, 0.99) * 1e3, "first_chunk_ms": m.times_s[0] * 1e3,
@@ -209,7 +229,8 @@ def measure(preset: str, v: RunVariant, device: torch.device, dtype: torch.dtype
     if device.type == "cuda":
         row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         row["device_total_bytes"] = torch.cuda.get_device_properties(device).total_memory
-    row.update(_error(m.actions, reference) if reference is not None else {})
+    # Another loop gives another episode: its actions are not compared with the synchronous reference.
+    row.update(_error(m.actions, reference) if reference is not None and v.loop == "sync" else {})
     return row, m.actions
 
 

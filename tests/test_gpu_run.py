@@ -35,13 +35,15 @@ def test_rehearsal_runs_every_variant(rehearsal):
     rows = {r["variant"]: r for r in data["rows"]}
     for name in ("reference_eager_bf16", "static_compiled_bf16", "static_cudagraphs_bf16",
                  "cudagraphs_int8_weight_only", "cudagraphs_int8_w8a8", "cudagraphs_fp8_weight_only",
-                 "cudagraphs_int8_weight_only_exec2_action10"):
+                 "cudagraphs_int8_weight_only_exec2_action10", "cudagraphs_int8_weight_only_exec2_action10_grounded"):
         assert name in rows and rows[name]["p50_ms"] > 0 and rows[name]["p99_ms"] >= rows[name]["p50_ms"]
     # float8 W8A8 needs sm >= 8.9: refused by name on the CPU, not silently dropped.
     assert any("fp8_w8a8" in s and "compute capability" in s for s in data["skipped"])
     env = data["environment"]
     assert env["torch"] and env["python"] and env["date"] and "gpu" in env
     assert "| tiny | static_cudagraphs_bf16 |" in md
+    grounded = rows["cudagraphs_int8_weight_only_exec2_action10_grounded"]
+    assert grounded["loop"] == "grounded" and "action_rms" not in grounded  # its own episode: not compared
 
 
 def test_rehearsal_numbers(rehearsal):

@@ -138,7 +138,7 @@ def test_augmentations_touch_only_the_model_inputs(monkeypatch):
     action = torch.randn(b, k, a_dim, f, apf, 1)
     seen = {}
 
-    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, xg=None, tg=None, executing=None):
+    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, *grounded):
         seen.update(action=action_clean, xp=xp, tp=tp, xv=xv)
         return torch.zeros_like(video_clean), torch.zeros_like(action_clean)
 
@@ -175,7 +175,7 @@ def test_predicted_copy_at_the_samplers_sigma(monkeypatch, exec_step):
     b, k, f, h, w = 2, 3, cfg.frame_chunk_size, *cfg.latent_hw
     seen = []
 
-    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, xg=None, tg=None, executing=None):
+    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, *grounded):
         seen.append((xp, tp))
         return torch.zeros_like(video_clean), torch.zeros_like(action_clean)
 
@@ -209,8 +209,8 @@ def test_grounded_copy_is_noised_like_the_actions_and_skips_the_first_chunk(monk
     action = torch.zeros(b, k, cfg.model_config.action_dim, f, cfg.action_per_frame, 1)
     seen = {}
 
-    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, xg=None, tg=None, executing=None):
-        seen.update(layout=layout, xg=xg, tg=tg, xa=xa)
+    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, *grounded):
+        seen.update(layout=layout, xg=grounded[0], tg=grounded[1], xa=xa)
         return torch.zeros_like(video_clean), torch.zeros_like(action_clean), torch.zeros_like(action_clean)
 
     monkeypatch.setattr(trainer, "teacher_forced_forward", capture)
