@@ -68,8 +68,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--grounded-weight", type=float, default=tc.grounded_weight,
                      help="weight of the grounded lookahead's action loss (0: train the synchronous order alone; "
                           "default %(default)s)")
-    fit.add_argument("--clean-executing-actions", action="store_true",
-                     help="no history-action noise on the executing chunk's actions the grounded lookahead attends to")
     fit.add_argument("--clean-predicted", action="store_true",
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
     fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -139,8 +137,7 @@ def _fit(args) -> int:
                      seed=args.seed, noisy_predicted=not args.clean_predicted,
                      predicted_at_sampler_sigma=args.predicted_sigma == "sampler",
                      history_action_noise=args.history_action_noise, change_weight=args.change_weight,
-                     grounded_weight=args.grounded_weight,
-                     clean_executing_actions=args.clean_executing_actions, **extra)
+                     grounded_weight=args.grounded_weight, **extra)
     report = fit(args.out, dataset=args.dataset, episodes=args.episodes, tc=tc, threads=args.threads,
                  model=args.model, expert_gain=args.expert_gain,
                  expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,

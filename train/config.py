@@ -42,9 +42,6 @@ class TrainConfig:
     # executes, `train.teacher.GROUNDED_SEGMENTS`) next to the synchronous action loss; 0 trains the synchronous
     # order alone, and `infer(ahead=True)` then acts on an order it never saw.
     grounded_weight: float = 1.0
-    # The executing chunk's actions (what the grounded lookahead attends to) without the history-action noise:
-    # at inference they are exactly the actions being executed.
-    clean_executing_actions: bool = False
 
     # --- run
     seed: int = 0  # the DiT's initial weights and the batch and noise draws

@@ -273,7 +273,6 @@ def teacher_forced_forward(
     t_predicted: Tensor | None = None,
     action_noisy_async: Tensor | None = None,
     t_action_async: Tensor | None = None,
-    action_executing: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Velocities of the noisy tokens of every chunk.
 
@@ -284,8 +283,7 @@ def teacher_forced_forward(
     (default: the clean video at t = 0, the full-step sampler's last write). Under `video_exec_step` the
     sampler writes a partly denoised latent at its own timestep there instead.
     action_noisy_async / t_action_async: the noisy actions of the grounded lookahead's copy (layouts with
-    `GROUNDED_SEGMENTS` only; its executing-chunk copy holds `action_executing` at t = 0, default
-    `action_clean`).
+    `GROUNDED_SEGMENTS` only; its executing-chunk copy holds `action_clean` at t = 0).
     Returns (video velocity [B, K, C, F, h, w], action velocity [B, K, A, F, apf, 1]), plus the grounded
     copy's action velocity for a grounded layout.
     """
@@ -318,8 +316,7 @@ def teacher_forced_forward(
                          *_embed_time(model.condition_embedder_action, t_action, na, dtype)),
     }
     if grounded:
-        parts["action_predicted"] = clean_action if action_executing is None else (
-            action_tokens(action_executing), *_embed_time(model.condition_embedder_action, zeros, na, dtype))
+        parts["action_predicted"] = clean_action
         parts["action_noisy_async"] = (action_tokens(action_noisy_async),
                                        *_embed_time(model.condition_embedder_action, t_action_async, na, dtype))
     ordered = [parts[name] for name in layout.segments]

@@ -81,15 +81,11 @@ def encode_dataset(root: str | Path, policy, max_episodes: int | None = None, pr
 class FlowMatchingLoss:
     """Noising, pinning and masking of one batch, and the two streams' losses."""
 
-    def __init__(self, cfg: PolicyConfig, chunks: int, grounded_weight: float = 0.0,
-                 clean_executing_actions: bool = False):
+    def __init__(self, cfg: PolicyConfig, chunks: int, grounded_weight: float = 0.0):
         self.cfg = cfg
         # grounded_weight > 0: the grounded lookahead's copy of every chunk's actions trains too (its loss
         # times grounded_weight is added to the action loss).
         self.grounded_weight = grounded_weight
-        # The executing chunk's actions in the grounded copy without the history-action noise: at inference
-        # they are exactly what the arm is executing.
-        self.clean_executing_actions = clean_executing_actions
         self.layout: EpisodeLayout = episode_layout(cfg, chunks, grounded=grounded_weight > 0)
         self.video_sigmas = FlowMatchSchedule(NUM_TRAIN_TIMESTEPS, cfg.snr_shift).sigmas()
         self.action_sigmas = FlowMatchSchedule(NUM_TRAIN_TIMESTEPS, cfg.action_snr_shift).sigmas()
@@ -143,9 +139,8 @@ class FlowMatchingLoss:
             xg = (1 - sg.view(b, k, 1, 1, 1, 1)) * action + sg.view(b, k, 1, 1, 1, 1) * noise_g
             tg = (sg * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
         text_kv = model.text_kv(text)
-        executing = action if self.grounded_weight and self.clean_executing_actions else None
         pv, pa, *pg = teacher_forced_forward(model, self.layout, video, history, xv, xa, tv, ta, text_kv, xp, tp,
-                                             xg, tg, executing)
+                                             xg, tg)
         wv = frame_w.view(1, k, 1, f, 1, 1)
         wa = frame_w.view(1, k, 1, f, 1, 1) * cmask
         if change_weight:
@@ -241,7 +236,7 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
         gen.set_state(state["generator"])
         losses, step = state["losses"], state["step"]
         log.info("resumed %s at step %d", state_path, step)
-    objective = FlowMatchingLoss(cfg, data.video.shape[1], tc.grounded_weight, tc.clean_executing_actions)
+    objective = FlowMatchingLoss(cfg, data.video.shape[1], tc.grounded_weight)
 
     def save() -> None:
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
