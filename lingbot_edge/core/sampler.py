@@ -196,23 +196,28 @@ class ReferenceSampler(_SamplerBase):
         _check("executing_actions", executing_actions, self.action_shape)
         latents = self._video_pass(noise_video, None, self.frame_start)
         _mark(timer, "video")
-        self._write_actions(executing_actions, CacheMode.PREDICTED, self.frame_start)
+        self._write_action(executing_actions, CacheMode.PREDICTED)
         _mark(timer, "grounded")
         return latents
 
-    def _write_actions(self, actions: Tensor, mode: CacheMode, frame_start: int) -> None:
+    def _write_action(self, actions: Tensor, mode: CacheMode) -> None:
+        """Clean (t = 0) action tokens at frame_start into the cache as `mode`, unused channels zeroed."""
         t0 = torch.zeros(actions.shape[2], device=self.device)
         actions = actions.to(self.device, self.dtype).clone()
         actions[:, ~self.action_channel_mask] = 0
-        self._forward(actions, t0, mode, True, frame_start)
+        self._forward(actions, t0, mode, True, self.frame_start)
+
+    def _write_clean(self, video_latents: Tensor, actions: Tensor, mode: CacheMode) -> None:
+        """Clean (t = 0) video then action tokens at frame_start into the cache as `mode`."""
+        self.check_feedback(video_latents, actions)
+        t0 = torch.zeros(video_latents.shape[2], device=self.device)
+        self._forward(video_latents.to(self.device, self.dtype), t0, mode, False, self.frame_start)
+        self._write_action(actions, mode)
 
     @torch.no_grad()
     def feedback(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
         """Write observed latents then executed actions as HISTORY (t = 0); advance the frame ids."""
-        self.check_feedback(video_latents, actions)
-        t0 = torch.zeros(video_latents.shape[2], device=self.device)
-        self._forward(video_latents.to(self.device, self.dtype), t0, CacheMode.HISTORY, False, self.frame_start)
-        self._write_actions(actions, CacheMode.HISTORY, self.frame_start)
+        self._write_clean(video_latents, actions, CacheMode.HISTORY)
         _mark(timer, "history")
         self.frame_start += video_latents.shape[2]
 
@@ -220,10 +225,7 @@ class ReferenceSampler(_SamplerBase):
     def write_predicted(self, video_latents: Tensor, actions: Tensor, timer=None) -> None:
         """Insert a chunk's own prediction as PREDICTED (t = 0) at frame_start, like the last forward of
         `sample_chunk`: restores a chunk inferred ahead after `feedback` dropped the predicted entries."""
-        self.check_feedback(video_latents, actions)
-        t0 = torch.zeros(video_latents.shape[2], device=self.device)
-        self._forward(video_latents.to(self.device, self.dtype), t0, CacheMode.PREDICTED, False, self.frame_start)
-        self._write_actions(actions, CacheMode.PREDICTED, self.frame_start)
+        self._write_clean(video_latents, actions, CacheMode.PREDICTED)
         _mark(timer, "predicted")
 
 
