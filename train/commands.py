@@ -16,6 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
+from lingbot_edge.io.files import write_text  # standard library only: the CLI stays light
+
 log = logging.getLogger("train")
 
 
@@ -152,7 +154,7 @@ def _fit(args) -> int:
         rows = evaluate_checkpoint(Path(args.out) / "checkpoint", args.eval_episodes)
         print(format_table(rows, args.eval_episodes))
         report["evaluation"] = rows
-        (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
+        write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
     return 0
 
 
@@ -181,9 +183,10 @@ def _eval(args) -> int:
     table = format_table(rows, args.episodes, args.seeds)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_text(args.json, json.dumps(rows, indent=2))
     if args.markdown:
-        Path(args.markdown).write_text(
+        write_text(
+            args.markdown,
             f"# Task success: reach and grasp the red cube (kinematic SO-100, `lingbot_edge/robot/grasp.py`)\n\n"
             f"Checkpoint `{args.checkpoint}`; {args.seeds} seeds {first}..{first + args.episodes - 1}, "
             f"{EVAL_STEPS} actions per episode, CPU, `lingbot-edge train eval --episodes {args.episodes} "

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lingbot_edge.core.config import PolicyConfig, get_policy_config, tiny_variant
+from lingbot_edge.io.files import write_text
 from lingbot_edge.robot.so100 import camera_keys, camera_name
 from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR
 from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode_dataset, train
@@ -97,9 +98,8 @@ def write_checkpoint_skeleton(folder: Path, cfg: PolicyConfig, seed: int = 0) ->
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    """Indented JSON, no final newline (the bytes of the committed checkpoint's files), atomically."""
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def vae_is_identity(vae_dir: Path) -> bool:

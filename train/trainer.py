@@ -15,7 +15,6 @@ State (model, optimizer, step, losses, RNG) is written atomically to `train_stat
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -269,6 +268,3 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
     model.eval().requires_grad_(False)
     return losses
 
-
-def write_losses_json(losses: list[dict[str, float]], path: Path) -> None:
-    path.write_text(json.dumps(losses))
