@@ -136,16 +136,22 @@ def _reference_grounded(model, cfg, x, x_async, t_async):
     return torch.stack(out, 1)
 
 
-def test_grounded_layout_matches_the_grounded_lookahead_order():
-    """Without eviction (an 8-chunk cache) the grounded copy reproduces the lookahead exactly, and the
-    synchronous outputs are those of the synchronous layout: the added segments are invisible to them."""
-    cfg = get_policy_config("tiny").replace(attn_window=16)
+def _grounded_case(cfg):
+    """(model, inputs, the lookahead copy's noisy actions and timesteps, the list-cache reference) of a
+    4-chunk, 2-row episode."""
     model = build_model(cfg.model_config, seed=3)
     x = _inputs(cfg, b=2, k=4)
     g = torch.Generator().manual_seed(1)
     x_async = torch.randn(x["action_noisy"].shape, generator=g)
     t_async = (torch.rand(4, generator=g) * 1000).view(1, 4, 1).expand(2, 4, cfg.frame_chunk_size).clone()
-    ref = _reference_grounded(model, cfg, x, x_async, t_async)
+    return model, x, x_async, t_async, _reference_grounded(model, cfg, x, x_async, t_async)
+
+
+def test_grounded_layout_matches_the_grounded_lookahead_order():
+    """Without eviction (an 8-chunk cache) the grounded copy reproduces the lookahead exactly, and the
+    synchronous outputs are those of the synchronous layout: the added segments are invisible to them."""
+    cfg = get_policy_config("tiny").replace(attn_window=16)
+    model, x, x_async, t_async, ref = _grounded_case(cfg)
     args = (x["video_clean"], x["action_clean"], x["video_noisy"], x["action_noisy"], x["t_video"], x["t_action"],
             model.text_kv(x["text"]))
     with torch.no_grad():
@@ -163,12 +169,7 @@ def test_grounded_layout_under_eviction_stays_close():
     """With a 2-chunk cache the history copies carry the synchronous order's K/V (module docstring): the
     grounded copy's first chunk (nothing evicted yet) is exact, the later ones within a small error."""
     cfg = get_policy_config("tiny")
-    model = build_model(cfg.model_config, seed=3)
-    x = _inputs(cfg, b=2, k=4)
-    g = torch.Generator().manual_seed(1)
-    x_async = torch.randn(x["action_noisy"].shape, generator=g)
-    t_async = (torch.rand(4, generator=g) * 1000).view(1, 4, 1).expand(2, 4, cfg.frame_chunk_size).clone()
-    ref = _reference_grounded(model, cfg, x, x_async, t_async)
+    model, x, x_async, t_async, ref = _grounded_case(cfg)
     with torch.no_grad():
         _, _, a_async = teacher_forced_forward(
             model, episode_layout(cfg, 4, grounded=True), x["video_clean"], x["action_clean"], x["video_noisy"],
