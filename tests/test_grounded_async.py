@@ -1,4 +1,4 @@
-"""Grounded lookahead in the samplers: the executing chunk's temporary entries (imagined video, known actions)
+"""Grounded lookahead in the samplers: the executing chunk's temporary entries (grounded video, known actions)
 never survive a real write, and the compiled static sampler with its ring cache reproduces the eager reference
 with the list cache through that insert order, across eviction, without recompiling."""
 
@@ -34,9 +34,9 @@ def _predicted_tokens(sampler) -> int:
 
 
 def _run(sampler, cfg, inputs, check=None):
-    """infer(0); infer(1, ahead); per chunk k: feedback(k), ground(k + 1), infer(k + 2, ahead). Returns the
-    actions of every chunk and, per boundary, the predicted-token counts after the real write and after
-    the grounding."""
+    """infer(0); infer(1, ahead); per chunk k: feedback(k), ground(k + 1) (with its first latent frame observed
+    at every other boundary, as a late request has it), infer(k + 2, ahead). Returns the actions of every chunk
+    and, per boundary, the predicted-token counts after the real write and after the grounding."""
     text, neg, first, steps = inputs
     f = cfg.frame_chunk_size
     sampler.reset(text, neg)
@@ -48,7 +48,10 @@ def _run(sampler, cfg, inputs, check=None):
             check(k)
         sampler.feedback(steps[k]["observed"], actions[k])
         after_real = _predicted_tokens(sampler)
-        sampler.ground(steps[k + 1]["noise_video"], actions[k + 1])
+        observed = steps[k + 1]["observed"][:, :, :1] if k % 2 == 0 else None
+        grounded = sampler.ground(steps[k + 1]["noise_video"], actions[k + 1], observed)
+        if observed is not None:  # the observed frame is pinned, as the first chunk's observation is
+            torch.testing.assert_close(grounded[:, :, :1], observed.to(grounded.dtype), rtol=0, atol=0)
         counts.append((after_real, _predicted_tokens(sampler)))
         actions.append(sampler.sample_actions(steps[k + 2]["noise_action"], frame_shift=f))
     return actions, counts

@@ -52,6 +52,7 @@ class FakePolicy:
     """
 
     supports_lookahead = False
+    takes_executing_keyframes = False
 
     def __init__(self, action_per_frame: int):
         self.cfg = get_policy_config("tiny").replace(action_per_frame=action_per_frame)

@@ -19,7 +19,8 @@ def members(protocol: type) -> set[str]:
 
 
 def test_protocol_members():
-    assert members(Policy) == {"cfg", "supports_lookahead", "reset", "infer", "feedback", "cancel"}
+    assert members(Policy) == {"cfg", "supports_lookahead", "takes_executing_keyframes", "reset", "infer", "feedback",
+                               "cancel"}
     assert members(PromptEncoder) == {"memory_report", "encode_pair"}
     assert members(ObservationEncoder) == {"latent_hw", "reset", "encode"}
 

@@ -343,6 +343,7 @@ class _FailingPolicy:
     """A `core.protocols.Policy` without a model; its feedback fails once."""
 
     supports_lookahead = False
+    takes_executing_keyframes = False
 
     def __init__(self, cfg):
         self.cfg, self.fail = cfg, True

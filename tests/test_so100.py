@@ -142,6 +142,7 @@ class ScriptedPolicy:
 
     def __init__(self, lookahead=True, amplitude=20.0, fail_at=None, error=None):
         self.cfg, self.supports_lookahead = CFG, lookahead
+        self.takes_executing_keyframes = False
         self.amplitude, self.fail_at, self.error = amplitude, fail_at, error or RuntimeError("policy failed")
         self.calls, self.n = [], 0
         self.thread_ids = set()
@@ -228,6 +229,58 @@ def test_a_late_wakeup_skips_slots_instead_of_bursting():
     _, result = _run(ScriptedPolicy(), 1.0, job_s=0.01, clock=clock)
     s = result.summary()
     assert s["missed"] == 3 and s["ticks"] == 27 and s["hold_ticks"] == 0
+
+
+class FrameTakingPolicy(ScriptedPolicy):
+    """A ScriptedPolicy whose lookahead takes the executing chunk's keyframes (as the grounded LingBotPolicy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.takes_executing_keyframes = True
+        self.ahead_frames = []  # per infer(ahead=True): {camera: shape} of the keyframes it got
+
+    def infer(self, obs, ahead=False):
+        if ahead:
+            self.ahead_frames.append({k: np.shape(v) for k, v in obs.items()})
+        return super().infer(obs, ahead)
+
+
+def _run_with_worker(policy, seconds, job_s, **kw):
+    clock = FakeClock()
+    worker = FakeWorker(clock, job_s)
+    controller = AsyncController(KinematicSO100(height=48, width=64), policy, "reach the cube", fps=30, clock=clock,
+                                 sleep=clock.sleep, executor=worker, **kw)
+    return worker, controller.run(duration_s=seconds)
+
+
+def test_late_requests_wait_for_the_frames_the_measured_inference_time_allows():
+    # 60 ms per job = ready 2 ticks after submission: a chunk (8 steps, latent frames of 4) can be requested
+    # after its first latent frame (submitted during step 3's tick, ready 2 ticks later, before the chunk ends)
+    policy = FrameTakingPolicy()
+    worker, result = _run_with_worker(policy, 1.59, job_s=0.06)
+    s = result.summary()
+    assert s["hold_ticks"] == 0 and s["overruns"] == 0
+    assert [c["first_tick"] for c in result.chunks[:5]] == [0, 4, 12, 20, 28]  # the same cadence as at the start
+    # chunk 1 goes out at once (nothing measured, and chunk 0 has no frame to wait for); then each request goes
+    # out on the tick of step 3 of the executing chunk (ticks 7, 15, 23, ...) with its 4 keyframes so far
+    np.testing.assert_allclose(worker.starts[:4], np.array([0, 7, 15, 23]) / 30, atol=1e-9)
+    assert policy.ahead_frames[0] == {}
+    assert all(f == {k: (4, 48, 64, 3) for k in CFG.obs_cam_keys} for f in policy.ahead_frames[1:])
+    fb = [c for c in policy.calls if c[0] == "feedback"]
+    assert all(shape == (8, 48, 64, 3) for shape in fb[1][1].values())  # feedback still gets every keyframe
+
+
+def test_late_requests_fall_back_to_the_chunk_start_when_inference_is_slow():
+    # 200 ms = 6 ticks: a request after 4 steps would be ready 1 tick after the chunk ends, so every request
+    # goes out at the chunk's start, without frames, as with a policy that takes none
+    policy = FrameTakingPolicy()
+    worker, result = _run_with_worker(policy, 1.59, job_s=0.2)
+    assert all(f == {} for f in policy.ahead_frames) and len(policy.ahead_frames) >= 4
+    _, start = _run_with_worker(ScriptedPolicy(), 1.59, job_s=0.2)
+    assert [c["first_tick"] for c in result.chunks] == [c["first_tick"] for c in start.chunks]
+    assert result.summary()["hold_ticks"] == start.summary()["hold_ticks"] == 2  # chunk 1 only: 0.2 s > chunk 0
+    with pytest.raises(ValueError, match="request_late"):
+        AsyncController(KinematicSO100(), ScriptedPolicy(), "x", request_late=True)
 
 
 def test_sync_schedule_without_lookahead_holds_one_job_per_chunk():

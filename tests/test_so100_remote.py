@@ -28,6 +28,7 @@ class FreezablePolicy:
         self.policy, self.freeze_at, self.thaw, self.n = policy, freeze_at, threading.Event(), 0
         self.whole, self.first_delay, self.server = whole, first_delay, None
         self.cfg, self.supports_lookahead = policy.cfg, True
+        self.takes_executing_keyframes = False
 
     def _freeze(self):
         if self.whole:
@@ -239,6 +240,7 @@ class RecordingPolicy:
     """The so100 preset's geometry (F = 4, 96x128, 3 cameras) without a model: zero actions, frames kept."""
 
     supports_lookahead = False
+    takes_executing_keyframes = False
 
     def __init__(self):
         from lingbot_edge.core.config import get_policy_config

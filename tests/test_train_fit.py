@@ -210,7 +210,7 @@ def test_grounded_copy_is_noised_like_the_actions_and_skips_the_first_chunk(monk
     seen = {}
 
     def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, *grounded):
-        seen.update(layout=layout, xg=grounded[0], tg=grounded[1], xa=xa)
+        seen.update(layout=layout, xg=grounded[0], tg=grounded[1], xa=xa, xgv=grounded[2], tgv=grounded[3])
         return torch.zeros_like(video_clean), torch.zeros_like(action_clean), torch.zeros_like(action_clean)
 
     monkeypatch.setattr(trainer, "teacher_forced_forward", capture)
@@ -228,3 +228,25 @@ def test_grounded_copy_is_noised_like_the_actions_and_skips_the_first_chunk(monk
     assert parts["action_grounded"] > 0.5
     total = parts["action"] + 2.0 * parts["action_grounded"]
     assert abs(float(parts["_action"]) - total) < 1e-4
+
+
+def test_grounded_video_holds_the_observed_frames_clean_and_the_rest_as_the_sampler_writes_them():
+    """The executing chunk's grounded video: per episode and chunk its first j frames (j uniform in 0 .. F-1) are
+    the clean latents at t = 0, the others the sampler's PREDICTED write (pure noise at t = 1000 under
+    video_exec_step 1)."""
+    from train.pipeline import base_policy_config
+
+    cfg = base_policy_config()
+    assert cfg.video_exec_step == 1 and cfg.frame_chunk_size == 2
+    b, k, f, h, w = 64, 5, cfg.frame_chunk_size, *cfg.latent_hw
+    video = torch.randn(b, k, cfg.model_config.in_channels, f, h, w) + 10.0  # far from the noise
+    x, t = FlowMatchingLoss(cfg, k, grounded_weight=1.0).grounded_video(video, torch.Generator().manual_seed(0))
+    observed = t == 0  # [B, K, F]
+    assert ((t == 0) | (t == 1000)).all() and not observed[..., -1].any()  # the last frame is never observed
+    assert (observed[..., 1:] <= observed[..., :-1]).all()  # observed frames come first
+    frac = observed[..., 0].float().mean()
+    assert 0.35 < float(frac) < 0.65  # j = 0 or 1 with F = 2
+    per_frame = x.transpose(2, 3)  # [B, K, F, C, h, w]
+    torch.testing.assert_close(per_frame[observed], video.transpose(2, 3)[observed], rtol=0, atol=0)
+    noise = per_frame[~observed]
+    assert abs(float(noise.mean())) < 0.05 and 0.95 < float(noise.std()) < 1.05  # sigma 1: no trace of the video

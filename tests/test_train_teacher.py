@@ -101,11 +101,12 @@ def test_mask_counts_follow_the_cache_capacity():
     assert not lay.mask[hist][:, other].any()
 
 
-def _reference_grounded(model, cfg, x, x_async, t_async):
+def _reference_grounded(model, cfg, x, x_async, t_async, x_grounded, t_grounded):
     """The grounded lookahead's order through the list cache: chunk 0 as the sampler writes it (its last action
     step holds the clean actions); then per chunk k: its action pass while chunk k-1 executes (TRANSIENT, then
-    the last step PREDICTED), feedback of chunk k-1 (HISTORY), chunk k's imagined video (TRANSIENT, PREDICTED)
-    and its executing actions (PREDICTED, t = 0). Returns the action velocities of chunks 1.."""
+    the last step PREDICTED), feedback of chunk k-1 (HISTORY), chunk k's grounded video (TRANSIENT, then
+    PREDICTED with its per-frame timesteps: observed frames at 0) and its executing actions (PREDICTED, t = 0).
+    Returns the action velocities of chunks 1.."""
     f, apf = cfg.frame_chunk_size, cfg.action_per_frame
     h, w = cfg.latent_hw
     _, ph, pw = model.config.patch_size
@@ -131,32 +132,38 @@ def _reference_grounded(model, cfg, x, x_async, t_async):
         fwd(x["video_clean"][:, k - 1], zeros, CacheMode.HISTORY, False, fs - f)
         fwd(x["action_clean"][:, k - 1], zeros, CacheMode.HISTORY, True, fs - f)
         fwd(x["video_noisy"][:, k], x["t_video"][0, k], CacheMode.TRANSIENT, False, fs)
-        fwd(x["video_clean"][:, k], zeros, CacheMode.PREDICTED, False, fs)
+        fwd(x_grounded[:, k], t_grounded[0, k], CacheMode.PREDICTED, False, fs)
         fwd(x["action_clean"][:, k], zeros, CacheMode.PREDICTED, True, fs)
     return torch.stack(out, 1)
 
 
 def _grounded_case(cfg):
-    """(model, inputs, the lookahead copy's noisy actions and timesteps, the list-cache reference) of a
-    4-chunk, 2-row episode."""
+    """(model, inputs, the grounded copy's inputs {action_noisy_async, t_action_async, video_grounded,
+    t_grounded}, the list-cache reference) of a 4-chunk, 2-row episode; the grounded video of chunks 1 and 3 has
+    its frame 0 observed (t = 0), that of chunk 2 none."""
     model = build_model(cfg.model_config, seed=3)
     x = _inputs(cfg, b=2, k=4)
     g = torch.Generator().manual_seed(1)
+    f = cfg.frame_chunk_size
     x_async = torch.randn(x["action_noisy"].shape, generator=g)
-    t_async = (torch.rand(4, generator=g) * 1000).view(1, 4, 1).expand(2, 4, cfg.frame_chunk_size).clone()
-    return model, x, x_async, t_async, _reference_grounded(model, cfg, x, x_async, t_async)
+    t_async = (torch.rand(4, generator=g) * 1000).view(1, 4, 1).expand(2, 4, f).clone()
+    x_grounded = torch.randn(x["video_clean"].shape, generator=g)
+    t_grounded = torch.full((2, 4, f), 1000.0)
+    t_grounded[:, 1::2, 0] = 0.0
+    grounded = dict(action_noisy_async=x_async, t_action_async=t_async, video_grounded=x_grounded,
+                    t_grounded=t_grounded)
+    return model, x, grounded, _reference_grounded(model, cfg, x, x_async, t_async, x_grounded, t_grounded)
 
 
 def test_grounded_layout_matches_the_grounded_lookahead_order():
     """Without eviction (an 8-chunk cache) the grounded copy reproduces the lookahead exactly, and the
     synchronous outputs are those of the synchronous layout: the added segments are invisible to them."""
     cfg = get_policy_config("tiny").replace(attn_window=16)
-    model, x, x_async, t_async, ref = _grounded_case(cfg)
+    model, x, grounded, ref = _grounded_case(cfg)
     args = (x["video_clean"], x["action_clean"], x["video_noisy"], x["action_noisy"], x["t_video"], x["t_action"],
             model.text_kv(x["text"]))
     with torch.no_grad():
-        v, a, a_async = teacher_forced_forward(model, episode_layout(cfg, 4, grounded=True), *args,
-                                               action_noisy_async=x_async, t_action_async=t_async)
+        v, a, a_async = teacher_forced_forward(model, episode_layout(cfg, 4, grounded=True), *args, **grounded)
         v_sync, a_sync = teacher_forced_forward(model, episode_layout(cfg, 4), *args)
     torch.testing.assert_close(a_async[:, 1:], ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(v, v_sync, atol=2e-5, rtol=1e-4)
@@ -169,12 +176,11 @@ def test_grounded_layout_under_eviction_stays_close():
     """With a 2-chunk cache the history copies carry the synchronous order's K/V (module docstring): the
     grounded copy's first chunk (nothing evicted yet) is exact, the later ones within a small error."""
     cfg = get_policy_config("tiny")
-    model, x, x_async, t_async, ref = _grounded_case(cfg)
+    model, x, grounded, ref = _grounded_case(cfg)
     with torch.no_grad():
         _, _, a_async = teacher_forced_forward(
             model, episode_layout(cfg, 4, grounded=True), x["video_clean"], x["action_clean"], x["video_noisy"],
-            x["action_noisy"], x["t_video"], x["t_action"], model.text_kv(x["text"]),
-            action_noisy_async=x_async, t_action_async=t_async)
+            x["action_noisy"], x["t_video"], x["t_action"], model.text_kv(x["text"]), **grounded)
     torch.testing.assert_close(a_async[:, 1], ref[:, 0], atol=2e-5, rtol=1e-4)
     rel = (a_async[:, 1:] - ref).norm() / ref.norm()
     print(f"grounded copy under eviction: relative error {rel:.2e}")

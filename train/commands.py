@@ -1,7 +1,7 @@
 """`lingbot-edge train`: record demonstrations, train the tiny SO-100 policy, measure its task success.
 
     lingbot-edge train record --out DIR [--episodes 200]
-    lingbot-edge train fit --out DIR [--dataset DIR] [--episodes 200] [--steps 2800] [--eval-episodes 20]
+    lingbot-edge train fit --out DIR [--dataset DIR] [--episodes 200] [--steps 2600] [--eval-episodes 20]
     lingbot-edge train eval --checkpoint DIR [--episodes 20] [--dtype bfloat16] [--schemes a,b] [--json F]
 
 Registered from this package through the `lingbot_edge.commands` entry point (`train.commands:register`);

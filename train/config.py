@@ -11,7 +11,7 @@ class TrainConfig:
     (bench/results/task_success/so100_grasp.md)."""
 
     # --- optimization (AdamW, betas 0.9 / 0.99)
-    steps: int = 2800  # optimizer steps
+    steps: int = 2600  # optimizer steps
     batch_size: int = 8  # episodes per step, drawn at random from the encoded dataset
     lr: float = 2e-3  # peak learning rate: linear warmup to it, then a cosine decay to a tenth of it
     warmup: int = 50  # steps of the linear warmup

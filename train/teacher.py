@@ -19,13 +19,14 @@ only when the sequence starts at the episode's first chunk: training always runs
 Grid ids (RoPE) are the inference ones: chunk k sits at frames k*F.., every copy alike.
 
 Grounded lookahead (`infer(ahead=True)`, `async_mode` "grounded") inserts in another order: chunk k's actions
-are denoised while chunk k-1 executes, on top of the real history up to chunk k-2, chunk k-1's imagined video
-and chunk k-1's known actions. `episode_layout(..., grounded=True)` adds those two segments per chunk
-(`GROUNDED_SEGMENTS`: the executing chunk's clean actions, and the chunk's noisy actions as the lookahead
-denoises them), their visibility replayed in that order by `grounded_cache_visibility`. The history and
-predicted-video copies they attend to are the synchronous ones: once the cache evicts, the two orders may have
-evicted a different number of the oldest frame's tokens when those copies were written, so there the
-lookahead's keys are reproduced and their K/V approximately.
+are denoised while chunk k-1 executes, on top of the real history up to chunk k-2, chunk k-1's grounded video
+(its latent frames observed so far, pinned at t = 0, the rest at the sampler's PREDICTED write) and chunk k-1's
+known actions. `episode_layout(..., grounded=True)` adds those three segments per chunk (`GROUNDED_SEGMENTS`:
+the executing chunk's grounded video and clean actions, and the chunk's noisy actions as the lookahead
+denoises them), their visibility replayed in that order by `grounded_cache_visibility`. The history copies
+they attend to are the synchronous ones: once the cache evicts, the two orders may have evicted a different
+number of the oldest frame's tokens when those copies were written, so there the lookahead's keys are
+reproduced and their K/V approximately.
 The model's modules (embedders, blocks, heads) are used as they are; only the attention backend and
 the per-token timesteps differ from `WanVATransformer.forward`, which runs one stream per call and
 cannot take gradients through a cache write.
@@ -48,9 +49,9 @@ from lingbot_edge.core.model import WanVATransformer, action_grid_ids, rope_angl
 # the same latents, but once the cache evicts they were written with different keys visible, so their
 # K/V differ from the second block on.
 SEGMENTS = ("video", "action", "video_noisy", "video_predicted", "action_noisy")
-# Added per chunk by grounded training: the chunk's clean actions as the executing chunk's temporary entries,
-# and its noisy actions as the grounded lookahead denoises them.
-GROUNDED_SEGMENTS = ("action_predicted", "action_noisy_async")
+# Added per chunk by grounded training: the chunk's grounded video and clean actions as the executing chunk's
+# temporary entries, and its noisy actions as the grounded lookahead denoises them.
+GROUNDED_SEGMENTS = ("video_grounded", "action_predicted", "action_noisy_async")
 
 
 class ChunkBandAttention:
@@ -197,14 +198,14 @@ def grounded_cache_visibility(chunks: int, nv: int, na: int,
     step is the executing chunk's actions, `action_predicted`); then, while chunk k-1 executes, chunk k's
     action pass (`action_noisy_async`, its last step PREDICTED and dropped unseen); feedback of chunk k-2 (video
     and actions as HISTORY); the grounding of chunk k-1... in steady state: feedback(k-1), the executing chunk
-    k's imagined video (TRANSIENT steps, PREDICTED last) and its actions (PREDICTED), then chunk k+1's action
-    pass. Returns `replay_cache`'s entries for `GROUNDED_SEGMENTS`."""
+    k's grounded video (TRANSIENT steps, PREDICTED last: `video_grounded`) and its actions (PREDICTED), then
+    chunk k+1's action pass. Returns `replay_cache`'s entries for `GROUNDED_SEGMENTS`."""
     inserts: list[Insert] = [("video_noisy", 0, nv, "transient"), ("video_predicted", 0, nv, "predicted"),
                              ("action_noisy", 0, na, "transient"), ("action_predicted", 0, na, "predicted")]
     for k in range(1, chunks):
         inserts += [("action_noisy_async", k, na, "transient"), ("action_last_step", k, na, "predicted"),
                     ("video", k - 1, nv, "history"), ("action", k - 1, na, "history"),
-                    ("video_noisy", k, nv, "transient"), ("video_predicted", k, nv, "predicted"),
+                    ("video_noisy", k, nv, "transient"), ("video_grounded", k, nv, "predicted"),
                     ("action_predicted", k, na, "predicted")]
     return [s for s in replay_cache(inserts, capacity) if s[0] in GROUNDED_SEGMENTS]
 
@@ -273,6 +274,8 @@ def teacher_forced_forward(
     t_predicted: Tensor | None = None,
     action_noisy_async: Tensor | None = None,
     t_action_async: Tensor | None = None,
+    video_grounded: Tensor | None = None,
+    t_grounded: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Velocities of the noisy tokens of every chunk.
 
@@ -284,6 +287,8 @@ def teacher_forced_forward(
     sampler writes a partly denoised latent at its own timestep there instead.
     action_noisy_async / t_action_async: the noisy actions of the grounded lookahead's copy (layouts with
     `GROUNDED_SEGMENTS` only; its executing-chunk copy holds `action_clean` at t = 0).
+    video_grounded / t_grounded: the executing chunk's grounded video and its timesteps [B, K, F] (grounded
+    layouts; default: what `video_predicted` holds).
     Returns (video velocity [B, K, C, F, h, w], action velocity [B, K, A, F, apf, 1]), plus the grounded
     copy's action velocity for a grounded layout.
     """
@@ -316,6 +321,8 @@ def teacher_forced_forward(
                          *_embed_time(model.condition_embedder_action, t_action, na, dtype)),
     }
     if grounded:
+        parts["video_grounded"] = parts["video_predicted"] if video_grounded is None else (
+            video_tokens(video_grounded), *_embed_time(model.condition_embedder, t_grounded, nv, dtype))
         parts["action_predicted"] = clean_action
         parts["action_noisy_async"] = (action_tokens(action_noisy_async),
                                        *_embed_time(model.condition_embedder_action, t_action_async, na, dtype))

@@ -131,15 +131,16 @@ class FlowMatchingLoss:
         history = action
         if history_action_noise:
             history = action + history_action_noise * torch.randn(action.shape, generator=g) * cmask
-        xg = tg = None
+        xg = tg = xgv = tgv = None
         if self.grounded_weight:  # the lookahead's copy: its own sigma and noise
             sg = self.action_sigmas[torch.randint(len(self.action_sigmas), (b, k), generator=g)]
             noise_g = torch.randn(action.shape, generator=g) * cmask
             xg = (1 - sg.view(b, k, 1, 1, 1, 1)) * action + sg.view(b, k, 1, 1, 1, 1) * noise_g
             tg = (sg * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
+            xgv, tgv = self.grounded_video(video, g)
         text_kv = model.text_kv(text)
         pv, pa, *pg = teacher_forced_forward(model, self.layout, video, history, xv, xa, tv, ta, text_kv, xp, tp,
-                                             xg, tg)
+                                             xg, tg, xgv, tgv)
         wv = frame_w.view(1, k, 1, f, 1, 1)
         wa = frame_w.view(1, k, 1, f, 1, 1) * cmask
         if change_weight:
@@ -155,6 +156,21 @@ class FlowMatchingLoss:
             parts["action_grounded"] = loss_g.item()
             loss_a = loss_a + self.grounded_weight * loss_g
         return loss_v, {**parts, "_action": loss_a}
+
+
+    def grounded_video(self, video: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The executing chunk's grounded video as the lookahead writes it: its first j latent frames observed
+        (clean, t = 0), the others at the sampler's PREDICTED write (x at `sampler_predicted_sigma`), j drawn
+        uniformly from 0 .. F-1 per episode and chunk: j = 0 is the request at the chunk's start, j > 0 one made
+        after j of its frames were observed (`core.policy.LingBotPolicy.infer`). Returns (x [B, K, C, F, h, w],
+        t [B, K, F])."""
+        b, k, _, f = video.shape[:4]
+        sigma = self.sampler_predicted_sigma
+        x = (1 - sigma) * video + sigma * torch.randn(video.shape, generator=generator)
+        observed = torch.arange(f).view(1, 1, f) < torch.randint(f, (b, k, 1), generator=generator)  # [B, K, F]
+        x = torch.where(observed.view(b, k, 1, f, 1, 1), video, x)
+        t = torch.where(observed, 0.0, sigma * NUM_TRAIN_TIMESTEPS)
+        return x, t
 
 
 def action_change(action: Tensor) -> Tensor:

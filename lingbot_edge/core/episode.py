@@ -123,6 +123,10 @@ class Chunk(dict):
                                "were not recorded (record every executed step before feedback)")
         return np.stack(self._executed)
 
+    def recorded_keyframes(self) -> dict[str, np.ndarray]:
+        """{camera: [T, H, W, 3]}: the keyframes recorded so far (T = 0 gives empty arrays of no frames)."""
+        return {k: np.stack(v) if v else np.zeros((0, 0, 0, 3), np.uint8) for k, v in self._frames.items()}
+
     def keyframes(self) -> dict[str, np.ndarray]:
         """{camera: [num_keyframes, H, W, 3]} recorded while the chunk executed."""
         got = {k: len(v) for k, v in self._frames.items()}

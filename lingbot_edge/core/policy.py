@@ -221,10 +221,22 @@ class LingBotPolicy:
         self.chunk_index = 0  # the next chunk to feed back
         self.init_latent: Tensor | None = None
         self._pending: list = []  # ChunkResults inferred, not fed back yet (2 with one inferred ahead)
+        # Whether the oldest pending chunk's temporary entries are in the cache (its own sampler's, or written
+        # for the lookahead); a real write drops them.
+        self._executing_written = False
+        # The executing chunk's latent frames already encoded by `infer(ahead=True)`: (chunk index, latents
+        # [1, C, j, h, w], keyframes per camera); `feedback` encodes only the rest.
+        self._observed: tuple[int, Tensor, dict[str, np.ndarray]] | None = None
         self.predicted_latents = []
 
     def _noise(self, shape: tuple[int, ...]) -> Tensor:
         return torch.randn(shape, generator=self.generator, device=self.device, dtype=torch.float32)
+
+    @property
+    def takes_executing_keyframes(self) -> bool:
+        """Whether `infer(obs, ahead=True)` uses the executing chunk's keyframes recorded so far (grounded
+        lookahead): a loop may then request the next chunk later in the chunk, with fresher images."""
+        return self.cfg.async_mode == "grounded"
 
     @property
     def awaiting_feedback(self) -> bool:
@@ -239,14 +251,16 @@ class LingBotPolicy:
 
         Args:
             obs: for the first chunk of an episode, one frame per camera ({`cfg.obs_cam_keys` name or one of
-                its `camera_aliases`: H x W x 3 uint8}); ignored afterwards (pass `{}`: the keyframes come
-                with `feedback`).
+                its `camera_aliases`: H x W x 3 uint8}). With `ahead` in grounded mode: the executing chunk's
+                keyframes recorded so far, {camera: [T, H, W, 3] uint8} with T a whole number of latent frames
+                (`keyframes_per_frame` each) short of the whole chunk, or `{}` for none (`feedback` must then
+                get the same first T keyframes). Otherwise ignored (pass `{}`: keyframes come with `feedback`).
             ahead: predict the chunk after the one awaiting feedback, while that one executes
                 (`cfg.async_mode`). Grounded: the cache holds the real history up to the chunk before the
-                executing one, then the executing chunk's imagined video and its known actions as temporary
-                entries; this chunk runs its action pass alone on top. Naive: it conditions on the executing
-                chunk's own stale forecast. `feedback` of the oldest pending chunk writes what happened and
-                rewrites the executing chunk's temporary entries, so the next `infer(ahead=True)` follows it.
+                executing one, then the executing chunk's grounded video (its frames observed so far, the
+                rest as the sampler's PREDICTED write) and its known actions as temporary entries; this chunk
+                runs its action pass alone on top. Naive: it conditions on the executing chunk's own stale
+                forecast (`feedback` rewrites it after each real write).
 
         Returns:
             An `episode.Chunk`: its actions ([steps, used channels], robot units), the keyframe rule, and
@@ -255,7 +269,8 @@ class LingBotPolicy:
         Raises:
             RuntimeError: no `reset` yet, or the feedback/infer order is broken (`ahead=False` with a chunk
                 awaiting feedback, `ahead=True` without exactly one).
-            ValueError: the first chunk's `obs` lacks a camera.
+            ValueError: the first chunk's `obs` lacks a camera, or the executing chunk's keyframes are not
+                whole latent frames short of the chunk.
         """
         if self.prompt is None:
             raise RuntimeError("infer: call reset(prompt=...) first")
@@ -281,8 +296,14 @@ class LingBotPolicy:
         noise_video = self._noise(self.sampler.latent_shape)  # video first: the generator's order
         noise_action = self._noise(self.sampler.action_shape) * self.cfg.action_noise_scale
         if ahead and self.cfg.async_mode == "grounded":
-            # The executing chunk's grounded entries are in the cache (written by `infer` of chunk 0 or by
-            # `feedback`): the next chunk needs only its action pass.
+            # The executing chunk's entries: chunk 0's are its own sampler's; a later one is grounded here, on
+            # the history `feedback` wrote and what the cameras saw of it so far. Then the action pass alone.
+            if not self._executing_written:
+                observed = self._encode_executing(obs, timer)
+                self._ground_executing(self._pending[0], observed, timer)
+            elif obs:
+                raise ValueError("obs: the executing chunk is the episode's first, whose frames come with feedback; "
+                                 "pass {}")
             actions = self.sampler.sample_actions(noise_action, frame_shift=shift, timer=timer)
             result = ChunkResult(actions=actions, latents=None)
         else:
@@ -291,6 +312,8 @@ class LingBotPolicy:
                 frame_shift=shift,
             )
         actions = self.codec.to_robot(result.actions, first_chunk=first)  # host copy: syncs once
+        if not ahead:  # the chunk's own PREDICTED entries are the executing chunk's until its feedback
+            self._executing_written = True
         self.last_result = result
         if self.record_predicted_video and result.latents is not None:
             self.predicted_latents.append(result.latents.detach().float().cpu())
@@ -338,25 +361,72 @@ class LingBotPolicy:
             if t != want_t:
                 raise ValueError(f"frames[{key!r}]: expected {want_t} keyframes [T, H, W, 3], got {t}")
         actions = self.codec.from_robot(executed_actions, first_chunk=first).to(self.device)
+        observed = None
+        if self._observed is not None and self._observed[0] == self.chunk_index:
+            _, observed, seen = self._observed
+            frames = {k: self._after_observed(k, frames[k], seen[k]) for k in self.cfg.obs_cam_keys}
+        self._observed = None
         latents = self.obs_encoder.encode(orient_frames(frames, self.cfg.image_transform)).to(self.sampler.dtype)
         if first:  # the conditioning frame is the chunk's latent frame 0
             latents = torch.cat([self.init_latent, latents], dim=2)
+        elif observed is not None:  # encoded by infer(ahead=True) while the chunk executed
+            latents = torch.cat([observed, latents], dim=2)
         timer.mark("encode_obs")
         self.sampler.feedback(latents, actions, timer=timer)
         self._pending.pop(0)
-        if self._pending:  # a chunk inferred ahead is executing: feedback dropped its PREDICTED entries
-            self._rewrite_executing(self._pending[0], timer)
+        self._executing_written = False  # the real write dropped every temporary entry
+        if self._pending and self.cfg.async_mode == "naive":  # the chunk inferred ahead conditions on its forecast
+            self.sampler.write_predicted(self._pending[0].latents, self._pending[0].actions, timer=timer)
+            self._executing_written = True
         self.chunk_index += 1
         return timer.result()
 
-    def _rewrite_executing(self, executing: ChunkResult, timer: PhaseTimer) -> None:
-        """Entries for the chunk now executing, after the real history before it was written. Grounded: its
-        video imagined from that history and its known actions (`sampler.ground`). Naive: its stale forecast
-        as inferred (`sampler.write_predicted`)."""
-        if self.cfg.async_mode == "naive":
-            self.sampler.write_predicted(executing.latents, executing.actions, timer=timer)
-            return
-        latents = self.sampler.ground(self._noise(self.sampler.latent_shape), executing.actions, timer=timer)
+    @property
+    def keyframes_per_frame(self) -> int:
+        """Keyframes per camera that make one latent frame (the VAE's temporal compression)."""
+        return self.cfg.action_per_frame // self.cfg.keyframe_stride
+
+    def _encode_executing(self, obs: Mapping[str, Any], timer: PhaseTimer) -> Tensor | None:
+        """The executing chunk's keyframes so far -> its first j latent frames [1, C, j, h, w] (None for
+        none); kept for its `feedback`, which encodes only the keyframes after them."""
+        if not obs:
+            return None
+        obs = self.cfg.canonical_cameras(obs)
+        per, f = self.keyframes_per_frame, self.cfg.frame_chunk_size
+        frames = {}
+        for key in self.cfg.obs_cam_keys:
+            if key not in obs:
+                raise ValueError(f"obs: missing camera {key!r} of the executing chunk's keyframes; expected "
+                                 f"{list(self.cfg.obs_cam_keys)}")
+            img = np.asarray(obs[key])
+            t = img.shape[0] if img.ndim == 4 else 0
+            if img.ndim != 4 or t % per or not 0 < t < per * f:
+                raise ValueError(f"obs[{key!r}]: expected the executing chunk's keyframes [T, H, W, 3] with T a "
+                                 f"multiple of {per} below {per * f}, got shape {img.shape}")
+            frames[key] = img
+        counts = {k: v.shape[0] for k, v in frames.items()}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"obs: every camera needs the same number of keyframes, got {counts}")
+        latents = self.obs_encoder.encode(orient_frames(frames, self.cfg.image_transform)).to(self.sampler.dtype)
+        self._observed = (self.chunk_index, latents, frames)
+        timer.mark("encode_obs")
+        return latents
+
+    def _after_observed(self, key: str, frames: Any, seen: np.ndarray) -> np.ndarray:
+        """One camera's feedback keyframes less the first ones `infer(ahead=True)` encoded (they must be
+        the same frames: the VAE stream has consumed them)."""
+        frames = np.asarray(frames)
+        if not np.array_equal(frames[:len(seen)], seen):
+            raise ValueError(f"frames[{key!r}]: the first {len(seen)} keyframes differ from those given to "
+                             "infer(ahead=True) while the chunk executed")
+        return frames[len(seen):]
+
+    def _ground_executing(self, executing: ChunkResult, observed: Tensor | None, timer: PhaseTimer) -> None:
+        """The executing chunk's temporary entries after the real history before it: its video with the
+        observed frames pinned (`sampler.ground`), then its known actions."""
+        latents = self.sampler.ground(self._noise(self.sampler.latent_shape), executing.actions, observed,
+                                      timer=timer)
+        self._executing_written = True
         if self.record_predicted_video:
             self.predicted_latents.append(latents.detach().float().cpu())
 

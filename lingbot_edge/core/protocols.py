@@ -10,8 +10,8 @@
   `io.encoders.ObservationEncoder` (the streaming VAE) and `testing.libero.RecordedObservations`.
 
 Every implementation has every member (no `getattr` / `hasattr` probes at the call sites): a policy
-without lookahead says `supports_lookahead = False`, one with nothing to interrupt has a `cancel` that
-does nothing.
+without lookahead says `supports_lookahead = False` (and `takes_executing_keyframes = False`), one with
+nothing to interrupt has a `cancel` that does nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class Policy(Protocol):
     # Whether `infer(obs, ahead=True)` works: infer the chunk after the one awaiting feedback while that
     # one executes (the control loop's lookahead schedule, docs/design.md sections 2-3).
     supports_lookahead: bool
+    # Whether `infer(obs, ahead=True)` takes the executing chunk's keyframes recorded so far in `obs`
+    # ({camera: [T, H, W, 3]}, whole latent frames): the loop may then request the next chunk later in
+    # the executing chunk, once the frames it still has time for are in (`robot.control.AsyncController`).
+    takes_executing_keyframes: bool
 
     def reset(self, prompt: str) -> None:
         """Start an episode with `prompt` (any earlier episode is dropped)."""
@@ -44,7 +48,8 @@ class Policy(Protocol):
 
     def infer(self, obs: Mapping[str, Any], ahead: bool = False) -> Chunk:
         """The next chunk. The episode's first call needs one frame per camera in `obs` ({camera key:
-        H x W x 3 uint8}); later calls take `{}` (the keyframes come with `feedback`)."""
+        H x W x 3 uint8}); later calls take `{}` (the keyframes come with `feedback`), or, ahead with
+        `takes_executing_keyframes`, the executing chunk's keyframes so far."""
         ...
 
     def feedback(self, chunk: Chunk) -> Mapping[str, float]:

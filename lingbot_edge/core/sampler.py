@@ -73,6 +73,16 @@ class _SamplerBase:
         if first_latent is not None:
             _check("first_latent", first_latent, (*self.latent_shape[:2], 1, *self.latent_shape[3:]))
 
+    def check_observed(self, observed: Tensor | None) -> None:
+        """`ground`'s observed frames: [1, C, j, h, w] with 0 < j < F (a whole chunk is feedback)."""
+        if observed is None:
+            return
+        c, f, (h, w) = self.latent_shape[1], self.cfg.frame_chunk_size, self.latent_shape[3:]
+        if not isinstance(observed, Tensor) or observed.dim() != 5 or not 0 < observed.shape[2] < f:
+            got = tuple(observed.shape) if isinstance(observed, Tensor) else type(observed).__name__
+            raise ValueError(f"observed: expected a tensor of shape (1, {c}, j, {h}, {w}) with 0 < j < {f}, got {got}")
+        _check("observed", observed, (1, c, observed.shape[2], h, w))
+
     def check_feedback(self, video_latents: Tensor, actions: Tensor) -> None:
         _check("video_latents", video_latents, self.latent_shape)
         _check("actions", actions, self.action_shape)
@@ -121,24 +131,25 @@ class ReferenceSampler(_SamplerBase):
         self.cache.end(mode)
         return out
 
-    def _video_pass(self, noise_video: Tensor, first_latent: Tensor | None, frame_start: int) -> Tensor:
-        """Denoise one chunk's video at `frame_start` (TRANSIENT steps, the last one PREDICTED)."""
+    def _video_pass(self, noise_video: Tensor, pinned: Tensor | None, frame_start: int) -> Tensor:
+        """Denoise one chunk's video at `frame_start` (TRANSIENT steps, the last one PREDICTED); `pinned`
+        [1, C, j, h, w]: its first j latent frames are observed (pinned, t = 0)."""
         cfg, f = self.cfg, self.cfg.frame_chunk_size
-        first = first_latent is not None
+        j = 0 if pinned is None else pinned.shape[2]
         latents = noise_video.to(self.device, self.dtype).clone()
         ts, ds, last_updates = self.stream_schedule(action=False)
         for i in range(len(ts)):
             last = i == len(ts) - 1
             t_frames = torch.full((f,), float(ts[i]), device=self.device)
-            if first:  # frame 0 is the observation: pinned, t = 0
-                latents[:, :, :1] = first_latent
-                t_frames[0] = 0
+            if j:
+                latents[:, :, :j] = pinned
+                t_frames[:j] = 0
             mode = CacheMode.PREDICTED if last else CacheMode.TRANSIENT
             v = self._forward(latents, t_frames, mode, False, frame_start)
             if not last or last_updates:
                 latents = latents + self._cfg(v, cfg.guidance_scale) * ds[i]
-        if first:
-            latents[:, :, :1] = first_latent
+        if j:
+            latents[:, :, :j] = pinned
         return latents
 
     def _action_pass(self, noise_action: Tensor, first: bool, frame_start: int) -> Tensor:
@@ -187,14 +198,17 @@ class ReferenceSampler(_SamplerBase):
         return actions
 
     @torch.no_grad()
-    def ground(self, noise_video: Tensor, executing_actions: Tensor, timer=None) -> Tensor:
+    def ground(self, noise_video: Tensor, executing_actions: Tensor, observed: Tensor | None = None,
+               timer=None) -> Tensor:
         """Temporary entries for the chunk now executing (at frame_start), right after the real history
-        before it was written: its video imagined from that history (the policy's video steps, the last
-        one PREDICTED), then its executing actions as PREDICTED (t = 0). The next real write drops both.
-        Returns the imagined latents."""
+        before it was written: its video from that history (the policy's video steps, the last one
+        PREDICTED), its first latent frames pinned to `observed` ([1, C, j, h, w], 0 < j < F: what the
+        cameras saw of it so far; None: nothing yet), then its executing actions as PREDICTED (t = 0).
+        The next real write drops both. Returns the grounded latents."""
         _check("noise_video", noise_video, self.latent_shape)
         _check("executing_actions", executing_actions, self.action_shape)
-        latents = self._video_pass(noise_video, None, self.frame_start)
+        self.check_observed(observed)
+        latents = self._video_pass(noise_video, observed, self.frame_start)
         _mark(timer, "video")
         self._write_action(executing_actions, CacheMode.PREDICTED)
         _mark(timer, "grounded")
@@ -282,12 +296,12 @@ class StaticSampler(_SamplerBase):
         # History writes: t = 0, no Euler update (distinct tensors: aliased inputs would be a new graph).
         self.history_t = torch.zeros((), device=dev)
         self.history_dsigma = torch.zeros((), device=dev)
-        # First-chunk pinning as data: frame 0 forced to pin_values[stream] with t = 0 when pinned.
-        self.no_pin = torch.zeros(f, dtype=torch.bool, device=dev)
-        self.pin_first = self.no_pin.clone()
-        self.pin_first[0] = True
+        # Pinning as data: the first j frames forced to pin_values[stream] with t = 0 (pins[j]; j = 1 at the
+        # first chunk, whose frame 0 is the observation, and for `ground` with one observed frame).
+        self.pins = [torch.arange(f, device=dev) < j for j in range(f + 1)]
+        self.no_pin, self.pin_first = self.pins[0], self.pins[1]
         self.pin_values = {
-            False: torch.zeros(*self.latent_shape[:2], 1, *self.latent_shape[3:], dtype=self.dtype, device=dev),
+            False: torch.zeros(self.latent_shape, dtype=self.dtype, device=dev),
             True: torch.zeros(*self.action_shape[:2], 1, *self.action_shape[3:], dtype=self.dtype, device=dev),
         }
         self.step = self._step
@@ -308,7 +322,7 @@ class StaticSampler(_SamplerBase):
 
     def _persistent_tensors(self) -> list[Tensor]:
         tensors = list(self.cache.buffers()) + [t for kv in self.text_kv for t in kv]
-        tensors += [self.frame_offset, self.history_t, self.history_dsigma, self.no_pin, self.pin_first,
+        tensors += [self.frame_offset, self.history_t, self.history_dsigma, *self.pins,
                     self.action_channel_mask, *self.modes.values(), *self.pin_values.values()]
         tensors += [t for steps in self.schedules.values() for pair in steps for t in pair]
         tensors += [t for grid in self.grids.values() for t in grid]
@@ -380,7 +394,7 @@ class StaticSampler(_SamplerBase):
         self.check_inputs(noise_video, noise_action, first_latent)
         pin = self.no_pin
         if first_latent is not None:
-            self.pin_values[False].copy_(first_latent)
+            self.pin_values[False][:, :, :1].copy_(first_latent)
             pin = self.pin_first
         # The frame offset is a graph input: shifting it in place changes values, not graphs.
         self.frame_offset.add_(frame_shift)
@@ -407,11 +421,18 @@ class StaticSampler(_SamplerBase):
         return actions * self.action_channel_mask.view(1, -1, 1, 1, 1)
 
     @torch.no_grad()
-    def ground(self, noise_video: Tensor, executing_actions: Tensor, timer=None) -> Tensor:
-        """See ReferenceSampler.ground (the video graph, then the clean-write action graph)."""
+    def ground(self, noise_video: Tensor, executing_actions: Tensor, observed: Tensor | None = None,
+               timer=None) -> Tensor:
+        """See ReferenceSampler.ground (the video graph, its pins set to the observed frames, then the
+        clean-write action graph)."""
         _check("noise_video", noise_video, self.latent_shape)
         _check("executing_actions", executing_actions, self.action_shape)
-        latents = self._denoise(noise_video.to(self.device, self.dtype), False, self.no_pin)
+        self.check_observed(observed)
+        pin = self.no_pin
+        if observed is not None:
+            self.pin_values[False][:, :, :observed.shape[2]].copy_(observed)
+            pin = self.pins[observed.shape[2]]
+        latents = self._denoise(noise_video.to(self.device, self.dtype), False, pin)
         _mark(timer, "video")
         self._write_action(executing_actions, CacheMode.PREDICTED)
         _mark(timer, "grounded")

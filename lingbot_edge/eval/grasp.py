@@ -111,6 +111,7 @@ class _Seeded:
         self._policy, self._seed = policy, seed
         self.cfg = policy.cfg
         self.supports_lookahead = policy.supports_lookahead
+        self.takes_executing_keyframes = policy.takes_executing_keyframes
 
     def reset(self, prompt: str) -> None:
         self._policy.reset(prompt=prompt, seed=self._seed)

@@ -17,6 +17,10 @@ cache holds about chunk k; `feedback(k)` needs chunk k fully executed. Two sched
   the worker runs `feedback(k)` then `infer(k+2, ahead=True)`, all while chunk k+1 executes. Chunk 0 is
   inferred before the first tick (it needs the first observation), chunk 1 while chunk 0 executes. The
   arm never waits as long as feedback + infer take less than one chunk of execution time.
+  With a policy that `takes_executing_keyframes` (grounded lookahead) the request goes out later: at the
+  last latent-frame boundary of chunk k+1 that still leaves the measured inference time (the longest of
+  the last few requests, in ticks; at chunk k+1's start until one was measured), with the keyframes chunk
+  k+1 recorded so far, so chunk k+2 sees images up to that point instead of up to chunk k's end.
 
 A policy that cannot answer (`PolicyUnavailableError`: a remote server dead, absent or frozen past its
 timeout) makes the arm hold until the run's end; `ControlLog.failure` says why. Any other policy error
@@ -169,6 +173,9 @@ def supports_lookahead(policy: Policy) -> bool:
     return bool(policy.supports_lookahead)
 
 
+LATENCY_WINDOW = 4  # late requests plan with the longest of the last this-many worker jobs (ticks)
+
+
 @dataclass
 class _RunState:
     """What one `AsyncController.run` carries from tick to tick (its steps read and update it)."""
@@ -184,6 +191,10 @@ class _RunState:
     tick: int = 0  # the next tick's slot (deadline = tick * period)
     t0: float = 0.0  # the loop clock at tick 0
     started: float = 0.0  # the loop clock once the robot is connected (where `duration_s` starts)
+    deferred: Chunk | None = None  # a done chunk whose feedback waits for a late request (`request_late`)
+    request_at: int = 0  # with `deferred`: the executing chunk's executed steps at which the request goes out
+    submitted: dict = field(default_factory=dict)  # worker future -> tick it was submitted at (not yet seen done)
+    latencies: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))  # ticks to a finished job
 
 
 class AsyncController:
@@ -204,6 +215,9 @@ class AsyncController:
         safety: the filter every target goes through (default `SafetyFilter()`).
         lookahead: infer each chunk while the previous one executes (`infer(obs, ahead=True)`); default:
             whenever `policy.supports_lookahead`. True with a policy that has no lookahead is an error.
+        request_late: with lookahead, request the next chunk as late in the executing chunk as the measured
+            inference time allows, with the keyframes recorded so far (module docstring); default: whenever
+            `policy.takes_executing_keyframes`. True with a policy that does not take them is an error.
         on_tick: called as `on_tick(obs, tick)` after every tick (e.g. to record video).
         clock: seconds, monotonic (a fake clock makes ticks exact: `testing.clocks`).
         sleep: sleeps `s` seconds of `clock`.
@@ -211,7 +225,8 @@ class AsyncController:
             `result()`, and `shutdown(...)`); default: one worker thread, shut down by `run`.
 
     Raises:
-        ValueError: `lookahead=True` with a policy whose `supports_lookahead` is false.
+        ValueError: `lookahead=True` with a policy whose `supports_lookahead` is false, or `request_late=True`
+            without lookahead or with a policy whose `takes_executing_keyframes` is false.
 
     Example:
         controller = AsyncController(KinematicSO100(), load_policy("so100-grasp"), "pick up the cube", fps=30)
@@ -223,13 +238,21 @@ class AsyncController:
                  safety: SafetyFilter | None = None, lookahead: bool | None = None,
                  on_tick: Callable[[dict, Tick], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
-                 executor=None):
+                 executor=None, request_late: bool | None = None):
         self.robot, self.policy, self.prompt = robot, policy, prompt
         self.fps, self.period = float(fps), 1.0 / float(fps)
         self.safety = safety or SafetyFilter()
         self.lookahead = supports_lookahead(policy) if lookahead is None else lookahead
         if self.lookahead and not supports_lookahead(policy):
             raise ValueError("lookahead: this policy has no infer(..., ahead=True) (supports_lookahead)")
+        takes_frames = self.lookahead and bool(policy.takes_executing_keyframes)
+        self.request_late = takes_frames if request_late is None else request_late
+        if self.request_late and not takes_frames:
+            raise ValueError("request_late: needs lookahead and a policy that takes the executing chunk's keyframes "
+                             "(takes_executing_keyframes)")
+        cfg = policy.cfg
+        self.frame_steps = int(cfg.action_per_frame)  # executed steps per latent frame
+        self.chunk_steps = int(cfg.frame_chunk_size) * self.frame_steps  # steps of a chunk after the first
         self.on_tick = on_tick
         self.clock, self.sleep, self.executor = clock, sleep, executor
         self.cam_keys = tuple(policy.cfg.obs_cam_keys)
@@ -247,10 +270,10 @@ class AsyncController:
             raise TypeError(f"policy.infer: expected an episode.Chunk, got {type(chunk).__name__}")
         return chunk, (time.perf_counter() - t) * 1e3
 
-    def _boundary_job(self, done: Chunk) -> tuple[Chunk, float]:
+    def _boundary_job(self, done: Chunk, executing_keyframes: Mapping[str, Any] | None = None) -> tuple[Chunk, float]:
         t = time.perf_counter()
         self.policy.feedback(done)
-        chunk, _ = self._infer({}, ahead=self.lookahead)
+        chunk, _ = self._infer(executing_keyframes or {}, ahead=self.lookahead)
         return chunk, (time.perf_counter() - t) * 1e3
 
     def _images(self, obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -301,6 +324,7 @@ class AsyncController:
                 if end is not None and deadline >= end:
                     break
                 deadline, start = self._wait_for_tick(state, deadline)
+                self._note_finished_jobs(state)
                 present = joints_of(state.obs)
                 self._take_ready_chunk(state)
                 chunk = state.current
@@ -345,7 +369,7 @@ class AsyncController:
             log.info("control loop: %s mode, %.0f Hz, chunk 0 (%d steps) in %.0f ms", logbook.mode, self.fps,
                      chunk.steps, job_ms)
             if self.lookahead:
-                state.upcoming.append(state.worker.submit(self._infer, {}, True))
+                self._submit(state, self._infer, {}, True)
         except PolicyUnavailableError as e:
             if watchdog is not None and watchdog.fired:
                 e = PolicyUnavailableError(f"no first chunk within the run's {duration_s:g} s, cancelled ({e})")
@@ -366,6 +390,16 @@ class AsyncController:
             state.tick += skipped
             deadline = state.tick * self.period
         return deadline, start
+
+    def _submit(self, state: _RunState, fn: Callable[..., tuple[Chunk, float]], *args: Any) -> None:
+        future = state.worker.submit(fn, *args)
+        state.upcoming.append(future)
+        state.submitted[future] = state.tick
+
+    def _note_finished_jobs(self, state: _RunState) -> None:
+        """Measure, in ticks, how long each worker job took to become usable (what late requests plan with)."""
+        for future in [f for f in state.submitted if f.done()]:
+            state.latencies.append(state.tick - state.submitted.pop(future))
 
     def _take_ready_chunk(self, state: _RunState) -> None:
         """While holding: make the worker's oldest result the current chunk once it is done (closing the
@@ -418,10 +452,33 @@ class AsyncController:
             if state.logbook.failure is None and (max_chunks is None or state.done_chunks < max_chunks):
                 self._request_next_chunk(state, chunk)
             state.current, state.holding = None, 0
+        elif state.deferred is not None and chunk.executed_steps == state.request_at:
+            self._request_late(state, chunk)
 
     def _request_next_chunk(self, state: _RunState, done: Chunk) -> None:
-        """Hand the worker `feedback(done)` then the next infer (ahead of the pending chunk with lookahead)."""
-        state.upcoming.append(state.worker.submit(self._boundary_job, done))
+        """Hand the worker `feedback(done)` then the next infer (ahead of the pending chunk with lookahead), now
+        or, with `request_late`, at the next chunk's `_late_request_step`."""
+        state.request_at = self._late_request_step(state) if self.request_late else 0
+        if state.request_at == 0:
+            self._submit(state, self._boundary_job, done)
+        else:
+            state.deferred = done
+
+    def _late_request_step(self, state: _RunState) -> int:
+        """The executed steps of the next chunk after which to request the one after it: the last latent-frame
+        boundary whose request is still usable at the chunk's end with the longest recent job, in ticks (a
+        request made during the tick of step s - 1 is taken at the chunk's end if s - 1 + latency <= steps);
+        0 until a job was measured."""
+        if not state.latencies:
+            return 0
+        latency = max(state.latencies)
+        last = self.chunk_steps + 1 - latency
+        return max((s for s in range(0, self.chunk_steps, self.frame_steps) if s <= last), default=0)
+
+    def _request_late(self, state: _RunState, chunk: Chunk) -> None:
+        """The deferred feedback and the next infer, with the executing chunk's keyframes recorded so far."""
+        done, state.deferred = state.deferred, None
+        self._submit(state, self._boundary_job, done, chunk.recorded_keyframes())
 
     def _log_tick(self, state: _RunState, deadline: float, start: float, chunk: Chunk | None, step: int,
                   present: np.ndarray) -> None:

@@ -89,6 +89,9 @@ class RemotePolicy:
                                    used_action_channel_ids=tuple(range(m["action_dim"])),
                                    async_mode=m.get("async_mode", "naive"))  # servers without the key: naive
         self.supports_lookahead = bool(m.get("supports_lookahead", False))
+        # The wire protocol carries keyframes of fed-back chunks only: a lookahead request goes out at the
+        # executing chunk's start (the server's policy grounds it on the history alone).
+        self.takes_executing_keyframes = False
         self.prompt: str | None = None
         self._done: Chunk | None = None  # the executed chunk whose keyframes go with the next infer
 
