@@ -25,6 +25,7 @@ from lingbot_edge.eval.grasp import (
     chunk_delay_ticks,
     evaluate,
     held_out_seeds,
+    loop_async_mode,
     run_episode,
     summarize,
 )
@@ -52,7 +53,7 @@ class TaskSetting:
     transformer: str | Path | None = None
     input_scales: Mapping[str, float] | None = None
     check_hardware: bool = True  # False: float8 W8A8 emulated on a CPU, as the drift table runs it
-    mode: str = "sync"  # the robot loop (`eval.grasp.MODES`): sync, or lookahead with async_mode naive / grounded
+    mode: str = "sync"  # the robot loop (`eval.grasp.MODES`): sync, or a lookahead (naive, grounded, grounded-at-start)
     delay_ticks: float | None = None  # inference delay in control ticks (None: `eval.grasp.chunk_delay_ticks`)
 
 
@@ -79,8 +80,8 @@ def check_task_policy(cfg, where: str = "policy") -> None:
 def load_setting(load: LoadFn, setting: TaskSetting, calibration_steps: int = EVAL_STEPS):
     """(policy, its compute dtype) of `setting`: loaded with its settings, its DiT quantized in place."""
     kwargs = {**setting.overrides, "sampler": setting.sampler}
-    if setting.mode != "sync":
-        kwargs["async_mode"] = setting.mode
+    if loop_async_mode(setting.mode) is not None:
+        kwargs["async_mode"] = loop_async_mode(setting.mode)
     if setting.transformer is not None:
         kwargs["transformer"] = setting.transformer
     policy = load(**kwargs)

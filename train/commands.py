@@ -94,7 +94,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                          "choose recipes and settings on)")
     ev.add_argument("--modes", default="sync",
                     help="comma-separated robot loops for the trained rows: sync, naive, grounded (lookahead with that "
-                         "async_mode); 8-bit and random rows run in the first (default: sync)")
+                         "async_mode, grounded requesting late with the executing chunk's keyframes), "
+                         "grounded-at-start (requesting at the executing chunk's start); 8-bit and random rows run in "
+                         "the first (default: sync)")
     ev.add_argument("--delay", type=float, default=None, metavar="TICKS",
                     help="inference delay in control ticks under virtual time (default: half a chunk)")
     ev.add_argument("--no-random", action="store_true", help="skip the random-weight baseline")

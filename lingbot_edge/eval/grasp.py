@@ -39,7 +39,15 @@ def held_out_seeds(n: int, start: int = EVAL_SEED0) -> list[int]:
     return list(range(start, start + n))
 
 
-MODES = ("sync", "naive", "grounded")  # sync: infer after each chunk; naive / grounded: lookahead (async_mode)
+# The robot loops: sync infers after each chunk; the others look ahead with the policy's async_mode (`loop_async_mode`).
+# "grounded" requests late (with the executing chunk's keyframes, as run-so100 does); "grounded-at-start" requests
+# at the executing chunk's start, on the history alone (as over the websocket).
+MODES = ("sync", "naive", "grounded", "grounded-at-start")
+
+
+def loop_async_mode(mode: str) -> str | None:
+    """The policy's `async_mode` a loop of `MODES` needs (None for sync)."""
+    return None if mode == "sync" else mode.removesuffix("-at-start")
 
 
 def chunk_delay_ticks(cfg) -> int:
@@ -63,9 +71,10 @@ def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str = TASK, 
     cfg = policy.cfg
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
-    if mode != "sync" and cfg.async_mode != mode:
+    needs = loop_async_mode(mode)
+    if needs is not None and cfg.async_mode != needs:
         raise ValueError(f"mode {mode!r}: the policy's async_mode is {cfg.async_mode!r}; load it with "
-                         f"async_mode={mode!r}")
+                         f"async_mode={needs!r}")
     chunks, total = 0, 0
     while total < steps:
         total += chunk_steps(cfg, chunks)
@@ -88,7 +97,8 @@ def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str = TASK, 
     safety = SafetyFilter()
     controller = AsyncController(scene, _Seeded(policy, seed), prompt, safety=safety, lookahead=mode != "sync",
                                  on_tick=on_tick, clock=clock, sleep=clock.sleep,
-                                 executor=DelayedExecutor(clock, delay, EVAL_FPS))
+                                 executor=DelayedExecutor(clock, delay, EVAL_FPS),
+                                 request_late=False if mode.endswith("-at-start") else None)
     control_log = logging.getLogger(AsyncController.__module__)
     level = control_log.level
     control_log.setLevel(logging.ERROR)  # a synchronous loop holds at every boundary: expected here, not news
