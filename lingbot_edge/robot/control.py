@@ -466,13 +466,13 @@ class AsyncController:
 
     def _late_request_step(self, state: _RunState) -> int:
         """The executed steps of the next chunk after which to request the one after it: the last latent-frame
-        boundary whose request is still usable at the chunk's end with the longest recent job, in ticks (a
-        request made during the tick of step s - 1 is taken at the chunk's end if s - 1 + latency <= steps);
-        0 until a job was measured."""
+        boundary whose request is still usable at the chunk's end with the longest recent job, in ticks, and a
+        tick to spare (a request made during the tick of step s - 1 is taken when the chunk ends if
+        s - 1 + latency <= steps; one tick of jitter allowed: s + latency <= steps); 0 until a job was measured."""
         if not state.latencies:
             return 0
         latency = max(state.latencies)
-        last = self.chunk_steps + 1 - latency
+        last = self.chunk_steps - latency
         return max((s for s in range(0, self.chunk_steps, self.frame_steps) if s <= last), default=0)
 
     def _request_late(self, state: _RunState, chunk: Chunk) -> None:
