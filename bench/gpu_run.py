@@ -145,7 +145,8 @@ def run_variant(sampler, episode: dict, chunks: int, warmup: int, device: torch.
             executing = sampler.sample_actions(nxt, frame_shift=shift)
         else:
             sampler.feedback(steps[i - 1]["observed"], actions)
-            sampler.ground(s["noise_video"], executing)
+            seen = s["observed"][:, :, :1] if shift > 1 else None  # a late request: the first latent frame seen
+            sampler.ground(s["noise_video"], executing, seen)
             actions, executing = executing, sampler.sample_actions(nxt, frame_shift=shift)
         sync(device)
         m.times_s.append(time.perf_counter() - start)
