@@ -257,7 +257,7 @@ def step_bytes(setup: TrainSetup, cpu: bool = False, first_step: bool = False) -
 
 # ----------------------------------------------------------------------------- table
 
-TABLE_CHUNKS = (4, 8, 12, 16, 30)
+TABLE_CHUNKS = (4, 8, 16, 20, 24, 30)  # 2.1 s .. 16 s at 30 Hz
 
 
 def render(presets=("so100", "libero"), chunks=TABLE_CHUNKS, ranks=(16, 64)) -> str:
