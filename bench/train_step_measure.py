@@ -14,8 +14,11 @@ What it counts:
 - `rss_*`: the process's resident set (/proc/self/status VmRSS, and VmHWM for the peak), in bytes;
 - `live_peak_bytes`: the peak of live tensor bytes during the step (`LiveTensorBytes`), what a GPU's
   `max_memory_allocated` would report for the same tensors;
-- `peak_above_baseline`: VmHWM minus the RSS before the model was built (the interpreter, torch and the
-  imports excluded), the number compared with the memory model's CPU prediction.
+- `step_peak_above_baseline`: VmHWM during the step minus the RSS before the model was built (the
+  interpreter, torch and the imports excluded), the number compared with the memory model's CPU prediction.
+  glibc's mmap threshold is fixed at `--mmap-threshold` (64 KiB) first, so freed tensors leave the RSS:
+  with glibc's dynamic default, freed heap memory below 32 MiB stays resident and the RSS peak measures the
+  allocator's fragmentation as much as the step.
 """
 
 from __future__ import annotations
@@ -176,6 +179,19 @@ def synthetic_episode(cfg: PolicyConfig, chunks: int, batch: int = 1, seed: int 
 
 
 # ----------------------------------------------------------------------------- measuring
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """glibc: serve every allocation of `nbytes` or more by mmap, so a freed tensor leaves the RSS at once (the
+    default threshold grows to 32 MiB, and freed heap memory below it stays resident). False where no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def status_bytes(key: str) -> int:
@@ -345,12 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, help="blocks of the DiT (default: the preset's, 30)")
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every block's activations")
     parser.add_argument("--no-track", action="store_true", help="RSS only (no per-op tensor tracking)")
+    parser.add_argument("--mmap-threshold", type=int, default=65536,
+                        help="glibc M_MMAP_THRESHOLD in bytes (default 64 KiB: freed tensors leave the RSS; 0 keeps "
+                             "glibc's dynamic default, whose freed heap memory below 32 MiB stays resident)")
     parser.add_argument("--json", help="write the figures as JSON (atomically)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    mmap_set = bool(args.mmap_threshold) and set_mmap_threshold(args.mmap_threshold)
     out = measure(args.preset, args.chunks, args.base, args.rank, args.adapter_dtype, args.layers,
                   not args.no_checkpointing, not args.no_track)
-    out.update(model_prediction(out))
+    out.update(model_prediction(out), mmap_threshold=args.mmap_threshold if mmap_set else None)
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:

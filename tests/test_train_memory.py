@@ -155,3 +155,15 @@ def test_full_size_step_on_the_cpu(tmp_path):
     measured = json.loads(out.read_text())
     assert measured["rss_over_model"] == pytest.approx(1.0, abs=0.15)
     assert measured["live_over_model"] == pytest.approx(1.0, abs=0.10)
+
+
+def test_measure_cli_reports_the_models_prediction(tmp_path):
+    """The measuring script end to end on the tiny model, in its own process: the live-tensor peak of its step
+    against the model's prediction it writes next to it."""
+    out = tmp_path / "step.json"
+    subprocess.run([sys.executable, "-m", "bench.train_step_measure", "--preset", "tiny", "--chunks", "3",
+                    "--rank", "4", "--json", str(out)], check=True, capture_output=True)
+    measured = json.loads(out.read_text())
+    assert measured["layers"] == 2 and measured["adapter_params"] == 4 * tm.param_counts(MODEL_PRESETS["tiny"]).lora
+    assert measured["live_over_model"] == pytest.approx(1.0, abs=0.10)
+    assert measured["step_peak_above_baseline"] > measured["live_peak_bytes"] - measured["live_start_bytes"]
