@@ -26,6 +26,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=9, help="--kernels: interleaved rounds")
     p.add_argument("--threads", type=int, default=None, help="--kernels: intra-op threads")
     p.add_argument("--out", help="--train-memory: also write the table to this file (replaced atomically)")
+    p.add_argument("--measured", nargs="*", default=[], metavar="JSON",
+                   help="--train-memory: measured steps (bench.train_step_measure --json) to set against the model")
     p.set_defaults(func=_run)
     return p
 
@@ -34,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.train_memory:
         from bench.train_memory import run as train_memory
 
-        print(train_memory(args.out))
+        print(train_memory(args.out, args.measured))
         return 0
     if args.plan:
         from bench.plan import run

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -275,8 +276,8 @@ def render(presets=("so100", "libero"), chunks=TABLE_CHUNKS, ranks=(16, 64)) -> 
         "frame_chunk_size x action_per_frame = 16 actions (0.53 s at 30 Hz). `total` adds the CUDA context and "
         f"allocator slack ({CUDA_RESERVE_GIB} GiB). Budget: {BUDGET_GIB:.0f} GiB, what a 24 GB card leaves.",
         "",
-        "Reproduce: `python -m bench.train_memory --out bench/results/train_memory.md`. Checked against a measured "
-        "full-size step on the CPU: [train_memory.md](train_memory.md#measured).",
+        "Reproduce: `python -m bench.train_memory --out bench/results/train_memory.md`. Checked against a step of the "
+        "full-width DiT measured on the CPU: [below](#measured).",
         "",
     ]
     for preset in presets:
@@ -310,6 +311,51 @@ def render(presets=("so100", "libero"), chunks=TABLE_CHUNKS, ranks=(16, 64)) -> 
     return "\n".join(lines)
 
 
+def render_measured(paths) -> str:
+    """The measured steps (`bench.train_step_measure --json` files) next to the model's CPU prediction."""
+    import json
+    import platform
+
+    from bench.train_step_measure import model_prediction
+
+    lines = [
+        '<a id="measured"></a>',
+        "## Measured: one step on the CPU against the model",
+        "",
+        "`python -m bench.train_step_measure` (random weights; the block Linears quantized to int8 by `quantize_`; "
+        "rank-16 fp32 `LoRALinear` adapters on the 10 Linears of every block; per-block checkpointing; one step of "
+        "`FlowMatchingLoss` on the grounded layout, backward, AdamW) in a fresh process, niced, 1 thread, on "
+        f"{platform.processor() or platform.machine()} ({os_cpu_count()} cores). The model's prediction is "
+        "`step_bytes(cpu=True, first_step=True)`: the first step (no AdamW state before it), the CPU's int8 kernel "
+        "and layout mask. `live peak`: the peak of live tensor bytes during the step (a dispatch-mode tracker, "
+        "what `max_memory_allocated` is on a GPU). `RSS peak`: VmHWM during the step minus the RSS before the "
+        "model was built (imports excluded), with glibc's mmap threshold as listed: its dynamic default grows to "
+        "32 MiB, and freed memory below it stays in the heap, so the RSS then counts the allocator's fragmentation "
+        "too; the script's default `--mmap-threshold 65536` serves every allocation of 64 KiB or more by mmap.",
+        "",
+        "| DiT | episode | live peak | model | live / model | RSS peak | RSS / model | mmap threshold | step |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for path in paths:
+        m = json.loads(Path(path).read_text())
+        dim = get_policy_config(m["preset"]).model_config.dim
+        p = model_prediction(m)
+        threshold = m.get("mmap_threshold")
+        lines.append(
+            f"| {m['layers']} blocks x dim {dim}, {m['base']} base | {m['preset']}, {m['chunks']} chunks | "
+            f"{m['live_peak_bytes'] / GIB:.3f} | {p['model_cpu_bytes'] / GIB:.3f} | {p['live_over_model']:.3f} | "
+            f"{m['step_peak_above_baseline'] / GIB:.3f} | {p['rss_over_model']:.3f} | "
+            f"{'glibc default (dynamic)' if threshold is None else f'{threshold // 1024} KiB'} | "
+            f"{m['step_s']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def os_cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
 def breakdown(setup: TrainSetup, cpu: bool = False, first_step: bool = False) -> str:
     """The peak's components as markdown rows (GiB)."""
     rows = step_bytes(setup, cpu, first_step)
@@ -319,10 +365,12 @@ def breakdown(setup: TrainSetup, cpu: bool = False, first_step: bool = False) ->
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="also write the table to this file (replaced atomically); default: print only")
+    parser.add_argument("--measured", nargs="*", default=[], metavar="JSON",
+                        help="`bench.train_step_measure --json` files to set against the model's CPU prediction")
 
 
-def run(out: str | None = None) -> str:
-    text = render()
+def run(out: str | None = None, measured=()) -> str:
+    text = render() + ("\n" + render_measured(measured) if measured else "")
     if out:
         write_text(out, text + "\n")
     return text
@@ -333,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(run(args.out))
+    print(run(args.out, args.measured))
     return 0
 
 
