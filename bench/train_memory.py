@@ -276,8 +276,9 @@ def render(presets=("so100", "libero"), chunks=TABLE_CHUNKS, ranks=(16, 64)) -> 
         "frame_chunk_size x action_per_frame = 16 actions (0.53 s at 30 Hz). `total` adds the CUDA context and "
         f"allocator slack ({CUDA_RESERVE_GIB} GiB). Budget: {BUDGET_GIB:.0f} GiB, what a 24 GB card leaves.",
         "",
-        "Reproduce: `python -m bench.train_memory --out bench/results/train_memory.md`. Checked against a step of the "
-        "full-width DiT measured on the CPU: [below](#measured).",
+        "Reproduce: `python -m bench.train_memory --out bench/results/train_memory.md` (the measured rows: "
+        "`--measured` with the JSON files of `python -m bench.train_step_measure --chunks 4 --layers 2 --json F`). "
+        "Checked against a step of the full-width DiT measured on the CPU: [below](#measured).",
         "",
     ]
     for preset in presets:
@@ -354,13 +355,6 @@ def os_cpu_count() -> int:
     import os
 
     return os.cpu_count() or 0
-
-
-def breakdown(setup: TrainSetup, cpu: bool = False, first_step: bool = False) -> str:
-    """The peak's components as markdown rows (GiB)."""
-    rows = step_bytes(setup, cpu, first_step)
-    return "\n".join(f"| {name} | {value / GIB:.3f} |" for name, value in rows.items()
-                     if isinstance(value, float | int))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
