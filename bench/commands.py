@@ -3,6 +3,7 @@
 
     lingbot-edge bench --plan [--gpu rtx4090] [--preset libero so100] [--all]   # latency model
     lingbot-edge bench --kernels [--tokens 16 288]                              # CPU/GPU kernel timings
+    lingbot-edge bench --train-memory [--out bench/results/train_memory.md]     # LoRA training-step memory
 """
 
 from __future__ import annotations
@@ -16,17 +17,27 @@ def register(subparsers) -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--plan", action="store_true", help="roofline chunk latency per preset x scheme x steps")
     what.add_argument("--kernels", action="store_true", help="time the 8-bit kernels at 3072 -> 14336")
+    what.add_argument("--train-memory", action="store_true",
+                      help="memory model of one LoRA training step of the 5B DiT (bench/train_memory.py)")
     from bench.plan import add_arguments
 
     add_arguments(p)
     p.add_argument("--tokens", type=int, nargs="+", default=[16, 288], help="--kernels: token counts")
     p.add_argument("--rounds", type=int, default=9, help="--kernels: interleaved rounds")
     p.add_argument("--threads", type=int, default=None, help="--kernels: intra-op threads")
+    p.add_argument("--out", help="--train-memory: also write the table to this file (replaced atomically)")
+    p.add_argument("--measured", nargs="*", default=[], metavar="JSON",
+                   help="--train-memory: measured steps (bench.train_step_measure --json) to set against the model")
     p.set_defaults(func=_run)
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.train_memory:
+        from bench.train_memory import run as train_memory
+
+        print(train_memory(args.out, args.measured))
+        return 0
     if args.plan:
         from bench.plan import run
 

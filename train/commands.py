@@ -74,6 +74,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
     fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     fit.add_argument("--eval-episodes", type=int, default=0, help="then evaluate on this many held-out seeds")
+    fit.add_argument("--distributed", action="store_true",
+                     help="data parallel over the processes of `torchrun --nproc-per-node N -m train.commands fit "
+                          "...` (FSDP2; --batch-size a multiple of N; rank 0 writes; see train/distributed.py)")
     fit.set_defaults(func=_fit)
 
     ev = sub.add_parser("eval", help="task success over held-out seeds: the checkpoint vs random weights")
@@ -142,11 +145,17 @@ def _fit(args) -> int:
                      predicted_at_sampler_sigma=args.predicted_sigma == "sampler",
                      history_action_noise=args.history_action_noise, change_weight=args.change_weight,
                      grounded_weight=args.grounded_weight, **extra)
-    report = fit(args.out, dataset=args.dataset, episodes=args.episodes, tc=tc, threads=args.threads,
-                 model=args.model, expert_gain=args.expert_gain,
-                 expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,
-                 cameras=args.camera or None,
-                 height=args.height, width=args.width)
+    kwargs = dict(dataset=args.dataset, episodes=args.episodes, model=args.model, expert_gain=args.expert_gain,
+                  expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,
+                  cameras=args.camera or None, height=args.height, width=args.width)
+    if args.distributed:
+        from train.distributed import fit as fit_distributed
+
+        report = fit_distributed(args.out, tc, threads=args.threads, **kwargs)
+        if report is None:  # not rank 0: it trained its share, rank 0 reports
+            return 0
+    else:
+        report = fit(args.out, tc=tc, threads=args.threads, **kwargs)
     print(f"loss video {report['first_loss']['video']:.3f} -> {report['final_loss']['video']:.3f}, "
           f"action {report['first_loss']['action']:.3f} -> {report['final_loss']['action']:.3f}; "
           f"checkpoint {Path(args.out) / 'checkpoint'}; curves {Path(args.out) / 'loss.png'}")

@@ -224,14 +224,17 @@ def plot_losses(losses: list[dict[str, float]], path: Path) -> Path:
 
 
 def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: TrainConfig,
-          progress: bool = True) -> list[dict[str, float]]:
+          progress: bool = True, parallel=None) -> list[dict[str, float]]:
     """Train `model` in place for `tc.steps` steps (resuming from `out/train_state.pt` when present);
-    returns the per-step losses."""
+    returns the per-step losses. `parallel` (`train.distributed.DataParallel`, under torchrun): the model is
+    sharded (FSDP2), each rank trains on its share of every batch with its own noise, rank 0 writes."""
     from tqdm import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.train().requires_grad_(True)
+    if parallel is not None:
+        parallel.shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -246,15 +249,23 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
         if state["train_config"] != asdict(tc) or state["policy"] != cfg.name or state["chunks"] != data.video.shape[1]:
             raise ValueError(f"{state_path}: saved by a different run ({state['train_config']}, policy "
                              f"{state['policy']!r}); use another --out or delete it")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if parallel is None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        else:
+            parallel.load_state(model, opt, state["model"], state["optimizer"])
         gen.set_state(state["generator"])
         losses, step = state["losses"], state["step"]
         log.info("resumed %s at step %d", state_path, step)
     objective = FlowMatchingLoss(cfg, data.video.shape[1], tc.grounded_weight)
+    run = objective if parallel is None else parallel.objective(objective)
 
     def save() -> None:
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+        model_state, opt_state = (model.state_dict(), opt.state_dict()) if parallel is None else \
+            parallel.full_state(model, opt)
+        if parallel is not None and not parallel.is_writer:
+            return
+        atomic_torch_save({"model": model_state, "optimizer": opt_state, "generator": gen.get_state(),
                            "losses": losses, "step": step, "train_config": asdict(tc), "policy": cfg.name,
                            "chunks": data.video.shape[1]}, state_path)
         if losses:
@@ -266,14 +277,19 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
         idx = torch.randint(len(data), (tc.batch_size,), generator=gen)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, tc)
-        loss_v, parts = objective(model, data.video[idx], data.action[idx], data.text[idx], gen, tc.noisy_predicted,
-                                  tc.history_action_noise, tc.change_weight, tc.predicted_at_sampler_sigma)
+        noise = gen
+        if parallel is not None:
+            idx, noise = parallel.local_share(idx), parallel.noise_generator(tc.seed, step)
+        loss_v, parts = run(model, data.video[idx], data.action[idx], data.text[idx], noise, tc.noisy_predicted,
+                            tc.history_action_noise, tc.change_weight, tc.predicted_at_sampler_sigma)
         loss = loss_v + tc.action_weight * parts.pop("_action")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
         opt.step()
         step += 1
+        if parallel is not None:
+            parts = parallel.mean(parts)
         losses.append({"step": step, **parts, "grad_norm": grad_norm})
         bar.update(1)
         bar.set_postfix(video=f"{parts['video']:.3f}", action=f"{parts['action']:.3f}")
