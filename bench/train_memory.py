@@ -5,7 +5,7 @@
     lingbot-edge bench --train-memory [--out FILE]                   # the same
 
 One step of `train.trainer.FlowMatchingLoss` (the teacher-forced episode: `train.teacher.episode_layout` with the
-grounded segments, every chunk's 3 video and 4 action copies in one sequence) over a batch of one episode:
+grounded segments, every chunk's 4 video and 4 action copies in one sequence) over a batch of one episode:
 the base DiT frozen in int8 (weight-only, one fp32 scale per output channel, as `quantize_` stores it) or
 bf16; rank-r LoRA adapters on the 10 block Linears of self-attention, cross-attention and FFN
 (`bench.train_step_measure.LORA_TARGETS`; the blocks are shared by the video and the action stream);
@@ -122,9 +122,13 @@ def attention_shape(cfg: PolicyConfig, chunks: int, grounded: bool) -> Attention
 
 
 def sequence_tokens(cfg: PolicyConfig, chunks: int, grounded: bool) -> int:
-    """Tokens of the episode sequence: per chunk 3 video copies and 2 action copies (+2 grounded)."""
-    actions = 4 if grounded else 2
-    return chunks * (3 * cfg.video_tokens_per_chunk + actions * cfg.action_tokens_per_chunk)
+    """Tokens of the episode sequence: per chunk one copy per segment of the trainer's layout
+    (`train.teacher.SEGMENTS`, plus `GROUNDED_SEGMENTS` when grounded), video or action sized."""
+    from train.teacher import GROUNDED_SEGMENTS, SEGMENTS
+
+    names = SEGMENTS + (GROUNDED_SEGMENTS if grounded else ())
+    return chunks * sum(cfg.action_tokens_per_chunk if name.startswith("action") else cfg.video_tokens_per_chunk
+                        for name in names)
 
 
 def block_saved_bytes(mc: ModelConfig, length: int, chunks: int, att: AttentionShape,
@@ -272,7 +276,7 @@ def render(presets=("so100", "libero"), chunks=TABLE_CHUNKS, ranks=(16, 64)) -> 
         f"{counts.other / 1e9:.2f}B other parameters. LoRA on the 10 Linears of every block (attn1 q/k/v/out, "
         f"attn2 q/k/v/out, ffn in/out): {counts.lora / 1e6:.2f}M parameters per unit of rank. Adapters, their "
         "gradients and AdamW's two states fp32 (16 bytes per adapter parameter); activations bf16; batch of one "
-        "episode; the grounded layout (per chunk 3 video + 4 action copies). A chunk is "
+        "episode; the grounded layout (per chunk 4 video + 4 action copies). A chunk is "
         "frame_chunk_size x action_per_frame = 16 actions (0.53 s at 30 Hz). `total` adds the CUDA context and "
         f"allocator slack ({CUDA_RESERVE_GIB} GiB). Budget: {BUDGET_GIB:.0f} GiB, what a 24 GB card leaves.",
         "",
