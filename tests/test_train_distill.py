@@ -156,3 +156,32 @@ def test_methods_and_step_counts_are_checked():
         DistillLoss(cfg, CHUNKS, DistillConfig(action_steps=3, method="trajectory"), 10)
     with pytest.raises(ValueError, match="method"):
         DistillLoss(cfg, CHUNKS, DistillConfig(method="progressive"), 10)
+
+
+@pytest.mark.parametrize("action_steps", [2, 1])
+def test_plan_counts_the_distilled_chunk_on_a_running_sampler(action_steps):
+    """The latency plan's few-step rows: its forwards are those a running static sampler makes (video_exec_step 1,
+    N action steps + the PREDICTED write, 2 history writes), and on an RTX 4090 in bf16 the so100 and libero
+    presets meet 30 Hz with them."""
+    from bench import plan
+    from lingbot_edge.core.config import get_policy_config
+    from lingbot_edge.core.sampler import StaticSampler
+    from lingbot_edge.io.checkpoint import build_model
+
+    cfg = get_policy_config("tiny", video_exec_step=1, action_num_inference_steps=action_steps, guidance_scale=1.0)
+    sampler = StaticSampler(build_model(cfg.model_config, seed=0), cfg, compile=False)
+    calls = []
+    forward = sampler.model.forward
+    sampler.model.forward = lambda *a, **k: calls.append(k.get("action")) or forward(*a, **k)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, cfg.max_sequence_length, cfg.model_config.text_dim, generator=g)
+    sampler.reset(text, None)
+    r = sampler.sample_chunk(torch.randn(sampler.latent_shape, generator=g), torch.zeros(sampler.action_shape))
+    sampler.feedback(r.latents, r.actions)
+    assert [f.action for f in plan.chunk_forwards(cfg)] == calls
+    assert len(calls) == 1 + action_steps + 1 + 2
+    rows = plan.rows_for(plan.GPUS["rtx4090"], ("libero", "so100"))
+    for preset in ("libero", "so100"):
+        row = next(r for r in rows if r["preset"] == preset and r["scheme"] == "bf16" and r["video_exec_step"] == 1
+                   and r["action_steps"] == action_steps)
+        assert row["meets"] and row["remaining_ms"] > 300, row
