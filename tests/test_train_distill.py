@@ -185,3 +185,16 @@ def test_plan_counts_the_distilled_chunk_on_a_running_sampler(action_steps):
         row = next(r for r in rows if r["preset"] == preset and r["scheme"] == "bf16" and r["video_exec_step"] == 1
                    and r["action_steps"] == action_steps)
         assert row["meets"] and row["remaining_ms"] > 300, row
+
+
+def test_train_eval_takes_action_step_counts(tmp_path):
+    """`train eval --action-steps 2,1`: one row per count, each run at that count (the checkpoint's is 10)."""
+    from train.commands import main
+
+    out = tmp_path / "rows.json"
+    assert main(["eval", "--checkpoint", "so100-grasp", "--episodes", "1", "--no-random", "--action-steps", "2,1",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["action_steps"] for r in rows] == [2, 1] and all(r["episodes"] == 1 for r in rows)
+    with pytest.raises(SystemExit, match="--action-steps: expected 'checkpoint'"):
+        main(["eval", "--checkpoint", "so100-grasp", "--action-steps", "2,few"])
