@@ -69,7 +69,13 @@ SCHEMES: dict[str, tuple[float, str, str]] = {
     "fp8_w8a8": (1.0, "fp8", "fp8"),
 }
 EXEC_STEPS = (-1, 10, 5, 3, 2, 1)
-ACTION_STEPS = (50, 25, 10, 5)
+# Action steps: upstream's 50, the paper's deployed 10, and the distilled 2 and 1 (`lingbot-edge train distill`;
+# LingBot-VA 2.0 is reported to distil actions 10 -> 2, docs/design.md section 9).
+ACTION_STEPS = (50, 25, 10, 5, 2, 1)
+# Few-step video schedules run in full (video_exec_step -1: N denoising forwards + the PREDICTED write): the
+# paper's deployed 3 video steps, and 2 as a distilled video stream would run them.
+FEW_VIDEO_STEPS = (3, 2)
+DISTILLED_ACTION_STEPS = (2, 1)  # the rows of the "distilled step counts" section
 
 
 @dataclass(frozen=True)
@@ -137,13 +143,15 @@ def rows_for(gpu: Gpu, presets: tuple[str, ...]) -> list[dict]:
             if not supported(gpu, scheme):
                 continue
             mem = budget(preset, SCHEMES[scheme][2], counts)["allocated (tensors)"]
-            for k in EXEC_STEPS:
+            video = [(base.num_inference_steps, k) for k in EXEC_STEPS] + [(n, -1) for n in FEW_VIDEO_STEPS]
+            for n, k in video:
                 for a in ACTION_STEPS:
-                    cfg = base.replace(video_exec_step=k, action_num_inference_steps=a)
+                    cfg = base.replace(num_inference_steps=n, video_exec_step=k, action_num_inference_steps=a)
                     t = chunk_roofline_s(cfg, gpu, scheme)
                     out.append(dict(preset=preset, scheme=scheme, video_steps=cfg.num_inference_steps,
                                     video_exec_step=k, action_steps=a, forwards=len(chunk_forwards(cfg)),
                                     roofline_ms=t * 1e3, budget_ms=budget_s * 1e3, margin=budget_s / t,
+                                    remaining_ms=(budget_s - EFFICIENCY * t) * 1e3,
                                     meets=EFFICIENCY * t <= budget_s and mem <= gpu.memory_gib,
                                     peak_gib=mem, weight_gib=_weight_gib(scheme, counts)))
     return out
@@ -190,10 +198,20 @@ def render(gpu: Gpu, rows: list[dict], show_all: bool) -> str:
                 f"| {r['forwards']} | {r['weight_gib']:.2f} | {r['peak_gib']:.2f} | {r['roofline_ms']:.0f} "
                 f"| {r['budget_ms']:.0f} | {r['margin']:.2f} | {'yes' if r['meets'] else 'no'} |")
 
-    shown = rows if show_all else [r for r in rows
-                                   if r["action_steps"] in (50, 10) and r["video_exec_step"] in (-1, 5, 2)]
+    base_video = {r["preset"]: r["video_steps"] for r in rows if r["video_exec_step"] != -1}  # the preset's
+    shown = rows if show_all else [r for r in rows if r["action_steps"] in (50, 10)
+                                   and r["video_exec_step"] in (-1, 5, 2)
+                                   and r["video_steps"] == base_video[r["preset"]]]
     lines += ["## Configurations" + ("" if show_all else " (subset; --all for every row)"), ""] + header
     lines += [line(r) for r in shown]
+    few = [r for r in rows if r["scheme"] == "bf16" and r["action_steps"] in DISTILLED_ACTION_STEPS
+           and (r["video_exec_step"] in (1, 2, 3) or r["video_steps"] in FEW_VIDEO_STEPS)]
+    lines += ["", f"## Distilled step counts, bf16: {' or '.join(map(str, DISTILLED_ACTION_STEPS))} action steps, "
+              f"1-3 video forwards (video_exec_step) or {' or '.join(map(str, FEW_VIDEO_STEPS))} full video steps",
+              "", f"remaining = budget - {EFFICIENCY}x roofline: what is left of the chunk's execution time for the "
+              "VAE encode, the robot I/O and launch overheads.", "",
+              header[0] + " remaining ms |", header[1] + "---:|"]
+    lines += [line(r) + f" {r['remaining_ms']:.0f} |" for r in few]
     best = sorted(cheapest_meeting(rows), key=lambda r: (r["preset"], r["roofline_ms"]))
     lines += ["", f"## Most denoising that meets {CONTROL_HZ:.0f} Hz, per preset and scheme", ""]
     lines += header + [line(r) for r in best] if best else ["(none)"]

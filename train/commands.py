@@ -3,6 +3,7 @@
     lingbot-edge train record --out DIR [--episodes 200]
     lingbot-edge train fit --out DIR [--dataset DIR] [--episodes 200] [--steps 2600] [--eval-episodes 20]
     lingbot-edge train eval --checkpoint DIR [--episodes 20] [--dtype bfloat16] [--schemes a,b] [--json F]
+    lingbot-edge train distill --teacher DIR|so100-grasp --data RUN_DIR --action-steps N --out DIR
 
 Registered from this package through the `lingbot_edge.commands` entry point (`train.commands:register`);
 `python -m train.commands ...` runs the same parser without the entry point.
@@ -79,6 +80,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                           "...` (FSDP2; --batch-size a multiple of N; rank 0 writes; see train/distributed.py)")
     fit.set_defaults(func=_fit)
 
+    _distill_args(sub)
+
     ev = sub.add_parser("eval", help="task success over held-out seeds: the checkpoint vs random weights")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `train fit`")
     ev.add_argument("--episodes", "--task-episodes", dest="episodes", type=int, default=20,
@@ -89,6 +92,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--exec-steps", default="checkpoint",
                     help="comma-separated video step settings to evaluate: 'checkpoint' (its policy_config's; the "
                          "default), 'full' or a video_exec_step count (e.g. 1,full)")
+    ev.add_argument("--action-steps", default="checkpoint",
+                    help="comma-separated action step counts to evaluate: 'checkpoint' (its "
+                         "action_num_inference_steps; the default) or counts (e.g. 10,5,2,1)")
     ev.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="policy setting override for every row, JSON value (e.g. --set action_noise_scale=1); "
                          "repeatable")
@@ -109,6 +115,37 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--markdown", help="write the results table as Markdown (e.g. under bench/results/)")
     ev.set_defaults(func=_eval)
     return p
+
+
+def _distill_args(sub) -> None:
+    from train.distill_config import METHODS, DistillConfig
+
+    dc = DistillConfig()  # the one place for the distillation defaults
+    d = sub.add_parser("distill", help="a student that reaches the teacher's action endpoint in fewer action steps; "
+                                       "resumes from --out")
+    d.add_argument("--teacher", default="so100-grasp", help="teacher checkpoint folder or embedded name "
+                                                            "(default: so100-grasp)")
+    d.add_argument("--data", required=True, help="the teacher's `train fit` run folder (its latents.pt)")
+    d.add_argument("--action-steps", type=int, default=dc.action_steps,
+                   help=f"the student's action steps (default {dc.action_steps})")
+    d.add_argument("--out", required=True, help="run folder: targets.pt, train_state.pt, loss.png, checkpoint/")
+    d.add_argument("--method", default=dc.method, choices=METHODS,
+                   help=f"distillation objective (default {dc.method}; see train/distill_config.py)")
+    d.add_argument("--steps", type=int, default=dc.steps, help=f"optimizer steps (default {dc.steps})")
+    d.add_argument("--batch-size", type=int, default=dc.batch_size,
+                   help=f"samples (episode x draw) per step (default {dc.batch_size})")
+    d.add_argument("--lr", type=float, default=dc.lr, help=f"peak learning rate (default {dc.lr:g})")
+    d.add_argument("--draws", type=int, default=dc.draws,
+                   help=f"noise draws per episode for the teacher's targets (default {dc.draws})")
+    d.add_argument("--grounded-weight", type=float, default=dc.grounded_weight,
+                   help="weight of the grounded lookahead's copy (0: the synchronous order alone; default %(default)s)")
+    d.add_argument("--video-weight", type=float, default=dc.video_weight,
+                   help="weight of the term keeping the video velocity at the teacher's (default %(default)s)")
+    d.add_argument("--save-every", type=int, default=dc.save_every,
+                   help=f"steps between saved states (default {dc.save_every})")
+    d.add_argument("--seed", type=int, default=dc.seed)
+    d.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    d.set_defaults(func=_distill)
 
 
 def _expert_args(parser) -> None:
@@ -169,6 +206,22 @@ def _fit(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    from train.distill import distill
+    from train.distill_config import DistillConfig
+
+    dc = DistillConfig(action_steps=args.action_steps, method=args.method, steps=args.steps,
+                       batch_size=args.batch_size, lr=args.lr, draws=args.draws, grounded_weight=args.grounded_weight,
+                       video_weight=args.video_weight, save_every=args.save_every, seed=args.seed)
+    report = distill(args.teacher, args.data, args.out, dc, threads=args.threads)
+    rms = ", ".join(f"{k} {v['sync']:.4f} / {v['grounded']:.4f}" for k, v in report["endpoint_rms"].items())
+    print(f"loss action {report['first_loss']['action']:.2e} -> {report['final_loss']['action']:.2e}; endpoint RMS "
+          f"against the teacher's {report['teacher_action_steps']} steps (sync / grounded): {rms}; "
+          f"student {report['checkpoint']} ({report['timings']['train_s'] + report['timings']['targets_s']:.0f} s, "
+          f"{report['threads']} threads)")
+    return 0
+
+
 def _eval(args) -> int:
     from train.evaluate import evaluate_checkpoint, format_table
 
@@ -179,6 +232,11 @@ def _eval(args) -> int:
     except ValueError:
         raise SystemExit(f"lingbot-edge train eval: error: --exec-steps: expected 'checkpoint', 'full' or "
                          f"video_exec_step counts, comma-separated; got {args.exec_steps!r}") from None
+    try:
+        action_steps = [None if s == "checkpoint" else int(s) for s in args.action_steps.split(",") if s]
+    except ValueError:
+        raise SystemExit(f"lingbot-edge train eval: error: --action-steps: expected 'checkpoint' or action step "
+                         f"counts, comma-separated; got {args.action_steps!r}") from None
     from lingbot_edge.core.config import parse_overrides
     from lingbot_edge.eval.grasp import EVAL_STEPS, MODES, SEED_SETS
 
@@ -187,10 +245,15 @@ def _eval(args) -> int:
         raise SystemExit(f"lingbot-edge train eval: error: --modes: expected a comma-separated subset of "
                          f"{', '.join(MODES)}; got {args.modes!r}")
     first = SEED_SETS[args.seeds]
-    rows = evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
-                               exec_steps=exec_steps, random_baseline=not args.no_random, expert=args.expert,
-                               video=args.video, overrides=parse_overrides(args.settings), first_seed=first,
-                               modes=modes, delay_ticks=args.delay)
+    rows = []
+    for i, steps in enumerate(action_steps or [None]):  # each action step count: the rows of one evaluation
+        overrides = parse_overrides(args.settings)
+        if steps is not None:
+            overrides["action_num_inference_steps"] = steps
+        rows += evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
+                                    exec_steps=exec_steps, random_baseline=not args.no_random and i == 0,
+                                    expert=args.expert and i == 0, video=args.video if i == 0 else None,
+                                    overrides=overrides, first_seed=first, modes=modes, delay_ticks=args.delay)
     table = format_table(rows, args.episodes, args.seeds)
     print(table)
     if args.json:
@@ -202,7 +265,7 @@ def _eval(args) -> int:
             f"Checkpoint `{args.checkpoint}`; {args.seeds} seeds {first}..{first + args.episodes - 1}, "
             f"{EVAL_STEPS} actions per episode, CPU, `lingbot-edge train eval --episodes {args.episodes} "
             f"--dtype {args.dtype} --seeds {args.seeds}{' --schemes ' + args.schemes if args.schemes else ''} "
-            f"--exec-steps {args.exec_steps} --modes {args.modes}"
+            f"--exec-steps {args.exec_steps} --action-steps {args.action_steps} --modes {args.modes}"
             f"{'' if args.delay is None else f' --delay {args.delay:g}'}"
             f"{''.join(' --set ' + item for item in args.settings)}`.\n\n{table}\n")
     return 0
