@@ -348,11 +348,19 @@ def render_measured(paths) -> str:
         threshold = m.get("mmap_threshold")
         lines.append(
             f"| {m['layers']} blocks x dim {dim}, {m['base']} base | {m['preset']}, {m['chunks']} chunks | "
-            f"{m['live_peak_bytes'] / GIB:.3f} | {p['model_cpu_bytes'] / GIB:.3f} | {p['live_over_model']:.3f} | "
+            f"{_gib(m['live_peak_bytes'])} | {p['model_cpu_bytes'] / GIB:.3f} | {_ratio(p.get('live_over_model'))} | "
             f"{m['step_peak_above_baseline'] / GIB:.3f} | {p['rss_over_model']:.3f} | "
             f"{'glibc default (dynamic)' if threshold is None else f'{threshold // 1024} KiB'} | "
             f"{m['step_s']:.0f} s |")
     return "\n".join(lines) + "\n"
+
+
+def _gib(nbytes: float | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / GIB:.3f}"  # None: measured without tensor tracking (--no-track)
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def os_cpu_count() -> int:
