@@ -208,14 +208,17 @@ def plot_losses(losses: list[dict[str, float]], path: Path) -> Path:
 
 
 def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: TrainConfig,
-          progress: bool = True) -> list[dict[str, float]]:
+          progress: bool = True, trainable=None, run: dict | None = None) -> list[dict[str, float]]:
     """Train `model` in place for `tc.steps` steps (resuming from `out/train_state.pt` when present);
-    returns the per-step losses."""
+    returns the per-step losses. `trainable(name)`: which parameters train (default: all; e.g. the adapters of
+    `train.lora`); `run`: more settings that identify the run (a resumed state must have the same)."""
     from tqdm import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.train().requires_grad_(True)
+    model.train()
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable is None or trainable(name))
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -227,9 +230,10 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
     state_path = out / STATE_NAME
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
-        if state["train_config"] != asdict(tc) or state["policy"] != cfg.name or state["chunks"] != data.video.shape[1]:
+        if (state["train_config"] != asdict(tc) or state["policy"] != cfg.name or state["chunks"] != data.video.shape[1]
+                or state.get("run") != run):
             raise ValueError(f"{state_path}: saved by a different run ({state['train_config']}, policy "
-                             f"{state['policy']!r}); use another --out or delete it")
+                             f"{state['policy']!r}, {state.get('run')}); use another --out or delete it")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
@@ -240,7 +244,7 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
     def save() -> None:
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                            "losses": losses, "step": step, "train_config": asdict(tc), "policy": cfg.name,
-                           "chunks": data.video.shape[1]}, state_path)
+                           "chunks": data.video.shape[1], "run": run}, state_path)
         if losses:
             plot_losses(losses, out / LOSS_PNG)
 
