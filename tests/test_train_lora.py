@@ -144,8 +144,9 @@ def test_checkpointed_blocks_give_the_same_gradients():
         for blk in m.blocks:
             out = blk(out, mod, rope, (text, text), NoCache())
         out.pow(2).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys()
+        # (the cross-attention k/v adapters see the prompt through text_kv, given here: no gradient)
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 2 * 8
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name])
 

@@ -123,6 +123,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                          "async_mode); 8-bit and random rows run in the first (default: sync)")
     ev.add_argument("--delay", type=float, default=None, metavar="TICKS",
                     help="inference delay in control ticks under virtual time (default: half a chunk)")
+    ev.add_argument("--transformer", help="another DiT folder for the trained rows, e.g. the checkpoint after "
+                                          "`lingbot-edge quantize` (a quantized one)")
     ev.add_argument("--no-random", action="store_true", help="skip the random-weight baseline")
     ev.add_argument("--expert", action="store_true", help="add the scripted expert's row (same seeds and filter)")
     ev.add_argument("--video", help="write the first trained episode as an mp4")
@@ -225,7 +227,8 @@ def _eval(args) -> int:
     rows = evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
                                exec_steps=exec_steps, random_baseline=not args.no_random, expert=args.expert,
                                video=args.video, overrides=parse_overrides(args.settings), first_seed=first,
-                               modes=modes, delay_ticks=args.delay, scene=args.scene)
+                               modes=modes, delay_ticks=args.delay, scene=args.scene,
+                               transformer=args.transformer)
     table = format_table(rows, args.episodes, args.seeds)
     print(table)
     if args.json:

@@ -39,7 +39,8 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
                         random_baseline: bool = True, expert: bool = False, video: str | Path | None = None,
                         steps: int | None = None, progress: bool = True, overrides: dict | None = None,
                         first_seed: int = EVAL_SEED0, modes: Sequence[str] = ("sync",),
-                        delay_ticks: float | None = None, scene: str = "grasp") -> list[dict]:
+                        delay_ticks: float | None = None, scene: str = "grasp",
+                        transformer: str | Path | None = None) -> list[dict]:
     """Success over `episodes` held-out seeds, for every step setting in `exec_steps` (`video_exec_step`, -1 =
     full video steps, None = the checkpoint's own setting): the checkpoint in `dtype`, each 8-bit scheme of
     `quantize.schemes.SCHEMES` applied to its blocks' Linears (quantize_ in memory), and the same checkpoint with a
@@ -47,7 +48,8 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
     of the seeds (VALIDATION_SEED0 for the validation set). `modes`: the robot loops the trained rows run in
     (`eval.grasp.MODES`: sync, naive, grounded), with every inference taking `delay_ticks` control ticks (None:
     half a chunk); 8-bit rows and the random baseline run in the first mode. `scene`: the task
-    (`robot.place.SCENES`), whose episode length `steps` defaults to."""
+    (`robot.place.SCENES`), whose episode length `steps` defaults to. `transformer`: another DiT folder for the
+    trained rows (e.g. the checkpoint after `lingbot-edge quantize`), named in their labels."""
     from lingbot_edge.robot.place import get_scene
 
     steps = get_scene(scene).eval_steps if steps is None else steps
@@ -63,7 +65,9 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
     for exec_step in exec_steps:
         tag = {None: "the checkpoint's", -1: "full"}.get(exec_step, f"video_exec_step {exec_step}")
         axes = dict(overrides) if exec_step is None else {**overrides, "video_exec_step": exec_step}
-        settings = [TaskSetting("trained" + note, None, axes, mode=m, delay_ticks=delay_ticks) for m in modes]
+        label = "trained" + note + ("" if transformer is None else f" (DiT {transformer})")
+        settings = [TaskSetting(label, None, axes, mode=m, delay_ticks=delay_ticks, transformer=transformer)
+                    for m in modes]
         settings += [TaskSetting(f"trained + {s}{note}", s, axes, mode=modes[0], delay_ticks=delay_ticks)
                      for s in schemes]
         rows += measure(load, settings, episodes, steps, progress, video if exec_step == exec_steps[0] else None,
