@@ -82,6 +82,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--base", metavar="DIR|so100-grasp",
                      help="post-train from this checkpoint (its frozen parts and settings; the DiT starts from its "
                           "weights) instead of training from scratch")
+    fit.add_argument("--from-scratch", action="store_true",
+                     help="with --base: train a random DiT of its architecture on its frozen parts and settings (the "
+                          "baseline a post-training run is compared with; --latents can share its encoded data)")
     fit.add_argument("--lora-rank", type=int,
                      help="with --base: train LoRA adapters of this rank over the frozen base DiT (default: train "
                           "the whole DiT)")
@@ -191,7 +194,8 @@ def _fit(args) -> int:
                  model=args.model, expert_gain=args.expert_gain,
                  expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,
                  cameras=args.camera or None, height=args.height, width=args.width, scene=args.scene,
-                 base=args.base, adapters=adapters, checkpointing=args.checkpointing, latents=args.latents)
+                 base=args.base, adapters=adapters, checkpointing=args.checkpointing, latents=args.latents,
+                 from_scratch=args.from_scratch)
     print(f"loss video {report['first_loss']['video']:.3f} -> {report['final_loss']['video']:.3f}, "
           f"action {report['first_loss']['action']:.3f} -> {report['final_loss']['action']:.3f}; "
           f"checkpoint {Path(args.out) / 'checkpoint'}; curves {Path(args.out) / 'loss.png'}")

@@ -141,11 +141,13 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
         model: str = "tiny", expert_gain: float = 0.0, expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
         expert_detour: float = RECORDING_DETOUR, cameras: Sequence[str] | None = None, height: int | None = None,
         width: int | None = None, scene: str = "grasp", base: str | Path | None = None,
-        adapters: AdapterConfig | None = None, checkpointing: bool = False, latents: str | Path | None = None) -> dict:
+        adapters: AdapterConfig | None = None, checkpointing: bool = False, latents: str | Path | None = None,
+        from_scratch: bool = False) -> dict:
     """The whole run; every stage is skipped when its output is already there (resume).
 
     `scene`: the task recorded (`robot.place.SCENES`). `base`: a checkpoint folder or embedded name to post-train
     from (`train.posttrain`), with LoRA `adapters` over its frozen DiT, or all of it trained when None.
+    `from_scratch` (with `base`): a random DiT on the base's frozen parts, the post-training baseline.
     `checkpointing`: per-block activation checkpointing. `latents`: an earlier run's latents.pt of the same dataset
     and VAE, used instead of encoding again."""
     from lingbot_edge.io.checkpoint import save_transformer
@@ -212,18 +214,19 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     if base is None:
         model, trainable, run = build_model(cfg.model_config, seed=tc.seed), None, None
     else:
-        model, trainable, run = posttrain.prepare_model(base, adapters, seed=tc.seed)
+        model, trainable, run = posttrain.prepare_model(base, adapters, seed=tc.seed, from_scratch=from_scratch)
     if checkpointing:
         from train.lora import checkpoint_blocks
 
         checkpoint_blocks(model)
     losses = train(model, cfg, data, out, tc, progress=progress, trainable=trainable, run=run)
     timings["train_s"] = time.perf_counter() - t
-    if base is not None:
+    if base is not None and not from_scratch:
         model = posttrain.export(model, adapters, out)
     save_transformer(model, ckpt / "transformer", replace=True)  # the skeleton's DiT -> the trained one
     report = {"dataset": str(dataset), "episodes": len(data), "chunks": int(data.video.shape[1]), "scene": scene,
-              "base": None if base is None else str(base), "lora": None if adapters is None else asdict(adapters),
+              "base": None if base is None else str(base), "from_scratch": from_scratch,
+              "lora": None if adapters is None else asdict(adapters),
               "train_config": asdict(tc), "policy_config": policy_config_json(cfg), "timings": timings,
               "final_loss": {k: sum(r[k] for r in losses[-50:]) / max(1, len(losses[-50:]))
                              for k in ("video", "action")},

@@ -58,12 +58,18 @@ def write_skeleton(folder: Path, base: Path, cfg: PolicyConfig) -> Path:
     return folder
 
 
-def prepare_model(base: Path, adapters: AdapterConfig | None, seed: int = 0):
+def prepare_model(base: Path, adapters: AdapterConfig | None, seed: int = 0, from_scratch: bool = False):
     """(model, trainable filter, run settings) to train: the base's DiT with adapters over its frozen weights, or
-    (`adapters` None) all of it in fp32."""
-    from lingbot_edge.io.checkpoint import load_transformer
+    (`adapters` None) all of it in fp32, or (`from_scratch`) a random DiT of its architecture: the baseline a
+    post-training run is compared with, on the same encoded data."""
+    from lingbot_edge.io.checkpoint import build_model, load_transformer, read_model_config
     from train.lora import add_adapters, is_trainable
 
+    if from_scratch:
+        if adapters is not None:
+            raise ValueError("from_scratch: a random DiT trains in full; adapters need the base's weights")
+        config = read_model_config(base / "transformer" / "config.json")
+        return build_model(config, seed=seed), None, {"base": str(base), "from_scratch": True}
     if adapters is None:
         return load_transformer(base, dtype=torch.float32), None, {"base": str(base)}
     model = load_transformer(base, dtype=torch.bfloat16)
