@@ -95,9 +95,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                           "attention and FFN Linears: %(default)s)")
     fit.add_argument("--lora-train-modules", default="",
                      help="comma-separated modules trained in full next to the adapters (e.g. action_proj_out)")
-    fit.add_argument("--base-dtype", choices=("bfloat16", "int8"), default=ac.base_dtype,
-                     help="the frozen base under the adapters: bf16 or the runtime's int8 weight-only format "
-                          "(QLoRA-style; default %(default)s)")
+    fit.add_argument("--base-dtype", choices=("bfloat16", "float32", "int8"), default=ac.base_dtype,
+                     help="the frozen base under the adapters: bf16, fp32 (the tiny DiT's fast path on a CPU) or "
+                          "the runtime's int8 weight-only format (QLoRA-style; default %(default)s)")
     fit.add_argument("--checkpointing", action="store_true",
                      help="per-block activation checkpointing (recompute each block's activations in the backward)")
     fit.add_argument("--latents", help="an earlier run's latents.pt of the same dataset and base (skips encoding)")

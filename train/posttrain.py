@@ -72,7 +72,7 @@ def prepare_model(base: Path, adapters: AdapterConfig | None, seed: int = 0, fro
         return build_model(config, seed=seed), None, {"base": str(base), "from_scratch": True}
     if adapters is None:
         return load_transformer(base, dtype=torch.float32), None, {"base": str(base)}
-    model = load_transformer(base, dtype=torch.bfloat16)
+    model = load_transformer(base, dtype=torch.float32 if adapters.base_dtype == "float32" else torch.bfloat16)
     if adapters.base_dtype == "int8":
         from quantize import SCHEMES, quantize_
 
