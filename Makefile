@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= frozen,quant,calib,serve,dev
+EXTRAS ?= frozen,quant,calib,serve,train,dev
 
 .PHONY: venv demo test test-all test-slow test-gpu test-sim test-lerobot lint clean bench
 

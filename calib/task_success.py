@@ -108,10 +108,11 @@ def row(label: str, dtype: str, result: dict, video_exec_step: int | None, actio
 
 
 def measure(load: LoadFn, settings: Sequence[TaskSetting], episodes: int, steps: int = EVAL_STEPS,
-            progress: bool = False, video: str | Path | None = None, first_seed: int = EVAL_SEED0) -> list[dict]:
+            progress: bool = False, video: str | Path | None = None, first_seed: int = EVAL_SEED0,
+            scene: str = "grasp") -> list[dict]:
     """Success of each setting over the same `episodes` held-out seeds (`steps` actions each; from
     `first_seed`, e.g. `VALIDATION_SEED0`); rows for `format_table`. `video`: the first setting's first
-    episode as an mp4."""
+    episode as an mp4. `scene`: the task (`robot.place.SCENES`)."""
     if episodes < 1:
         raise ValueError(f"task episodes: expected >= 1, got {episodes}")
     seeds = held_out_seeds(episodes, first_seed)
@@ -120,7 +121,7 @@ def measure(load: LoadFn, settings: Sequence[TaskSetting], episodes: int, steps:
         policy, dtype = load_setting(load, setting)
         delay = chunk_delay_ticks(policy.cfg) if setting.delay_ticks is None else setting.delay_ticks
         result = evaluate(policy, seeds, steps, progress, setting.label, video if i == 0 else None, setting.mode,
-                          delay)
+                          delay, scene)
         rows.append(row(setting.label, dtype, result, policy.cfg.video_exec_step,
                         policy.cfg.action_num_inference_steps, setting.mode, delay))
     return rows

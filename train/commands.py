@@ -2,6 +2,7 @@
 
     lingbot-edge train record --out DIR [--episodes 200]
     lingbot-edge train fit --out DIR [--dataset DIR] [--episodes 200] [--steps 2600] [--eval-episodes 20]
+    lingbot-edge train fit --out DIR --scene place --episodes 50 --base so100-grasp --lora-rank 32  # post-train
     lingbot-edge train eval --checkpoint DIR [--episodes 20] [--dtype bfloat16] [--schemes a,b] [--json F]
     lingbot-edge train distill --teacher DIR|so100-grasp --data RUN_DIR --action-steps N --out DIR
 
@@ -31,6 +32,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     rec.add_argument("--out", required=True, help="new dataset folder (refused if it exists)")
     rec.add_argument("--episodes", type=int, default=200)
     rec.add_argument("--first-seed", type=int, default=0)
+    _scene_arg(rec)
     _expert_args(rec)
     rec.add_argument("--camera", action="append", default=[], metavar="NAME",
                      help="camera to record (repeatable; default: all three SO-100 cameras)")
@@ -74,6 +76,32 @@ def register(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--clean-predicted", action="store_true",
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
     fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    _scene_arg(fit)
+    from train.lora import DEFAULT_TARGETS, AdapterConfig
+
+    ac = AdapterConfig()
+    fit.add_argument("--base", metavar="DIR|so100-grasp",
+                     help="post-train from this checkpoint (its frozen parts and settings; the DiT starts from its "
+                          "weights) instead of training from scratch")
+    fit.add_argument("--from-scratch", action="store_true",
+                     help="with --base: train a random DiT of its architecture on its frozen parts and settings (the "
+                          "baseline a post-training run is compared with; --latents can share its encoded data)")
+    fit.add_argument("--lora-rank", type=int,
+                     help="with --base: train LoRA adapters of this rank over the frozen base DiT (default: train "
+                          "the whole DiT)")
+    fit.add_argument("--lora-alpha", type=float, default=ac.alpha, help="LoRA scale alpha (update x alpha / rank; "
+                                                                        "default %(default)s)")
+    fit.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                     help="comma-separated module names or name suffixes that get adapters (default: the block "
+                          "attention and FFN Linears: %(default)s)")
+    fit.add_argument("--lora-train-modules", default="",
+                     help="comma-separated modules trained in full next to the adapters (e.g. action_proj_out)")
+    fit.add_argument("--base-dtype", choices=("bfloat16", "float32", "int8"), default=ac.base_dtype,
+                     help="the frozen base under the adapters: bf16, fp32 (the tiny DiT's fast path on a CPU) or "
+                          "the runtime's int8 weight-only format (QLoRA-style; default %(default)s)")
+    fit.add_argument("--checkpointing", action="store_true",
+                     help="per-block activation checkpointing (recompute each block's activations in the backward)")
+    fit.add_argument("--latents", help="an earlier run's latents.pt of the same dataset and base (skips encoding)")
     fit.add_argument("--eval-episodes", type=int, default=0, help="then evaluate on this many held-out seeds")
     fit.add_argument("--distributed", action="store_true",
                      help="data parallel over the processes of `torchrun --nproc-per-node N -m train.commands fit "
@@ -98,6 +126,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="policy setting override for every row, JSON value (e.g. --set action_noise_scale=1); "
                          "repeatable")
+    _scene_arg(ev)
     ev.add_argument("--seeds", default="held-out", choices=("held-out", "validation"),
                     help="the seed set: held-out (100000.., to report on; default) or validation (200000.., to "
                          "choose recipes and settings on)")
@@ -108,6 +137,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                          "the first (default: sync)")
     ev.add_argument("--delay", type=float, default=None, metavar="TICKS",
                     help="inference delay in control ticks under virtual time (default: half a chunk)")
+    ev.add_argument("--transformer", help="another DiT folder for the trained rows, e.g. the checkpoint after "
+                                          "`lingbot-edge quantize` (a quantized one)")
     ev.add_argument("--no-random", action="store_true", help="skip the random-weight baseline")
     ev.add_argument("--expert", action="store_true", help="add the scripted expert's row (same seeds and filter)")
     ev.add_argument("--video", help="write the first trained episode as an mp4")
@@ -148,6 +179,14 @@ def _distill_args(sub) -> None:
     d.set_defaults(func=_distill)
 
 
+def _scene_arg(parser) -> None:
+    from lingbot_edge.robot.place import SCENES
+
+    parser.add_argument("--scene", choices=sorted(SCENES), default="grasp",
+                        help="the simulated task: grasp (pick up the red cube) or place (the green cube into the "
+                             "paper box); default %(default)s")
+
+
 def _expert_args(parser) -> None:
     from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR
 
@@ -163,12 +202,13 @@ def _expert_args(parser) -> None:
 
 def _record(args) -> int:
     from train.dataset import record_dataset
-    from train.pipeline import EPISODE_FRAMES
+    from train.pipeline import SCENE_EPISODE_FRAMES
 
     kwargs = {"cameras": args.camera} if args.camera else {}
-    record_dataset(args.out, list(range(args.first_seed, args.first_seed + args.episodes)), EPISODE_FRAMES,
-                   expert_gain=args.expert_gain, expert_cartesian_speed=args.expert_cartesian_speed,
-                   expert_detour=args.expert_detour, **kwargs)
+    record_dataset(args.out, list(range(args.first_seed, args.first_seed + args.episodes)),
+                   SCENE_EPISODE_FRAMES[args.scene], expert_gain=args.expert_gain,
+                   expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,
+                   scene=args.scene, **kwargs)
     return 0
 
 
@@ -182,9 +222,21 @@ def _fit(args) -> int:
                      predicted_at_sampler_sigma=args.predicted_sigma == "sampler",
                      history_action_noise=args.history_action_noise, change_weight=args.change_weight,
                      grounded_weight=args.grounded_weight, **extra)
+    adapters = None
+    if args.lora_rank is not None:
+        from train.lora import AdapterConfig
+
+        if args.base is None:
+            raise SystemExit("lingbot-edge train fit: error: --lora-rank: adapters need a --base checkpoint")
+        adapters = AdapterConfig(rank=args.lora_rank, alpha=args.lora_alpha,
+                                 targets=tuple(t for t in args.lora_targets.split(",") if t),
+                                 base_dtype=args.base_dtype,
+                                 train_modules=tuple(t for t in args.lora_train_modules.split(",") if t))
     kwargs = dict(dataset=args.dataset, episodes=args.episodes, model=args.model, expert_gain=args.expert_gain,
                   expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,
-                  cameras=args.camera or None, height=args.height, width=args.width)
+                  cameras=args.camera or None, height=args.height, width=args.width, scene=args.scene,
+                  base=args.base, adapters=adapters, checkpointing=args.checkpointing, latents=args.latents,
+                  from_scratch=args.from_scratch)
     if args.distributed:
         from train.distributed import fit as fit_distributed
 
@@ -199,7 +251,7 @@ def _fit(args) -> int:
     if args.eval_episodes:
         from train.evaluate import evaluate_checkpoint, format_table
 
-        rows = evaluate_checkpoint(Path(args.out) / "checkpoint", args.eval_episodes)
+        rows = evaluate_checkpoint(Path(args.out) / "checkpoint", args.eval_episodes, scene=args.scene)
         print(format_table(rows, args.eval_episodes))
         report["evaluation"] = rows
         write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
@@ -238,7 +290,8 @@ def _eval(args) -> int:
         raise SystemExit(f"lingbot-edge train eval: error: --action-steps: expected 'checkpoint' or action step "
                          f"counts, comma-separated; got {args.action_steps!r}") from None
     from lingbot_edge.core.config import parse_overrides
-    from lingbot_edge.eval.grasp import EVAL_STEPS, MODES, SEED_SETS
+    from lingbot_edge.eval.grasp import MODES, SEED_SETS
+    from lingbot_edge.robot.place import get_scene
 
     modes = [m for m in args.modes.split(",") if m]
     if not modes or any(m not in MODES for m in modes):
@@ -253,7 +306,8 @@ def _eval(args) -> int:
         rows += evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
                                     exec_steps=exec_steps, random_baseline=not args.no_random and i == 0,
                                     expert=args.expert and i == 0, video=args.video if i == 0 else None,
-                                    overrides=overrides, first_seed=first, modes=modes, delay_ticks=args.delay)
+                                    overrides=overrides, first_seed=first, modes=modes, delay_ticks=args.delay,
+                                    scene=args.scene, transformer=args.transformer)
     table = format_table(rows, args.episodes, args.seeds)
     print(table)
     if args.json:
@@ -261,9 +315,10 @@ def _eval(args) -> int:
     if args.markdown:
         write_text(
             args.markdown,
-            f"# Task success: reach and grasp the red cube (kinematic SO-100, `lingbot_edge/robot/grasp.py`)\n\n"
+            f"# Task success: {get_scene(args.scene).task} (kinematic SO-100, `--scene {args.scene}`)\n\n"
             f"Checkpoint `{args.checkpoint}`; {args.seeds} seeds {first}..{first + args.episodes - 1}, "
-            f"{EVAL_STEPS} actions per episode, CPU, `lingbot-edge train eval --episodes {args.episodes} "
+            f"{get_scene(args.scene).eval_steps} actions per episode, CPU, `lingbot-edge train eval --scene "
+            f"{args.scene} --episodes {args.episodes} "
             f"--dtype {args.dtype} --seeds {args.seeds}{' --schemes ' + args.schemes if args.schemes else ''} "
             f"--exec-steps {args.exec_steps} --action-steps {args.action_steps} --modes {args.modes}"
             f"{'' if args.delay is None else f' --delay {args.delay:g}'}"

@@ -24,9 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lingbot_edge.robot.grasp import TASK, GraspScene
+from lingbot_edge.robot.place import get_scene
 from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_CAMERAS
 from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR, recording_expert, run_expert
+from train.expert_place import place_expert
+
+EXPERTS = {"grasp": recording_expert, "place": place_expert}  # the scripted expert of each `--scene`
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +44,13 @@ IMAGE_PREFIX = "observation.images."
 def record_episode(seed: int, steps: int, height: int = 96, width: int = 128,
                    cameras: Sequence[str] = SO100_CAMERAS, expert_gain: float = 0.0,
                    expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
-                   expert_detour: float = RECORDING_DETOUR) -> dict:
-    """One expert episode: {"state", "action": [steps, 6] float32, "frames": {camera: [steps, H, W, 3]},
-    "success"}; the actions are what the safety filter let through (what the motors got)."""
-    scene = GraspScene(seed, cameras=cameras, height=height, width=width)
-    expert = recording_expert(scene, seed, expert_gain, expert_cartesian_speed, expert_detour)
+                   expert_detour: float = RECORDING_DETOUR, scene: str = "grasp") -> dict:
+    """One expert episode of `scene` (`robot.place.SCENES`): {"state", "action": [steps, 6] float32, "frames":
+    {camera: [steps, H, W, 3]}, "success"}; the actions are what the safety filter let through (what the motors
+    got). The expert flags shape the grasp expert; the place expert takes `expert_cartesian_speed` only."""
+    sim = get_scene(scene).cls(seed, cameras=cameras, height=height, width=width)
+    expert = EXPERTS[scene](sim, seed, gain=expert_gain, cartesian_speed=expert_cartesian_speed,
+                            detour=expert_detour)
     states, actions, frames = [], [], {c: [] for c in cameras}
 
     def record(obs, q, sent):
@@ -54,9 +59,9 @@ def record_episode(seed: int, steps: int, height: int = 96, width: int = 128,
         for c in cameras:
             frames[c].append(obs[c])
 
-    run_expert(scene, expert, steps, record)
+    run_expert(sim, expert, steps, record)
     return {"state": np.asarray(states, np.float32), "action": np.asarray(actions, np.float32),
-            "frames": {c: np.stack(v) for c, v in frames.items()}, "success": scene.success}
+            "frames": {c: np.stack(v) for c, v in frames.items()}, "success": sim.success}
 
 
 def _write_video(path: Path, frames: np.ndarray, fps: int) -> None:
@@ -112,11 +117,13 @@ def _features(height: int, width: int, cameras: Sequence[str]) -> dict:
 
 
 def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: int = 96, width: int = 128,
-                   cameras: Sequence[str] = SO100_CAMERAS, task: str = TASK, progress: bool = True,
+                   cameras: Sequence[str] = SO100_CAMERAS, task: str | None = None, progress: bool = True,
                    expert_gain: float = 0.0, expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
-                   expert_detour: float = RECORDING_DETOUR) -> Path:
-    """Record one expert episode per seed into a new LeRobot v2.1 dataset at `root` (written in a
-    temporary folder next to it and moved into place at the end; an existing `root` is refused)."""
+                   expert_detour: float = RECORDING_DETOUR, scene: str = "grasp") -> Path:
+    """Record one expert episode of `scene` per seed into a new LeRobot v2.1 dataset at `root` (written in a
+    temporary folder next to it and moved into place at the end; an existing `root` is refused). `task`: the
+    prompt (default: the scene's)."""
+    task = get_scene(scene).task if task is None else task
     from tqdm import tqdm
 
     root = Path(root)
@@ -128,7 +135,7 @@ def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: i
         episodes, all_actions, all_states, index, failed = [], [], [], 0, 0
         for ep, seed in enumerate(tqdm(seeds, desc="record", unit="episode", disable=not progress)):
             rec = record_episode(seed, steps, height, width, cameras, expert_gain, expert_cartesian_speed,
-                                 expert_detour)
+                                 expert_detour, scene)
             failed += not rec["success"]
             chunk = ep // CHUNKS_SIZE
             n = len(rec["action"])

@@ -19,16 +19,17 @@ log = logging.getLogger(__name__)
 __all__ = ["evaluate_checkpoint", "evaluate_expert", "format_table"]
 
 
-def evaluate_expert(seeds: Sequence[int], steps: int = EVAL_STEPS) -> dict:
+def evaluate_expert(seeds: Sequence[int], steps: int = EVAL_STEPS, scene: str = "grasp") -> dict:
     """The scripted expert as recorded, on the same seeds, through the same safety filter (the task's ceiling)."""
-    from lingbot_edge.robot.grasp import GraspScene
-    from train.expert import recording_expert, run_expert
+    from lingbot_edge.robot.place import get_scene
+    from train.dataset import EXPERTS
+    from train.expert import run_expert
 
     episodes = []
     for seed in seeds:
-        scene = GraspScene(seed, cameras=())
-        safety = run_expert(scene, recording_expert(scene, seed), steps)
-        episodes.append({"seed": seed, "success": bool(scene.success), "clipped": safety.clipped})
+        sim = get_scene(scene).cls(seed, cameras=())
+        safety = run_expert(sim, EXPERTS[scene](sim, seed), steps)
+        episodes.append({"seed": seed, "success": bool(sim.success), "clipped": safety.clipped})
     successes = sum(e["success"] for e in episodes)
     return {"success_rate": successes / max(1, len(episodes)), "successes": successes, "episodes": episodes}
 
@@ -36,36 +37,44 @@ def evaluate_expert(seeds: Sequence[int], steps: int = EVAL_STEPS) -> dict:
 def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str = "bfloat16",
                         schemes: Sequence[str] = (), exec_steps: Sequence[int | None] = (None,),
                         random_baseline: bool = True, expert: bool = False, video: str | Path | None = None,
-                        steps: int = EVAL_STEPS, progress: bool = True, overrides: dict | None = None,
+                        steps: int | None = None, progress: bool = True, overrides: dict | None = None,
                         first_seed: int = EVAL_SEED0, modes: Sequence[str] = ("sync",),
-                        delay_ticks: float | None = None) -> list[dict]:
+                        delay_ticks: float | None = None, scene: str = "grasp",
+                        transformer: str | Path | None = None) -> list[dict]:
     """Success over `episodes` held-out seeds, for every step setting in `exec_steps` (`video_exec_step`, -1 =
     full video steps, None = the checkpoint's own setting): the checkpoint in `dtype`, each 8-bit scheme of
     `quantize.schemes.SCHEMES` applied to its blocks' Linears (quantize_ in memory), and the same checkpoint with a
     random-weight DiT. `overrides`: policy settings for every row (`--set`), named in the row labels. `first_seed`:
     of the seeds (VALIDATION_SEED0 for the validation set). `modes`: the robot loops the trained rows run in
     (`eval.grasp.MODES`: sync, naive, grounded), with every inference taking `delay_ticks` control ticks (None:
-    half a chunk); 8-bit rows and the random baseline run in the first mode."""
+    half a chunk); 8-bit rows and the random baseline run in the first mode. `scene`: the task
+    (`robot.place.SCENES`), whose episode length `steps` defaults to. `transformer`: another DiT folder for the
+    trained rows (e.g. the checkpoint after `lingbot-edge quantize`), named in their labels."""
+    from lingbot_edge.robot.place import get_scene
+
+    steps = get_scene(scene).eval_steps if steps is None else steps
     load = checkpoint_loader(checkpoint, dtype)
 
     def random_dit(**kwargs):  # the random DiT copies the checkpoint's architecture
         return with_random_transformer(checkpoint, lambda transformer: load(**kwargs, transformer=transformer))
 
-    rows = ([row("scripted expert", "-", evaluate_expert(held_out_seeds(episodes, first_seed), steps), None, None)]
-            if expert else [])
+    seeds = held_out_seeds(episodes, first_seed)
+    rows = [row("scripted expert", "-", evaluate_expert(seeds, steps, scene), None, None)] if expert else []
     overrides = dict(overrides or {})
     note = f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""
     for exec_step in exec_steps:
         tag = {None: "the checkpoint's", -1: "full"}.get(exec_step, f"video_exec_step {exec_step}")
         axes = dict(overrides) if exec_step is None else {**overrides, "video_exec_step": exec_step}
-        settings = [TaskSetting("trained" + note, None, axes, mode=m, delay_ticks=delay_ticks) for m in modes]
+        label = "trained" + note + ("" if transformer is None else f" (DiT {transformer})")
+        settings = [TaskSetting(label, None, axes, mode=m, delay_ticks=delay_ticks, transformer=transformer)
+                    for m in modes]
         settings += [TaskSetting(f"trained + {s}{note}", s, axes, mode=modes[0], delay_ticks=delay_ticks)
                      for s in schemes]
         rows += measure(load, settings, episodes, steps, progress, video if exec_step == exec_steps[0] else None,
-                        first_seed)
+                        first_seed, scene)
         if random_baseline:
             rows += measure(random_dit, [TaskSetting("random weights" + note, None, axes, mode=modes[0],
                                                      delay_ticks=delay_ticks)],
-                            episodes, steps, progress, first_seed=first_seed)
+                            episodes, steps, progress, first_seed=first_seed, scene=scene)
         log.info("step setting %s done", tag)
     return rows

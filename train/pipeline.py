@@ -27,6 +27,7 @@ from lingbot_edge.core.config import PolicyConfig, get_policy_config, tiny_varia
 from lingbot_edge.io.files import write_text
 from lingbot_edge.robot.so100 import camera_keys, camera_name
 from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR
+from train.lora import AdapterConfig
 from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode_dataset, train
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 # 11-chunk episodes (85 frames, a chunk or two of holding) trained to 2/20 where 13 chunks gave 14/20
 # (bench/results/task_success/so100_grasp.md, "Recipes tried").
 EPISODE_FRAMES = 101
+# Recorded frames per episode of each `--scene` (8 k - 3: whole chunks). place: 18 chunks; its expert has the cube
+# in the box by tick 104-134 (seeds 0-39 and the first 20 held-out and validation seeds).
+SCENE_EPISODE_FRAMES = {"grasp": EPISODE_FRAMES, "place": 141}
 # Policy settings of the trained checkpoint, on top of the so100 preset's tiny variant (2-frame chunks, a
 # 2-chunk cache). The top camera only, at 128x256: a DiT token (2x2 latents of the 16x VAE) then spans 3.3 cm
 # of the workspace instead of 6.5 x 10 cm with three cameras at 64x128, for about the same token count; that
@@ -133,14 +137,23 @@ def load_checkpoint_policy(folder: str | Path, dtype: str = "float32", transform
 
 
 def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200, tc: TrainConfig | None = None,
-        progress: bool = True, threads: int | None = None, episode_frames: int = EPISODE_FRAMES,
+        progress: bool = True, threads: int | None = None, episode_frames: int | None = None,
         model: str = "tiny", expert_gain: float = 0.0, expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
         expert_detour: float = RECORDING_DETOUR, cameras: Sequence[str] | None = None, height: int | None = None,
-        width: int | None = None) -> dict:
-    """The whole run; every stage is skipped when its output is already there (resume)."""
+        width: int | None = None, scene: str = "grasp", base: str | Path | None = None,
+        adapters: AdapterConfig | None = None, checkpointing: bool = False, latents: str | Path | None = None,
+        from_scratch: bool = False) -> dict:
+    """The whole run; every stage is skipped when its output is already there (resume).
+
+    `scene`: the task recorded (`robot.place.SCENES`). `base`: a checkpoint folder or embedded name to post-train
+    from (`train.posttrain`), with LoRA `adapters` over its frozen DiT, or all of it trained when None.
+    `from_scratch` (with `base`): a random DiT on the base's frozen parts, the post-training baseline.
+    `checkpointing`: per-block activation checkpointing. `latents`: an earlier run's latents.pt of the same dataset
+    and VAE, used instead of encoding again."""
     from lingbot_edge.io.checkpoint import save_transformer
     from lingbot_edge.io.datasets import load_action_quantiles
     from lingbot_edge.robot.so100 import SO100_MOTORS
+    from train import posttrain
     from train.dataset import record_dataset
 
     tc = tc or TrainConfig()
@@ -153,31 +166,42 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     if dataset is None:
         dataset = out / "dataset"
         if not (dataset / "meta" / "info.json").is_file():
-            recorded = [camera_name(k) for k in base_policy_config(model, cameras).obs_cam_keys]  # what it reads
-            record_dataset(dataset, list(range(episodes)), episode_frames, cameras=recorded, progress=progress,
-                           expert_gain=expert_gain, expert_cartesian_speed=expert_cartesian_speed,
-                           expert_detour=expert_detour)
+            keys = (load_checkpoint_policy(posttrain.base_folder(base)).cfg if base is not None
+                    else base_policy_config(model, cameras)).obs_cam_keys
+            frames = SCENE_EPISODE_FRAMES[scene] if episode_frames is None else episode_frames
+            record_dataset(dataset, list(range(episodes)), frames, cameras=[camera_name(k) for k in keys],
+                           progress=progress, expert_gain=expert_gain, expert_cartesian_speed=expert_cartesian_speed,
+                           expert_detour=expert_detour, scene=scene)
     dataset = Path(dataset)
     timings["record_s"] = time.perf_counter() - t
     q01, q99 = load_action_quantiles(dataset, SO100_MOTORS)
     dim = get_policy_config("tiny").model_config.action_dim
     size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-    cfg = base_policy_config(model, cameras, action_q01=tuple(q01) + (0.0,) * (dim - len(q01)),
-                             action_q99=tuple(q99) + (0.0,) * (dim - len(q99)), **size)
-    ckpt = write_checkpoint_skeleton(out / "checkpoint", cfg)
+    q01, q99 = tuple(q01) + (0.0,) * (dim - len(q01)), tuple(q99) + (0.0,) * (dim - len(q99))
+    if base is not None:
+        base = posttrain.base_folder(base)
+        ckpt = posttrain.write_skeleton(out / "checkpoint", base, posttrain.base_policy_config(base, q01, q99))
+    else:
+        cfg = base_policy_config(model, cameras, action_q01=q01, action_q99=q99, **size)
+        ckpt = write_checkpoint_skeleton(out / "checkpoint", cfg)
     policy = load_checkpoint_policy(ckpt)
     cfg = policy.cfg
 
     t = time.perf_counter()
-    latents = out / "latents.pt"
+    latents = Path(latents) if latents is not None else out / "latents.pt"
     if latents.is_file():
         saved = torch.load(latents)
         raw = saved.pop("identity_vae", False)
+        source = saved.pop("dataset", None)
+        if source is not None and Path(source).resolve() != dataset.resolve():
+            raise ValueError(f"{latents}: encoded from {source}, not {dataset}; drop --latents or use that dataset")
+        if raw != vae_is_identity(ckpt / "vae"):
+            raise ValueError(f"{latents}: encoded through another VAE normalization than {ckpt / 'vae'}")
         data = EpisodeTensors(**saved)
     else:
         raw = vae_is_identity(ckpt / "vae")
         data = encode_dataset(dataset, policy, max_episodes=episodes, progress=progress)
-        atomic_torch_save({**asdict(data), "identity_vae": raw}, latents)  # as encoded
+        atomic_torch_save({**asdict(data), "identity_vae": raw, "dataset": str(dataset)}, latents)  # as encoded
     if raw:
         data = normalize_latents(data, ckpt / "vae")
     timings["encode_s"] = time.perf_counter() - t
@@ -187,11 +211,22 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     t = time.perf_counter()
     from lingbot_edge.io.checkpoint import build_model
 
-    model = build_model(cfg.model_config, seed=tc.seed)
-    losses = train(model, cfg, data, out, tc, progress=progress)
+    if base is None:
+        model, trainable, run = build_model(cfg.model_config, seed=tc.seed), None, None
+    else:
+        model, trainable, run = posttrain.prepare_model(base, adapters, seed=tc.seed, from_scratch=from_scratch)
+    if checkpointing:
+        from train.lora import checkpoint_blocks
+
+        checkpoint_blocks(model)
+    losses = train(model, cfg, data, out, tc, progress=progress, trainable=trainable, run=run)
     timings["train_s"] = time.perf_counter() - t
-    save_transformer(model, ckpt / "transformer", replace=True)  # the skeleton's random DiT -> the trained one
-    report = {"dataset": str(dataset), "episodes": len(data), "chunks": int(data.video.shape[1]),
+    if base is not None and not from_scratch:
+        model = posttrain.export(model, adapters, out)
+    save_transformer(model, ckpt / "transformer", replace=True)  # the skeleton's DiT -> the trained one
+    report = {"dataset": str(dataset), "episodes": len(data), "chunks": int(data.video.shape[1]), "scene": scene,
+              "base": None if base is None else str(base), "from_scratch": from_scratch,
+              "lora": None if adapters is None else asdict(adapters),
               "train_config": asdict(tc), "policy_config": policy_config_json(cfg), "timings": timings,
               "final_loss": {k: sum(r[k] for r in losses[-50:]) / max(1, len(losses[-50:]))
                              for k in ("video", "action")},

@@ -224,15 +224,20 @@ def plot_losses(losses: list[dict[str, float]], path: Path) -> Path:
 
 
 def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: TrainConfig,
-          progress: bool = True, parallel=None) -> list[dict[str, float]]:
+          progress: bool = True, trainable=None, run: dict | None = None,
+          parallel=None) -> list[dict[str, float]]:
     """Train `model` in place for `tc.steps` steps (resuming from `out/train_state.pt` when present);
-    returns the per-step losses. `parallel` (`train.distributed.DataParallel`, under torchrun): the model is
-    sharded (FSDP2), each rank trains on its share of every batch with its own noise, rank 0 writes."""
+    returns the per-step losses. `trainable(name)`: which parameters train (default: all; e.g. the adapters of
+    `train.lora`); `run`: more settings that identify the run (a resumed state must have the same).
+    `parallel` (`train.distributed.DataParallel`, under torchrun): the model is sharded (FSDP2), each rank
+    trains on its share of every batch with its own noise, rank 0 writes."""
     from tqdm import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.train().requires_grad_(True)
+    model.train()
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable is None or trainable(name))
     if parallel is not None:
         parallel.shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -246,9 +251,10 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
     state_path = out / STATE_NAME
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
-        if state["train_config"] != asdict(tc) or state["policy"] != cfg.name or state["chunks"] != data.video.shape[1]:
+        if (state["train_config"] != asdict(tc) or state["policy"] != cfg.name or state["chunks"] != data.video.shape[1]
+                or state.get("run") != run):
             raise ValueError(f"{state_path}: saved by a different run ({state['train_config']}, policy "
-                             f"{state['policy']!r}); use another --out or delete it")
+                             f"{state['policy']!r}, {state.get('run')}); use another --out or delete it")
         if parallel is None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -258,7 +264,7 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
         losses, step = state["losses"], state["step"]
         log.info("resumed %s at step %d", state_path, step)
     objective = FlowMatchingLoss(cfg, data.video.shape[1], tc.grounded_weight)
-    run = objective if parallel is None else parallel.objective(objective)
+    step_loss = objective if parallel is None else parallel.objective(objective)
 
     def save() -> None:
         model_state, opt_state = (model.state_dict(), opt.state_dict()) if parallel is None else \
@@ -267,7 +273,7 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
             return
         atomic_torch_save({"model": model_state, "optimizer": opt_state, "generator": gen.get_state(),
                            "losses": losses, "step": step, "train_config": asdict(tc), "policy": cfg.name,
-                           "chunks": data.video.shape[1]}, state_path)
+                           "chunks": data.video.shape[1], "run": run}, state_path)
         if losses:
             plot_losses(losses, out / LOSS_PNG)
 
@@ -280,8 +286,8 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
         noise = gen
         if parallel is not None:
             idx, noise = parallel.local_share(idx), parallel.noise_generator(tc.seed, step)
-        loss_v, parts = run(model, data.video[idx], data.action[idx], data.text[idx], noise, tc.noisy_predicted,
-                            tc.history_action_noise, tc.change_weight, tc.predicted_at_sampler_sigma)
+        loss_v, parts = step_loss(model, data.video[idx], data.action[idx], data.text[idx], noise, tc.noisy_predicted,
+                                  tc.history_action_noise, tc.change_weight, tc.predicted_at_sampler_sigma)
         loss = loss_v + tc.action_weight * parts.pop("_action")
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -112,10 +112,10 @@ def _robot(args, cams: tuple[str, ...], cameras):
     h, w = (int(v) for v in args.sim_size.lower().split("x"))
     names = [camera_name(k) for k in cams]
     if args.robot == "sim":
-        if args.scene == "grasp":
-            from lingbot_edge.robot.grasp import GraspScene
+        if args.scene != "plain":
+            from lingbot_edge.robot.place import get_scene
 
-            return GraspScene(args.scene_seed, cameras=names, height=h, width=w, fps=args.fps)
+            return get_scene(args.scene).cls(args.scene_seed, cameras=names, height=h, width=w, fps=args.fps)
         from lingbot_edge.robot.sim import KinematicSO100
 
         return KinematicSO100(cameras=names, height=h, width=w, fps=args.fps)
@@ -172,6 +172,10 @@ def run_so100(args: argparse.Namespace) -> int:
         raise SystemExit(f"run-so100: {e}") from e
     safety = SafetyFilter(SafetyLimits(max_step=args.max_step))
     recorder = VideoRecorder([camera_name(k) for k in cams]) if args.video else None
+    if args.prompt is None:
+        from lingbot_edge.robot.place import get_scene
+
+        args.prompt = get_scene("grasp" if args.scene == "plain" else args.scene).task
     controller = AsyncController(robot, policy, args.prompt, fps=args.fps, safety=safety,
                                  lookahead=False if args.sync else None, on_tick=recorder)
     try:
@@ -195,8 +199,9 @@ def run_so100(args: argparse.Namespace) -> int:
           f"{s['hold_ticks']} holding), {s['chunks_executed']} chunks, {s['overruns']} overruns, {s['missed']} missed, "
           f"safety: {safety.clipped_limits} joint-limit / {safety.clipped_step} step clips, {safety.refused} refused"
           f"{traffic}")
-    if hasattr(robot, "success"):  # the grasp scene: did the policy do its task
-        print(f"run-so100: grasp scene seed {robot.seed}: cube {'held' if robot.success else 'not held'} at the end")
+    if hasattr(robot, "success"):  # a task scene: did the policy do its task
+        done = {"grasp": ("held", "not held"), "place": ("in the box", "not in the box")}[args.scene]
+        print(f"run-so100: {args.scene} scene seed {robot.seed}: cube {done[not robot.success]} at the end")
     if recorder is not None and recorder.frames:  # (no frames: the run ended before its first tick)
         print(f"run-so100: wrote {recorder.write(args.video, args.fps)}")
     if result.failure is not None:
@@ -242,7 +247,8 @@ def register(subparsers) -> None:
     run.add_argument("--camera", action="append", default=[], metavar="NAME=INDEX[:WxH]",
                      help="a camera of the arm (repeatable): defines the policy's camera set and order; lerobot: "
                           "the OpenCV index or path and capture size (default 640x480)")
-    run.add_argument("--prompt", default="pick up the red cube")
+    run.add_argument("--prompt", default=None,
+                     help="the task prompt (default: the --scene's; plain: the grasp task's, pick up the red cube)")
     run.add_argument("--seconds", type=float, default=10.0,
                      help="run length from the arm's connection, the policy's first chunk included (default 10)")
     run.add_argument("--max-chunks", type=int, default=None)
@@ -253,9 +259,10 @@ def register(subparsers) -> None:
                      help="no lookahead: infer the next chunk only after the current one executed")
     run.add_argument("--video", default=None, help="write the cameras to this mp4")
     run.add_argument("--sim-size", default="96x128", help="simulated camera HxW")
-    run.add_argument("--scene", choices=("plain", "grasp"), default="plain",
-                     help="sim: plain (default) or grasp (the red-cube task of `lingbot-edge demo`, cube placed by "
-                          "--scene-seed; prints whether the cube is held at the end)")
+    run.add_argument("--scene", choices=("plain", "grasp", "place"), default="plain",
+                     help="sim: plain (default), grasp (the red-cube task of `lingbot-edge demo`, cube placed by "
+                          "--scene-seed; prints whether the cube is held at the end) or place (the green cube into "
+                          "the paper box; prints whether it is in the box at the end)")
     run.add_argument("--scene-seed", type=int, default=100_000,
                      help="--scene grasp: the episode seed placing the cube (default 100000, the first held-out seed)")
     run.add_argument("--port", default=None, help="lerobot: the arm's serial port, e.g. /dev/ttyACM0")

@@ -20,7 +20,7 @@ import numpy as np
 
 from lingbot_edge.core.episode import chunk_steps
 from lingbot_edge.robot.control import AsyncController
-from lingbot_edge.robot.grasp import TASK, GraspScene
+from lingbot_edge.robot.place import get_scene
 from lingbot_edge.robot.safety import SafetyFilter
 from lingbot_edge.robot.sim import VideoRecorder
 from lingbot_edge.robot.so100 import camera_name
@@ -56,13 +56,14 @@ def chunk_delay_ticks(cfg) -> int:
     return max(1, chunk_steps(cfg, 1) // 2)
 
 
-def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str = TASK, height: int = 96,
+def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str | None = None, height: int = 96,
                 width: int = 128, video: VideoRecorder | None = None, mode: str = "sync",
-                delay_ticks: float | None = None) -> dict:
+                delay_ticks: float | None = None, scene: str = "grasp") -> dict:
     """One closed-loop episode through the robot loop (`AsyncController`) under virtual time: every inference
     takes `delay_ticks` control ticks (default `chunk_delay_ticks`), the synchronous loop holds the arm while it
     waits, the lookahead loop (`mode` naive / grounded: the policy's `async_mode`) infers the next chunk while
     the current one executes. The episode runs the chunks of `steps` actions, however many ticks that takes.
+    `scene`: the task (`robot.place.SCENES`: grasp, place); `prompt`: default the scene's.
 
     Returns {"seed", "success", "clipped", "steps", "ticks", "completion_tick" (first tick with the cube held,
     None if never), "hold_ticks", "min_distance", "chunk_ms" (median CPU ms of a chunk's feedback + infer),
@@ -79,7 +80,9 @@ def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str = TASK, 
     while total < steps:
         total += chunk_steps(cfg, chunks)
         chunks += 1
-    scene = GraspScene(seed, cameras=[camera_name(k) for k in cfg.obs_cam_keys], height=height, width=width)
+    task = get_scene(scene)
+    prompt = task.task if prompt is None else prompt
+    scene = task.cls(seed, cameras=[camera_name(k) for k in cfg.obs_cam_keys], height=height, width=width)
     cube_xy = scene.cube.copy()
     track = {"min_dist": np.inf, "lowest": (np.inf, None), "completion": None}
 
@@ -166,16 +169,18 @@ def summarize(episodes: Sequence[dict]) -> dict:
 
 
 def evaluate(policy, seeds: Sequence[int], steps: int = EVAL_STEPS, progress: bool = True, desc: str = "eval",
-             video_path: str | Path | None = None, mode: str = "sync", delay_ticks: float | None = None) -> dict:
-    """Success rate over `seeds` in `mode` (`run_episode`); the first episode is written to `video_path` (mp4)
-    when given."""
+             video_path: str | Path | None = None, mode: str = "sync", delay_ticks: float | None = None,
+             scene: str = "grasp") -> dict:
+    """Success rate over `seeds` in `mode` on `scene` (`run_episode`); the first episode is written to
+    `video_path` (mp4) when given."""
     from tqdm import tqdm
 
     episodes = []
     bar = tqdm(seeds, desc=desc, unit="episode", disable=not progress)
     for i, seed in enumerate(bar):
         video = VideoRecorder([camera_name(k) for k in policy.cfg.obs_cam_keys]) if video_path and i == 0 else None
-        episodes.append(run_episode(policy, seed, steps, video=video, mode=mode, delay_ticks=delay_ticks))
+        episodes.append(run_episode(policy, seed, steps, video=video, mode=mode, delay_ticks=delay_ticks,
+                                    scene=scene))
         bar.set_postfix(success=f"{sum(e['success'] for e in episodes)}/{len(episodes)}",
                         dist_cm=f"{100 * episodes[-1]['min_distance']:.1f}")
         if video is not None:
