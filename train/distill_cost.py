@@ -24,6 +24,7 @@ import torch
 
 from lingbot_edge.eval.grasp import EVAL_SEED0, held_out_seeds, run_episode
 from lingbot_edge.io.files import write_text
+from lingbot_edge.io.loading import checkpoint_folder
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     variants = [(f"teacher {args.teacher} at {n}", args.teacher, int(n)) for n in args.teacher_steps.split(",") if n]
     for student in args.student:
-        steps = json.loads((Path(student) / "policy_config.json").read_text())["action_num_inference_steps"]
+        config = json.loads((Path(checkpoint_folder(student)) / "policy_config.json").read_text())
+        steps = config["action_num_inference_steps"]
         variants.append((f"student {student}", student, steps))
     rows = measure(variants, [m for m in args.modes.split(",") if m], args.episodes, args.rounds, args.dtype)
     table = format_table(rows, args.episodes, args.rounds)

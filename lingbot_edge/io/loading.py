@@ -294,7 +294,11 @@ def warn_if_float32(cfg: ModelConfig, dtype: torch.dtype) -> None:
 TINY = "tiny"  # load_policy's embedded source: the tiny model with random weights, built in-process
 # Embedded checkpoint folders, by name: the tiny DiT trained on the SO-100 grasp task (`lingbot-edge train`,
 # measured by `lingbot-edge demo`). A name wins over a folder of the same name in the working directory.
-EMBEDDED_CHECKPOINTS = {"so100-grasp": Path(__file__).resolve().parents[1] / "assets" / "so100-grasp-tiny"}
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
+# so100-grasp: the trained tiny SO-100 grasp policy; so100-grasp-2step: its student with 2 action steps
+# (`lingbot-edge train distill`, docs/distillation.md).
+EMBEDDED_CHECKPOINTS = {"so100-grasp": _ASSETS / "so100-grasp-tiny",
+                        "so100-grasp-2step": _ASSETS / "so100-grasp-2step-tiny"}
 
 
 def checkpoint_folder(source: str | Path) -> str | Path:
