@@ -69,11 +69,9 @@ def test_resume_continues_the_same_run(run, monkeypatch):
     """Interrupt a run after 7 steps (state saved at 5), resume: the weights equal an uninterrupted run's."""
     out, _, _ = run
     from train.pipeline import load_checkpoint_policy
-    from train.trainer import EpisodeTensors, train
+    from train.trainer import read_latents, train
 
-    saved = torch.load(out / "latents.pt")
-    saved.pop("identity_vae")
-    data = EpisodeTensors(**saved)
+    data, _, _ = read_latents(out / "latents.pt")
     cfg = load_checkpoint_policy(out / "checkpoint").cfg
     tc = TrainConfig(steps=8, batch_size=2, warmup=2, save_every=5)
     from lingbot_edge.io.checkpoint import build_model

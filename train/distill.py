@@ -39,7 +39,7 @@ from lingbot_edge.core.scheduler import FlowMatchSchedule
 from lingbot_edge.io.files import check_output_folder, write_folder, write_text
 from train.distill_config import METHODS, DistillConfig
 from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
-from train.trainer import STATE_NAME, EpisodeTensors, _lr_at, atomic_torch_save, plot_losses
+from train.trainer import STATE_NAME, EpisodeTensors, _lr_at, atomic_torch_save, plot_losses, read_latents
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ def load_latents(run_dir: str | Path, teacher_dir: Path, cfg: PolicyConfig) -> E
     path = Path(run_dir) / "latents.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no encoded latents (a `lingbot-edge train fit` run folder holds them)")
-    saved = torch.load(path)
-    raw = saved.pop("identity_vae", False)
-    data = EpisodeTensors(**saved)
+    data, raw, _ = read_latents(path)
     if raw:
         vae = json.loads((teacher_dir / "vae" / "config.json").read_text())
         mean, std = torch.tensor(vae["latents_mean"]), torch.tensor(vae["latents_std"])

@@ -166,7 +166,7 @@ def fit(out: str | Path, tc, threads: int | None = None, **fit_kwargs) -> dict |
     from lingbot_edge.io.files import write_text
     from train.pipeline import fit as pipeline_fit
     from train.pipeline import load_checkpoint_policy, normalize_latents
-    from train.trainer import EpisodeTensors, train
+    from train.trainer import read_latents, train
 
     parallel = init_from_env(threads)
     out = Path(out)
@@ -177,9 +177,7 @@ def fit(out: str | Path, tc, threads: int | None = None, **fit_kwargs) -> dict |
         parallel.barrier()
         ckpt = out / "checkpoint"
         cfg = load_checkpoint_policy(ckpt).cfg
-        saved = torch.load(out / "latents.pt")
-        raw = saved.pop("identity_vae", False)
-        data = EpisodeTensors(**saved)
+        data, raw, _ = read_latents(out / "latents.pt")
         if raw:
             data = normalize_latents(data, ckpt / "vae")
         model = build_model(cfg.model_config, seed=tc.seed)

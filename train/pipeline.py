@@ -28,7 +28,7 @@ from lingbot_edge.io.files import write_text
 from lingbot_edge.robot.so100 import camera_keys, camera_name
 from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR
 from train.lora import AdapterConfig
-from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode_dataset, train
+from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode_dataset, read_latents, train
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,11 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     t = time.perf_counter()
     latents = Path(latents) if latents is not None else out / "latents.pt"
     if latents.is_file():
-        saved = torch.load(latents)
-        raw = saved.pop("identity_vae", False)
-        source = saved.pop("dataset", None)
+        data, raw, source = read_latents(latents)
         if source is not None and Path(source).resolve() != dataset.resolve():
             raise ValueError(f"{latents}: encoded from {source}, not {dataset}; drop --latents or use that dataset")
         if raw != vae_is_identity(ckpt / "vae"):
             raise ValueError(f"{latents}: encoded through another VAE normalization than {ckpt / 'vae'}")
-        data = EpisodeTensors(**saved)
     else:
         raw = vae_is_identity(ckpt / "vae")
         data = encode_dataset(dataset, policy, max_episodes=episodes, progress=progress)

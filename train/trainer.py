@@ -49,6 +49,15 @@ class EpisodeTensors:
         return self.video.shape[0]
 
 
+def read_latents(path: str | Path) -> tuple[EpisodeTensors, bool, str | None]:
+    """A run's `latents.pt` as `train.pipeline.fit` writes it: (the encoded episodes, whether they are the identity
+    VAE's raw latents, the dataset folder they were encoded from: None in files that predate that key)."""
+    saved = torch.load(path)
+    raw = saved.pop("identity_vae", False)
+    source = saved.pop("dataset", None)
+    return EpisodeTensors(**saved), raw, source
+
+
 def encode_dataset(root: str | Path, policy, max_episodes: int | None = None, progress: bool = True,
                    batch: int = ENCODE_BATCH) -> EpisodeTensors:
     """A LeRobot dataset through the policy's own encoders (`calib.data.LeRobotEpisodes`: streaming VAE,
