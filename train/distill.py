@@ -39,7 +39,7 @@ from lingbot_edge.core.scheduler import FlowMatchSchedule
 from lingbot_edge.io.files import check_output_folder, write_folder, write_text
 from train.distill_config import METHODS, DistillConfig
 from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
-from train.trainer import STATE_NAME, EpisodeTensors, _lr_at, atomic_torch_save, plot_losses, read_latents
+from train.trainer import STATE_NAME, EpisodeTensors, _lr_at, adamw, atomic_torch_save, plot_losses, read_latents
 
 log = logging.getLogger(__name__)
 
@@ -384,9 +384,7 @@ def distill(teacher: str | Path, data_dir: str | Path, out: str | Path, dc: Dist
 
     student = copy.deepcopy(teacher_model).train().requires_grad_(True)
     params = list(student.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": dc.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=dc.lr, betas=(0.9, 0.99))
+    opt = adamw(params, dc.lr, dc.weight_decay)
     gen = torch.Generator().manual_seed(dc.seed)
     losses: list[dict[str, float]] = []
     step = 0

@@ -200,6 +200,14 @@ def _lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def adamw(params: list[Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The trainers' optimizer: AdamW (betas 0.9 / 0.99) with weight decay on the matrices only (biases and
+    norms: none)."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.99))
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     write_file(path, lambda tmp: torch.save(obj, tmp))
 
@@ -250,10 +258,7 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
     if parallel is not None:
         parallel.shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.99))
+    opt = adamw(params, tc.lr, tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)
     losses: list[dict[str, float]] = []
     step = 0
