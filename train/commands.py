@@ -2,7 +2,7 @@
 
     lingbot-edge train record --out DIR [--episodes 200]
     lingbot-edge train fit --out DIR [--dataset DIR] [--episodes 200] [--steps 2600] [--eval-episodes 20]
-    lingbot-edge train fit --out DIR --scene place --episodes 50 --base so100-grasp --lora-rank 16  # post-train
+    lingbot-edge train fit --out DIR --scene place --episodes 50 --base so100-grasp --lora-rank 32  # post-train
     lingbot-edge train eval --checkpoint DIR [--episodes 20] [--dtype bfloat16] [--schemes a,b] [--json F]
     lingbot-edge train distill --teacher DIR|so100-grasp --data RUN_DIR --action-steps N --out DIR
 
