@@ -19,7 +19,7 @@ from lingbot_edge.core.config import get_policy_config
 from lingbot_edge.io.checkpoint import build_model
 from train.config import TrainConfig
 from train.distributed import DataParallel
-from train.trainer import STATE_NAME, EpisodeTensors, FlowMatchingLoss, _lr_at, train
+from train.trainer import STATE_NAME, EpisodeTensors, FlowMatchingLoss, lr_at, train
 
 WORLD = 2
 TC = TrainConfig(steps=3, batch_size=4, lr=2e-3, warmup=2, save_every=3, seed=0, grounded_weight=1.0)
@@ -75,7 +75,7 @@ def _reference(out_losses: list) -> dict[str, torch.Tensor]:
     for step in range(TC.steps):
         idx = torch.randint(len(data), (TC.batch_size,), generator=gen)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, TC)
+            group["lr"] = lr_at(step, TC)
         opt.zero_grad()
         logged = {}
         per = TC.batch_size // WORLD

@@ -39,7 +39,18 @@ from lingbot_edge.core.scheduler import FlowMatchSchedule
 from lingbot_edge.io.files import check_output_folder, write_folder, write_text
 from train.distill_config import METHODS, DistillConfig
 from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
-from train.trainer import STATE_NAME, EpisodeTensors, _lr_at, adamw, atomic_torch_save, plot_losses, read_latents
+from train.trainer import (
+    STATE_NAME,
+    EpisodeTensors,
+    adamw,
+    atomic_torch_save,
+    lr_at,
+    open_run,
+    optimizer_step,
+    plot_losses,
+    read_latents,
+    read_run_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -365,10 +376,7 @@ def distill(teacher: str | Path, data_dir: str | Path, out: str | Path, dc: Dist
     from tqdm import tqdm
 
     dc = dc or DistillConfig()
-    if threads:
-        torch.set_num_threads(threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run(out, threads)
     timings: dict[str, float] = {}
     teacher_dir, teacher_model, cfg = load_teacher(teacher)
     data = load_latents(data_dir, teacher_dir, cfg)
@@ -389,20 +397,17 @@ def distill(teacher: str | Path, data_dir: str | Path, out: str | Path, dc: Dist
     losses: list[dict[str, float]] = []
     step = 0
     state_path = out / STATE_NAME
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        if state["distill_config"] != asdict(dc) or state["key"] != key:
-            raise ValueError(f"{state_path}: saved by a different run ({state['distill_config']}, {state['key']}); "
-                             f"use another --out or delete it")
+    identity = {"distill_config": asdict(dc), "key": key}
+    state = read_run_state(state_path, identity)
+    if state is not None:
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         losses, step = state["losses"], state["step"]
-        log.info("resumed %s at step %d", state_path, step)
 
     def save() -> None:
         atomic_torch_save({"model": student.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                           "losses": losses, "step": step, "distill_config": asdict(dc), "key": key}, state_path)
+                           "losses": losses, "step": step, **identity}, state_path)
         if losses:
             plot_losses(losses, out / LOSS_PNG)
 
@@ -412,17 +417,12 @@ def distill(teacher: str | Path, data_dir: str | Path, out: str | Path, dc: Dist
                disable=not progress)
     while step < dc.steps:
         samples = torch.randint(n_samples, (dc.batch_size,), generator=gen)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, dc)
         video, history, noise, text = sample_inputs(data, samples, dc)
         inp = objective.flow.inputs(video, history, noise, text, student)
         rows = {"trajectory": targets.trajectory[samples], "trajectory_async": targets.trajectory_async[samples],
                 "video_velocity": targets.video_velocity[samples]}
         loss, parts = objective(student, inp, rows, start_actions(cfg, samples, data, dc), gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, dc.grad_clip))
-        opt.step()
+        grad_norm = optimizer_step(opt, params, loss, lr_at(step, dc), dc.grad_clip)
         step += 1
         losses.append({"step": step, **parts, "grad_norm": grad_norm})
         bar.update(1)

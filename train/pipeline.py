@@ -28,7 +28,7 @@ from lingbot_edge.io.files import write_text
 from lingbot_edge.robot.so100 import camera_keys, camera_name
 from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR
 from train.lora import AdapterConfig
-from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode_dataset, read_latents, train
+from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode_dataset, open_run, read_latents, train
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,7 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     from train.dataset import record_dataset
 
     tc = tc or TrainConfig()
-    if threads:
-        torch.set_num_threads(threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run(out, threads)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if dataset is None:

@@ -193,7 +193,9 @@ def action_change(action: Tensor) -> Tensor:
     return per_chunk / per_chunk.mean().clamp(min=1e-8)
 
 
-def _lr_at(step: int, tc: TrainConfig) -> float:
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """The learning rate of `step`: linear warmup to `tc.lr`, then a cosine decay to a tenth of it (`tc`: any
+    config with lr, warmup and steps; the distillation's too)."""
     if step < tc.warmup:
         return tc.lr * (step + 1) / tc.warmup
     progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
@@ -206,6 +208,41 @@ def adamw(params: list[Tensor], lr: float, weight_decay: float) -> torch.optim.A
     return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.99))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, params: list[Tensor], loss: Tensor, lr: float,
+                   grad_clip: float) -> float:
+    """One update at learning rate `lr`: backward, the gradients' global norm clipped to `grad_clip`, the step.
+    Returns the norm before clipping."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    opt.step()
+    return grad_norm
+
+
+def open_run(out: str | Path, threads: int | None) -> Path:
+    """A run's output folder (created) after setting the torch CPU threads (`threads` None: torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def read_run_state(path: Path, identity: dict) -> dict | None:
+    """The training state saved at `path`, None when there is none. `identity`: the settings that make a run what
+    it is, saved with its state; a state saved under other ones is refused, so a run never resumes another's."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=False)
+    saved = {k: state.get(k) for k in identity}
+    if saved != identity:
+        raise ValueError(f"{path}: saved by a different run ({saved}); use another --out or delete it")
+    log.info("resumed %s at step %d", path, state["step"])
+    return state
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -250,8 +287,7 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
     trains on its share of every batch with its own noise, rank 0 writes."""
     from tqdm import tqdm
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run(out, None)
     model.train()
     for name, param in model.named_parameters():
         param.requires_grad_(trainable is None or trainable(name))
@@ -263,12 +299,9 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
     losses: list[dict[str, float]] = []
     step = 0
     state_path = out / STATE_NAME
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if (state["train_config"] != asdict(tc) or state["policy"] != cfg.name or state["chunks"] != data.video.shape[1]
-                or state.get("run") != run):
-            raise ValueError(f"{state_path}: saved by a different run ({state['train_config']}, policy "
-                             f"{state['policy']!r}, {state.get('run')}); use another --out or delete it")
+    identity = {"train_config": asdict(tc), "policy": cfg.name, "chunks": data.video.shape[1], "run": run}
+    state = read_run_state(state_path, identity)
+    if state is not None:
         if parallel is None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -276,7 +309,6 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
             parallel.load_state(model, opt, state["model"], state["optimizer"])
         gen.set_state(state["generator"])
         losses, step = state["losses"], state["step"]
-        log.info("resumed %s at step %d", state_path, step)
     objective = FlowMatchingLoss(cfg, data.video.shape[1], tc.grounded_weight)
     step_loss = objective if parallel is None else parallel.objective(objective)
 
@@ -286,8 +318,7 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
         if parallel is not None and not parallel.is_writer:
             return
         atomic_torch_save({"model": model_state, "optimizer": opt_state, "generator": gen.get_state(),
-                           "losses": losses, "step": step, "train_config": asdict(tc), "policy": cfg.name,
-                           "chunks": data.video.shape[1], "run": run}, state_path)
+                           "losses": losses, "step": step, **identity}, state_path)
         if losses:
             plot_losses(losses, out / LOSS_PNG)
 
@@ -295,18 +326,13 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
     t0 = time.perf_counter()
     while step < tc.steps:
         idx = torch.randint(len(data), (tc.batch_size,), generator=gen)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, tc)
         noise = gen
         if parallel is not None:
             idx, noise = parallel.local_share(idx), parallel.noise_generator(tc.seed, step)
         loss_v, parts = step_loss(model, data.video[idx], data.action[idx], data.text[idx], noise, tc.noisy_predicted,
                                   tc.history_action_noise, tc.change_weight, tc.predicted_at_sampler_sigma)
         loss = loss_v + tc.action_weight * parts.pop("_action")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
-        opt.step()
+        grad_norm = optimizer_step(opt, params, loss, lr_at(step, tc), tc.grad_clip)
         step += 1
         if parallel is not None:
             parts = parallel.mean(parts)
