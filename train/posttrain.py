@@ -41,9 +41,9 @@ def base_folder(base: str | Path) -> Path:
 def base_policy_config(base: Path, q01, q99) -> PolicyConfig:
     """The base checkpoint's policy settings with the new dataset's action quantiles (`q01`, `q99`: one per
     action channel of the DiT)."""
-    from train.pipeline import load_checkpoint_policy
+    from lingbot_edge.io.loading import read_policy_config
 
-    return load_checkpoint_policy(base).cfg.replace(action_q01=tuple(q01), action_q99=tuple(q99))
+    return read_policy_config(base).replace(action_q01=tuple(q01), action_q99=tuple(q99))
 
 
 def write_skeleton(folder: Path, base: Path, cfg: PolicyConfig) -> Path:

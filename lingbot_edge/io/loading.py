@@ -306,6 +306,13 @@ def checkpoint_folder(source: str | Path) -> str | Path:
     return EMBEDDED_CHECKPOINTS.get(source, source) if isinstance(source, str) else source
 
 
+def read_policy_config(source: str | Path, preset: str | None = None,
+                       overrides: Mapping[str, Any] | None = None) -> PolicyConfig:
+    """The policy settings of a checkpoint folder or embedded name, read from its headers and JSON files as
+    `load_policy` reads them (`policy_config_for`), without building the policy or reading a weight."""
+    return policy_config_for(resolve_checkpoint(checkpoint_folder(source)), preset, overrides)
+
+
 def load_policy(
     source: str | Path,
     *,
