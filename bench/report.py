@@ -48,7 +48,7 @@ def render(data: dict) -> str:
     if task:
         lines[2] += (f" Task success: each rung's setting (quantization, sampler, step axes on the checkpoint's own "
                      f"steps; eager) on the trained `{task['checkpoint']}` checkpoint in bf16, the SO-100 grasp task "
-                     f"(`calib.task_success`), {task['episodes']} held-out seeds.")
+                     f"(`lingbot_edge.eval.task_success`), {task['episodes']} held-out seeds.")
         lines[4] += " task success | task setting |"
         lines[5] += "---:|---|"
     axes = _step_axes(first["preset"])

@@ -35,6 +35,7 @@ of the GPU's dequantized weight, and no CUDA reserve.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,12 +317,25 @@ def render(presets=("so100", "libero"), chunks=TABLE_CHUNKS, ranks=(16, 64)) -> 
     return "\n".join(lines)
 
 
+def model_prediction(measured: dict) -> dict:
+    """The model's CPU prediction for a measured step (first step, CPU kernels) and its ratios to
+    the live-tensor peak and to the RSS peak above the baseline."""
+    mc = dataclasses.replace(get_policy_config(measured["preset"]).model_config, num_layers=measured["layers"])
+    setup = TrainSetup(measured["preset"], measured["chunks"], measured["base"], measured["rank"],
+                       measured["checkpointing"], 4 if measured["adapter_dtype"] == "float32" else 2, model=mc)
+    rows = step_bytes(setup, cpu=True, first_step=True)
+    predicted = rows["allocated (tensors)"]
+    out = {"model_cpu_bytes": predicted, "model_peak_phase": rows["peak phase"],
+           "rss_over_model": measured["step_peak_above_baseline"] / predicted}
+    if measured.get("live_peak_bytes"):
+        out["live_over_model"] = measured["live_peak_bytes"] / predicted
+    return out
+
+
 def render_measured(paths) -> str:
     """The measured steps (`bench.train_step_measure --json` files) next to the model's CPU prediction."""
     import json
     import platform
-
-    from bench.train_step_measure import model_prediction
 
     lines = [
         '<a id="measured"></a>',

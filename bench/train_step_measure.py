@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bench.train_memory import model_prediction
 from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, PolicyConfig, get_policy_config
 from lingbot_edge.core.model import WanVATransformer
 from lingbot_edge.core.qlinear import QuantizedLinear
@@ -331,23 +332,6 @@ def measure(preset: str = "so100", chunks: int = 2, base: str = "int8", rank: in
         "live_peak_op": tracker.peak_op if track_tensors else None,
         "build_s": build_s, "step_s": step_s, **result,
     }
-    return out
-
-
-def model_prediction(measured: dict) -> dict:
-    """`bench.train_memory`'s CPU prediction for a measured step (first step, CPU kernels) and its ratios to
-    the live-tensor peak and to the RSS peak above the baseline."""
-    from bench.train_memory import TrainSetup, step_bytes
-
-    mc = dataclasses.replace(get_policy_config(measured["preset"]).model_config, num_layers=measured["layers"])
-    setup = TrainSetup(measured["preset"], measured["chunks"], measured["base"], measured["rank"],
-                       measured["checkpointing"], 4 if measured["adapter_dtype"] == "float32" else 2, model=mc)
-    rows = step_bytes(setup, cpu=True, first_step=True)
-    predicted = rows["allocated (tensors)"]
-    out = {"model_cpu_bytes": predicted, "model_peak_phase": rows["peak phase"],
-           "rss_over_model": measured["step_peak_above_baseline"] / predicted}
-    if measured.get("live_peak_bytes"):
-        out["live_over_model"] = measured["live_peak_bytes"] / predicted
     return out
 
 

@@ -17,12 +17,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from lingbot_edge.core.config import PolicyConfig
+from lingbot_edge.io.episodes import EpisodeSource
 from lingbot_edge.io.files import check_output_folder, is_temp_path
 from lingbot_edge.io.quantized import sha256_file
 from quantize.plan import BLOCK_LINEARS
 
 from .capture import capture
-from .data import EpisodeSource
 from .evaluate import Evaluator
 from .planner import Budget, PlanResult, choose_plan
 from .report import write_outputs

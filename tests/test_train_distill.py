@@ -13,7 +13,7 @@ from lingbot_edge.core.sampler import ReferenceSampler
 from lingbot_edge.io.loading import load_policy
 from train.distill import CHECKPOINT_NAME, DistillLoss, load_teacher, sample_inputs, start_actions, teacher_targets
 from train.distill_config import DistillConfig
-from train.pipeline import base_policy_config, write_checkpoint_skeleton
+from train.skeleton import base_policy_config, write_checkpoint_skeleton
 from train.trainer import STATE_NAME, EpisodeTensors
 
 CHUNKS = 4  # through a 2-chunk cache: chunks 2-3 evict

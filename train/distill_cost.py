@@ -62,7 +62,7 @@ class ChunkMeter:
 def measure(variants: list[tuple[str, str, int]], modes: list[str], episodes: int, rounds: int,
             dtype: str = "bfloat16") -> list[dict]:
     """variants: (label, checkpoint, action steps). Returns one row per variant and mode."""
-    from calib.task_success import checkpoint_loader
+    from lingbot_edge.eval.task_success import checkpoint_loader
 
     meters = {}
     for label, checkpoint, steps in variants:

@@ -2,7 +2,7 @@
 
 The episode loop and the held-out seeds are the runtime's (`lingbot_edge.eval.grasp`, which `lingbot-edge
 demo` uses too); the settings (scheme x step setting), their measurement and the table are
-`calib.task_success`'s, shared with the ladder, the drift table and the calibration report. This module adds
+`lingbot_edge.eval.task_success`'s, shared with the ladder, the drift table and the calibration report. This module adds
 the rows only training has: the scripted expert and the checkpoint with a random-weight DiT.
 """
 
@@ -12,8 +12,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from calib.task_success import TaskSetting, checkpoint_loader, format_table, measure, row
 from lingbot_edge.eval.grasp import EVAL_SEED0, EVAL_STEPS, held_out_seeds, with_random_transformer
+from lingbot_edge.eval.task_success import TaskSetting, checkpoint_loader, format_table, measure, row
+from quantize.task import quantize_setting
 
 log = logging.getLogger(__name__)
 __all__ = ["evaluate_checkpoint", "evaluate_expert", "format_table"]
@@ -71,7 +72,7 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
         settings += [TaskSetting(f"trained + {s}{note}", s, axes, mode=modes[0], delay_ticks=delay_ticks)
                      for s in schemes]
         rows += measure(load, settings, episodes, steps, progress, video if exec_step == exec_steps[0] else None,
-                        first_seed, scene)
+                        first_seed, scene, quantize_setting)
         if random_baseline:
             rows += measure(random_dit, [TaskSetting("random weights" + note, None, axes, mode=modes[0],
                                                      delay_ticks=delay_ticks)],

@@ -22,6 +22,7 @@ import torch
 
 from lingbot_edge.core.config import PolicyConfig
 from train.lora import AdapterConfig
+from train.skeleton import policy_config_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,10 @@ def base_policy_config(base: Path, q01, q99) -> PolicyConfig:
 def write_skeleton(folder: Path, base: Path, cfg: PolicyConfig) -> Path:
     """The run's checkpoint: the base's frozen parts and DiT (replaced by the export), the new policy_config.json.
     An existing skeleton is kept (its frozen parts made the cached latents)."""
-    from train.pipeline import _write_json, policy_config_json
-
     for part in (*FROZEN_PARTS, "transformer"):
         if not (folder / part).is_dir():
             shutil.copytree(base / part, folder / part)
-    _write_json(folder / "policy_config.json", policy_config_json(cfg))
+    write_json(folder / "policy_config.json", policy_config_json(cfg))
     return folder
 
 

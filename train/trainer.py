@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.scheduler import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
+from lingbot_edge.io.episodes import LeRobotEpisodes
 from lingbot_edge.io.files import write_file
 from train.config import TrainConfig
 from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
@@ -61,12 +62,11 @@ def read_latents(path: str | Path) -> tuple[EpisodeTensors, bool, str | None]:
 
 def encode_dataset(root: str | Path, policy, max_episodes: int | None = None, progress: bool = True,
                    batch: int = ENCODE_BATCH) -> EpisodeTensors:
-    """A LeRobot dataset through the policy's own encoders (`calib.data.LeRobotEpisodes`: streaming VAE,
+    """A LeRobot dataset through the policy's own encoders (`lingbot_edge.io.episodes.LeRobotEpisodes`: streaming VAE,
     prompt encoder, action codec), `batch` episodes at a time (the same latents as one by one),
     episodes cut to the same number of whole chunks."""
     from tqdm import tqdm
 
-    from calib.data import LeRobotEpisodes
 
     source = LeRobotEpisodes(Path(root), policy, max_episodes=max_episodes)
     ids = source.episode_ids()
