@@ -20,7 +20,10 @@ from lingbot_edge.core.actions import action_error
 from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
 from lingbot_edge.core.kv_cache import CacheMode
 from lingbot_edge.core.sampler import ReferenceSampler, StaticSampler
+from lingbot_edge.eval.grasp import EVAL_STEPS, summarize
+from lingbot_edge.eval.task_success import TASK_CHECKPOINT, TaskSetting, checkpoint_loader, measure, steps_cell
 from lingbot_edge.io.checkpoint import build_meta_model, build_model
+from quantize import SCHEMES, QuantPlan, quantize_
 from quantize.task import quantize_setting
 
 # Peak numbers per GPU model (dense, no sparsity): bytes/s and FLOP/s by dtype.
@@ -76,8 +79,6 @@ def base_variants() -> list[Variant]:
 
 def _quantized(scheme: str, plan_path: str | None = None) -> Callable:
     def build(model, cfg):
-        from quantize import SCHEMES, QuantPlan, quantize_
-
         quantize_(model, QuantPlan.from_json(plan_path) if plan_path else SCHEMES[scheme])
         return StaticSampler(model, cfg, compile=True)
 
@@ -143,9 +144,6 @@ def all_variants() -> list[Variant]:
 def task_settings(variants: list[Variant], cfg: PolicyConfig, device: torch.device) -> dict[str, object]:
     """{variant: its `lingbot_edge.eval.task_success.TaskSetting` on a policy of `cfg` (the rung's quantization and
     sampler, its step axes applied to `cfg`'s steps), or the reason it has none on `device`}."""
-    from lingbot_edge.eval.task_success import TaskSetting
-    from quantize import QuantPlan
-
     out: dict[str, object] = {}
     for v in variants:
         if v.gpu_only and device.type != "cuda":
@@ -162,9 +160,6 @@ def task_success(variants: list[Variant], episodes: int, device: torch.device, s
     checkpoint (bf16, `lingbot_edge.eval.task_success.TASK_CHECKPOINT`), over `episodes` held-out seeds. {variant:
     {"successes", "episodes", "setting", "sampler", "min_distance" (median closest approach, m)} or {"reason"}};
     rungs with the same setting share one measurement."""
-    from lingbot_edge.eval.grasp import EVAL_STEPS, summarize
-    from lingbot_edge.eval.task_success import TASK_CHECKPOINT, checkpoint_loader, measure, steps_cell
-
     load = checkpoint_loader(TASK_CHECKPOINT, "bfloat16", str(device))
     settings = task_settings(variants, load().cfg, device)
     done: dict[tuple, dict] = {}

@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+from lingbot_edge.eval.grasp import EVAL_STEPS
+from lingbot_edge.eval.task_success import TASK_CHECKPOINT, TaskSetting, checkpoint_loader, success_cell
+from lingbot_edge.eval.task_success import measure as measure_task_success
 from lingbot_edge.testing import libero
 from quantize import SCHEMES, quantize_
 from quantize.task import quantize_setting
@@ -93,20 +96,15 @@ def task_success(schemes: list[str] | None, episodes: int, steps: int | None = N
     """{bf16-table label: `lingbot_edge.eval.task_success.measure` row}: the unquantized bf16 SO-100 grasp checkpoint
     (label "bf16 (no quantization)") and each scheme on it, over `episodes` held-out seeds; float8 W8A8
     emulated on a CPU, as in the drift rows."""
-    from lingbot_edge.eval.grasp import EVAL_STEPS
-    from lingbot_edge.eval.task_success import TASK_CHECKPOINT, TaskSetting, checkpoint_loader, measure
-
     settings = [TaskSetting(BF16_TASK_ROW)] + [
         TaskSetting(_label(n), n, check_hardware=n not in FP8_W8A8) for n in (schemes or list(SCHEMES))]
-    rows = measure(checkpoint_loader(TASK_CHECKPOINT, "bfloat16"), settings, episodes, steps or EVAL_STEPS,
+    rows = measure_task_success(checkpoint_loader(TASK_CHECKPOINT, "bfloat16"), settings, episodes, steps or EVAL_STEPS,
                    progress, quantize=quantize_setting)
     return {r["policy"]: r for r in rows}
 
 
 def _task_section(task: dict[str, dict]) -> tuple[dict[str, dict[str, str]], list[str]]:
     """(the bf16 table's extra column, the paragraph under it) of `task_success` rows."""
-    from lingbot_edge.eval.task_success import TASK_CHECKPOINT, success_cell
-
     n = next(iter(task.values()))["episodes"]
     title = f"task success, SO-100 grasp ({n} seeds)"
     text = [f"Task success (`--task-episodes {n}`): NOT this tiny-LIBERO policy (it has no task to succeed at here) "

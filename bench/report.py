@@ -12,6 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.ladder import all_variants
+from lingbot_edge.core.config import POLICY_PRESETS
+
 
 def _rows(data: dict) -> tuple[dict, dict]:
     chunks, forwards = {}, {}
@@ -77,7 +80,6 @@ def render(data: dict) -> str:
             + (" {} | {} |".format(*task_cells(task["variants"].get(name))) if task else "")
         )
     lines += ["", "Variants:", ""] + [f"- `{n}`: {c['description']}" for n, c in chunks.items()]
-    from bench.ladder import all_variants
 
     not_run = [v for v in all_variants() if v.name not in chunks]
     lines += [f"- `{v.name}`: {v.description}: not run here" + (" (needs a CUDA GPU)" if v.gpu_only else "")
@@ -109,9 +111,6 @@ def task_cells(cell: dict | None) -> tuple[str, str]:
 
 def _step_axes(preset: str):
     """variant name -> (video_exec_step, action steps) on `preset` (the ladder's step axes)."""
-    from bench.ladder import all_variants
-    from lingbot_edge.core.config import POLICY_PRESETS
-
     variants = {v.name: v for v in all_variants()}
     cfg = POLICY_PRESETS.get(preset)
 

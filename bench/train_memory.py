@@ -47,6 +47,7 @@ from bench.memory_model import CUDA_RESERVE_GIB, GIB, SCHEMES
 from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, PolicyConfig, get_policy_config
 from lingbot_edge.io.checkpoint import build_meta_model
 from lingbot_edge.io.files import write_text
+from train.teacher import GROUNDED_SEGMENTS, SEGMENTS, episode_layout
 
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
@@ -114,8 +115,6 @@ class AttentionShape:
 @functools.lru_cache(maxsize=32)
 def attention_shape(cfg: PolicyConfig, chunks: int, grounded: bool) -> AttentionShape:
     """Read off the attention backend the trainer builds for this layout (`train.teacher.episode_layout`)."""
-    from train.teacher import episode_layout
-
     layout = episode_layout(cfg, chunks, grounded=grounded)
     att = layout.attention
     return AttentionShape(att.band, layout.chunk_tokens,
@@ -125,8 +124,6 @@ def attention_shape(cfg: PolicyConfig, chunks: int, grounded: bool) -> Attention
 def sequence_tokens(cfg: PolicyConfig, chunks: int, grounded: bool) -> int:
     """Tokens of the episode sequence: per chunk one copy per segment of the trainer's layout
     (`train.teacher.SEGMENTS`, plus `GROUNDED_SEGMENTS` when grounded), video or action sized."""
-    from train.teacher import GROUNDED_SEGMENTS, SEGMENTS
-
     names = SEGMENTS + (GROUNDED_SEGMENTS if grounded else ())
     return chunks * sum(cfg.action_tokens_per_chunk if name.startswith("action") else cfg.video_tokens_per_chunk
                         for name in names)

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lingbot_edge.eval.grasp import EVAL_SEED0
 from lingbot_edge.io.files import write_json, write_text
 from quantize import get_scheme
 from quantize.api import needs_calibration
@@ -123,8 +124,6 @@ def markdown_report(result: PlanResult, sensitivity: Sensitivity, stats: Activat
 def append_task_success(report: Path, table: str, checkpoint: str, episodes: int) -> None:
     """Add the task-success section (`lingbot_edge.eval.task_success.format_table` of `calibrate plan
     --task-episodes`) to report.md, atomically."""
-    from lingbot_edge.eval.grasp import EVAL_SEED0
-
     text = report.read_text().rstrip("\n") + "\n\n" + "\n".join([
         "## Task success: SO-100 grasp task (simulated)",
         "",

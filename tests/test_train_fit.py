@@ -68,11 +68,11 @@ def test_checkpoint_loads_and_runs(run):
 def test_resume_continues_the_same_run(run, monkeypatch):
     """Interrupt a run after 7 steps (state saved at 5), resume: the weights equal an uninterrupted run's."""
     out, _, _ = run
-    from train.pipeline import load_checkpoint_policy
+    from lingbot_edge.io.loading import read_policy_config
     from train.trainer import read_latents, train
 
     data, _, _ = read_latents(out / "latents.pt")
-    cfg = load_checkpoint_policy(out / "checkpoint").cfg
+    cfg = read_policy_config(out / "checkpoint")
     tc = TrainConfig(steps=8, batch_size=2, warmup=2, save_every=5)
     from lingbot_edge.io.checkpoint import build_model
 

@@ -36,8 +36,11 @@ from torch import Tensor
 
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.scheduler import FlowMatchSchedule
+from lingbot_edge.io.checkpoint import save_transformer
 from lingbot_edge.io.files import check_output_folder, write_folder, write_text
+from lingbot_edge.io.loading import checkpoint_folder
 from train.distill_config import METHODS, DistillConfig
+from train.pipeline import load_checkpoint_policy
 from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
 from train.trainer import (
     EpisodeTensors,
@@ -59,9 +62,6 @@ FROZEN_PARTS = ("text_encoder", "tokenizer", "vae")  # copied from the teacher's
 
 def load_teacher(teacher: str | Path) -> tuple[Path, torch.nn.Module, PolicyConfig]:
     """(folder, DiT in fp32, policy settings) of a checkpoint folder or an embedded checkpoint's name."""
-    from lingbot_edge.io.loading import checkpoint_folder
-    from train.pipeline import load_checkpoint_policy
-
     folder = Path(checkpoint_folder(teacher))
     policy = load_checkpoint_policy(folder, dtype="float32", sampler="reference")
     cfg = policy.cfg
@@ -349,8 +349,6 @@ def load_or_make_targets(out: Path, teacher, cfg, data, dc, key: dict, progress:
 def write_student(folder: Path, teacher_dir: Path, student, action_steps: int) -> Path:
     """The student as a checkpoint folder in the teacher's layout (atomically): the teacher's frozen parts copied,
     the student's transformer/, the teacher's policy_config.json with `action_num_inference_steps` = N."""
-    from lingbot_edge.io.checkpoint import save_transformer
-
     config = json.loads((teacher_dir / "policy_config.json").read_text())
     config["action_num_inference_steps"] = action_steps
     check_output_folder(folder, ours=lambda p: (p / "policy_config.json").is_file() and (p / "transformer").is_dir(),

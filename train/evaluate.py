@@ -14,7 +14,10 @@ from pathlib import Path
 
 from lingbot_edge.eval.grasp import EVAL_SEED0, EVAL_STEPS, held_out_seeds, with_random_transformer
 from lingbot_edge.eval.task_success import TaskSetting, checkpoint_loader, format_table, measure, row
+from lingbot_edge.robot.place import get_scene
 from quantize.task import quantize_setting
+from train.dataset import EXPERTS
+from train.expert import run_expert
 
 log = logging.getLogger(__name__)
 __all__ = ["evaluate_checkpoint", "evaluate_expert", "format_table"]
@@ -22,10 +25,6 @@ __all__ = ["evaluate_checkpoint", "evaluate_expert", "format_table"]
 
 def evaluate_expert(seeds: Sequence[int], steps: int = EVAL_STEPS, scene: str = "grasp") -> dict:
     """The scripted expert as recorded, on the same seeds, through the same safety filter (the task's ceiling)."""
-    from lingbot_edge.robot.place import get_scene
-    from train.dataset import EXPERTS
-    from train.expert import run_expert
-
     episodes = []
     for seed in seeds:
         sim = get_scene(scene).cls(seed, cameras=())
@@ -51,8 +50,6 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
     half a chunk); 8-bit rows and the random baseline run in the first mode. `scene`: the task
     (`robot.place.SCENES`), whose episode length `steps` defaults to. `transformer`: another DiT folder for the
     trained rows (e.g. the checkpoint after `lingbot-edge quantize`), named in their labels."""
-    from lingbot_edge.robot.place import get_scene
-
     steps = get_scene(scene).eval_steps if steps is None else steps
     load = checkpoint_loader(checkpoint, dtype)
 

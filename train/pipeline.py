@@ -25,8 +25,12 @@ import torch
 
 from lingbot_edge.core.config import get_policy_config
 from lingbot_edge.eval.task_success import checkpoint_loader
+from lingbot_edge.io.checkpoint import build_model, save_transformer
+from lingbot_edge.io.datasets import load_action_quantiles
 from lingbot_edge.io.loading import read_policy_config
-from lingbot_edge.robot.so100 import camera_name
+from lingbot_edge.robot.so100 import SO100_MOTORS, camera_name
+from train import posttrain
+from train.dataset import record_dataset
 from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR
 from train.lora import AdapterConfig, checkpoint_blocks
 from train.skeleton import base_policy_config, policy_config_json, write_checkpoint_skeleton, write_json
@@ -95,12 +99,6 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     and VAE, used instead of encoding again. `parallel` (`train.distributed.DataParallel`, under torchrun): rank 0
     records, encodes and writes the checkpoint skeleton while the others wait, every rank trains its share of each
     batch, rank 0 exports and reports; returns the report on rank 0, None on the others."""
-    from lingbot_edge.io.checkpoint import build_model, save_transformer
-    from lingbot_edge.io.datasets import load_action_quantiles
-    from lingbot_edge.robot.so100 import SO100_MOTORS
-    from train import posttrain
-    from train.dataset import record_dataset
-
     tc = tc or TrainConfig()
     writer = parallel is None or parallel.is_writer
     out = open_run(out, threads)

@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from lingbot_edge.core.qlinear import QuantFormat, UnsupportedSchemeError, check_device_support
 from lingbot_edge.io.files import write_text
+from lingbot_edge.io.quantized import QuantizedCheckpointError, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +137,6 @@ def missing_requirements(suite: str, checkpoint: str | Path | None, quantized: M
         except (CheckpointError, ValueError) as e:
             missing.append(f"a usable LIBERO checkpoint at {checkpoint}: {e}")
     for name, folder in (quantized or {}).items():
-        from lingbot_edge.core.qlinear import QuantFormat, UnsupportedSchemeError, check_device_support
-        from lingbot_edge.io.quantized import QuantizedCheckpointError, read_manifest
-
         try:
             for entry in read_manifest(folder)["modules"].values():
                 check_device_support(QuantFormat.from_dict(entry.get("format")), device, what=name)

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from lingbot_edge.core.config import SO100_MOTORS, PolicyConfig
 from lingbot_edge.core.episode import Chunk, chunk_steps, episode_frames, episode_steps
+from lingbot_edge.core.policy import orient_frames
 from lingbot_edge.io.datasets import load_action_quantiles
 from lingbot_edge.io.files import read_json
 
@@ -124,8 +125,6 @@ def encode_episodes(recs: Sequence[RecordedEpisode], policy, seeds: Sequence[int
     """`encode_episode` of several recordings at once: each recording is its own stream of the VAE (its own batch
     rows, `ObservationEncoder.encode_batch`; one batch per episode length), so the numbers are those of one at a
     time, several times faster on a CPU. Layouts other than width_concat encode one recording after the other."""
-    from lingbot_edge.core.policy import orient_frames
-
     cfg = policy.cfg
     if len(recs) != len(seeds):
         raise ValueError(f"seeds: expected one per recording ({len(recs)}), got {len(seeds)}")

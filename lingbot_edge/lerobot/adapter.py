@@ -53,6 +53,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from lingbot_edge.io import lerobot_compat as compat
+from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
 from lingbot_edge.lerobot.bridge import (
     POLICY_TYPE,
     EpisodeRunner,
@@ -96,8 +97,6 @@ _CACHE: dict[str, Any] = {}
 
 def require_lerobot() -> Any:
     """Import LeRobot (after making a broken CUDA torchvision importable); ImportError names the extra."""
-    from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
-
     try:
         ensure_torchvision_importable()
         lerobot = importlib.import_module("lerobot")

@@ -43,7 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from lingbot_edge.flags import add_policy_args, build_policy, parse_cameras, robot_overrides
 from lingbot_edge.lerobot.adapter import POLICY_TYPE, EpisodeRunner
+from lingbot_edge.robot.so100 import SO100_LOWER, SO100_UPPER, camera_name
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +265,6 @@ def serve(policy, cameras: Mapping[str, str], host: str = "127.0.0.1", port: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lingbot_edge.flags import add_policy_args, build_policy, parse_cameras, robot_overrides
-    from lingbot_edge.robot.so100 import SO100_LOWER, SO100_UPPER, camera_name
-
     p = argparse.ArgumentParser(prog="lingbot-edge-lerobot policy-server", description=__doc__.split("\n")[0])
     add_policy_args(p, default_checkpoint="tiny", default_preset="so100")
     p.add_argument("--camera", action="append", default=[], metavar="NAME",

@@ -22,6 +22,7 @@ from torch import Tensor
 from lingbot_edge.core.config import POLICY_PRESETS, PolicyConfig, get_policy_config, parse_overrides, tiny_variant
 from lingbot_edge.core.policy import LingBotPolicy
 from lingbot_edge.io import lerobot_compat as compat
+from lingbot_edge.io.layout import resolve_checkpoint
 from lingbot_edge.io.loading import TINY, load_policy, policy_config_for, runtime_defaults
 from lingbot_edge.lerobot.bridge import (
     POLICY_TYPE,
@@ -133,7 +134,6 @@ def checkpoint_policy_config(config: LingBotEdgeConfig, settings: dict[str, Any]
     if config.checkpoint == TINY:
         cfg = tiny_variant(get_policy_config(config.preset or TINY))
         return cfg.replace(**settings) if settings else cfg
-    from lingbot_edge.io.layout import resolve_checkpoint
 
     layout = resolve_checkpoint(config.checkpoint, transformer=config.transformer)
     return policy_config_for(layout, config.preset, settings)

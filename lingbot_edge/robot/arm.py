@@ -13,6 +13,8 @@ import importlib
 import logging
 from collections.abc import Sequence
 
+from lingbot_edge.io import lerobot_compat as compat
+from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
 from lingbot_edge.robot.so100 import CameraSpec
 
 log = logging.getLogger(__name__)
@@ -21,9 +23,6 @@ log = logging.getLogger(__name__)
 
 def follower_classes():
     """(SO100Follower, SO100FollowerConfig, OpenCVCameraConfig) from whichever LeRobot release is installed."""
-    from lingbot_edge.io import lerobot_compat as compat
-    from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
-
     try:
         ensure_torchvision_importable()  # LeRobot 0.3.2's CUDA torchvision next to CPU torch
         module = compat.follower_module()
