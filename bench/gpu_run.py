@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from bench.ladder import sync
+from bench.plan import GPUS, SCHEMES, chunk_roofline_s
 from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
 from lingbot_edge.core.qlinear import QuantFormat, QuantizedLinear, check_device_support, quantize_per_row
 from lingbot_edge.core.sampler import CUDA_GRAPHS_MODE, ReferenceSampler, StaticSampler
@@ -165,8 +166,6 @@ def _error(actions: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
 
 
 def _roofline_s(cfg: PolicyConfig, device: torch.device, scheme: str) -> float | None:
-    from bench.plan import GPUS, SCHEMES, chunk_roofline_s
-
     if device.type != "cuda" or cfg.model_config != MODEL_PRESETS["full"]:
         return None
     name = torch.cuda.get_device_name(device).lower().replace(" ", "")

@@ -20,7 +20,11 @@ from lingbot_edge.core.actions import action_error
 from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
 from lingbot_edge.core.kv_cache import CacheMode
 from lingbot_edge.core.sampler import ReferenceSampler, StaticSampler
+from lingbot_edge.eval.grasp import EVAL_STEPS, summarize
+from lingbot_edge.eval.task_success import TASK_CHECKPOINT, TaskSetting, checkpoint_loader, measure, steps_cell
 from lingbot_edge.io.checkpoint import build_meta_model, build_model
+from quantize import SCHEMES, QuantPlan, quantize_
+from quantize.task import quantize_setting
 
 # Peak numbers per GPU model (dense, no sparsity): bytes/s and FLOP/s by dtype.
 GPU_PEAKS = {
@@ -75,8 +79,6 @@ def base_variants() -> list[Variant]:
 
 def _quantized(scheme: str, plan_path: str | None = None) -> Callable:
     def build(model, cfg):
-        from quantize import SCHEMES, QuantPlan, quantize_
-
         quantize_(model, QuantPlan.from_json(plan_path) if plan_path else SCHEMES[scheme])
         return StaticSampler(model, cfg, compile=True)
 
@@ -140,11 +142,8 @@ def all_variants() -> list[Variant]:
 
 
 def task_settings(variants: list[Variant], cfg: PolicyConfig, device: torch.device) -> dict[str, object]:
-    """{variant: its `calib.task_success.TaskSetting` on a policy of `cfg` (the rung's quantization and sampler,
-    its step axes applied to `cfg`'s steps), or the reason it has none on `device`}."""
-    from calib.task_success import TaskSetting
-    from quantize import QuantPlan
-
+    """{variant: its `lingbot_edge.eval.task_success.TaskSetting` on a policy of `cfg` (the rung's quantization and
+    sampler, its step axes applied to `cfg`'s steps), or the reason it has none on `device`}."""
     out: dict[str, object] = {}
     for v in variants:
         if v.gpu_only and device.type != "cuda":
@@ -158,12 +157,9 @@ def task_settings(variants: list[Variant], cfg: PolicyConfig, device: torch.devi
 def task_success(variants: list[Variant], episodes: int, device: torch.device, steps: int | None = None,
                  progress: bool = False) -> dict[str, dict]:
     """The ladder's task-success column: each rung's setting (`task_settings`) on the trained SO-100 grasp
-    checkpoint (bf16, `calib.task_success.TASK_CHECKPOINT`), over `episodes` held-out seeds. {variant:
+    checkpoint (bf16, `lingbot_edge.eval.task_success.TASK_CHECKPOINT`), over `episodes` held-out seeds. {variant:
     {"successes", "episodes", "setting", "sampler", "min_distance" (median closest approach, m)} or {"reason"}};
     rungs with the same setting share one measurement."""
-    from calib.task_success import TASK_CHECKPOINT, checkpoint_loader, measure, steps_cell
-    from lingbot_edge.eval.grasp import EVAL_STEPS, summarize
-
     load = checkpoint_loader(TASK_CHECKPOINT, "bfloat16", str(device))
     settings = task_settings(variants, load().cfg, device)
     done: dict[tuple, dict] = {}
@@ -177,7 +173,8 @@ def task_success(variants: list[Variant], episodes: int, device: torch.device, s
         key = (quant, setting.sampler, tuple(sorted(setting.overrides.items())))
         if key not in done:
             try:
-                done[key] = measure(load, [setting], episodes, steps or EVAL_STEPS, progress)[0]
+                done[key] = measure(load, [setting], episodes, steps or EVAL_STEPS, progress,
+                                    quantize=quantize_setting)[0]
             except ValueError as e:  # e.g. a calibrated plan of another model: nothing to quantize here
                 done[key] = {"reason": str(e)}
         r = done[key]

@@ -21,7 +21,7 @@ the GPU benchmarks on the real checkpoint report that.
 
 `--task-episodes N` adds what the drift cannot say, whether the task still succeeds: each scheme applied to
 the trained SO-100 grasp checkpoint (not tiny-LIBERO: no trained LIBERO policy exists here) in bf16, over N
-held-out seeds of the simulated grasp task (`calib.task_success`), in the bf16-compute table.
+held-out seeds of the simulated grasp task (`lingbot_edge.eval.task_success`), in the bf16-compute table.
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ from pathlib import Path
 
 import torch
 
+from lingbot_edge.eval.grasp import EVAL_STEPS
+from lingbot_edge.eval.task_success import TASK_CHECKPOINT, TaskSetting, checkpoint_loader, success_cell
+from lingbot_edge.eval.task_success import measure as measure_task_success
 from lingbot_edge.testing import libero
 from quantize import SCHEMES, quantize_
+from quantize.task import quantize_setting
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "libero" / "data"
 OUT = Path(__file__).resolve().parent / "results" / "libero_drift.md"
@@ -89,28 +93,23 @@ def _label(name: str) -> str:
 
 def task_success(schemes: list[str] | None, episodes: int, steps: int | None = None,
                  progress: bool = False) -> dict[str, dict]:
-    """{bf16-table label: `calib.task_success.measure` row}: the unquantized bf16 SO-100 grasp checkpoint
+    """{bf16-table label: `lingbot_edge.eval.task_success.measure` row}: the unquantized bf16 SO-100 grasp checkpoint
     (label "bf16 (no quantization)") and each scheme on it, over `episodes` held-out seeds; float8 W8A8
     emulated on a CPU, as in the drift rows."""
-    from calib.task_success import TASK_CHECKPOINT, TaskSetting, checkpoint_loader, measure
-    from lingbot_edge.eval.grasp import EVAL_STEPS
-
     settings = [TaskSetting(BF16_TASK_ROW)] + [
         TaskSetting(_label(n), n, check_hardware=n not in FP8_W8A8) for n in (schemes or list(SCHEMES))]
-    rows = measure(checkpoint_loader(TASK_CHECKPOINT, "bfloat16"), settings, episodes, steps or EVAL_STEPS,
-                   progress)
+    rows = measure_task_success(checkpoint_loader(TASK_CHECKPOINT, "bfloat16"), settings, episodes, steps or EVAL_STEPS,
+                   progress, quantize=quantize_setting)
     return {r["policy"]: r for r in rows}
 
 
 def _task_section(task: dict[str, dict]) -> tuple[dict[str, dict[str, str]], list[str]]:
     """(the bf16 table's extra column, the paragraph under it) of `task_success` rows."""
-    from calib.task_success import TASK_CHECKPOINT, success_cell
-
     n = next(iter(task.values()))["episodes"]
     title = f"task success, SO-100 grasp ({n} seeds)"
     text = [f"Task success (`--task-episodes {n}`): NOT this tiny-LIBERO policy (it has no task to succeed at here) "
             f"but the trained SO-100 grasp checkpoint `{TASK_CHECKPOINT}` in bf16 with the same scheme, over {n} "
-            f"held-out seeds of the simulated grasp task (`calib.task_success`); unquantized bf16: "
+            f"held-out seeds of the simulated grasp task (`lingbot_edge.eval.task_success`); unquantized bf16: "
             f"{success_cell(task[BF16_TASK_ROW])}.", ""]
     return {title: {label: success_cell(r) for label, r in task.items()}}, text
 

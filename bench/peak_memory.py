@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from bench import ladder
+from lingbot_edge.core.config import MODEL_PRESETS, get_policy_config
+
 COUNTS = {
     "cuda": "CUDA max_memory_allocated, one fresh process per variant",
     "cpu": "peak RSS above the process's RSS after imports, one fresh process per variant",
@@ -49,9 +52,6 @@ def _import_everything_a_variant_uses() -> None:
 
 def measure(variant_name: str, preset: str, chunks: int, device: str) -> dict:
     """In this process: peak memory of building `variant_name` and running one episode."""
-    from bench import ladder
-    from lingbot_edge.core.config import MODEL_PRESETS, get_policy_config
-
     dev = torch.device(device)
     variant = next((v for v in ladder.all_variants() if v.name == variant_name), None)
     if variant is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from bench.memory_model import GIB, budget, dit_bytes, dit_param_counts
 from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
 
 CONTROL_HZ = 30.0
@@ -132,8 +133,6 @@ def supported(gpu: Gpu, scheme: str) -> bool:
 
 
 def rows_for(gpu: Gpu, presets: tuple[str, ...]) -> list[dict]:
-    from bench.memory_model import budget, dit_param_counts
-
     counts = dit_param_counts()
     out = []
     for preset in presets:
@@ -158,8 +157,6 @@ def rows_for(gpu: Gpu, presets: tuple[str, ...]) -> list[dict]:
 
 
 def _weight_gib(scheme: str, counts) -> float:
-    from bench.memory_model import GIB, dit_bytes
-
     return dit_bytes(SCHEMES[scheme][2], counts) / GIB
 
 

@@ -12,6 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.ladder import all_variants
+from lingbot_edge.core.config import POLICY_PRESETS
+
 
 def _rows(data: dict) -> tuple[dict, dict]:
     chunks, forwards = {}, {}
@@ -48,7 +51,7 @@ def render(data: dict) -> str:
     if task:
         lines[2] += (f" Task success: each rung's setting (quantization, sampler, step axes on the checkpoint's own "
                      f"steps; eager) on the trained `{task['checkpoint']}` checkpoint in bf16, the SO-100 grasp task "
-                     f"(`calib.task_success`), {task['episodes']} held-out seeds.")
+                     f"(`lingbot_edge.eval.task_success`), {task['episodes']} held-out seeds.")
         lines[4] += " task success | task setting |"
         lines[5] += "---:|---|"
     axes = _step_axes(first["preset"])
@@ -77,7 +80,6 @@ def render(data: dict) -> str:
             + (" {} | {} |".format(*task_cells(task["variants"].get(name))) if task else "")
         )
     lines += ["", "Variants:", ""] + [f"- `{n}`: {c['description']}" for n, c in chunks.items()]
-    from bench.ladder import all_variants
 
     not_run = [v for v in all_variants() if v.name not in chunks]
     lines += [f"- `{v.name}`: {v.description}: not run here" + (" (needs a CUDA GPU)" if v.gpu_only else "")
@@ -109,9 +111,6 @@ def task_cells(cell: dict | None) -> tuple[str, str]:
 
 def _step_axes(preset: str):
     """variant name -> (video_exec_step, action steps) on `preset` (the ladder's step axes)."""
-    from bench.ladder import all_variants
-    from lingbot_edge.core.config import POLICY_PRESETS
-
     variants = {v.name: v for v in all_variants()}
     cfg = POLICY_PRESETS.get(preset)
 

@@ -62,7 +62,7 @@ def setup():
 def task_success(ladder_json_extra):
     """The task-success column of every rung (gpu-only ones with their reason), into the benchmark JSON."""
     if TASK_EPISODES > 0:
-        from calib.task_success import TASK_CHECKPOINT
+        from lingbot_edge.eval.task_success import TASK_CHECKPOINT
 
         ladder_json_extra["task_success"] = {"checkpoint": TASK_CHECKPOINT, "episodes": TASK_EPISODES,
                                              "variants": ladder.task_success(VARIANTS, TASK_EPISODES, DEVICE)}

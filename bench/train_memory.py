@@ -35,6 +35,7 @@ of the GPU's dequantized weight, and no CUDA reserve.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from bench.memory_model import CUDA_RESERVE_GIB, GIB, SCHEMES
 from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, PolicyConfig, get_policy_config
 from lingbot_edge.io.checkpoint import build_meta_model
 from lingbot_edge.io.files import write_text
+from train.teacher import GROUNDED_SEGMENTS, SEGMENTS, episode_layout
 
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
@@ -113,8 +115,6 @@ class AttentionShape:
 @functools.lru_cache(maxsize=32)
 def attention_shape(cfg: PolicyConfig, chunks: int, grounded: bool) -> AttentionShape:
     """Read off the attention backend the trainer builds for this layout (`train.teacher.episode_layout`)."""
-    from train.teacher import episode_layout
-
     layout = episode_layout(cfg, chunks, grounded=grounded)
     att = layout.attention
     return AttentionShape(att.band, layout.chunk_tokens,
@@ -124,8 +124,6 @@ def attention_shape(cfg: PolicyConfig, chunks: int, grounded: bool) -> Attention
 def sequence_tokens(cfg: PolicyConfig, chunks: int, grounded: bool) -> int:
     """Tokens of the episode sequence: per chunk one copy per segment of the trainer's layout
     (`train.teacher.SEGMENTS`, plus `GROUNDED_SEGMENTS` when grounded), video or action sized."""
-    from train.teacher import GROUNDED_SEGMENTS, SEGMENTS
-
     names = SEGMENTS + (GROUNDED_SEGMENTS if grounded else ())
     return chunks * sum(cfg.action_tokens_per_chunk if name.startswith("action") else cfg.video_tokens_per_chunk
                         for name in names)
@@ -316,12 +314,25 @@ def render(presets=("so100", "libero"), chunks=TABLE_CHUNKS, ranks=(16, 64)) -> 
     return "\n".join(lines)
 
 
+def model_prediction(measured: dict) -> dict:
+    """The model's CPU prediction for a measured step (first step, CPU kernels) and its ratios to
+    the live-tensor peak and to the RSS peak above the baseline."""
+    mc = dataclasses.replace(get_policy_config(measured["preset"]).model_config, num_layers=measured["layers"])
+    setup = TrainSetup(measured["preset"], measured["chunks"], measured["base"], measured["rank"],
+                       measured["checkpointing"], 4 if measured["adapter_dtype"] == "float32" else 2, model=mc)
+    rows = step_bytes(setup, cpu=True, first_step=True)
+    predicted = rows["allocated (tensors)"]
+    out = {"model_cpu_bytes": predicted, "model_peak_phase": rows["peak phase"],
+           "rss_over_model": measured["step_peak_above_baseline"] / predicted}
+    if measured.get("live_peak_bytes"):
+        out["live_over_model"] = measured["live_peak_bytes"] / predicted
+    return out
+
+
 def render_measured(paths) -> str:
     """The measured steps (`bench.train_step_measure --json` files) next to the model's CPU prediction."""
     import json
     import platform
-
-    from bench.train_step_measure import model_prediction
 
     lines = [
         '<a id="measured"></a>',

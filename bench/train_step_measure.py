@@ -39,9 +39,12 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bench.train_memory import model_prediction
 from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, PolicyConfig, get_policy_config
 from lingbot_edge.core.model import WanVATransformer
 from lingbot_edge.core.qlinear import QuantizedLinear
+from train.config import TrainConfig
+from train.trainer import EpisodeTensors, FlowMatchingLoss
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +170,6 @@ def build_random_model(mc: ModelConfig, base: str = "int8", seed: int = 0) -> Wa
 
 def synthetic_episode(cfg: PolicyConfig, chunks: int, batch: int = 1, seed: int = 0):
     """Random latents, actions and prompt embeddings shaped as `train.trainer.EpisodeTensors` holds them."""
-    from train.trainer import EpisodeTensors
-
     mc = cfg.model_config
     g = torch.Generator().manual_seed(seed)
     h, w = cfg.latent_hw
@@ -255,9 +256,6 @@ class LiveTensorBytes(TorchDispatchMode):
 def make_objective(cfg: PolicyConfig, chunks: int):
     """The trainer's objective for `chunks`-chunk episodes, its attention backend built (once per run, as in
     `train.trainer.train`)."""
-    from train.config import TrainConfig
-    from train.trainer import FlowMatchingLoss
-
     objective = FlowMatchingLoss(cfg, chunks, TrainConfig().grounded_weight)
     objective.layout.attention  # noqa: B018  (built here, not inside the measured step)
     return objective
@@ -267,8 +265,6 @@ def train_step(model: WanVATransformer, params: list[nn.Parameter], objective, e
                lr: float = 1e-4) -> dict[str, float]:
     """One step of the trainer's objective (grounded layout, noisy PREDICTED copy at the sampler's sigma, action
     weight 4, `TrainConfig` defaults) over `params`: forward, backward, gradient clipping, AdamW."""
-    from train.config import TrainConfig
-
     tc = TrainConfig()
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(0)
@@ -286,9 +282,6 @@ def measure(preset: str = "so100", chunks: int = 2, base: str = "int8", rank: in
             track_tensors: bool = True) -> dict:
     """Build, adapt and train one step in this process; returns the RSS and tensor figures (bytes)."""
     import torchao.quantization  # noqa: F401  (imported before the baseline: modules are not the step's memory)
-
-    import quantize  # noqa: F401
-    import train.trainer  # noqa: F401
 
     cfg = get_policy_config(preset)
     mc = MODEL_PRESETS[cfg.model]
@@ -331,23 +324,6 @@ def measure(preset: str = "so100", chunks: int = 2, base: str = "int8", rank: in
         "live_peak_op": tracker.peak_op if track_tensors else None,
         "build_s": build_s, "step_s": step_s, **result,
     }
-    return out
-
-
-def model_prediction(measured: dict) -> dict:
-    """`bench.train_memory`'s CPU prediction for a measured step (first step, CPU kernels) and its ratios to
-    the live-tensor peak and to the RSS peak above the baseline."""
-    from bench.train_memory import TrainSetup, step_bytes
-
-    mc = dataclasses.replace(get_policy_config(measured["preset"]).model_config, num_layers=measured["layers"])
-    setup = TrainSetup(measured["preset"], measured["chunks"], measured["base"], measured["rank"],
-                       measured["checkpointing"], 4 if measured["adapter_dtype"] == "float32" else 2, model=mc)
-    rows = step_bytes(setup, cpu=True, first_step=True)
-    predicted = rows["allocated (tensors)"]
-    out = {"model_cpu_bytes": predicted, "model_peak_phase": rows["peak phase"],
-           "rss_over_model": measured["step_peak_above_baseline"] / predicted}
-    if measured.get("live_peak_bytes"):
-        out["live_over_model"] = measured["live_peak_bytes"] / predicted
     return out
 
 

@@ -16,15 +16,17 @@
 - `sensitivity`, `planner`: one target at a time, then a greedy plan under an action-error and / or
   weight-bytes budget; `smoothing`: SmoothQuant factors folded exactly where the DiT allows it;
   `report`: plan.json, calibration.json, report.md, sensitivity.png; `pipeline`: the CLI's steps.
-- `task_success`: success on the simulated SO-100 grasp task per (scheme / plan, step setting), the one
-  measurement and table behind `train eval`, `plan --task-episodes`, the ladder's and the drift table's columns.
+- Task success per (scheme / plan, step setting) is measured by `lingbot_edge.eval.task_success` (the quantization
+  of a row: `quantize.task`), for `train eval`, `plan --task-episodes`, the ladder and the drift table.
 - `outliers`: the injected-outlier construction the tests and `--checkpoint tiny --inject-outliers` use.
 
 Import direction: `calib -> quantize -> lingbot_edge`, never back.
 """
 
+from lingbot_edge.io.episodes import LeRobotEpisodes, RecordedEpisode, RecordedEpisodes
+
 from .capture import capture
-from .data import LeRobotEpisodes, RecordedEpisode, RecordedEpisodes, SyntheticEpisodes, open_source
+from .data import SyntheticEpisodes, open_source
 from .evaluate import Error, Evaluator, quantized_modules
 from .planner import Budget, PlanResult, choose_plan
 from .sensitivity import Sensitivity, SensitivityEntry, measure_sensitivity, sensitivity_targets

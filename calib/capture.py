@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.sampler import StaticSampler
+from lingbot_edge.io.episodes import EpisodeSource
 from quantize.metrics import run_episode
 
-from .data import EpisodeSource
 from .stats import DEFAULT_BUCKET_EDGES, ActivationStats, recording
 
 log = logging.getLogger(__name__)

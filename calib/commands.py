@@ -5,7 +5,7 @@
     lingbot-edge calibrate plan        --out DIR (same policy flags and data) --max-action-rms 0.003
     lingbot-edge quantize --checkpoint CKPT --plan DIR/plan.json --dtype bf16 --out CKPT-mixed   (printed as next:)
 
-The policy flags are the runtime commands' (lingbot_edge.cli.common: --checkpoint, --preset, --set,
+The policy flags are the runtime commands' (lingbot_edge.flags: --checkpoint, --preset, --set,
 --device, --dtype bf16|fp16|fp32, --seed, ...); `--inject-outliers` adds the outlier channels of
 calib.outliers to the embedded tiny model (the tests' construction). Data: `--data` takes a LeRobot
 dataset folder (v2.0 / v2.1 / v3.0; needs pyarrow) or `.npz` recordings (see calib/data.py); without it,
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lingbot_edge.cli.common import add_policy_args, policy_kwargs
+from lingbot_edge.flags import add_policy_args, policy_kwargs
 
 _SCHEMES_HELP = "comma-separated scheme names, in order of preference (quantize.SCHEMES)"
 
@@ -132,7 +132,7 @@ def _errors(fn):
 
 def dtype_flag(model) -> str:
     """The shared --dtype value (bf16 / fp16 / fp32) of the dtype `model` was measured in."""
-    from lingbot_edge.cli.common import DTYPES
+    from lingbot_edge.flags import DTYPES
     from lingbot_edge.io.loading import runtime_defaults
 
     dtype = next(model.parameters()).dtype
@@ -197,7 +197,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     exec_steps = _task_options(args)
     model, cfg, policy = _load(args)
     if args.task_episodes:
-        from calib.task_success import check_task_policy
+        from lingbot_edge.eval.task_success import check_task_policy
 
         check_task_policy(cfg, "--task-episodes")
     stats = load_stats(args.out)
@@ -242,9 +242,10 @@ def task_success_report(args: argparse.Namespace, paths: dict, exec_steps: list[
     import json
 
     from calib.report import append_task_success
-    from calib.task_success import TaskSetting, format_table, measure
+    from lingbot_edge.eval.task_success import TaskSetting, format_table, measure
     from lingbot_edge.io.loading import load_policy
     from quantize import QuantPlan
+    from quantize.task import quantize_setting
 
     kwargs = policy_kwargs(args)
 
@@ -259,7 +260,8 @@ def task_success_report(args: argparse.Namespace, paths: dict, exec_steps: list[
         settings += [TaskSetting("unquantized", None, axes),
                      TaskSetting(f"plan {paths['plan'].name}", plan, axes, transformer=paths.get("transformer"),
                                  input_scales=scales)]
-    rows = measure(load, settings, args.task_episodes, **({} if steps is None else {"steps": steps}), progress=True)
+    rows = measure(load, settings, args.task_episodes, **({} if steps is None else {"steps": steps}), progress=True,
+                   quantize=quantize_setting)
     table = format_table(rows, args.task_episodes)
     append_task_success(paths["report"], table, args.checkpoint, args.task_episodes)
     return table

@@ -17,9 +17,10 @@ from torch import nn
 
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.sampler import StaticSampler
+from lingbot_edge.io.episodes import Episode
 from quantize import Scheme
 from quantize.api import needs_calibration
-from quantize.metrics import Episode, episode_error, run_episode
+from quantize.metrics import episode_error, run_episode
 from quantize.schemes import quantize_linear
 
 KEEP_DTYPE_BYTES = 2  # deployed weights are bf16: the byte counts compare against that

@@ -17,12 +17,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from lingbot_edge.core.config import PolicyConfig
+from lingbot_edge.io.checkpoint import save_transformer
+from lingbot_edge.io.episodes import EpisodeSource
 from lingbot_edge.io.files import check_output_folder, is_temp_path
 from lingbot_edge.io.quantized import sha256_file
+from quantize.api import checkpoint_sha256, transformer_folder
 from quantize.plan import BLOCK_LINEARS
 
 from .capture import capture
-from .data import EpisodeSource
 from .evaluate import Evaluator
 from .planner import Budget, PlanResult, choose_plan
 from .report import write_outputs
@@ -97,9 +99,6 @@ def plan_step(s: Setup, budget: Budget, out: str | Path, schemes: list[str] | No
     """Choose the plan and write it with what it was measured on (`provenance`). The plan applies to
     `checkpoint`'s transformer, or, when smoothing changed the weights or the model has no folder
     (the embedded tiny one), to OUT/transformer, written here."""
-    from lingbot_edge.io.checkpoint import save_transformer
-    from quantize.api import checkpoint_sha256, transformer_folder
-
     out = Path(out)
     path = out / SENSITIVITY_FILE
     if not path.is_file():

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lingbot_edge.eval.grasp import EVAL_SEED0
 from lingbot_edge.io.files import write_json, write_text
 from quantize import get_scheme
 from quantize.api import needs_calibration
@@ -121,17 +122,15 @@ def markdown_report(result: PlanResult, sensitivity: Sensitivity, stats: Activat
 
 
 def append_task_success(report: Path, table: str, checkpoint: str, episodes: int) -> None:
-    """Add the task-success section (`calib.task_success.format_table` of `calibrate plan --task-episodes`) to
-    report.md, atomically."""
-    from lingbot_edge.eval.grasp import EVAL_SEED0
-
+    """Add the task-success section (`lingbot_edge.eval.task_success.format_table` of `calibrate plan
+    --task-episodes`) to report.md, atomically."""
     text = report.read_text().rstrip("\n") + "\n\n" + "\n".join([
         "## Task success: SO-100 grasp task (simulated)",
         "",
         f"`{checkpoint}` unquantized and with this plan (its static input scales from calibration.json, on the DiT "
         f"it applies to), same dtype and settings as above; held-out seeds {EVAL_SEED0}..{EVAL_SEED0 + episodes - 1} "
-        "(`calib.task_success`, `--task-episodes`). The action RMS budget above is over the calibration episodes; "
-        "this is whether the task still succeeds.",
+        "(`lingbot_edge.eval.task_success`, `--task-episodes`). The action RMS budget above is over the calibration "
+        "episodes; this is whether the task still succeeds.",
         "",
         table,
         "",

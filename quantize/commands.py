@@ -4,7 +4,7 @@
     lingbot-edge quantize (--checkpoint DIR|tiny | --arch full|tiny) (--scheme NAME | --plan plan.json) --dry-run
 
 --checkpoint, --dtype (bf16|fp16|fp32) and --device mean what they mean in every command
-(lingbot_edge.cli.common); `--arch` names a model architecture (a MODEL preset), not a policy preset.
+(lingbot_edge.flags); `--arch` names a model architecture (a MODEL preset), not a policy preset.
 
 The runtime never imports `quantize/` at import time: the command imports it when it runs.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from lingbot_edge.cli.common import DTYPES
+from lingbot_edge.flags import DTYPES
 
 
 def register(subparsers) -> argparse.ArgumentParser:

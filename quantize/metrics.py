@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +21,7 @@ from lingbot_edge.core.actions import action_error
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.qlinear import quantized_linears
 from lingbot_edge.core.sampler import ChunkResult, StaticSampler
+from lingbot_edge.io.episodes import Episode
 
 
 def sqnr(ref: Tensor, test: Tensor) -> float:
@@ -55,17 +55,6 @@ def layer_sqnr(float_model: nn.Module, quantized_model: nn.Module,
         for h in handles:
             h.remove()
     return {name: math.inf if noise[name] == 0 else 10 * math.log10(signal[name] / noise[name]) for name in qmodules}
-
-
-@dataclass
-class Episode:
-    """Fixed inputs of an episode: prompt embeddings, first observation, and per chunk the noise,
-    the observed latents and the executed actions (normalized) fed back afterwards."""
-
-    text: Tensor
-    negative_text: Tensor
-    first_latent: Tensor
-    chunks: list[dict[str, Tensor]]
 
 
 def make_episode(cfg: PolicyConfig, chunks: int, seed: int = 0, text_std: float = 1.0) -> Episode:

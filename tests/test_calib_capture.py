@@ -10,20 +10,19 @@ import pytest
 import torch
 
 from calib.capture import capture
-from calib.data import (
+from calib.data import SyntheticEpisodes, open_source
+from calib.stats import CLEAN, PROMPT, ActivationStats, bucket_label, histogram
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.io.checkpoint import build_model
+from lingbot_edge.io.episodes import (
     LeRobotEpisodes,
     RecordedEpisode,
     RecordedEpisodes,
-    SyntheticEpisodes,
     actions_needed,
     encode_episode,
     encode_episodes,
     frames_needed,
-    open_source,
 )
-from calib.stats import CLEAN, PROMPT, ActivationStats, bucket_label, histogram
-from lingbot_edge.core.config import get_policy_config
-from lingbot_edge.io.checkpoint import build_model
 
 # Fewer denoising steps than the tiny preset: the same code paths (pinned first frame, transient,
 # predicted and history forwards), a third of the forwards.

@@ -24,7 +24,7 @@ from lingbot_edge.io.quantized import load_quantized
 from quantize.api import checkpoint_sha256
 from quantize.metrics import episode_error, run_episode
 
-# The shared policy flags (lingbot_edge.cli.common), then calibrate's own data flags.
+# The shared policy flags (lingbot_edge.flags), then calibrate's own data flags.
 MODEL = ["--checkpoint", "tiny", "--inject-outliers", "--set", "num_inference_steps=2",
          "--set", "action_num_inference_steps=3"]
 DATA = ["--synthetic", "2", "--chunks", "2"]

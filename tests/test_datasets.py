@@ -88,8 +88,7 @@ def test_action_names_and_sizes_are_checked(tmp_path, caplog):
 
 
 def test_stats_flag_puts_the_quantiles_on_the_used_channels(tmp_path):
-    from lingbot_edge.cli.common import add_policy_args, build_policy
-    from lingbot_edge.cli.robot import robot_overrides
+    from lingbot_edge.flags import add_policy_args, build_policy, robot_overrides
 
     root, actions = v21_dataset(tmp_path / "ds")
     p = argparse.ArgumentParser()

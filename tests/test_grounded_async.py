@@ -113,7 +113,7 @@ def test_grounded_order_compiles_to_the_synchronous_graphs(grounded_runs):
 
 
 def test_cli_async_modes_are_the_configs():
-    from lingbot_edge.cli.common import ASYNC_MODES as CLI_MODES
     from lingbot_edge.core.config import ASYNC_MODES
+    from lingbot_edge.flags import ASYNC_MODES as CLI_MODES
 
     assert CLI_MODES == ASYNC_MODES

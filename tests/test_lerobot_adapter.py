@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lingbot_edge.core.config import VAE_TEMPORAL, get_policy_config
+from lingbot_edge.io import lerobot_compat as compat
 from lingbot_edge.lerobot import adapter as lp
-from lingbot_edge.lerobot import compat
 
 HAS_LEROBOT = importlib.util.find_spec("lerobot") is not None
 needs_lerobot = pytest.mark.skipif(not HAS_LEROBOT, reason="LeRobot not installed (make test-lerobot)")

@@ -54,8 +54,8 @@ def test_lerobots_robot_client_drives_an_so100_from_a_lingbot_edge_policy(monkey
     from lerobot.async_inference.configs import RobotClientConfig
     from lerobot.cameras.opencv import OpenCVCameraConfig
 
+    from lingbot_edge.io import lerobot_compat as compat
     from lingbot_edge.io.loading import load_policy
-    from lingbot_edge.lerobot import compat
     from lingbot_edge.lerobot.async_server import serve
     from lingbot_edge.robot.so100 import SO100_LOWER, SO100_MOTORS, SO100_UPPER
 

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from lingbot_edge.core.config import VAE_TEMPORAL, get_policy_config
+from lingbot_edge.io import lerobot_compat as compat
 from lingbot_edge.lerobot import adapter as lp
-from lingbot_edge.lerobot import compat
 
 HAS_LEROBOT = importlib.util.find_spec("lerobot") is not None and importlib.util.find_spec("gym_pusht") is not None
 pytestmark = [pytest.mark.lerobot]
@@ -188,7 +188,7 @@ def test_recorded_dataset_stats_read_by_stats_flag_and_used_by_the_adapter(recor
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
     from lerobot.policies.factory import make_policy, make_policy_config
 
-    from lingbot_edge.cli.robot import _resolved_config, robot_overrides
+    from lingbot_edge.flags import resolved_config, robot_overrides
     from lingbot_edge.io import datasets
 
     root, actions = recorded
@@ -215,7 +215,7 @@ def test_recorded_dataset_stats_read_by_stats_flag_and_used_by_the_adapter(recor
     # What `lingbot-edge run-so100 --stats DATASET` puts on the policy's used channels.
     args = argparse.Namespace(checkpoint="tiny", preset="so100", transformer=None, settings=[], stats=str(root))
     overrides = robot_overrides(args, [])
-    used = _resolved_config(args)[0].used_action_channel_ids
+    used = resolved_config(args)[0].used_action_channel_ids
     np.testing.assert_allclose([overrides["action_q01"][c] for c in used], expected[0], rtol=0, atol=1e-5)
     np.testing.assert_allclose([overrides["action_q99"][c] for c in used], expected[1], rtol=0, atol=1e-5)
 
@@ -233,9 +233,9 @@ def test_recorded_dataset_stats_read_by_stats_flag_and_used_by_the_adapter(recor
 
 def test_recorded_dataset_trains_and_calibrates(recorded, tmp_path, capsys):
     """`lingbot-edge train fit --dataset` and `lingbot-edge calibrate capture --data` read the release's recording
-    (its parquet episodes and videos) through calib.data.LeRobotEpisodes."""
-    from calib.data import LeRobotEpisodes
+    (its parquet episodes and videos) through lingbot_edge.io.episodes.LeRobotEpisodes."""
     from lingbot_edge.cli.main import main
+    from lingbot_edge.io.episodes import LeRobotEpisodes
     from lingbot_edge.io.loading import load_policy
 
     root, actions = recorded

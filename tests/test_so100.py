@@ -425,8 +425,7 @@ def test_camera_set_must_match_a_checkpoint_that_names_its_cameras(tmp_path):
     import argparse
     import json
 
-    from lingbot_edge.cli.common import add_policy_args
-    from lingbot_edge.cli.robot import robot_overrides
+    from lingbot_edge.flags import add_policy_args, robot_overrides
     from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 
     root = save_tiny_checkpoint(tmp_path / "ckpt")

@@ -134,7 +134,7 @@ def test_run_so100_drives_the_releases_follower_class(monkeypatch, tmp_path, cap
     """`lingbot-edge run-so100 --robot lerobot` on the installed release's own SO-100 follower class (its connect,
     configure, get_observation, send_action and disconnect run; only the serial bus and the cameras are stand-ins)."""
     from lingbot_edge.cli.main import main
-    from lingbot_edge.lerobot import compat
+    from lingbot_edge.io import lerobot_compat as compat
     from lingbot_edge.robot import arm
     from lingbot_edge.robot.so100 import SO100_LOWER, SO100_MOTORS, SO100_UPPER
 

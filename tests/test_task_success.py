@@ -1,4 +1,4 @@
-"""Task success per scheme and step setting (`calib.task_success`) and the three tables that print it: the
+"""Task success per scheme and step setting (`lingbot_edge.eval.task_success`) and the three tables that print it: the
 ladder's column, the drift table's column, the calibration report's section. Every value is checked against
 an independent run: the trained SO-100 grasp checkpoint loaded by `load_policy`, quantized by `quantize_`
 and run by `lingbot_edge.eval.grasp.evaluate` directly. Episodes are shortened (STEPS actions, 2 chunks) to keep
@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from bench import ladder
-from calib.task_success import TASK_CHECKPOINT, TaskSetting, check_task_policy, format_table, measure
 from lingbot_edge.core.config import get_policy_config
 from lingbot_edge.eval.grasp import EVAL_SEED0, VALIDATION_SEED0, evaluate, held_out_seeds
+from lingbot_edge.eval.task_success import TASK_CHECKPOINT, TaskSetting, check_task_policy, format_table, measure
 from lingbot_edge.io.loading import load_policy
 from quantize import SCHEMES, QuantPlan, default_plan, quantize_
+from quantize.task import quantize_setting
 
 EPISODES = 2
 STEPS = 12  # the first chunk's 4 actions + one 8-action chunk
@@ -48,11 +49,11 @@ def _closest(episodes: list[dict]) -> list[float]:
 
 
 def test_measure_is_load_quantize_evaluate():
-    from calib.task_success import checkpoint_loader
+    from lingbot_edge.eval.task_success import checkpoint_loader
 
     setting = TaskSetting("int8 wo, fewer steps", "int8_weight_only",
                           {"video_exec_step": 1, "action_num_inference_steps": 5})
-    (r,) = measure(checkpoint_loader(), [setting], EPISODES, STEPS)
+    (r,) = measure(checkpoint_loader(), [setting], EPISODES, STEPS, quantize=quantize_setting)
     ref = direct("int8_weight_only", video_exec_step=1, action_num_inference_steps=5)
     assert _closest(r["per_episode"]) == _closest(ref)
     assert r["successes"] == sum(e["success"] for e in ref) and r["episodes"] == EPISODES

@@ -13,7 +13,7 @@ from lingbot_edge.core.sampler import ReferenceSampler
 from lingbot_edge.io.loading import load_policy
 from train.distill import CHECKPOINT_NAME, DistillLoss, load_teacher, sample_inputs, start_actions, teacher_targets
 from train.distill_config import DistillConfig
-from train.pipeline import base_policy_config, write_checkpoint_skeleton
+from train.skeleton import base_policy_config, write_checkpoint_skeleton
 from train.trainer import STATE_NAME, EpisodeTensors
 
 CHUNKS = 4  # through a 2-chunk cache: chunks 2-3 evict
@@ -128,7 +128,7 @@ def test_student_checkpoint_loads_at_its_step_count(distilled):
 def test_resume_continues_the_same_run(distilled, tmp_path, monkeypatch):
     """Stopped right after its first saved state and restarted: the same losses and weights as the uninterrupted
     run."""
-    import train.distill
+    import train.trainer
     from train.distill import distill
 
     tmp, teacher, run, dc, _ = distilled
@@ -138,7 +138,7 @@ def test_resume_continues_the_same_run(distilled, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(train.distill, "plot_losses", stop)  # called right after the state is saved
+        m.setattr(train.trainer, "plot_losses", stop)  # called right after the state is saved
         with pytest.raises(KeyboardInterrupt):
             distill(teacher, run, out, dc, progress=False)
     assert torch.load(out / STATE_NAME, weights_only=False)["step"] == dc.save_every

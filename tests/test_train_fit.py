@@ -68,11 +68,11 @@ def test_checkpoint_loads_and_runs(run):
 def test_resume_continues_the_same_run(run, monkeypatch):
     """Interrupt a run after 7 steps (state saved at 5), resume: the weights equal an uninterrupted run's."""
     out, _, _ = run
-    from train.pipeline import load_checkpoint_policy
+    from lingbot_edge.io.loading import read_policy_config
     from train.trainer import read_latents, train
 
     data, _, _ = read_latents(out / "latents.pt")
-    cfg = load_checkpoint_policy(out / "checkpoint").cfg
+    cfg = read_policy_config(out / "checkpoint")
     tc = TrainConfig(steps=8, batch_size=2, warmup=2, save_every=5)
     from lingbot_edge.io.checkpoint import build_model
 
@@ -111,7 +111,7 @@ def test_committed_checkpoint_loads():
     assert size <= 5 * 2**20, size
     policy = load_policy(ckpt, preset="so100", device="cpu", dtype="bfloat16", compile=False, prompt_cache_dir=False)
     # The settings `train fit` writes today (the committed checkpoint is that command's output).
-    from train.pipeline import POLICY_SETTINGS
+    from train.skeleton import POLICY_SETTINGS
 
     assert policy.cfg.model == "tiny" and (policy.cfg.height, policy.cfg.width) == (128, 256)
     assert policy.cfg.obs_cam_keys == POLICY_SETTINGS["obs_cam_keys"] == ("observation.images.camera_top",)
@@ -127,7 +127,7 @@ def test_augmentations_touch_only_the_model_inputs(monkeypatch):
     the loss targets stay the clean episode's."""
     import train.trainer as trainer
     from lingbot_edge.io.checkpoint import build_model
-    from train.pipeline import base_policy_config
+    from train.skeleton import base_policy_config
 
     cfg = base_policy_config()
     b, k, f, h, w = 2, 3, cfg.frame_chunk_size, *cfg.latent_hw
@@ -167,7 +167,7 @@ def test_predicted_copy_at_the_samplers_sigma(monkeypatch, exec_step):
     noise (the same whatever the video)."""
     import train.trainer as trainer
     from lingbot_edge.io.checkpoint import build_model
-    from train.pipeline import base_policy_config
+    from train.skeleton import base_policy_config
 
     cfg = base_policy_config().replace(video_exec_step=exec_step)
     b, k, f, h, w = 2, 3, cfg.frame_chunk_size, *cfg.latent_hw
@@ -199,7 +199,7 @@ def test_grounded_copy_is_noised_like_the_actions_and_skips_the_first_chunk(monk
     first chunk, never inferred ahead, has none."""
     import train.trainer as trainer
     from lingbot_edge.io.checkpoint import build_model
-    from train.pipeline import base_policy_config
+    from train.skeleton import base_policy_config
 
     cfg = base_policy_config()
     b, k, f, h, w = 2, 3, cfg.frame_chunk_size, *cfg.latent_hw
@@ -232,7 +232,7 @@ def test_grounded_video_holds_the_observed_frames_clean_and_the_rest_as_the_samp
     """The executing chunk's grounded video: per episode and chunk its first j frames (j uniform in 0 .. F-1) are
     the clean latents at t = 0, the others the sampler's PREDICTED write (pure noise at t = 1000 under
     video_exec_step 1)."""
-    from train.pipeline import base_policy_config
+    from train.skeleton import base_policy_config
 
     cfg = base_policy_config()
     assert cfg.video_exec_step == 1 and cfg.frame_chunk_size == 2

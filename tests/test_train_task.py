@@ -56,7 +56,7 @@ def test_grasp_needs_the_cube_under_the_jaws():
 
 
 def test_recorded_dataset_is_lerobot_v21_and_reads_back(tmp_path):
-    from calib.data import read_parquet_columns, read_video
+    from lingbot_edge.io.episodes import read_parquet_columns, read_video
 
     root = record_dataset(tmp_path / "ds", [0, 1], steps=13, progress=False)
     info = json.loads((root / "meta" / "info.json").read_text())

@@ -9,9 +9,11 @@ demo` measures the embedded trained checkpoint on them.
   reproduces the inference KV-cache semantics (docs/design.md sections 2-3).
 - `train.trainer`: flow matching on both streams, resumable atomic checkpoints, loss curve PNG, export
   in the released folder layout with `policy_config.json`.
-- `train.evaluate`: task success of a checkpoint per 8-bit scheme and step setting (`calib.task_success`, shared
-  with the ladder, the drift table and `calibrate plan --task-episodes`), next to the expert and random weights.
+- `train.evaluate`: task success of a checkpoint per 8-bit scheme and step setting
+  (`lingbot_edge.eval.task_success`, shared with the ladder, the drift table and `calibrate plan
+  --task-episodes`), next to the expert and random weights.
 - `train.commands`: `lingbot-edge train {record,fit,eval}` (entry point `train.commands:register`).
 
-Imports point one way: train -> calib / quantize -> lingbot_edge; the runtime never imports train.
+Imports point one way: train -> quantize -> lingbot_edge (train does not import calib); the runtime never imports
+train.
 """

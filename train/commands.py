@@ -105,7 +105,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--eval-episodes", type=int, default=0, help="then evaluate on this many held-out seeds")
     fit.add_argument("--distributed", action="store_true",
                      help="data parallel over the processes of `torchrun --nproc-per-node N -m train.commands fit "
-                          "...` (FSDP2; --batch-size a multiple of N; rank 0 writes; see train/distributed.py)")
+                          "...` (DDP; --batch-size a multiple of N; rank 0 writes; see train/distributed.py)")
     fit.set_defaults(func=_fit)
 
     _distill_args(sub)
@@ -237,14 +237,20 @@ def _fit(args) -> int:
                   cameras=args.camera or None, height=args.height, width=args.width, scene=args.scene,
                   base=args.base, adapters=adapters, checkpointing=args.checkpointing, latents=args.latents,
                   from_scratch=args.from_scratch)
+    parallel = None
     if args.distributed:
-        from train.distributed import fit as fit_distributed
+        from train.distributed import init_from_env
 
-        report = fit_distributed(args.out, tc, threads=args.threads, **kwargs)
-        if report is None:  # not rank 0: it trained its share, rank 0 reports
-            return 0
-    else:
-        report = fit(args.out, tc=tc, threads=args.threads, **kwargs)
+        parallel = init_from_env(args.threads)
+    try:
+        report = fit(args.out, tc=tc, threads=args.threads, parallel=parallel, **kwargs)
+    finally:
+        if parallel is not None:
+            from train.distributed import shutdown
+
+            shutdown()
+    if report is None:  # not rank 0: it trained its share, rank 0 reports
+        return 0
     print(f"loss video {report['first_loss']['video']:.3f} -> {report['final_loss']['video']:.3f}, "
           f"action {report['first_loss']['action']:.3f} -> {report['final_loss']['action']:.3f}; "
           f"checkpoint {Path(args.out) / 'checkpoint'}; curves {Path(args.out) / 'loss.png'}")

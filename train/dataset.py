@@ -8,7 +8,7 @@
     <root>/videos/chunk-000/observation.images.<camera>/episode_000000.mp4
 
 Frame i holds the observation before action i (LeRobot's convention), so reading it back with
-`calib.data.LeRobotEpisodes` (the reader calibration uses for real SO-100 datasets) gives the
+`lingbot_edge.io.episodes.LeRobotEpisodes` (the reader calibration uses for real SO-100 datasets) gives the
 policy's first observation and, after it, one keyframe per executed step. Videos are H.264 at crf 0,
 yuv444p: near-lossless, so the latents trained on are the ones the simulator's frames give.
 """

@@ -36,26 +36,25 @@ from torch import Tensor
 
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.scheduler import FlowMatchSchedule
+from lingbot_edge.io.checkpoint import save_transformer
 from lingbot_edge.io.files import check_output_folder, write_folder, write_text
+from lingbot_edge.io.loading import checkpoint_folder
 from train.distill_config import METHODS, DistillConfig
+from train.pipeline import load_checkpoint_policy
 from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
 from train.trainer import (
-    STATE_NAME,
     EpisodeTensors,
     adamw,
     atomic_torch_save,
-    lr_at,
+    loss_summary,
     open_run,
-    optimizer_step,
-    plot_losses,
     read_latents,
-    read_run_state,
+    run_steps,
 )
 
 log = logging.getLogger(__name__)
 
 TARGETS_NAME = "targets.pt"
-LOSS_PNG = "loss.png"
 REPORT_NAME = "report.json"
 CHECKPOINT_NAME = "checkpoint"
 FROZEN_PARTS = ("text_encoder", "tokenizer", "vae")  # copied from the teacher's folder unchanged
@@ -63,9 +62,6 @@ FROZEN_PARTS = ("text_encoder", "tokenizer", "vae")  # copied from the teacher's
 
 def load_teacher(teacher: str | Path) -> tuple[Path, torch.nn.Module, PolicyConfig]:
     """(folder, DiT in fp32, policy settings) of a checkpoint folder or an embedded checkpoint's name."""
-    from lingbot_edge.io.loading import checkpoint_folder
-    from train.pipeline import load_checkpoint_policy
-
     folder = Path(checkpoint_folder(teacher))
     policy = load_checkpoint_policy(folder, dtype="float32", sampler="reference")
     cfg = policy.cfg
@@ -353,8 +349,6 @@ def load_or_make_targets(out: Path, teacher, cfg, data, dc, key: dict, progress:
 def write_student(folder: Path, teacher_dir: Path, student, action_steps: int) -> Path:
     """The student as a checkpoint folder in the teacher's layout (atomically): the teacher's frozen parts copied,
     the student's transformer/, the teacher's policy_config.json with `action_num_inference_steps` = N."""
-    from lingbot_edge.io.checkpoint import save_transformer
-
     config = json.loads((teacher_dir / "policy_config.json").read_text())
     config["action_num_inference_steps"] = action_steps
     check_output_folder(folder, ours=lambda p: (p / "policy_config.json").is_file() and (p / "transformer").is_dir(),
@@ -373,8 +367,6 @@ def write_student(folder: Path, teacher_dir: Path, student, action_steps: int) -
 def distill(teacher: str | Path, data_dir: str | Path, out: str | Path, dc: DistillConfig | None = None,
             threads: int | None = None, progress: bool = True) -> dict:
     """The whole run: targets, training (resuming from `out/train_state.pt`), the student's checkpoint, the report."""
-    from tqdm import tqdm
-
     dc = dc or DistillConfig()
     out = open_run(out, threads)
     timings: dict[str, float] = {}
@@ -391,45 +383,22 @@ def distill(teacher: str | Path, data_dir: str | Path, out: str | Path, dc: Dist
     probe = torch.arange(0, len(data) * dc.draws, max(1, len(data) * dc.draws // 32))[:32]  # spread over episodes
 
     student = copy.deepcopy(teacher_model).train().requires_grad_(True)
-    params = list(student.parameters())
-    opt = adamw(params, dc.lr, dc.weight_decay)
+    opt = adamw(list(student.parameters()), dc.lr, dc.weight_decay)
     gen = torch.Generator().manual_seed(dc.seed)
-    losses: list[dict[str, float]] = []
-    step = 0
-    state_path = out / STATE_NAME
     identity = {"distill_config": asdict(dc), "key": key}
-    state = read_run_state(state_path, identity)
-    if state is not None:
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        losses, step = state["losses"], state["step"]
-
-    def save() -> None:
-        atomic_torch_save({"model": student.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                           "losses": losses, "step": step, **identity}, state_path)
-        if losses:
-            plot_losses(losses, out / LOSS_PNG)
-
     n_samples = len(data) * dc.draws
-    t = time.perf_counter()
-    bar = tqdm(total=dc.steps, initial=step, desc=f"distill {dc.method} -> {dc.action_steps}", unit="step",
-               disable=not progress)
-    while step < dc.steps:
+
+    def batch_loss(step: int) -> tuple[Tensor, dict[str, float]]:
         samples = torch.randint(n_samples, (dc.batch_size,), generator=gen)
         video, history, noise, text = sample_inputs(data, samples, dc)
         inp = objective.flow.inputs(video, history, noise, text, student)
         rows = {"trajectory": targets.trajectory[samples], "trajectory_async": targets.trajectory_async[samples],
                 "video_velocity": targets.video_velocity[samples]}
-        loss, parts = objective(student, inp, rows, start_actions(cfg, samples, data, dc), gen)
-        grad_norm = optimizer_step(opt, params, loss, lr_at(step, dc), dc.grad_clip)
-        step += 1
-        losses.append({"step": step, **parts, "grad_norm": grad_norm})
-        bar.update(1)
-        bar.set_postfix(action=f"{parts['action']:.2e}", video=f"{parts['video']:.2e}")
-        if step % dc.save_every == 0 or step == dc.steps:
-            save()
-    bar.close()
+        return objective(student, inp, rows, start_actions(cfg, samples, data, dc), gen)
+
+    t = time.perf_counter()
+    losses = run_steps(student, opt, gen, batch_loss, dc, out, identity, f"distill {dc.method} -> {dc.action_steps}",
+                       progress)
     timings["train_s"] = time.perf_counter() - t
     student.eval().requires_grad_(False)
 
@@ -439,14 +408,10 @@ def distill(teacher: str | Path, data_dir: str | Path, out: str | Path, dc: Dist
                                                                 probe)
     ckpt = write_student(out / CHECKPOINT_NAME, teacher_dir, student, dc.action_steps)
 
-    def mean(rows, key):
-        return sum(r[key] for r in rows) / max(1, len(rows))
-
     report = {"teacher": str(teacher_dir), "teacher_digest": digest, "data": str(data_dir), "episodes": len(data),
               "chunks": int(data.video.shape[1]), "teacher_action_steps": teacher_steps,
               "distill_config": asdict(dc), "threads": torch.get_num_threads(), "timings": timings,
-              "first_loss": {k: mean(losses[:20], k) for k in ("action", "video")},
-              "final_loss": {k: mean(losses[-50:], k) for k in ("action", "video")},
+              **loss_summary(losses, ("action", "video")),
               "endpoint_rms": errors, "checkpoint": str(ckpt)}
     write_text(out / REPORT_NAME, json.dumps(report, indent=2))
     log.info("student written to %s; endpoint RMS %s", ckpt, errors)

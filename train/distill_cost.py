@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from lingbot_edge.eval.grasp import EVAL_SEED0, held_out_seeds, run_episode
+from lingbot_edge.eval.task_success import checkpoint_loader
 from lingbot_edge.io.files import write_text
 from lingbot_edge.io.loading import checkpoint_folder
 
@@ -62,8 +63,6 @@ class ChunkMeter:
 def measure(variants: list[tuple[str, str, int]], modes: list[str], episodes: int, rounds: int,
             dtype: str = "bfloat16") -> list[dict]:
     """variants: (label, checkpoint, action steps). Returns one row per variant and mode."""
-    from calib.task_success import checkpoint_loader
-
     meters = {}
     for label, checkpoint, steps in variants:
         for mode in modes:

@@ -2,7 +2,7 @@
 
 The episode loop and the held-out seeds are the runtime's (`lingbot_edge.eval.grasp`, which `lingbot-edge
 demo` uses too); the settings (scheme x step setting), their measurement and the table are
-`calib.task_success`'s, shared with the ladder, the drift table and the calibration report. This module adds
+`lingbot_edge.eval.task_success`'s, shared with the ladder, the drift table and the calibration report. This module adds
 the rows only training has: the scripted expert and the checkpoint with a random-weight DiT.
 """
 
@@ -12,8 +12,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from calib.task_success import TaskSetting, checkpoint_loader, format_table, measure, row
 from lingbot_edge.eval.grasp import EVAL_SEED0, EVAL_STEPS, held_out_seeds, with_random_transformer
+from lingbot_edge.eval.task_success import TaskSetting, checkpoint_loader, format_table, measure, row
+from lingbot_edge.robot.place import get_scene
+from quantize.task import quantize_setting
+from train.dataset import EXPERTS
+from train.expert import run_expert
 
 log = logging.getLogger(__name__)
 __all__ = ["evaluate_checkpoint", "evaluate_expert", "format_table"]
@@ -21,10 +25,6 @@ __all__ = ["evaluate_checkpoint", "evaluate_expert", "format_table"]
 
 def evaluate_expert(seeds: Sequence[int], steps: int = EVAL_STEPS, scene: str = "grasp") -> dict:
     """The scripted expert as recorded, on the same seeds, through the same safety filter (the task's ceiling)."""
-    from lingbot_edge.robot.place import get_scene
-    from train.dataset import EXPERTS
-    from train.expert import run_expert
-
     episodes = []
     for seed in seeds:
         sim = get_scene(scene).cls(seed, cameras=())
@@ -50,8 +50,6 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
     half a chunk); 8-bit rows and the random baseline run in the first mode. `scene`: the task
     (`robot.place.SCENES`), whose episode length `steps` defaults to. `transformer`: another DiT folder for the
     trained rows (e.g. the checkpoint after `lingbot-edge quantize`), named in their labels."""
-    from lingbot_edge.robot.place import get_scene
-
     steps = get_scene(scene).eval_steps if steps is None else steps
     load = checkpoint_loader(checkpoint, dtype)
 
@@ -71,7 +69,7 @@ def evaluate_checkpoint(checkpoint: str | Path, episodes: int = 20, dtype: str =
         settings += [TaskSetting(f"trained + {s}{note}", s, axes, mode=modes[0], delay_ticks=delay_ticks)
                      for s in schemes]
         rows += measure(load, settings, episodes, steps, progress, video if exec_step == exec_steps[0] else None,
-                        first_seed, scene)
+                        first_seed, scene, quantize_setting)
         if random_baseline:
             rows += measure(random_dit, [TaskSetting("random weights" + note, None, axes, mode=modes[0],
                                                      delay_ticks=delay_ticks)],

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lingbot_edge.robot.grasp import CUBE_Z, grasp_joints, tip_position
+from lingbot_edge.robot.safety import SafetyFilter
+from lingbot_edge.robot.so100 import action_dict, joints_of
 
 GRIP_OPEN_TARGET = 60.0
 GRIP_CLOSED_TARGET = 0.0
@@ -43,9 +45,6 @@ def recording_expert(scene, seed: int, gain: float = 0.0, cartesian_speed: float
 def run_expert(scene, expert, steps: int, on_tick=None):
     """`steps` ticks of `expert` on `scene` through a fresh `SafetyFilter` (connect .. disconnect); `on_tick(obs,
     q, sent)` sees each tick's observation, joint readings and the target sent. Returns the filter."""
-    from lingbot_edge.robot.safety import SafetyFilter
-    from lingbot_edge.robot.so100 import action_dict, joints_of
-
     safety = SafetyFilter()
     scene.connect()
     obs = scene.get_observation()

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from lingbot_edge.core.qlinear import QuantizedLinear, weight_only_matmul
+from lingbot_edge.io.checkpoint import build_model
+from lingbot_edge.io.files import write_file, write_text
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +177,6 @@ def dense_weight(layer: nn.Module) -> Tensor:
 def merge(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A new plain `WanVATransformer` in `dtype`: every adapter folded into its Linear, every quantized Linear
     dequantized, every other tensor copied."""
-    from lingbot_edge.io.checkpoint import build_model
-
     layers = lora_layers(model)
     state: dict[str, Tensor] = {}
     for name, module in model.named_modules():
@@ -200,8 +200,6 @@ def merge(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
 def save_adapters(model: nn.Module, adapters: AdapterConfig, folder: str | Path) -> Path:
     """The adapters alone: `adapter_model.safetensors` (fp32, PEFT's key names) and `adapter_config.json`."""
     from safetensors.torch import save_file
-
-    from lingbot_edge.io.files import write_file, write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

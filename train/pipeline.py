@@ -23,12 +23,27 @@ from pathlib import Path
 
 import torch
 
-from lingbot_edge.core.config import PolicyConfig, get_policy_config, tiny_variant
-from lingbot_edge.io.files import write_text
-from lingbot_edge.robot.so100 import camera_keys, camera_name
+from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.eval.task_success import checkpoint_loader
+from lingbot_edge.io.checkpoint import build_model, save_transformer
+from lingbot_edge.io.datasets import load_action_quantiles
+from lingbot_edge.io.loading import read_policy_config
+from lingbot_edge.robot.so100 import SO100_MOTORS, camera_name
+from train import posttrain
+from train.dataset import record_dataset
 from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR
-from train.lora import AdapterConfig
-from train.trainer import EpisodeTensors, TrainConfig, atomic_torch_save, encode_dataset, open_run, read_latents, train
+from train.lora import AdapterConfig, checkpoint_blocks
+from train.skeleton import base_policy_config, policy_config_json, write_checkpoint_skeleton, write_json
+from train.trainer import (
+    EpisodeTensors,
+    TrainConfig,
+    atomic_torch_save,
+    encode_dataset,
+    loss_summary,
+    open_run,
+    read_latents,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,72 +55,6 @@ EPISODE_FRAMES = 101
 # Recorded frames per episode of each `--scene` (8 k - 3: whole chunks). place: 18 chunks; its expert has the cube
 # in the box by tick 104-134 (seeds 0-39 and the first 20 held-out and validation seeds).
 SCENE_EPISODE_FRAMES = {"grasp": EPISODE_FRAMES, "place": 141}
-# Policy settings of the trained checkpoint, on top of the so100 preset's tiny variant (2-frame chunks, a
-# 2-chunk cache). The top camera only, at 128x256: a DiT token (2x2 latents of the 16x VAE) then spans 3.3 cm
-# of the workspace instead of 6.5 x 10 cm with three cameras at 64x128, for about the same token count; that
-# made the grasp point follow the cube sideways at all (bench/results/task_success/so100_grasp.md).
-# No CFG: one prompt, trained without prompt dropout. The action flow starts from zero noise
-# (`action_noise_scale` 0: 15/20 against 12/20 from N(0, 1) on the same DiT, so100_grasp.md). `video_exec_step` 1:
-# the chunk's PREDICTED video is written at the first video step's input (sigma 1), so the actions act on the
-# observed history alone; chosen on the validation seeds (13/20 against 4/20 with full video steps on the same
-# DiT, so100_grasp.md).
-POLICY_SETTINGS = {"obs_cam_keys": ("observation.images.camera_top",), "height": 128, "width": 256,
-                   "guidance_scale": 1.0, "action_guidance_scale": 1.0, "num_inference_steps": 4,
-                   "video_exec_step": 1, "action_num_inference_steps": 10, "max_sequence_length": 32,
-                   "action_noise_scale": 0.0}
-
-
-def base_policy_config(model: str = "tiny", cameras: Sequence[str] | None = None, **settings) -> PolicyConfig:
-    """The trained checkpoint's policy settings; `cameras` (robot camera names, e.g. camera_top): POLICY_SETTINGS'
-    (the top camera) when None."""
-    cfg = tiny_variant(get_policy_config("so100"), model)
-    if cameras is not None:
-        settings["obs_cam_keys"] = camera_keys(cameras)
-    return cfg.replace(**{**POLICY_SETTINGS, **settings})
-
-
-def policy_config_json(cfg: PolicyConfig) -> dict:
-    """A policy config in upstream's names (`wan_va/configs/va_*_cfg.py`), plus PolicyConfig's own names
-    where upstream has none (max_sequence_length, state_dim, action_noise_scale)."""
-    used = list(cfg.used_action_channel_ids)
-    dim = cfg.model_config.action_dim
-    inverse = [len(used)] * dim
-    for i, ch in enumerate(used):
-        inverse[ch] = i
-    return {
-        "env_type": "none", "height": cfg.height, "width": cfg.width, "obs_cam_keys": list(cfg.obs_cam_keys),
-        "action_dim": dim, "action_per_frame": cfg.action_per_frame, "frame_chunk_size": cfg.frame_chunk_size,
-        "attn_window": cfg.attn_window, "num_inference_steps": cfg.num_inference_steps,
-        "video_exec_step": cfg.video_exec_step,
-        "action_num_inference_steps": cfg.action_num_inference_steps, "guidance_scale": cfg.guidance_scale,
-        "action_guidance_scale": cfg.action_guidance_scale, "snr_shift": cfg.snr_shift,
-        "action_snr_shift": cfg.action_snr_shift, "used_action_channel_ids": used,
-        "inverse_used_action_channel_ids": inverse, "action_norm_method": "quantiles",
-        "norm_stat": {"q01": list(cfg.action_q01), "q99": list(cfg.action_q99)},
-        "max_sequence_length": cfg.max_sequence_length, "state_dim": cfg.state_dim,
-        "action_noise_scale": cfg.action_noise_scale,
-    }
-
-
-def write_checkpoint_skeleton(folder: Path, cfg: PolicyConfig, seed: int = 0) -> Path:
-    """Released layout with the tiny frozen parts and `policy_config.json`; transformer/ random until
-    `export` replaces it. An existing skeleton is kept (its frozen parts made the cached latents)."""
-    from lingbot_edge.io.checkpoint import build_model, read_model_config, save_transformer
-    from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
-
-    if not (folder / "vae").is_dir():
-        save_tiny_checkpoint(folder, seed=seed)
-    if read_model_config(folder / "transformer" / "config.json") != cfg.model_config:  # a larger tiny DiT
-        save_transformer(build_model(cfg.model_config, seed=seed), folder / "transformer", replace=True)
-    _write_json(folder / "policy_config.json", policy_config_json(cfg))
-    return folder
-
-
-def _write_json(path: Path, obj) -> None:
-    """Indented JSON, no final newline (the bytes of the committed checkpoint's files), atomically."""
-    write_text(path, json.dumps(obj, indent=2))
-
-
 def vae_is_identity(vae_dir: Path) -> bool:
     config = json.loads((vae_dir / "config.json").read_text())
     return all(m == 0.0 for m in config["latents_mean"]) and all(s == 1.0 for s in config["latents_std"])
@@ -122,7 +71,7 @@ def normalize_latents(data: EpisodeTensors, vae_dir: Path) -> EpisodeTensors:
         dims = (0, 1, 3, 4, 5)  # all but the channel of [E, K, C, F, h, w]
         mean, std = data.video.mean(dims), data.video.std(dims).clamp(min=1e-3)
         config["latents_mean"], config["latents_std"] = mean.tolist(), std.tolist()
-        _write_json(path, config)
+        write_json(path, config)
         log.info("latent statistics written to %s (std %.3f..%.3f)", path, float(std.min()), float(std.max()))
     mean, std = torch.tensor(config["latents_mean"]), torch.tensor(config["latents_std"])
     video = (data.video - mean.view(1, 1, -1, 1, 1, 1)) / std.view(1, 1, -1, 1, 1, 1)
@@ -131,8 +80,6 @@ def normalize_latents(data: EpisodeTensors, vae_dir: Path) -> EpisodeTensors:
 
 def load_checkpoint_policy(folder: str | Path, dtype: str = "float32", transformer: str | Path | None = None,
                            sampler: str = "static", **overrides):
-    from calib.task_success import checkpoint_loader
-
     return checkpoint_loader(folder, dtype)(sampler=sampler, transformer=transformer, **overrides)
 
 
@@ -142,89 +89,87 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
         expert_detour: float = RECORDING_DETOUR, cameras: Sequence[str] | None = None, height: int | None = None,
         width: int | None = None, scene: str = "grasp", base: str | Path | None = None,
         adapters: AdapterConfig | None = None, checkpointing: bool = False, latents: str | Path | None = None,
-        from_scratch: bool = False) -> dict:
+        from_scratch: bool = False, parallel=None) -> dict | None:
     """The whole run; every stage is skipped when its output is already there (resume).
 
     `scene`: the task recorded (`robot.place.SCENES`). `base`: a checkpoint folder or embedded name to post-train
     from (`train.posttrain`), with LoRA `adapters` over its frozen DiT, or all of it trained when None.
     `from_scratch` (with `base`): a random DiT on the base's frozen parts, the post-training baseline.
     `checkpointing`: per-block activation checkpointing. `latents`: an earlier run's latents.pt of the same dataset
-    and VAE, used instead of encoding again."""
-    from lingbot_edge.io.checkpoint import save_transformer
-    from lingbot_edge.io.datasets import load_action_quantiles
-    from lingbot_edge.robot.so100 import SO100_MOTORS
-    from train import posttrain
-    from train.dataset import record_dataset
-
+    and VAE, used instead of encoding again. `parallel` (`train.distributed.DataParallel`, under torchrun): rank 0
+    records, encodes and writes the checkpoint skeleton while the others wait, every rank trains its share of each
+    batch, rank 0 exports and reports; returns the report on rank 0, None on the others."""
     tc = tc or TrainConfig()
+    writer = parallel is None or parallel.is_writer
     out = open_run(out, threads)
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    if dataset is None:
-        dataset = out / "dataset"
+    dataset = Path(dataset) if dataset is not None else out / "dataset"
+    latents = Path(latents) if latents is not None else out / "latents.pt"
+    ckpt = out / "checkpoint"
+    if base is not None:
+        base = posttrain.base_folder(base)
+    if writer:  # the run folder: dataset, checkpoint skeleton, latents (each kept when there)
+        t = time.perf_counter()
         if not (dataset / "meta" / "info.json").is_file():
-            keys = (load_checkpoint_policy(posttrain.base_folder(base)).cfg if base is not None
-                    else base_policy_config(model, cameras)).obs_cam_keys
+            keys = (read_policy_config(base) if base is not None else base_policy_config(model, cameras)).obs_cam_keys
             frames = SCENE_EPISODE_FRAMES[scene] if episode_frames is None else episode_frames
             record_dataset(dataset, list(range(episodes)), frames, cameras=[camera_name(k) for k in keys],
                            progress=progress, expert_gain=expert_gain, expert_cartesian_speed=expert_cartesian_speed,
                            expert_detour=expert_detour, scene=scene)
-    dataset = Path(dataset)
-    timings["record_s"] = time.perf_counter() - t
-    q01, q99 = load_action_quantiles(dataset, SO100_MOTORS)
-    dim = get_policy_config("tiny").model_config.action_dim
-    size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-    q01, q99 = tuple(q01) + (0.0,) * (dim - len(q01)), tuple(q99) + (0.0,) * (dim - len(q99))
-    if base is not None:
-        base = posttrain.base_folder(base)
-        ckpt = posttrain.write_skeleton(out / "checkpoint", base, posttrain.base_policy_config(base, q01, q99))
-    else:
-        cfg = base_policy_config(model, cameras, action_q01=q01, action_q99=q99, **size)
-        ckpt = write_checkpoint_skeleton(out / "checkpoint", cfg)
-    policy = load_checkpoint_policy(ckpt)
-    cfg = policy.cfg
-
-    t = time.perf_counter()
-    latents = Path(latents) if latents is not None else out / "latents.pt"
-    if latents.is_file():
-        data, raw, source = read_latents(latents)
-        if source is not None and Path(source).resolve() != dataset.resolve():
-            raise ValueError(f"{latents}: encoded from {source}, not {dataset}; drop --latents or use that dataset")
-        if raw != vae_is_identity(ckpt / "vae"):
-            raise ValueError(f"{latents}: encoded through another VAE normalization than {ckpt / 'vae'}")
-    else:
-        raw = vae_is_identity(ckpt / "vae")
-        data = encode_dataset(dataset, policy, max_episodes=episodes, progress=progress)
-        atomic_torch_save({**asdict(data), "identity_vae": raw, "dataset": str(dataset)}, latents)  # as encoded
+        timings["record_s"] = time.perf_counter() - t
+        q01, q99 = load_action_quantiles(dataset, SO100_MOTORS)
+        dim = get_policy_config("tiny").model_config.action_dim
+        size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+        q01, q99 = tuple(q01) + (0.0,) * (dim - len(q01)), tuple(q99) + (0.0,) * (dim - len(q99))
+        if base is not None:
+            posttrain.write_skeleton(ckpt, base, posttrain.base_policy_config(base, q01, q99))
+        else:
+            write_checkpoint_skeleton(ckpt, base_policy_config(model, cameras, action_q01=q01, action_q99=q99, **size))
+        t = time.perf_counter()
+        if latents.is_file():
+            _, raw, source = read_latents(latents)
+            if source is not None and Path(source).resolve() != dataset.resolve():
+                raise ValueError(f"{latents}: encoded from {source}, not {dataset}; drop --latents or use that "
+                                 "dataset")
+            if raw != vae_is_identity(ckpt / "vae"):
+                raise ValueError(f"{latents}: encoded through another VAE normalization than {ckpt / 'vae'}")
+        else:
+            raw = vae_is_identity(ckpt / "vae")
+            data = encode_dataset(dataset, load_checkpoint_policy(ckpt), max_episodes=episodes, progress=progress)
+            atomic_torch_save({**asdict(data), "identity_vae": raw, "dataset": str(dataset)}, latents)  # as encoded
+        if raw:
+            normalize_latents(read_latents(latents)[0], ckpt / "vae")  # writes the statistics once
+        timings["encode_s"] = time.perf_counter() - t
+    if parallel is not None:
+        parallel.barrier()
+    cfg = read_policy_config(ckpt)
+    data, raw, _ = read_latents(latents)
     if raw:
         data = normalize_latents(data, ckpt / "vae")
-    timings["encode_s"] = time.perf_counter() - t
-    log.info("training on %d episodes x %d chunks (policy %s, %dx%d, cache %d tokens)", len(data),
-             data.video.shape[1], cfg.name, cfg.height, cfg.width, cfg.cache_capacity)
+    log.info("training on %d episodes x %d chunks (policy %s, %dx%d, cache %d tokens%s)", len(data),
+             data.video.shape[1], cfg.name, cfg.height, cfg.width, cfg.cache_capacity,
+             "" if parallel is None else f", {parallel.world} processes")
 
     t = time.perf_counter()
-    from lingbot_edge.io.checkpoint import build_model
-
     if base is None:
-        model, trainable, run = build_model(cfg.model_config, seed=tc.seed), None, None
+        dit, trainable, run = build_model(cfg.model_config, seed=tc.seed), None, None
     else:
-        model, trainable, run = posttrain.prepare_model(base, adapters, seed=tc.seed, from_scratch=from_scratch)
+        dit, trainable, run = posttrain.prepare_model(base, adapters, seed=tc.seed, from_scratch=from_scratch)
     if checkpointing:
-        from train.lora import checkpoint_blocks
-
-        checkpoint_blocks(model)
-    losses = train(model, cfg, data, out, tc, progress=progress, trainable=trainable, run=run)
+        checkpoint_blocks(dit)
+    losses = train(dit, cfg, data, out, tc, progress=progress, trainable=trainable, run=run, parallel=parallel)
     timings["train_s"] = time.perf_counter() - t
+    if not writer:
+        return None
     if base is not None and not from_scratch:
-        model = posttrain.export(model, adapters, out)
-    save_transformer(model, ckpt / "transformer", replace=True)  # the skeleton's DiT -> the trained one
+        dit = posttrain.export(dit, adapters, out)
+    save_transformer(dit, ckpt / "transformer", replace=True)  # the skeleton's DiT -> the trained one
     report = {"dataset": str(dataset), "episodes": len(data), "chunks": int(data.video.shape[1]), "scene": scene,
               "base": None if base is None else str(base), "from_scratch": from_scratch,
               "lora": None if adapters is None else asdict(adapters),
+              "processes": 1 if parallel is None else parallel.world,
               "train_config": asdict(tc), "policy_config": policy_config_json(cfg), "timings": timings,
-              "final_loss": {k: sum(r[k] for r in losses[-50:]) / max(1, len(losses[-50:]))
-                             for k in ("video", "action")},
-              "first_loss": {k: sum(r[k] for r in losses[:20]) / max(1, len(losses[:20])) for k in ("video", "action")}}
-    _write_json(out / "report.json", report)
+              **loss_summary(losses)}
+    write_json(out / "report.json", report)
     log.info("checkpoint written to %s", ckpt)
     return report

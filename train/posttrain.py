@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 
 from lingbot_edge.core.config import PolicyConfig
-from train.lora import AdapterConfig
+from lingbot_edge.io.checkpoint import build_model, load_transformer, read_model_config
+from lingbot_edge.io.loading import checkpoint_folder, read_policy_config
+from train.lora import AdapterConfig, add_adapters, is_trainable, merge, save_adapters
+from train.skeleton import policy_config_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,6 @@ FROZEN_PARTS = ("vae", "text_encoder", "tokenizer")
 
 def base_folder(base: str | Path) -> Path:
     """A checkpoint folder or an embedded checkpoint's name (so100-grasp) -> its folder."""
-    from lingbot_edge.io.loading import checkpoint_folder
-
     folder = Path(checkpoint_folder(str(base)))
     if not (folder / "transformer").is_dir() or not (folder / "vae").is_dir():
         raise FileNotFoundError(f"--base {base}: {folder} has no transformer/ and vae/ (expected the released layout)")
@@ -41,20 +42,16 @@ def base_folder(base: str | Path) -> Path:
 def base_policy_config(base: Path, q01, q99) -> PolicyConfig:
     """The base checkpoint's policy settings with the new dataset's action quantiles (`q01`, `q99`: one per
     action channel of the DiT)."""
-    from train.pipeline import load_checkpoint_policy
-
-    return load_checkpoint_policy(base).cfg.replace(action_q01=tuple(q01), action_q99=tuple(q99))
+    return read_policy_config(base).replace(action_q01=tuple(q01), action_q99=tuple(q99))
 
 
 def write_skeleton(folder: Path, base: Path, cfg: PolicyConfig) -> Path:
     """The run's checkpoint: the base's frozen parts and DiT (replaced by the export), the new policy_config.json.
     An existing skeleton is kept (its frozen parts made the cached latents)."""
-    from train.pipeline import _write_json, policy_config_json
-
     for part in (*FROZEN_PARTS, "transformer"):
         if not (folder / part).is_dir():
             shutil.copytree(base / part, folder / part)
-    _write_json(folder / "policy_config.json", policy_config_json(cfg))
+    write_json(folder / "policy_config.json", policy_config_json(cfg))
     return folder
 
 
@@ -62,9 +59,6 @@ def prepare_model(base: Path, adapters: AdapterConfig | None, seed: int = 0, fro
     """(model, trainable filter, run settings) to train: the base's DiT with adapters over its frozen weights, or
     (`adapters` None) all of it in fp32, or (`from_scratch`) a random DiT of its architecture: the baseline a
     post-training run is compared with, on the same encoded data."""
-    from lingbot_edge.io.checkpoint import build_model, load_transformer, read_model_config
-    from train.lora import add_adapters, is_trainable
-
     if from_scratch:
         if adapters is not None:
             raise ValueError("from_scratch: a random DiT trains in full; adapters need the base's weights")
@@ -84,8 +78,6 @@ def prepare_model(base: Path, adapters: AdapterConfig | None, seed: int = 0, fro
 def export(model, adapters: AdapterConfig | None, out: Path):
     """The DiT to save in the checkpoint: the adapters merged into a bf16 DiT (and written alone to
     `out/adapters`), or the fully trained one."""
-    from train.lora import merge, save_adapters
-
     if adapters is None:
         return model
     save_adapters(model, adapters, out / "adapters")

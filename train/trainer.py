@@ -18,14 +18,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.scheduler import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
+from lingbot_edge.io.episodes import LeRobotEpisodes
 from lingbot_edge.io.files import write_file
 from train.config import TrainConfig
 from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
@@ -60,12 +62,11 @@ def read_latents(path: str | Path) -> tuple[EpisodeTensors, bool, str | None]:
 
 def encode_dataset(root: str | Path, policy, max_episodes: int | None = None, progress: bool = True,
                    batch: int = ENCODE_BATCH) -> EpisodeTensors:
-    """A LeRobot dataset through the policy's own encoders (`calib.data.LeRobotEpisodes`: streaming VAE,
+    """A LeRobot dataset through the policy's own encoders (`lingbot_edge.io.episodes.LeRobotEpisodes`: streaming VAE,
     prompt encoder, action codec), `batch` episodes at a time (the same latents as one by one),
     episodes cut to the same number of whole chunks."""
     from tqdm import tqdm
 
-    from calib.data import LeRobotEpisodes
 
     source = LeRobotEpisodes(Path(root), policy, max_episodes=max_episodes)
     ids = source.episode_ids()
@@ -86,6 +87,29 @@ def encode_dataset(root: str | Path, policy, max_episodes: int | None = None, pr
                           torch.stack(texts))
 
 
+@dataclass
+class FlowNoise:
+    """One batch's random draws, made from one generator in one order (`FlowMatchingLoss.draw`). Rows are the
+    batch's episodes: a data-parallel rank takes its share's rows and trains on what one process would."""
+
+    video_sigma: Tensor  # [B, K] the noisy video copy's sigma per chunk
+    action_sigma: Tensor  # [B, K] the noisy action copy's sigma per chunk
+    video: Tensor  # [B, K, C, F, h, w] the noisy video copy's noise
+    action: Tensor  # [B, K, A, F, apf, 1] the noisy action copy's noise (every channel; masked in the loss)
+    predicted_sigma: Tensor | None  # [B, K] the PREDICTED copy's sigma (noisy_predicted)
+    predicted: Tensor | None  # [B, K, C, F, h, w] the PREDICTED copy's noise (noisy_predicted)
+    history: Tensor | None  # [B, K, A, F, apf, 1] noise on the action history (history_action_noise)
+    grounded_sigma: Tensor | None  # [B, K] the lookahead copy's sigma (grounded_weight)
+    grounded_action: Tensor | None  # [B, K, A, F, apf, 1] the lookahead copy's noise (grounded_weight)
+    grounded_video: Tensor | None  # [B, K, C, F, h, w] the grounded video's noise (grounded_weight)
+    grounded_observed: Tensor | None  # [B, K, 1] observed frames of the grounded video (grounded_weight)
+    change: Tensor | None  # [B, K] chunk weights of `action_change` over the whole batch (change_weight)
+
+    def rows(self, index) -> FlowNoise:
+        """The draws of the episodes `index` (a slice or indices into the batch)."""
+        return FlowNoise(*(None if v is None else v[index] for v in (getattr(self, f.name) for f in fields(self))))
+
+
 class FlowMatchingLoss:
     """Noising, pinning and masking of one batch, and the two streams' losses."""
 
@@ -104,18 +128,43 @@ class FlowMatchingLoss:
         mask[list(cfg.used_action_channel_ids)] = True
         self.channel_mask = mask
 
-    def __call__(self, model, video: Tensor, action: Tensor, text: Tensor, generator: torch.Generator,
-                 noisy_predicted: bool = False, history_action_noise: float = 0.0,
-                 change_weight: float = 0.0,
-                 predicted_at_sampler_sigma: bool = False) -> tuple[Tensor, dict[str, float]]:
-        b, k, _, f = video.shape[:4]
+    def draw(self, video_shape: torch.Size, action: Tensor, generator: torch.Generator, noisy_predicted: bool = False,
+             history_action_noise: float = 0.0, change_weight: float = 0.0) -> FlowNoise:
+        """Every random draw of a batch of episodes (`video_shape` [B, K, C, F, h, w], `action` the batch's actions),
+        in the order the training has always made them, so a run's generator stream is the same whoever draws."""
+        b, k, _, f = video_shape[:4]
         g = generator
         sv = self.video_sigmas[torch.randint(len(self.video_sigmas), (b, k), generator=g)]
         sa = self.action_sigmas[torch.randint(len(self.action_sigmas), (b, k), generator=g)]
+        noise_v = torch.randn(video_shape, generator=g)
+        noise_a = torch.randn(action.shape, generator=g)
+        sp = noise_p = history = sg = noise_g = noise_gv = observed = None
+        if noisy_predicted:
+            sp = self.video_sigmas[torch.randint(len(self.video_sigmas), (b, k), generator=g)]
+            noise_p = torch.randn(video_shape, generator=g)
+        if history_action_noise:
+            history = torch.randn(action.shape, generator=g)
+        if self.grounded_weight:
+            sg = self.action_sigmas[torch.randint(len(self.action_sigmas), (b, k), generator=g)]
+            noise_g = torch.randn(action.shape, generator=g)
+            noise_gv = torch.randn(video_shape, generator=g)
+            observed = torch.randint(f, (b, k, 1), generator=g)
+        change = action_change(action * self.channel_mask.view(1, 1, -1, 1, 1, 1)) if change_weight else None
+        return FlowNoise(sv, sa, noise_v, noise_a, sp, noise_p, history, sg, noise_g, noise_gv, observed, change)
+
+    def __call__(self, model, video: Tensor, action: Tensor, text: Tensor, noise: torch.Generator | FlowNoise,
+                 noisy_predicted: bool = False, history_action_noise: float = 0.0,
+                 change_weight: float = 0.0,
+                 predicted_at_sampler_sigma: bool = False) -> tuple[Tensor, dict[str, float]]:
+        """The batch's losses; `noise`: a generator to draw from, or the batch's draws (`draw`)."""
+        if isinstance(noise, torch.Generator):
+            noise = self.draw(video.shape, action, noise, noisy_predicted, history_action_noise, change_weight)
+        b, k, _, f = video.shape[:4]
+        sv, sa = noise.video_sigma, noise.action_sigma
         cmask = self.channel_mask.view(1, 1, -1, 1, 1, 1).to(action.dtype)
         action = action * cmask
-        noise_v = torch.randn(video.shape, generator=g)
-        noise_a = torch.randn(action.shape, generator=g) * cmask
+        noise_v = noise.video
+        noise_a = noise.action * cmask
         xv = (1 - sv.view(b, k, 1, 1, 1, 1)) * video + sv.view(b, k, 1, 1, 1, 1) * noise_v
         xa = (1 - sa.view(b, k, 1, 1, 1, 1)) * action + sa.view(b, k, 1, 1, 1, 1) * noise_a
         tv = (sv * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
@@ -129,31 +178,30 @@ class FlowMatchingLoss:
         frame_w[0, 0] = 0
         xp = tp = None
         if noisy_predicted:  # as the sampler's PREDICTED write under video_exec_step: x at sigma, t = 1000 sigma
-            sp = self.video_sigmas[torch.randint(len(self.video_sigmas), (b, k), generator=g)]
+            sp = noise.predicted_sigma
             if predicted_at_sampler_sigma:  # drawn anyway: the RNG stream stays that of a random-sigma run
                 sp = torch.full_like(sp, self.sampler_predicted_sigma)
-            xp = (1 - sp.view(b, k, 1, 1, 1, 1)) * video + sp.view(b, k, 1, 1, 1, 1) * torch.randn(video.shape,
-                                                                                                  generator=g)
+            xp = (1 - sp.view(b, k, 1, 1, 1, 1)) * video + sp.view(b, k, 1, 1, 1, 1) * noise.predicted
             tp = (sp * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
             xp[:, 0, :, 0] = video[:, 0, :, 0]  # the first chunk's pinned frame stays the observation
             tp[:, 0, 0] = 0
         history = action
         if history_action_noise:
-            history = action + history_action_noise * torch.randn(action.shape, generator=g) * cmask
+            history = action + history_action_noise * noise.history * cmask
         xg = tg = xgv = tgv = None
         if self.grounded_weight:  # the lookahead's copy: its own sigma and noise
-            sg = self.action_sigmas[torch.randint(len(self.action_sigmas), (b, k), generator=g)]
-            noise_g = torch.randn(action.shape, generator=g) * cmask
+            sg = noise.grounded_sigma
+            noise_g = noise.grounded_action * cmask
             xg = (1 - sg.view(b, k, 1, 1, 1, 1)) * action + sg.view(b, k, 1, 1, 1, 1) * noise_g
             tg = (sg * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
-            xgv, tgv = self.grounded_video(video, g)
+            xgv, tgv = self._grounded_video(video, noise.grounded_video, noise.grounded_observed)
         text_kv = model.text_kv(text)
         pv, pa, *pg = teacher_forced_forward(model, self.layout, video, history, xv, xa, tv, ta, text_kv, xp, tp,
                                              xg, tg, xgv, tgv)
         wv = frame_w.view(1, k, 1, f, 1, 1)
         wa = frame_w.view(1, k, 1, f, 1, 1) * cmask
         if change_weight:
-            wa = wa * (1 + change_weight * action_change(action)).view(b, k, 1, 1, 1, 1)
+            wa = wa * (1 + change_weight * noise.change).view(b, k, 1, 1, 1, 1)
         err_v = (pv.float() - (noise_v - video)).pow(2)
         err_a = (pa.float() - (noise_a - action)).pow(2)
         loss_v = (err_v * wv).sum() / (wv.expand_as(err_v)).sum()
@@ -166,7 +214,6 @@ class FlowMatchingLoss:
             loss_a = loss_a + self.grounded_weight * loss_g
         return loss_v, {**parts, "_action": loss_a}
 
-
     def grounded_video(self, video: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """The executing chunk's grounded video as the lookahead writes it: its first j latent frames observed
         (clean, t = 0), the others at the sampler's PREDICTED write (x at `sampler_predicted_sigma`), j drawn
@@ -174,9 +221,14 @@ class FlowMatchingLoss:
         after j of its frames were observed (`core.policy.LingBotPolicy.infer`). Returns (x [B, K, C, F, h, w],
         t [B, K, F])."""
         b, k, _, f = video.shape[:4]
+        noise = torch.randn(video.shape, generator=generator)
+        return self._grounded_video(video, noise, torch.randint(f, (b, k, 1), generator=generator))
+
+    def _grounded_video(self, video: Tensor, noise: Tensor, observed_frames: Tensor) -> tuple[Tensor, Tensor]:
+        b, k, _, f = video.shape[:4]
         sigma = self.sampler_predicted_sigma
-        x = (1 - sigma) * video + sigma * torch.randn(video.shape, generator=generator)
-        observed = torch.arange(f).view(1, 1, f) < torch.randint(f, (b, k, 1), generator=generator)  # [B, K, F]
+        x = (1 - sigma) * video + sigma * noise
+        observed = torch.arange(f).view(1, 1, f) < observed_frames  # [B, K, F]
         x = torch.where(observed.view(b, k, 1, f, 1, 1), video, x)
         t = torch.where(observed, 0.0, sigma * NUM_TRAIN_TIMESTEPS)
         return x, t
@@ -277,72 +329,96 @@ def plot_losses(losses: list[dict[str, float]], path: Path) -> Path:
     return path
 
 
+def loss_summary(losses: list[dict[str, float]], keys: tuple[str, ...] = ("video", "action")) -> dict:
+    """The report's losses: the mean of the first 20 steps and of the last 50, per part."""
+
+    def mean(rows: list[dict[str, float]], key: str) -> float:
+        return sum(r[key] for r in rows) / max(1, len(rows))
+
+    return {"first_loss": {k: mean(losses[:20], k) for k in keys},
+            "final_loss": {k: mean(losses[-50:], k) for k in keys}}
+
+
+def run_steps(model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+              batch_loss: Callable[[int], tuple[Tensor, dict[str, float]]], schedule, out: Path, identity: dict,
+              desc: str = "train", progress: bool = True, parallel=None) -> list[dict[str, float]]:
+    """The one step loop of every trainer (`train`, `train.distill.distill`): resume from `out/train_state.pt`
+    (refused when saved under another `identity`), then per step `batch_loss(step)` -> (loss, parts to log), the
+    optimizer update at `lr_at(step, schedule)`, the progress bar, and the state (model, optimizer, generator,
+    losses) with its loss curve saved every `schedule.save_every` steps and at the end. `schedule`: steps, lr,
+    warmup, grad_clip, save_every (a TrainConfig or a DistillConfig). `parallel` (`train.distributed.DataParallel`):
+    the logged parts are averaged over ranks and rank 0 alone writes; the ranks hold the same weights (DDP)."""
+    from tqdm import tqdm
+
+    params = [p for group in opt.param_groups for p in group["params"]]
+    losses: list[dict[str, float]] = []
+    step = 0
+    state_path = out / STATE_NAME
+    state = read_run_state(state_path, identity)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        losses, step = state["losses"], state["step"]
+    writer = parallel is None or parallel.is_writer
+
+    def save() -> None:
+        if not writer:
+            return
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                           "losses": losses, "step": step, **identity}, state_path)
+        if losses:
+            plot_losses(losses, out / LOSS_PNG)
+
+    bar = tqdm(total=schedule.steps, initial=step, desc=desc, unit="step", disable=not (progress and writer))
+    t0 = time.perf_counter()
+    while step < schedule.steps:
+        loss, parts = batch_loss(step)
+        grad_norm = optimizer_step(opt, params, loss, lr_at(step, schedule), schedule.grad_clip)
+        step += 1
+        if parallel is not None:
+            parts = parallel.mean(parts)
+        losses.append({"step": step, **parts, "grad_norm": grad_norm})
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items() if k in ("video", "action")})
+        if step % schedule.save_every == 0 or step == schedule.steps:
+            save()
+    bar.close()
+    log.info("%s: %d steps in %.0f s", desc, schedule.steps, time.perf_counter() - t0)
+    return losses
+
+
 def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: TrainConfig,
           progress: bool = True, trainable=None, run: dict | None = None,
           parallel=None) -> list[dict[str, float]]:
     """Train `model` in place for `tc.steps` steps (resuming from `out/train_state.pt` when present);
     returns the per-step losses. `trainable(name)`: which parameters train (default: all; e.g. the adapters of
     `train.lora`); `run`: more settings that identify the run (a resumed state must have the same).
-    `parallel` (`train.distributed.DataParallel`, under torchrun): the model is sharded (FSDP2), each rank
-    trains on its share of every batch with its own noise, rank 0 writes."""
-    from tqdm import tqdm
-
+    `parallel` (`train.distributed.DataParallel`, under torchrun): every rank draws the batch's episodes and noise
+    from the shared generator and trains on its share of the rows; DDP averages the gradients, so the ranks take
+    the step one process takes on the whole batch."""
     out = open_run(out, None)
     model.train()
     for name, param in model.named_parameters():
         param.requires_grad_(trainable is None or trainable(name))
-    if parallel is not None:
-        parallel.shard(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(params, tc.lr, tc.weight_decay)
-    gen = torch.Generator().manual_seed(tc.seed)
-    losses: list[dict[str, float]] = []
-    step = 0
-    state_path = out / STATE_NAME
-    identity = {"train_config": asdict(tc), "policy": cfg.name, "chunks": data.video.shape[1], "run": run}
-    state = read_run_state(state_path, identity)
-    if state is not None:
-        if parallel is None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        else:
-            parallel.load_state(model, opt, state["model"], state["optimizer"])
-        gen.set_state(state["generator"])
-        losses, step = state["losses"], state["step"]
     objective = FlowMatchingLoss(cfg, data.video.shape[1], tc.grounded_weight)
-    step_loss = objective if parallel is None else parallel.objective(objective)
+    step_loss = objective if parallel is None else parallel.wrap(model, objective)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed)
+    identity = {"train_config": asdict(tc), "policy": cfg.name, "chunks": data.video.shape[1], "run": run}
 
-    def save() -> None:
-        model_state, opt_state = (model.state_dict(), opt.state_dict()) if parallel is None else \
-            parallel.full_state(model, opt)
-        if parallel is not None and not parallel.is_writer:
-            return
-        atomic_torch_save({"model": model_state, "optimizer": opt_state, "generator": gen.get_state(),
-                           "losses": losses, "step": step, **identity}, state_path)
-        if losses:
-            plot_losses(losses, out / LOSS_PNG)
-
-    bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", disable=not progress)
-    t0 = time.perf_counter()
-    while step < tc.steps:
+    def batch_loss(step: int) -> tuple[Tensor, dict[str, float]]:
         idx = torch.randint(len(data), (tc.batch_size,), generator=gen)
-        noise = gen
+        noise = objective.draw(torch.Size((len(idx), *data.video.shape[1:])), data.action[idx], gen, tc.noisy_predicted,
+                               tc.history_action_noise, tc.change_weight)
         if parallel is not None:
-            idx, noise = parallel.local_share(idx), parallel.noise_generator(tc.seed, step)
-        loss_v, parts = step_loss(model, data.video[idx], data.action[idx], data.text[idx], noise, tc.noisy_predicted,
-                                  tc.history_action_noise, tc.change_weight, tc.predicted_at_sampler_sigma)
-        loss = loss_v + tc.action_weight * parts.pop("_action")
-        grad_norm = optimizer_step(opt, params, loss, lr_at(step, tc), tc.grad_clip)
-        step += 1
-        if parallel is not None:
-            parts = parallel.mean(parts)
-        losses.append({"step": step, **parts, "grad_norm": grad_norm})
-        bar.update(1)
-        bar.set_postfix(video=f"{parts['video']:.3f}", action=f"{parts['action']:.3f}")
-        if step % tc.save_every == 0 or step == tc.steps:
-            save()
-    bar.close()
-    log.info("trained %d steps in %.0f s", tc.steps, time.perf_counter() - t0)
+            share = parallel.local_share(len(idx))
+            idx, noise = idx[share], noise.rows(share)
+        loss_v, parts = step_loss(model, data.video[idx], data.action[idx], data.text[idx], noise,
+                                  tc.noisy_predicted, tc.history_action_noise, tc.change_weight,
+                                  tc.predicted_at_sampler_sigma)
+        return loss_v + tc.action_weight * parts.pop("_action"), parts
+
+    losses = run_steps(model, opt, gen, batch_loss, tc, out, identity, "train", progress, parallel)
     model.eval().requires_grad_(False)
     return losses
-

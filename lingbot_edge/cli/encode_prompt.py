@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from lingbot_edge.cli.common import DTYPES
+from lingbot_edge.flags import DTYPES
 
 log = logging.getLogger(__name__)
 

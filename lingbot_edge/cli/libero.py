@@ -3,7 +3,7 @@
     lingbot-edge eval-libero --suite libero_10 --episodes N --checkpoint DIR|tiny [--preset libero] \\
         [--quantized int8_weight_only=DIR ...] [--tasks 0 3 ...] [--device cuda] [--set KEY=VALUE] [--out DIR]
 
-The policy flags are the ones of every runtime command (`cli.common`); each variant is built by
+The policy flags are the ones of every runtime command (`lingbot_edge.flags`); each variant is built by
 `load_policy` (a quantized one as `transformer=DIR`). Needs the `libero` extra (hf-libero + the scene asset
 packages); without it, or without a usable checkpoint, it lists what is missing and exits with status 2.
 """
@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from lingbot_edge.cli.common import add_policy_args, policy_kwargs
 from lingbot_edge.eval.libero import LIBERO_SUITES
+from lingbot_edge.flags import add_policy_args, policy_kwargs
 from lingbot_edge.io.files import write_text
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import logging
 import sys
 from importlib import import_module
 
-from lingbot_edge.cli.common import add_policy_args, build_policy, policy_kwargs
+from lingbot_edge.flags import add_policy_args, build_policy, policy_kwargs
 
 log = logging.getLogger("lingbot_edge")
 

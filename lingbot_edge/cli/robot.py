@@ -4,7 +4,7 @@
                            [--camera NAME=INDEX[:WxH] ...] [--stats DATASET] [--seconds 10] [--video out.mp4]
     lingbot-edge serve [policy flags] [--stats DATASET] [--camera NAME ...] [--host 127.0.0.1] [--port 8000]
 
-Policy flags (cli/common.py): --checkpoint DIR|tiny (default tiny), --preset (default so100), --transformer,
+Policy flags (lingbot_edge/flags.py): --checkpoint DIR|tiny (default tiny), --preset (default so100), --transformer,
 --set, --device, --dtype, --compile, --sampler, --seed.
 """
 
@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from lingbot_edge.cli.common import add_policy_args, build_policy
+from lingbot_edge.flags import add_policy_args, build_policy, parse_cameras, robot_overrides
 
 log = logging.getLogger("lingbot_edge")
 
@@ -34,58 +34,12 @@ protocol lingbot-edge/1 (full text: the docstring of lingbot_edge/serve/server.p
 """
 
 
-def _cameras(args) -> list:
-    from lingbot_edge.robot.so100 import parse_camera
-
-    try:
-        return [parse_camera(c) for c in args.camera]
-    except ValueError as e:
-        raise SystemExit(str(e)) from e
-
-
-def _resolved_config(args):
-    """The settings `load_policy` will start from for these flags (no weights read)."""
-    from lingbot_edge.core.config import get_policy_config, parse_overrides, tiny_variant
-    from lingbot_edge.io.layout import resolve_checkpoint
-    from lingbot_edge.io.loading import TINY, policy_config_for
-
-    settings = parse_overrides(args.settings)
-    if args.checkpoint == TINY:
-        cfg = tiny_variant(get_policy_config(args.preset or TINY))
-        return (cfg.replace(**settings) if settings else cfg), None
-    layout = resolve_checkpoint(args.checkpoint, transformer=args.transformer)
-    own = {**(layout.policy_config or {}), **(layout.policy_fields or {})}.get("obs_cam_keys")
-    return policy_config_for(layout, args.preset, settings), (tuple(own) if own else None)
-
-
-def robot_overrides(args, cameras) -> dict:
-    """PolicyConfig overrides of the robot flags: --camera (the camera set and order) and --stats (the
-    dataset's action quantiles on the used channels)."""
-    from lingbot_edge.io.datasets import load_action_quantiles, quantile_overrides
-    from lingbot_edge.robot.so100 import SO100_MOTORS, camera_keys
-
-    overrides: dict = {}
-    if not cameras and not args.stats:
-        return overrides
-    cfg, own_keys = _resolved_config(args)
-    if cameras:
-        keys = camera_keys(cameras)
-        if own_keys is not None and set(own_keys) != set(keys):
-            raise SystemExit(f"--camera: the cameras {list(keys)} do not match the checkpoint's obs_cam_keys "
-                             f"{list(own_keys)}")
-        overrides["obs_cam_keys"] = own_keys or keys
-    if args.stats:
-        q01, q99 = load_action_quantiles(args.stats, SO100_MOTORS)
-        overrides.update(quantile_overrides(cfg, q01, q99))
-    return overrides
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_LOWER, SO100_UPPER
     from lingbot_edge.serve.server import EpisodeServer, PolicyServer
 
     try:
-        policy = build_policy(args, **robot_overrides(args, _cameras(args)))
+        policy = build_policy(args, **robot_overrides(args, parse_cameras(args)))
     except ValueError as e:
         raise SystemExit(f"serve: {e}") from e
     keys = limits = None
@@ -140,7 +94,7 @@ def run_so100(args: argparse.Namespace) -> int:
     from lingbot_edge.robot.sim import VideoRecorder
     from lingbot_edge.robot.so100 import camera_keys, camera_name
 
-    cameras = _cameras(args)
+    cameras = parse_cameras(args)
     remote = None
     if args.policy == "local":
         try:

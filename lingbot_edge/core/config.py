@@ -287,6 +287,10 @@ def _pad30(values: tuple[float, ...], fill: float) -> tuple[float, ...]:
     return tuple(values) + (fill,) * (30 - len(values))
 
 
+# The SO-100 arm's motors in the order of the so100 preset's used action channels (a LeRobot dataset's action
+# names must be these, in this order).
+SO100_MOTORS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
+
 POLICY_PRESETS: dict[str, PolicyConfig] = {
     # Upstream's va_libero_cfg.py. LeRobot's port (its converter and config) differs: channels 0-6 and action
     # shift 0.05; a LeRobot-converted checkpoint keeps its own config.json values (io.loading warns).

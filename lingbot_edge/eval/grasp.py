@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from lingbot_edge.core.episode import chunk_steps
+from lingbot_edge.io.checkpoint import build_model, read_model_config, save_transformer
+from lingbot_edge.io.loading import checkpoint_folder
 from lingbot_edge.robot.control import AsyncController
 from lingbot_edge.robot.place import get_scene
 from lingbot_edge.robot.safety import SafetyFilter
@@ -195,9 +197,6 @@ def with_random_transformer(checkpoint: str | Path, load, seed: int = 0):
     """`load(transformer=DIR)` with a random-weight DiT of the checkpoint's architecture (a folder or an embedded
     checkpoint's name) in DIR (the frozen parts and settings unchanged): the baseline a trained DiT is measured
     against."""
-    from lingbot_edge.io.checkpoint import build_model, read_model_config, save_transformer
-    from lingbot_edge.io.loading import checkpoint_folder
-
     config = read_model_config(Path(checkpoint_folder(checkpoint)) / "transformer" / "config.json")
     with tempfile.TemporaryDirectory() as tmp:
         save_transformer(build_model(config, seed=seed), Path(tmp) / "transformer")

@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from lingbot_edge.core.qlinear import QuantFormat, UnsupportedSchemeError, check_device_support
 from lingbot_edge.eval.libero_expert import PickPlaceExpert, quat_to_axis_angle
 from lingbot_edge.io.files import write_text
+from lingbot_edge.io.quantized import QuantizedCheckpointError, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +138,6 @@ def missing_requirements(suite: str, checkpoint: str | Path | None, quantized: M
         except (CheckpointError, ValueError) as e:
             missing.append(f"a usable LIBERO checkpoint at {checkpoint}: {e}")
     for name, folder in (quantized or {}).items():
-        from lingbot_edge.core.qlinear import QuantFormat, UnsupportedSchemeError, check_device_support
-        from lingbot_edge.io.quantized import QuantizedCheckpointError, read_manifest
-
         try:
             for entry in read_manifest(folder)["modules"].values():
                 check_device_support(QuantFormat.from_dict(entry.get("format")), device, what=name)

@@ -40,6 +40,7 @@ from lingbot_edge.core.config import (
     VAE_TEMPORAL,
     ModelConfig,
 )
+from lingbot_edge.io.checkpoint import build_meta_model, open_safetensors, tensor_files, weight_files
 from lingbot_edge.io.files import read_json
 from lingbot_edge.io.quantized import MANIFEST_NAME as QUANT_MANIFEST
 from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
@@ -116,8 +117,6 @@ def _require_dir(path: Path, part: str, expected: str) -> Path:
 
 def _weight_files(folder: Path, what: str) -> dict[str, Path]:
     """Every tensor name -> its safetensors file (a single file, or an index + shards); headers only."""
-    from lingbot_edge.io.checkpoint import weight_files
-
     return weight_files(folder, what, CheckpointError)
 
 
@@ -195,8 +194,6 @@ def _meta(build):
 
 
 def validate_transformer(files: Mapping[str, Path], cfg: ModelConfig, where: Path, prefix: str = "") -> None:
-    from lingbot_edge.io.checkpoint import build_meta_model
-
     headers = _headers(files, prefix)
     what = f"the LingBot-VA transformer of config.json ({cfg.num_layers} blocks, dim {cfg.dim})"
     _check_tensors(where, what, headers, build_meta_model(cfg))
@@ -412,8 +409,6 @@ def _model_config_from_json(folder: Path) -> ModelConfig:
 
 
 def _all_keys(path: Path) -> dict[str, Path]:
-    from lingbot_edge.io.checkpoint import tensor_files
-
     return tensor_files(path, CheckpointError)
 
 
@@ -431,7 +426,6 @@ def _lerobot_action_quantiles(root: Path) -> tuple[tuple[float, ...], tuple[floa
     if not state_files:
         raise CheckpointError(f"{path}: no unnormalizer step with a state_file (expected LeRobot's QUANTILES "
                               "unnormalizer holding action.q01 / action.q99)")
-    from lingbot_edge.io.checkpoint import open_safetensors
 
     with open_safetensors(root / state_files[0], CheckpointError) as f:
         keys = set(f.keys())

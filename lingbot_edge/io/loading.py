@@ -17,7 +17,18 @@ from typing import Any
 
 import torch
 
-from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, PolicyConfig, get_policy_config
+from lingbot_edge.core.config import (
+    MODEL_PRESETS,
+    POLICY_PRESETS,
+    TINY_MODELS,
+    ModelConfig,
+    PolicyConfig,
+    get_policy_config,
+    policy_fields_from_upstream,
+)
+from lingbot_edge.core.policy import LingBotPolicy
+from lingbot_edge.io import checkpoint
+from lingbot_edge.io.encoders import HFTokenizer, ObservationEncoder, PromptEncoder, StreamingVAEEncoder
 from lingbot_edge.io.layout import (
     LEROBOT_POSTPROCESSOR,
     CheckpointError,
@@ -26,6 +37,13 @@ from lingbot_edge.io.layout import (
     _weight_files,
     resolve_checkpoint,
     validate_vae,
+)
+from lingbot_edge.io.prompt_cache import (
+    PromptCache,
+    default_cache_dir,
+    gpu_memory,
+    tokenizer_fingerprint,
+    weights_fingerprint,
 )
 
 log = logging.getLogger(__name__)
@@ -78,15 +96,11 @@ def load_tokenizer(folder: str | Path):
     """The T5 tokenizer of a tokenizer/ folder wrapped as an `encoders.Tokenizer` (pad to max length)."""
     from transformers import AutoTokenizer
 
-    from lingbot_edge.io.encoders import HFTokenizer
-
     return HFTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
 
 
 def load_dit(layout: CheckpointLayout, dtype: torch.dtype, device: str | torch.device):
     """The DiT of a validated layout, tensor by tensor straight into `dtype` on `device`."""
-    from lingbot_edge.io import checkpoint
-
     if layout.quantized:
         from lingbot_edge.io.quantized import load_quantized
 
@@ -119,9 +133,6 @@ def build_prompt_cache(
     """A `PromptCache` over the layout's tokenizer + text encoder; both are loaded only on a miss.
 
     `cache_dir`: None -> `prompt_cache.default_cache_dir()`, False -> memory only."""
-    from lingbot_edge.io.encoders import PromptEncoder
-    from lingbot_edge.io.prompt_cache import PromptCache, default_cache_dir, tokenizer_fingerprint, weights_fingerprint
-
     if layout.text_encoder is None or layout.tokenizer is None:
         raise ValueError("layout: validate the text_encoder and tokenizer parts to build a prompt cache")
     te_dir, tok_dir = layout.text_encoder, layout.tokenizer
@@ -163,8 +174,6 @@ def _model_preset_of(mc: ModelConfig) -> str | None:
 
 def _set_fields(cfg: PolicyConfig, changes: Mapping[str, Any], source: str, where: str) -> PolicyConfig:
     """cfg with `changes`, logging each field that changes and where it came from."""
-    from lingbot_edge.core.config import policy_fields_from_upstream
-
     if "norm_stat" in changes or "env_type" in changes:  # upstream's names inside --set
         upstream = {k: changes[k] for k in ("norm_stat", "env_type") if k in changes}
         changes = {**{k: v for k, v in changes.items() if k not in upstream},
@@ -187,8 +196,6 @@ def policy_config_for(layout: CheckpointLayout, preset: str | None = None,
     with the checkpoint's own settings on top, which must then say everything a preset would), the
     LeRobot config's inference fields and saved quantiles, or `policy_config.json` (upstream's names),
     then `overrides` (PolicyConfig names, e.g. from `--set`). Its model must be the checkpoint's DiT."""
-    from lingbot_edge.core.config import POLICY_PRESETS, TINY_MODELS, policy_fields_from_upstream
-
     if layout.model_config is None:
         raise CheckpointError(f"{layout.root}: no DiT (transformer/ or a LeRobot config.json) to build a policy from")
     model = _model_preset_of(layout.model_config)
@@ -306,6 +313,13 @@ def checkpoint_folder(source: str | Path) -> str | Path:
     return EMBEDDED_CHECKPOINTS.get(source, source) if isinstance(source, str) else source
 
 
+def read_policy_config(source: str | Path, preset: str | None = None,
+                       overrides: Mapping[str, Any] | None = None) -> PolicyConfig:
+    """The policy settings of a checkpoint folder or embedded name, read from its headers and JSON files as
+    `load_policy` reads them (`policy_config_for`), without building the policy or reading a weight."""
+    return policy_config_for(resolve_checkpoint(checkpoint_folder(source)), preset, overrides)
+
+
 def load_policy(
     source: str | Path,
     *,
@@ -375,10 +389,6 @@ def load_policy(
         policy = load_policy("/ckpt/lingbot-va-libero", preset="libero", transformer="/ckpt/libero-int8")
         policy = load_policy("tiny", preset="so100", num_inference_steps=2)  # an override
     """
-    from lingbot_edge.core.policy import LingBotPolicy
-    from lingbot_edge.io.encoders import ObservationEncoder, StreamingVAEEncoder
-    from lingbot_edge.io.prompt_cache import gpu_memory
-
     device, dtype, compile = runtime_defaults(device, dtype, compile)
     if isinstance(source, str) and source == TINY:
         from lingbot_edge.core.config import tiny_variant

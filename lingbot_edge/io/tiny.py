@@ -16,6 +16,8 @@ import torch
 
 from lingbot_edge.core.config import PolicyConfig, get_policy_config
 from lingbot_edge.core.policy import LingBotPolicy
+from lingbot_edge.io.checkpoint import build_model
+from lingbot_edge.io.encoders import ByteTokenizer, ObservationEncoder, PromptEncoder, StreamingVAEEncoder
 from lingbot_edge.io.prompt_cache import PromptCache
 
 logger = logging.getLogger(__name__)
@@ -158,9 +160,6 @@ def _build_tiny_policy(sampler: str = "static", compile: bool = True, seed: int 
                       cfg: PolicyConfig | None = None) -> LingBotPolicy:
     """What `load_policy("tiny")` returns: tiny DiT + tiny VAE / UMT5 / byte tokenizer, all built in-process.
     `cfg`: a config of the tiny model (default the `tiny` preset; e.g. SO-100 cameras and channels)."""
-    from lingbot_edge.io.checkpoint import build_model
-    from lingbot_edge.io.encoders import ByteTokenizer, ObservationEncoder, PromptEncoder, StreamingVAEEncoder
-
     cfg = cfg or get_policy_config("tiny")
     if cfg.model != "tiny":
         raise ValueError(f"cfg: model {cfg.model!r} needs a checkpoint (only the tiny model is embedded)")

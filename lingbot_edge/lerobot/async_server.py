@@ -43,7 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from lingbot_edge.flags import add_policy_args, build_policy, parse_cameras, robot_overrides
 from lingbot_edge.lerobot.adapter import POLICY_TYPE, EpisodeRunner
+from lingbot_edge.robot.so100 import SO100_LOWER, SO100_UPPER, camera_name
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +265,6 @@ def serve(policy, cameras: Mapping[str, str], host: str = "127.0.0.1", port: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lingbot_edge.cli.common import add_policy_args, build_policy
-    from lingbot_edge.cli.robot import _cameras, robot_overrides
-    from lingbot_edge.robot.so100 import SO100_LOWER, SO100_UPPER, camera_name
-
     p = argparse.ArgumentParser(prog="lingbot-edge-lerobot policy-server", description=__doc__.split("\n")[0])
     add_policy_args(p, default_checkpoint="tiny", default_preset="so100")
     p.add_argument("--camera", action="append", default=[], metavar="NAME",
@@ -277,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=30.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    policy = build_policy(args, **robot_overrides(args, _cameras(args)))
+    policy = build_policy(args, **robot_overrides(args, parse_cameras(args)))
     cameras = {key: camera_name(key) for key in policy.cfg.obs_cam_keys}
     if len(policy.cfg.used_action_channel_ids) != len(SO100_LOWER):
         raise SystemExit(f"policy-server: the policy has {len(policy.cfg.used_action_channel_ids)} action channels, "

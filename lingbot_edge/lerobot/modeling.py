@@ -1,7 +1,7 @@
 """LeRobot's config and policy classes of lingbot-edge (`--policy.type=lingbot_edge`): LingBotEdgeConfig and
 LingBotEdgePolicy. Import them through `lingbot_edge.lerobot.adapter` (needs LeRobot).
 
-One code path for LeRobot 0.3.2 and 0.4.4 (`lingbot_edge.lerobot.compat` names what differs). LeRobot 0.4 finds
+One code path for LeRobot 0.3.2 and 0.4.4 (`lingbot_edge.io.lerobot_compat` names what differs). LeRobot 0.4 finds
 `LingBotEdgePolicy` and `make_lingbot_edge_pre_post_processors` here, next to the registered config class.
 """
 
@@ -21,9 +21,10 @@ from torch import Tensor
 
 from lingbot_edge.core.config import POLICY_PRESETS, PolicyConfig, get_policy_config, parse_overrides, tiny_variant
 from lingbot_edge.core.policy import LingBotPolicy
+from lingbot_edge.io import lerobot_compat as compat
+from lingbot_edge.io.layout import resolve_checkpoint
 from lingbot_edge.io.loading import TINY, load_policy, policy_config_for, runtime_defaults
-from lingbot_edge.lerobot import compat
-from lingbot_edge.lerobot.adapter import (
+from lingbot_edge.lerobot.bridge import (
     POLICY_TYPE,
     EpisodeRunner,
     action_settings,
@@ -133,7 +134,6 @@ def checkpoint_policy_config(config: LingBotEdgeConfig, settings: dict[str, Any]
     if config.checkpoint == TINY:
         cfg = tiny_variant(get_policy_config(config.preset or TINY))
         return cfg.replace(**settings) if settings else cfg
-    from lingbot_edge.io.layout import resolve_checkpoint
 
     layout = resolve_checkpoint(config.checkpoint, transformer=config.transformer)
     return policy_config_for(layout, config.preset, settings)

@@ -1,6 +1,6 @@
 """The real SO-100 through LeRobot's follower (extra `robot`; LeRobot is imported only here, on demand).
 
-Where the follower lives differs by release (`lingbot_edge.lerobot.compat.follower_module`: 0.4.3 moved it
+Where the follower lives differs by release (`lingbot_edge.io.lerobot_compat.follower_module`: 0.4.3 moved it
 from `lerobot.robots.so100_follower` to `lerobot.robots.so_follower`, same class names, and made
 `use_degrees=True` the default). The policy speaks LeRobot's normalized units (joints -100..100, gripper
 0..100), so `use_degrees` is always set to False where the config has it.
@@ -13,6 +13,8 @@ import importlib
 import logging
 from collections.abc import Sequence
 
+from lingbot_edge.io import lerobot_compat as compat
+from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
 from lingbot_edge.robot.so100 import CameraSpec
 
 log = logging.getLogger(__name__)
@@ -21,9 +23,6 @@ log = logging.getLogger(__name__)
 
 def follower_classes():
     """(SO100Follower, SO100FollowerConfig, OpenCVCameraConfig) from whichever LeRobot release is installed."""
-    from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
-    from lingbot_edge.lerobot import compat
-
     try:
         ensure_torchvision_importable()  # LeRobot 0.3.2's CUDA torchvision next to CPU torch
         module = compat.follower_module()

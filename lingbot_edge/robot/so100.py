@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-SO100_MOTORS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
+from lingbot_edge.core.config import SO100_MOTORS
+
 SO100_ACTION_KEYS = tuple(f"{m}.pos" for m in SO100_MOTORS)
 SO100_CAMERAS = ("camera_top", "camera_wrist_left", "camera_wrist_right")  # the so100 preset's order
 IMAGE_PREFIX = "observation.images."

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lingbot_edge.core.config import get_policy_config
+from lingbot_edge.io.checkpoint import build_model, save_transformer
 from lingbot_edge.io.layout import (
     _MODEL_FIELDS,
     LEROBOT_POLICY_FIELDS,
@@ -16,6 +17,7 @@ from lingbot_edge.io.layout import (
     LEROBOT_PREFIX,
     LEROBOT_WEIGHTS,
 )
+from lingbot_edge.io.tiny import build_tiny_tokenizer, build_tiny_umt5, build_tiny_vae
 
 
 def save_tiny_checkpoint(
@@ -27,9 +29,6 @@ def save_tiny_checkpoint(
     a LeRobot policy folder (`layout="lerobot"`) whose `wan_pretrained_path` is `frozen_from` (a
     released-layout folder; default: the frozen parts are written inside the policy folder)."""
     from safetensors.torch import save_file
-
-    from lingbot_edge.io.checkpoint import build_model, save_transformer
-    from lingbot_edge.io.tiny import build_tiny_tokenizer, build_tiny_umt5, build_tiny_vae
 
     if layout not in ("released", "lerobot"):
         raise ValueError(f"layout: expected 'released' or 'lerobot', got {layout!r}")

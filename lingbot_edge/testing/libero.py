@@ -29,10 +29,21 @@ from typing import Any
 
 import numpy as np
 
-from lingbot_edge.core.config import VAE_TEMPORAL, PolicyConfig, get_policy_config
+from lingbot_edge.core.actions import QUANTILE_EPS
+from lingbot_edge.core.config import (
+    MODEL_PRESETS,
+    VAE_TEMPORAL,
+    PolicyConfig,
+    get_policy_config,
+    policy_fields_from_upstream,
+)
 from lingbot_edge.core.episode import episode_frames
+from lingbot_edge.core.policy import LingBotPolicy, orient_frames
 from lingbot_edge.core.protocols import ObservationEncoder
 from lingbot_edge.eval.libero import LIBERO_CAMERAS
+from lingbot_edge.io.encoders import StreamingVAEEncoder
+from lingbot_edge.io.loading import load_policy, load_vae
+from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 from lingbot_edge.testing.libero_scene import draw_frame, scene_layout
 
 log = logging.getLogger(__name__)
@@ -66,8 +77,6 @@ def tiny_libero_policy_config() -> dict[str, Any]:
 
 def tiny_libero_config(**overrides) -> PolicyConfig:
     """The tiny-LIBERO PolicyConfig (what `load_policy` makes of `tiny_libero_policy_config()`)."""
-    from lingbot_edge.core.config import MODEL_PRESETS, policy_fields_from_upstream
-
     fields = policy_fields_from_upstream(tiny_libero_policy_config(), "tiny-libero", MODEL_PRESETS["tiny"])
     cfg = get_policy_config("tiny").replace(**fields)
     return cfg.replace(**overrides) if overrides else cfg
@@ -77,8 +86,6 @@ def load_tiny_libero_policy(checkpoint: str | Path, sampler: str = "static", dty
     """The tiny-LIBERO policy from its checkpoint folder (settings from its policy_config.json) through
     `load_policy`: CPU, fp32 (the DiT in `dtype` if given; VAE and UMT5 fp32), eager, prompts in memory."""
     import torch
-
-    from lingbot_edge.io.loading import load_policy
 
     return load_policy(checkpoint, device="cpu", dtype=dtype or torch.float32,
                        vae_dtype=torch.float32, text_encoder_dtype=torch.float32, compile=False,
@@ -129,8 +136,6 @@ class ObservationSequence:
 
     def transformed(self, transform: str) -> ObservationSequence:
         """The same episode with `policy.orient_frames(frames, transform)` applied (contiguous copies)."""
-        from lingbot_edge.core.policy import orient_frames
-
         out = orient_frames(self.frames, transform)
         return ObservationSequence(self.prompt, {k: np.ascontiguousarray(v) for k, v in out.items()}, self.seed)
 
@@ -219,8 +224,6 @@ def replay_episode(policy, seq: ObservationSequence, chunks: int | None = None,
 
 def normalized_actions(actions: np.ndarray, cfg: PolicyConfig) -> np.ndarray:
     """Robot actions [steps, used] -> model-normalized units (the q01..q99 range maps to [-1, 1])."""
-    from lingbot_edge.core.actions import QUANTILE_EPS
-
     used = list(cfg.used_action_channel_ids)
     q01, q99 = np.asarray(cfg.action_q01)[used], np.asarray(cfg.action_q99)[used]
     return (np.asarray(actions, np.float64) - q01) / (q99 - q01 + QUANTILE_EPS) * 2 - 1
@@ -316,8 +319,6 @@ class DriftHarness:
     executed actions fed back, so only the DiT differs and the runs compare step by step."""
 
     def __init__(self, policy, seq: ObservationSequence, chunks: int | None = None):
-        from lingbot_edge.core.policy import LingBotPolicy
-
         self.seq, self.chunks = seq, chunks
         self.cfg, self.seed = policy.cfg, policy.seed
         self.model = policy.model
@@ -333,8 +334,6 @@ class DriftHarness:
     def policy(self, model, real_encoder: bool = False):
         """A policy over `model` sharing the reference's prompts and seed; its observations are the
         recorded ones (or, `real_encoder=True`, encoded: for other sequences, e.g. calibration)."""
-        from lingbot_edge.core.policy import LingBotPolicy
-
         encoder = self.real_encoder if real_encoder else self.observations
         return LingBotPolicy(self.cfg, model, encoder, self.prompt_encoder, sampler="static", compile=False,
                              seed=self.seed)
@@ -379,8 +378,6 @@ def latent_statistics(vae, seq: ObservationSequence) -> tuple[list[float], list[
     its training data."""
     import torch
 
-    from lingbot_edge.io.encoders import StreamingVAEEncoder
-
     enc = StreamingVAEEncoder(vae)
     enc._mean.zero_()
     enc._std.fill_(1.0)
@@ -406,9 +403,6 @@ def make_checkpoint(data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0) -> P
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from lingbot_edge.io.loading import load_vae
-    from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 
     out = Path(data_dir) / CHECKPOINT_DIR
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,11 +1,12 @@
-"""Task success per precision and step setting, on the simulated SO-100 grasp task.
+"""Task success per precision and step setting, on the simulated SO-100 tasks.
 
-The episode loop, the held-out seeds and the summary are the runtime's (`lingbot_edge.eval.grasp`, which
-`lingbot-edge demo` uses too); this module adds what needs the offline tools: each `TaskSetting` loads a fresh
-policy with its step axes (`video_exec_step`, action steps), quantizes its DiT in memory (`quantize_`: a scheme
-of `quantize.SCHEMES` by the default plan, or a `QuantPlan`) and runs the same held-out seeds. Every table with a
-task-success column measures through `measure` and prints through `format_table`: `lingbot-edge train eval`
-(`train.evaluate`), `calibrate plan --task-episodes`, the ladder and the drift table (`bench/`).
+The episode loop, the held-out seeds and the summary are `lingbot_edge.eval.grasp`'s (which `lingbot-edge demo`
+uses too); this module measures rows of settings: each `TaskSetting` loads a fresh policy with its step axes
+(`video_exec_step`, action steps), has its DiT quantized in memory by the caller's `quantize` hook when it names
+a scheme or a plan (`quantize.task.quantize_setting`: the runtime never imports the offline tools) and runs the
+same held-out seeds. Every table with a task-success column measures through `measure` and prints through
+`format_table`: `lingbot-edge train eval` (`train.evaluate`), `calibrate plan --task-episodes`, the ladder and
+the drift table (`bench/`).
 
 The grasp task runs any SO-100 policy (6 used action channels: 5 joints + gripper, any cameras); the one it
 means something for is the trained embedded checkpoint `TASK_CHECKPOINT`.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +28,28 @@ from lingbot_edge.eval.grasp import (
     evaluate,
     held_out_seeds,
     loop_async_mode,
-    run_episode,
     summarize,
 )
+from lingbot_edge.io.loading import load_policy
 from lingbot_edge.robot.so100 import SO100_MOTORS
-from quantize import QuantPlan, get_scheme, quantize_
 
 log = logging.getLogger(__name__)
 
 TASK_CHECKPOINT = "so100-grasp"  # lingbot_edge.io.loading.EMBEDDED_CHECKPOINTS: the DiT trained on the grasp task
-CALIBRATION_SEED = 0  # a training seed (held-out seeds start far above): static activation scales come from it
 LoadFn = Callable[..., Any]  # load(**kwargs) -> LingBotPolicy; kwargs: sampler, transformer, PolicyConfig fields
+QuantizeFn = Callable[[Any, "TaskSetting"], None]  # quantize(policy, setting): its DiT quantized in place
 
 
 @dataclass(frozen=True)
 class TaskSetting:
-    """One row: the DiT's Linears on `quant` (a `quantize.SCHEMES` name, a `QuantPlan`, or None: unquantized),
+    """One row: the DiT's Linears on `quant` (a `quantize.SCHEMES` name, a `quantize.QuantPlan`, or None:
+    unquantized; what the `quantize` hook of `measure` applies),
     the policy settings `overrides` (the step axes: `video_exec_step`, `action_num_inference_steps`; absent =
     the checkpoint's), the sampler, another DiT folder (`transformer`, e.g. the smoothed weights a plan applies
     to), the plan's static activation scales (`calibration.json`; else calibrated on one training-seed episode)."""
 
     label: str
-    quant: str | QuantPlan | None = None
+    quant: Any = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
     sampler: str = "static"
     transformer: str | Path | None = None
@@ -61,10 +63,6 @@ def checkpoint_loader(checkpoint: str | Path = TASK_CHECKPOINT, dtype: str = "bf
                       **kwargs: Any) -> LoadFn:
     """`load` of an SO-100 checkpoint folder (or an embedded checkpoint's name) for `measure`: eager, prompts
     encoded in memory, the so100 preset under the checkpoint's own settings; `kwargs`: more `load_policy` ones."""
-    from functools import partial
-
-    from lingbot_edge.io.loading import load_policy
-
     return partial(load_policy, checkpoint, **{"preset": "so100", "device": device, "dtype": dtype, "compile": False,
                                                 "prompt_cache_dir": False, **kwargs})
 
@@ -77,8 +75,9 @@ def check_task_policy(cfg, where: str = "policy") -> None:
                          f"{len(cfg.used_action_channel_ids)}")
 
 
-def load_setting(load: LoadFn, setting: TaskSetting, calibration_steps: int = EVAL_STEPS):
-    """(policy, its compute dtype) of `setting`: loaded with its settings, its DiT quantized in place."""
+def load_setting(load: LoadFn, setting: TaskSetting, quantize: QuantizeFn | None = None):
+    """(policy, its compute dtype) of `setting`: loaded with its settings, its DiT quantized in place by
+    `quantize` when the setting names a scheme or a plan."""
     kwargs = {**setting.overrides, "sampler": setting.sampler}
     if loop_async_mode(setting.mode) is not None:
         kwargs["async_mode"] = loop_async_mode(setting.mode)
@@ -88,13 +87,10 @@ def load_setting(load: LoadFn, setting: TaskSetting, calibration_steps: int = EV
     check_task_policy(policy.cfg, setting.label)
     dtype = str(next(policy.model.parameters()).dtype).removeprefix("torch.")
     if setting.quant is not None:
-        config = setting.quant if isinstance(setting.quant, QuantPlan) else get_scheme(setting.quant)
-
-        def calibrate(model):  # static-activation schemes without scales: one training-seed episode
-            run_episode(policy, CALIBRATION_SEED, calibration_steps)
-
-        quantize_(policy.model, config, calibrate=calibrate, input_scales=setting.input_scales,
-                  check_hardware=setting.check_hardware)
+        if quantize is None:
+            raise ValueError(f"{setting.label}: quant {setting.quant!r} needs a quantize hook "
+                             "(measure(..., quantize=quantize.task.quantize_setting))")
+        quantize(policy, setting)
     return policy, dtype
 
 
@@ -109,16 +105,16 @@ def row(label: str, dtype: str, result: dict, video_exec_step: int | None, actio
 
 def measure(load: LoadFn, settings: Sequence[TaskSetting], episodes: int, steps: int = EVAL_STEPS,
             progress: bool = False, video: str | Path | None = None, first_seed: int = EVAL_SEED0,
-            scene: str = "grasp") -> list[dict]:
+            scene: str = "grasp", quantize: QuantizeFn | None = None) -> list[dict]:
     """Success of each setting over the same `episodes` held-out seeds (`steps` actions each; from
     `first_seed`, e.g. `VALIDATION_SEED0`); rows for `format_table`. `video`: the first setting's first
-    episode as an mp4. `scene`: the task (`robot.place.SCENES`)."""
+    episode as an mp4. `scene`: the task (`robot.place.SCENES`). `quantize`: applies a setting's `quant`."""
     if episodes < 1:
         raise ValueError(f"task episodes: expected >= 1, got {episodes}")
     seeds = held_out_seeds(episodes, first_seed)
     rows = []
     for i, setting in enumerate(settings):
-        policy, dtype = load_setting(load, setting)
+        policy, dtype = load_setting(load, setting, quantize)
         delay = chunk_delay_ticks(policy.cfg) if setting.delay_ticks is None else setting.delay_ticks
         result = evaluate(policy, seeds, steps, progress, setting.label, video if i == 0 else None, setting.mode,
                           delay, scene)

@@ -15,6 +15,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lingbot_edge.core.config import get_policy_config, parse_overrides, tiny_variant
+from lingbot_edge.io.datasets import load_action_quantiles, quantile_overrides
+from lingbot_edge.io.layout import resolve_checkpoint
+from lingbot_edge.io.loading import TINY, load_policy, policy_config_for
+from lingbot_edge.robot.so100 import SO100_MOTORS, camera_keys, parse_camera
+
 DTYPES = ("bf16", "fp16", "fp32")
 ASYNC_MODES = ("grounded", "naive")  # core.config.ASYNC_MODES (not imported: the CLI's parser stays light)
 
@@ -47,8 +53,6 @@ def add_policy_args(p: argparse.ArgumentParser, *, default_checkpoint: str | Non
 
 def policy_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     """load_policy keyword arguments of the policy flags (`overrides`: PolicyConfig fields a command sets)."""
-    from lingbot_edge.core.config import parse_overrides
-
     if args.async_mode is not None:
         overrides = {**overrides, "async_mode": args.async_mode}
     settings = {**overrides, **parse_overrides(args.settings)}  # --set wins over a command's own mapping
@@ -59,6 +63,42 @@ def policy_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
 
 def build_policy(args: argparse.Namespace, **overrides: Any):
     """The command's policy, through the one factory."""
-    from lingbot_edge.io.loading import load_policy
-
     return load_policy(args.checkpoint, **policy_kwargs(args, **overrides))
+
+
+def parse_cameras(args) -> list:
+    """The robot cameras of the repeatable --camera flag (a clear error on an unknown one)."""
+    try:
+        return [parse_camera(c) for c in args.camera]
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+
+
+def resolved_config(args):
+    """The settings `load_policy` will start from for these flags (no weights read)."""
+    settings = parse_overrides(args.settings)
+    if args.checkpoint == TINY:
+        cfg = tiny_variant(get_policy_config(args.preset or TINY))
+        return (cfg.replace(**settings) if settings else cfg), None
+    layout = resolve_checkpoint(args.checkpoint, transformer=args.transformer)
+    own = {**(layout.policy_config or {}), **(layout.policy_fields or {})}.get("obs_cam_keys")
+    return policy_config_for(layout, args.preset, settings), (tuple(own) if own else None)
+
+
+def robot_overrides(args, cameras) -> dict:
+    """PolicyConfig overrides of the robot flags: --camera (the camera set and order) and --stats (the
+    dataset's action quantiles on the used channels)."""
+    overrides: dict = {}
+    if not cameras and not args.stats:
+        return overrides
+    cfg, own_keys = resolved_config(args)
+    if cameras:
+        keys = camera_keys(cameras)
+        if own_keys is not None and set(own_keys) != set(keys):
+            raise SystemExit(f"--camera: the cameras {list(keys)} do not match the checkpoint's obs_cam_keys "
+                             f"{list(own_keys)}")
+        overrides["obs_cam_keys"] = own_keys or keys
+    if args.stats:
+        q01, q99 = load_action_quantiles(args.stats, SO100_MOTORS)
+        overrides.update(quantile_overrides(cfg, q01, q99))
+    return overrides
