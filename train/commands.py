@@ -33,6 +33,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     rec.add_argument("--episodes", type=int, default=200)
     rec.add_argument("--first-seed", type=int, default=0)
     _scene_arg(rec)
+    _libero_args(rec)
     _expert_args(rec)
     rec.add_argument("--camera", action="append", default=[], metavar="NAME",
                      help="camera to record (repeatable; default: all three SO-100 cameras)")
@@ -77,6 +78,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
     fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     _scene_arg(fit)
+    _libero_args(fit)
     from train.lora import DEFAULT_TARGETS, AdapterConfig
 
     ac = AdapterConfig()
@@ -187,6 +189,37 @@ def _scene_arg(parser) -> None:
                              "paper box); default %(default)s")
 
 
+def _libero_args(parser) -> None:
+    from train.libero_data import LiberoTasks
+
+    lt = LiberoTasks()
+    parser.add_argument("--env", choices=("so100", "libero"), default="so100",
+                        help="so100: the simulated SO-100 (--scene); libero: LIBERO's own simulator (--suite, "
+                             "--tasks; the libero extra), demonstrations by the scripted pick-and-place expert "
+                             "(default %(default)s)")
+    parser.add_argument("--suite", default=lt.suite, help="with --env libero: the LIBERO suite (default %(default)s)")
+    parser.add_argument("--tasks", default=",".join(map(str, lt.task_ids)),
+                        help="with --env libero: comma-separated task ids of the suite, one policy for all "
+                             "(default %(default)s)")
+    parser.add_argument("--antialias", action="store_true",
+                        help="with --env libero: LIBERO's 4x multisampled renders (default off: half the CPU time; "
+                             "evaluate with the same setting)")
+
+
+def libero_tasks(args):
+    """The LiberoTasks of `--env libero` (None for so100)."""
+    from train.libero_data import LiberoTasks
+
+    if args.env != "libero":
+        return None
+    try:
+        task_ids = tuple(int(t) for t in args.tasks.split(",") if t)
+    except ValueError:
+        raise SystemExit(f"lingbot-edge train: error: --tasks: expected comma-separated task ids, got "
+                         f"{args.tasks!r}") from None
+    return LiberoTasks(suite=args.suite, task_ids=task_ids, antialias=args.antialias)
+
+
 def _expert_args(parser) -> None:
     from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR
 
@@ -204,6 +237,15 @@ def _record(args) -> int:
     from train.dataset import record_dataset
     from train.pipeline import SCENE_EPISODE_FRAMES
 
+    libero = libero_tasks(args)
+    if libero is not None:
+        from train.libero_data import record_libero_dataset
+
+        if args.episodes % len(libero.task_ids):
+            raise SystemExit(f"lingbot-edge train record: error: --episodes: {args.episodes} do not split evenly over "
+                             f"the tasks {list(libero.task_ids)}")
+        record_libero_dataset(args.out, libero, args.episodes // len(libero.task_ids), first_seed=args.first_seed)
+        return 0
     kwargs = {"cameras": args.camera} if args.camera else {}
     record_dataset(args.out, list(range(args.first_seed, args.first_seed + args.episodes)),
                    SCENE_EPISODE_FRAMES[args.scene], expert_gain=args.expert_gain,
@@ -235,8 +277,12 @@ def _fit(args) -> int:
     kwargs = dict(dataset=args.dataset, episodes=args.episodes, model=args.model, expert_gain=args.expert_gain,
                   expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,
                   cameras=args.camera or None, height=args.height, width=args.width, scene=args.scene,
+                  libero=libero_tasks(args),
                   base=args.base, adapters=adapters, checkpointing=args.checkpointing, latents=args.latents,
                   from_scratch=args.from_scratch)
+    if args.eval_episodes and args.env == "libero":
+        raise SystemExit("lingbot-edge train fit: error: --eval-episodes: LIBERO policies are evaluated by "
+                         "`lingbot-edge eval-libero --checkpoint OUT/checkpoint` (LIBERO's own success check)")
     parallel = None
     if args.distributed:
         from train.distributed import init_from_env

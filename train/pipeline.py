@@ -32,8 +32,15 @@ from lingbot_edge.robot.so100 import SO100_MOTORS, camera_name
 from train import posttrain
 from train.dataset import record_dataset
 from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR
+from train.libero_data import LIBERO_ACTION_NAMES, LIBERO_EPISODE_FRAMES, LiberoTasks, record_libero_dataset
 from train.lora import AdapterConfig, checkpoint_blocks
-from train.skeleton import base_policy_config, policy_config_json, write_checkpoint_skeleton, write_json
+from train.skeleton import (
+    base_policy_config,
+    libero_policy_config,
+    policy_config_json,
+    write_checkpoint_skeleton,
+    write_json,
+)
 from train.trainer import (
     EpisodeTensors,
     TrainConfig,
@@ -89,7 +96,7 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
         expert_detour: float = RECORDING_DETOUR, cameras: Sequence[str] | None = None, height: int | None = None,
         width: int | None = None, scene: str = "grasp", base: str | Path | None = None,
         adapters: AdapterConfig | None = None, checkpointing: bool = False, latents: str | Path | None = None,
-        from_scratch: bool = False, parallel=None) -> dict | None:
+        from_scratch: bool = False, parallel=None, libero: LiberoTasks | None = None) -> dict | None:
     """The whole run; every stage is skipped when its output is already there (resume).
 
     `scene`: the task recorded (`robot.place.SCENES`). `base`: a checkpoint folder or embedded name to post-train
@@ -98,7 +105,8 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     `checkpointing`: per-block activation checkpointing. `latents`: an earlier run's latents.pt of the same dataset
     and VAE, used instead of encoding again. `parallel` (`train.distributed.DataParallel`, under torchrun): rank 0
     records, encodes and writes the checkpoint skeleton while the others wait, every rank trains its share of each
-    batch, rank 0 exports and reports; returns the report on rank 0, None on the others."""
+    batch, rank 0 exports and reports; returns the report on rank 0, None on the others. `libero`: record and train
+    on these LIBERO tasks instead of an SO-100 scene (`episodes` split evenly over them; no `base`)."""
     tc = tc or TrainConfig()
     writer = parallel is None or parallel.is_writer
     out = open_run(out, threads)
@@ -110,19 +118,29 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
         base = posttrain.base_folder(base)
     if writer:  # the run folder: dataset, checkpoint skeleton, latents (each kept when there)
         t = time.perf_counter()
-        if not (dataset / "meta" / "info.json").is_file():
+        if libero is not None and base is not None:
+            raise ValueError("base: post-training a LIBERO policy is not supported; train it from nothing")
+        if libero is not None and not (dataset / "meta" / "info.json").is_file():
+            if episodes % len(libero.task_ids):
+                raise ValueError(f"episodes: {episodes} do not split evenly over the tasks {list(libero.task_ids)}")
+            record_libero_dataset(dataset, libero, episodes // len(libero.task_ids),
+                                  LIBERO_EPISODE_FRAMES if episode_frames is None else episode_frames,
+                                  progress=progress)
+        elif not (dataset / "meta" / "info.json").is_file():
             keys = (read_policy_config(base) if base is not None else base_policy_config(model, cameras)).obs_cam_keys
             frames = SCENE_EPISODE_FRAMES[scene] if episode_frames is None else episode_frames
             record_dataset(dataset, list(range(episodes)), frames, cameras=[camera_name(k) for k in keys],
                            progress=progress, expert_gain=expert_gain, expert_cartesian_speed=expert_cartesian_speed,
                            expert_detour=expert_detour, scene=scene)
         timings["record_s"] = time.perf_counter() - t
-        q01, q99 = load_action_quantiles(dataset, SO100_MOTORS)
+        q01, q99 = load_action_quantiles(dataset, SO100_MOTORS if libero is None else LIBERO_ACTION_NAMES)
         dim = get_policy_config("tiny").model_config.action_dim
         size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
         q01, q99 = tuple(q01) + (0.0,) * (dim - len(q01)), tuple(q99) + (0.0,) * (dim - len(q99))
         if base is not None:
             posttrain.write_skeleton(ckpt, base, posttrain.base_policy_config(base, q01, q99))
+        elif libero is not None:
+            write_checkpoint_skeleton(ckpt, libero_policy_config(model, action_q01=q01, action_q99=q99, **size))
         else:
             write_checkpoint_skeleton(ckpt, base_policy_config(model, cameras, action_q01=q01, action_q99=q99, **size))
         t = time.perf_counter()
@@ -135,7 +153,9 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
                 raise ValueError(f"{latents}: encoded through another VAE normalization than {ckpt / 'vae'}")
         else:
             raw = vae_is_identity(ckpt / "vae")
-            data = encode_dataset(dataset, load_checkpoint_policy(ckpt), max_episodes=episodes, progress=progress)
+            preset = "so100" if libero is None else "libero"
+            data = encode_dataset(dataset, load_checkpoint_policy(ckpt, preset=preset), max_episodes=episodes,
+                                  progress=progress)
             atomic_torch_save({**asdict(data), "identity_vae": raw, "dataset": str(dataset)}, latents)  # as encoded
         if raw:
             normalize_latents(read_latents(latents)[0], ckpt / "vae")  # writes the statistics once
@@ -164,7 +184,8 @@ def fit(out: str | Path, dataset: str | Path | None = None, episodes: int = 200,
     if base is not None and not from_scratch:
         dit = posttrain.export(dit, adapters, out)
     save_transformer(dit, ckpt / "transformer", replace=True)  # the skeleton's DiT -> the trained one
-    report = {"dataset": str(dataset), "episodes": len(data), "chunks": int(data.video.shape[1]), "scene": scene,
+    report = {"dataset": str(dataset), "episodes": len(data), "chunks": int(data.video.shape[1]),
+              "scene": scene if libero is None else f"libero {libero.suite} tasks {list(libero.task_ids)}",
               "base": None if base is None else str(base), "from_scratch": from_scratch,
               "lora": None if adapters is None else asdict(adapters),
               "processes": 1 if parallel is None else parallel.world,
