@@ -16,6 +16,7 @@ action error vs the bf16 reference on the same seeds. Results are rewritten afte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -212,7 +213,8 @@ def measure(preset: str, v: RunVariant, device: torch.device, dtype: torch.dtype
     chunks = min(v.chunks or default_chunks, len(episode["chunks"]))
     warmup = 1 if v.sampler in ("reference", "eager") else 2  # first chunk (pinning) + steady state compile
     graphs_before, skips_before = counters["stats"]["unique_graphs"], _cudagraph_skips(counters)
-    m = run_variant(sampler, episode, chunks, warmup, device, v.loop)
+    with counting_cudagraph_recordings() as recordings:
+        m = run_variant(sampler, episode, chunks, warmup, device, v.loop)
     timed = m.times_s[warmup:] or m.times_s
     p50 = statistics.median(timed)
     row = {
@@ -223,6 +225,9 @@ def measure(preset: str, v: RunVariant, device: torch.device, dtype: torch.dtype
         "graphs": m.graphs_end - graphs_before,
         "recompiles_after_warmup": None if m.graphs_after_warmup is None else m.graphs_end - m.graphs_after_warmup,
         "cudagraph_skips": _cudagraph_skips(counters) - skips_before,
+        "cudagraph_recordings": recordings[0],
+        "expected_recordings": len(sampler.graph_keys()) if v.sampler == "cudagraphs" and device.type == "cuda"
+        else 0,
     }
     roofline = _roofline_s(cfg, device, v.scheme)
     row["roofline_ms"] = roofline * 1e3 if roofline else None
@@ -242,6 +247,26 @@ def _quantile(xs: list[float], q: float) -> float:
 
 def _cudagraph_skips(counters) -> int:
     return int(counters["inductor"].get("cudagraph_skips", 0))
+
+
+@contextlib.contextmanager
+def counting_cudagraph_recordings():
+    """Counts CUDA-graph recordings (cudagraph trees' `record_function`) while active: yields a one-item list.
+    The plan is one per compiled graph (`StaticSampler.graph_keys`); more means a static input moved."""
+    from torch._inductor import cudagraph_trees
+
+    count = [0]
+    original = cudagraph_trees.CUDAGraphTreeManager.record_function
+
+    def record_function(manager, *args, **kwargs):
+        count[0] += 1
+        return original(manager, *args, **kwargs)
+
+    cudagraph_trees.CUDAGraphTreeManager.record_function = record_function
+    try:
+        yield count
+    finally:
+        cudagraph_trees.CUDAGraphTreeManager.record_function = original
 
 
 def third_party_modules() -> list[str]:
