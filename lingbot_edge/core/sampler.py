@@ -87,6 +87,9 @@ class _SamplerBase:
         _check("video_latents", video_latents, self.latent_shape)
         _check("actions", actions, self.action_shape)
 
+    def warm_up(self) -> None:
+        """Run every graph once (nothing to do for a sampler that compiles nothing)."""
+
     def _cfg(self, v: Tensor, scale: float) -> Tensor:
         """Row 0 = prompt, row 1 = empty prompt: uncond + g * (cond - uncond)."""
         if self.cfg.use_cfg and scale > 1:
@@ -384,6 +387,20 @@ class StaticSampler(_SamplerBase):
         forward. Forwards that keep their K/V (PREDICTED, HISTORY) fill every row."""
         guided = self.cfg.action_guidance_scale if action else self.cfg.guidance_scale
         return self.cfg.cfg_batch if guided > 1 else 1
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile (and under CUDA graphs record) every graph on zero inputs: a first chunk, its feedback,
+        a lookahead action pass. Leaves an empty cache; `reset` with the episode's prompt comes next."""
+        text_shape = (1, self.cfg.max_sequence_length, self.model.config.text_dim)
+        text = torch.zeros(text_shape, device=self.device, dtype=self.dtype)
+        latents = torch.zeros(self.latent_shape, device=self.device, dtype=self.dtype)
+        actions = torch.zeros(self.action_shape, device=self.device, dtype=self.dtype)
+        self.reset(text, text)
+        out = self.sample_chunk(latents, actions, latents[:, :, :1])
+        self.feedback(out.latents, out.actions)
+        self.sample_actions(actions, frame_shift=self.cfg.frame_chunk_size)
+        self.reset(text, text)
 
     def graph_keys(self) -> set[tuple[bool, int]]:
         """The (action, rows) pairs the step is compiled for over an episode: one graph, and under CUDA
