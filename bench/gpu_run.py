@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             _run_phase("main", preset, main_variants(graphs), results, budget, device, dtype, chunks)
         results.run["status"] = "done"
     except KeyboardInterrupt as e:
-        results.run["status"] = f"interrupted ({e or 'SIGINT'}) during {results.run.get('current')}"
+        results.run["status"] = f"interrupted ({str(e) or 'SIGINT'}) during {results.run.get('current')}"
         log.warning("interrupted during %s: the finished rows are in %s", results.run.get("current"), out)
         status = 130
     finally:
