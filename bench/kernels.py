@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lingbot_edge.core.qlinear import QuantFormat, QuantizedLinear, quantize_per_row
+from lingbot_edge.core.qlinear import QuantFormat, QuantizedLinear, fp8_weight_only_limbs, quantize_per_row
 from lingbot_edge.io.files import write_text
 
 IN_FEATURES, OUT_FEATURES = 3072, 14336  # ffn.net.0.proj of the full model
@@ -50,9 +50,13 @@ def build_kernels(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, Callabl
         str(dtype).replace("torch.", ""): lambda x: F.linear(x, w_hp),
         "int8 weight-only (runtime dispatch)": int8_wo,
         "int8 weight-only: _weight_int8pack_mm": lambda x: torch._weight_int8pack_mm(x, qdata, scale.to(x.dtype)),
-        "int8 weight-only: dequant + F.linear (old path)": lambda x: F.linear(x, qdata.to(x.dtype)) * scale.to(x.dtype),
+        "int8 weight-only: dequant + F.linear (old CUDA path)":
+            lambda x: F.linear(x, qdata.to(x.dtype)) * scale.to(x.dtype),
         "int8 W8A8 dynamic": int8_w8a8,
-        "fp8 weight-only": fp8_wo,
+        "fp8 weight-only (runtime dispatch: CPU dequant + F.linear)": fp8_wo,
+        # The CUDA sm >= 8.9 kernel; the CPU's float8 GEMM is a reference implementation: SQNR only.
+        "fp8 weight-only: two fp8 limbs on _scaled_mm (CUDA path)":
+            lambda x: fp8_weight_only_limbs(x, fp8_data, fp8_scale.view(-1)),
     }
 
 

@@ -73,7 +73,9 @@ def test_int8_weight_only_sqnr_within_the_scheme_floor():
     ours = by_name["int8 weight-only (runtime dispatch)"]["sqnr_db"]
     assert ours >= 42.0 and ours >= by_name["int8 weight-only: _weight_int8pack_mm"]["sqnr_db"] - 0.5
     assert by_name["bfloat16"]["sqnr_db"] > by_name["int8 weight-only (runtime dispatch)"]["sqnr_db"]
-    assert by_name["fp8 weight-only"]["sqnr_db"] >= 27.0
+    fp8_dequant = by_name["fp8 weight-only (runtime dispatch: CPU dequant + F.linear)"]["sqnr_db"]
+    assert fp8_dequant >= 27.0  # the float8 limbs keep the dequant form's numerics
+    assert by_name["fp8 weight-only: two fp8 limbs on _scaled_mm (CUDA path)"]["sqnr_db"] >= fp8_dequant - 0.5
     assert all(r["median_ms"] > 0 and r["speedup_vs_hp"] > 0 for r in rows)
     text = kernel_bench.render(rows, 1)
     assert text.count("\n| 16 |") == len(rows)

@@ -33,7 +33,7 @@ def _list_ids(cache: ListKVCache):
 
 
 def _ring_ids(cache: RingKVCache):
-    return sorted(round(x) for x in cache.v[0, 0, cache.valid, 0, 0].tolist())
+    return sorted(round(x) for x in cache.v[0][0, cache.valid, 0, 0].tolist())
 
 
 def test_list_cache_follows_the_text_by_hand():
@@ -94,7 +94,7 @@ def test_ring_matches_list_cache_on_random_sequences(seed):
 
 def test_ring_reset_keeps_buffers():
     r = _ring(6)
-    addr = r.k.data_ptr()
+    addr = r.k[0].data_ptr()
     _insert(r, H, [1, 2, 3])
     r.reset()
-    assert _ring_ids(r) == [] and r.k.data_ptr() == addr
+    assert _ring_ids(r) == [] and r.k[0].data_ptr() == addr

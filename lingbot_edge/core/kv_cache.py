@@ -83,7 +83,12 @@ class ListKVCache:
 
 
 class RingKVCache(nn.Module):
-    """Static ring-buffer cache for all blocks: k/v [layers, B, capacity, H, D].
+    """Static ring-buffer cache for all blocks: per layer one k and one v buffer [B, capacity, H, D].
+
+    Each layer's K/V live in tensors of their own, written with `index_copy_` (every CFG row) or
+    `index_put_` with row and slot indices (the leading rows): whole-tensor in-place writes, which
+    inductor keeps in place. A write through a view of one shared [layers, ...] buffer is lowered to
+    scatters into a full-size copy of that buffer plus a copy back (tests/core/test_kv_cache_inplace.py).
 
     Invariant: valid slots form one arc ending just before `ptr` (oldest first), so writing
     at `ptr` fills free slots first and then overwrites the oldest entries. Predicted entries
@@ -103,9 +108,16 @@ class RingKVCache(nn.Module):
     ):
         super().__init__()
         self.capacity = capacity
-        shape = (num_layers, batch, capacity, heads, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch, capacity, heads, head_dim)
+        # Registered as buffers (k0, v0, k1, ...) for `buffers()`, indexed through these lists. The cache is
+        # built on its device and never moved, so the lists and the buffers stay the same tensors.
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        for i in range(num_layers):
+            for name, store in (("k", self.k), ("v", self.v)):
+                store.append(torch.zeros(shape, dtype=dtype, device=device))
+                self.register_buffer(f"{name}{i}", store[-1], persistent=False)
+        self.register_buffer("rows", torch.arange(batch, device=device), persistent=False)
         self.register_buffer("valid", torch.zeros(capacity, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("predicted", torch.zeros(capacity, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device), persistent=False)
@@ -139,10 +151,15 @@ class RingKVCache(nn.Module):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # A forward may cover only the leading CFG rows (the cond row alone): rows are independent.
         b = q.shape[0]
-        kc, vc = self.k[layer, :b], self.v[layer, :b]
-        kc.index_copy_(1, self._slots, k)
-        vc.index_copy_(1, self._slots, v)
-        return sdpa(q, kc, vc, mask=self._key_mask)
+        kc, vc = self.k[layer], self.v[layer]
+        if b == kc.shape[0]:
+            kc.index_copy_(1, self._slots, k)
+            vc.index_copy_(1, self._slots, v)
+        else:  # index the whole buffer, never a view of it: a view's write becomes a scatter into a copy
+            rows_slots = (self.rows[:b, None], self._slots[None])
+            kc.index_put_(rows_slots, k)
+            vc.index_put_(rows_slots, v)
+        return sdpa(q, kc[:b], vc[:b], mask=self._key_mask)
 
     def end(self, mode: Tensor) -> None:
         keep = mode != CacheMode.TRANSIENT.value

@@ -15,6 +15,7 @@ The cadence (which executed steps are keyframes, how many) is `core.episode.Chun
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from lingbot_edge.core.actions import ActionCodec
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.core.episode import Chunk, chunk_keyframes
 from lingbot_edge.core.model import WanVATransformer
+from lingbot_edge.core.owner_thread import OwnerThread
 from lingbot_edge.core.protocols import ObservationEncoder, PromptEncoder
 from lingbot_edge.core.sampler import ChunkResult, ReferenceSampler, StaticSampler
 
@@ -77,6 +79,16 @@ class PhaseTimer:
         return out
 
 
+def on_owner_thread(method):
+    """Run a `LingBotPolicy` method on the policy's owner thread, when it has one."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.owner is None:
+            return method(self, *args, **kwargs)
+        return self.owner.run(method, self, *args, **kwargs)
+    return run
+
+
 class PromptMemo:
     """A `PromptEncoder` that keeps each prompt's embeddings: wraps an encoder that runs its text model at
     every call (an `io.encoders.PromptEncoder`), so a policy's next episode with the same prompt costs nothing.
@@ -114,6 +126,9 @@ class LingBotPolicy:
         sampler: "static" (`StaticSampler`, fixed shapes, CUDA graphs / torch.compile) or "reference"
             (`ReferenceSampler`, the upstream code path, for parity checks).
         compile: torch.compile the static sampler's forward.
+        own_thread: run `reset`, `infer`, `feedback` and `warm_up` on one thread of the policy's own, whichever
+            thread calls them (`core.owner_thread.OwnerThread`); default: when the sampler is compiled, whose
+            CUDA graphs must be replayed by the thread that recorded them.
         seed: seed of the noise generator (each `reset` restarts it; `reset(seed=...)` overrides it).
         record_predicted_video: keep each chunk's predicted latents (on the CPU) in `predicted_latents`, for
             `lingbot_edge.io.encoders.save_predicted_video`; off by default (it costs a host copy per chunk).
@@ -145,6 +160,7 @@ class LingBotPolicy:
         compile: bool = True,
         seed: int = 0,
         record_predicted_video: bool = False,
+        own_thread: bool | None = None,
     ):
         if model.config != cfg.model_config:
             raise ValueError(f"model: its config does not match preset {cfg.name!r}'s model {cfg.model!r}")
@@ -171,6 +187,9 @@ class LingBotPolicy:
         self.predicted_latents: list[Tensor] = []
         self.load_report: dict[str, Any] = {}  # filled by loading.load_policy
         self.checkpoint = None  # the loading.CheckpointLayout the policy came from, if any
+        if own_thread is None:
+            own_thread = sampler == "static" and compile
+        self.owner = OwnerThread("lingbot-policy") if own_thread else None
 
     @property
     def memory_report(self) -> dict[str, Any]:
@@ -199,6 +218,14 @@ class LingBotPolicy:
 
     # ------------------------------------------------------------------ episode state
 
+    @on_owner_thread
+    def warm_up(self) -> None:
+        """Compile the sampler's graphs (and record their CUDA graphs) now, on the owner thread, instead of
+        during the first chunks; the next `reset` starts the episode."""
+        self.prompt = None
+        self.sampler.warm_up()
+
+    @on_owner_thread
     def reset(self, prompt: str, seed: int | None = None) -> None:
         """Start an episode: encode the prompt (through the prompt encoder's own cache), empty the KV cache
         and the observation encoder's stream, restart the noise generator.
@@ -245,6 +272,7 @@ class LingBotPolicy:
 
     # ------------------------------------------------------------------ openpi interface
 
+    @on_owner_thread
     @torch.no_grad()
     def infer(self, obs: Mapping[str, Any], ahead: bool = False) -> Chunk:
         """Predict the next chunk.
@@ -322,6 +350,7 @@ class LingBotPolicy:
                      keyframe_stride=self.cfg.keyframe_stride, cameras=self.cfg.obs_cam_keys,
                      frame_start=self.sampler.frame_start + shift, timing=timer.result())
 
+    @on_owner_thread
     @torch.no_grad()
     def feedback(self, chunk: Chunk | Mapping[str, Any],
                  executed_actions: np.ndarray | None = None) -> dict[str, float]:

@@ -119,17 +119,20 @@ def _to_qdtype(x: Tensor, qdtype: torch.dtype) -> Tensor:
     return x.clamp(-_QMAX[qdtype], _QMAX[qdtype]).to(qdtype)
 
 
-# The kernel computing each runtime format, per device kind (README "Kernels"; bench/kernels.py times
-# the CPU column). Weight-only formats read 1 byte per weight: they win where a forward is
-# memory-bound (the 16-token action forwards). sm80 = A100 / RTX 30xx, sm89 = RTX 40xx, sm90 = H100.
+# The kernel computing each runtime format, per device kind (docs/benchmarks.md "Kernels"; bench/kernels.py
+# times them on the CPU). Weight-only formats read 1 byte per weight: they win where a forward is
+# memory-bound (the 16-token action forwards), and only with a GEMM that reads the 8-bit weight itself.
+# `F.linear(x, w.to(x.dtype))` does not: under torch.compile (no max-autotune template) inductor writes a
+# dense bf16 copy of the weight every forward and runs the bf16 GEMM on it, slower than bf16 weights.
+# sm80 = A100 / RTX 30xx, sm89 = RTX 40xx, sm90 = H100.
 KERNELS: dict[str, dict[str, str]] = {
     "int8 weight-only": {
         "cpu": "torch._int_mm on two int8 limbs of the activations (bf16/fp16; fp32: dequant + F.linear)",
-        "cuda": "F.linear(x, w.to(x.dtype)) * scale: fused dequant-matmul under torch.compile (gpt-fast)",
+        "cuda": "torch._int_mm on two int8 limbs of the activations (cuBLASLt int8; 2M rows padded to >= 24)",
     },
     "fp8 weight-only": {
-        "cpu": "dequant + F.linear (reference speed: no fp8 CPU GEMM)",
-        "cuda": "F.linear(x, w.to(x.dtype)) * scale: fused dequant-matmul under torch.compile",
+        "cpu": "dequant + F.linear (reference speed: the CPU's float8 GEMM is a slow reference kernel)",
+        "cuda": "torch._scaled_mm on two float8 limbs of the activations (sm >= 8.9); below: dequant + F.linear",
     },
     "int8 W8A8 (dynamic / static)": {
         "cpu": "torch._int_mm (oneDNN, VNNI where present)",
@@ -149,7 +152,7 @@ _INT_MM_MIN_ROWS = 24  # cuBLAS int8 GEMM: M > 16; multiples of 8 keep the padde
 
 
 def int8_weight_only_limbs(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
-    """x [M, K] (bf16/fp16) @ (qdata [N, K] int8 * scale [N, 1]).T on the CPU's int8 GEMM (VNNI).
+    """x [M, K] (bf16/fp16) @ (qdata [N, K] int8 * scale [N, 1]).T on the int8 GEMM (oneDNN VNNI, cuBLASLt).
 
     The activations become 16-bit fixed point per row, split into two int8 limbs stacked as 2M rows
     of one `_int_mm` (one pass over the weight, exact int32 accumulation): x / s = hi + lo / 256 with
@@ -166,17 +169,41 @@ def int8_weight_only_limbs(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
     return ((y[:m] + y[m:] * (1.0 / 256.0)) * (x_scale * scale)).to(x.dtype)
 
 
-def weight_only_matmul(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
-    """x [M, K] @ (qdata [N, K] * scale [N, 1]).T in x's dtype, for int8 / float8 weights.
+def fp8_weight_only_limbs(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
+    """x [M, K] (bf16/fp16) @ (qdata [N, K] float8_e4m3fn * scale [N, 1]).T on the float8 GEMM.
 
-    CPU, int8, bf16/fp16 activations: `int8_weight_only_limbs` (the int8 GEMM). Elsewhere the
-    gpt-fast form: the cast is the matmul's input and the per-channel scale multiplies the output,
-    so under torch.compile on CUDA inductor fuses the dequant into the GEMM instead of
-    materializing a high-precision weight (fp32 activations on CPU keep it too: exact parity with
-    torchao's int8 weight-only)."""
-    if (x.device.type == "cpu" and qdata.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16)
-            and x.shape[-1] <= LIMBS_MAX_K):
-        return int8_weight_only_limbs(x, qdata, scale)
+    Like `int8_weight_only_limbs` with float8 limbs: u = x / s (s = row absmax / 448), hi = fp8(u),
+    lo = fp8(u - hi); hi + lo carries ~8 significant bits, bf16's own precision, so the result keeps
+    weight-only numerics (31.9 dB vs 31.8 for dequant + F.linear at 3072 -> 14336, bench/kernels.py). Both
+    limbs are the 2M rows of one `_scaled_mm` with row-wise scales: one pass over the 8-bit weight."""
+    m = x.shape[0]
+    xf = x.float()
+    x_scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_SCALE_EPS) / _QMAX[torch.float8_e4m3fn]
+    u = xf / x_scale
+    hi = u.to(torch.float8_e4m3fn)
+    lo = (u - hi.float()).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(torch.cat([hi, lo]), qdata.t(), scale_a=torch.cat([x_scale, x_scale]),
+                         scale_b=scale.float().view(1, -1), out_dtype=torch.bfloat16)
+    return (y[:m].float() + y[m:].float()).to(x.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _cuda_fp8_gemm(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= FP8_MIN_CAPABILITY
+
+
+def weight_only_matmul(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
+    """x [M, K] @ (qdata [N, K] * scale [N, 1]).T in x's dtype, for int8 / float8 weights (`KERNELS`).
+
+    bf16/fp16 activations: a GEMM that reads the 8-bit weight, on two 8-bit limbs of the activations
+    (`int8_weight_only_limbs` on any device; `fp8_weight_only_limbs` on CUDA sm >= 8.9). Otherwise (fp32
+    activations: exact parity with torchao's int8 weight-only; float8 on a CPU or an older GPU) dequant +
+    F.linear, which materializes the weight in x's dtype at every call."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        if qdata.dtype == torch.int8 and x.shape[-1] <= LIMBS_MAX_K:
+            return int8_weight_only_limbs(x, qdata, scale)
+        if qdata.dtype == torch.float8_e4m3fn and x.is_cuda and _cuda_fp8_gemm(x.get_device()):
+            return fp8_weight_only_limbs(x, qdata, scale)
     return F.linear(x, qdata.to(x.dtype)) * scale.to(x.dtype)
 
 

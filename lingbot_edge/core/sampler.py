@@ -87,6 +87,9 @@ class _SamplerBase:
         _check("video_latents", video_latents, self.latent_shape)
         _check("actions", actions, self.action_shape)
 
+    def warm_up(self) -> None:
+        """Run every graph once (nothing to do for a sampler that compiles nothing)."""
+
     def _cfg(self, v: Tensor, scale: float) -> Tensor:
         """Row 0 = prompt, row 1 = empty prompt: uncond + g * (cond - uncond)."""
         if self.cfg.use_cfg and scale > 1:
@@ -256,10 +259,13 @@ class StaticSampler(_SamplerBase):
     """Fixed shapes, ring cache, per-prompt cross-attention K/V, compiled step per stream.
 
     compile_mode "auto" = `default_compile_mode(device)`: "reduce-overhead" (CUDA graphs) on CUDA.
-    Under CUDA graphs every persistent tensor the step reads or mutates (cache, prompt K/V,
-    schedules, pins, frame offset) is marked as a static address, so a replay neither copies it nor
-    skips the graph for a mutated input, and each step's output is cloned before the next replay
-    reuses the graph's output memory."""
+    The compiled step reads only tensors that keep their address for the sampler's life: the cache,
+    the prompt K/V, the frame offset, the pin values, and the step inputs (timestep, Euler factor,
+    cache mode, pin mask), into which each step's values are copied before the call. Under CUDA
+    graphs these are marked as static addresses, so a replay neither copies them nor skips the graph
+    for a mutated input, and each graph is recorded once (a static input at a new address would
+    record it again). Each step's output is cloned before the next replay reuses the graph's output
+    memory."""
 
     _compiled_instances = 0
 
@@ -285,7 +291,7 @@ class StaticSampler(_SamplerBase):
             frame_int = grid[0].floor()
             self.grids[action] = (frame_int.to(dev), (grid[0] - frame_int).to(dev), grid[1:].to(dev))
         self.frame_offset = torch.zeros((), dtype=torch.float32, device=dev)
-        # Per-step inputs as device tensors, each its own storage: identical graph inputs every call.
+        # Per-step values as device tensors (nothing syncs to the host), copied into `step_inputs` per step.
         self.modes = {m: torch.tensor(int(m), device=dev) for m in CacheMode}
         self.schedules, self.last_updates = {}, {}
         for action in (False, True):
@@ -293,7 +299,7 @@ class StaticSampler(_SamplerBase):
             ts = [t.to(dev).clone() for t in ts]
             ds = [d.to(dev).clone() for d in ds]
             self.schedules[action] = list(zip(ts, ds, strict=True))
-        # History writes: t = 0, no Euler update (distinct tensors: aliased inputs would be a new graph).
+        # History writes: t = 0, no Euler update.
         self.history_t = torch.zeros((), device=dev)
         self.history_dsigma = torch.zeros((), device=dev)
         # Pinning as data: the first j frames forced to pin_values[stream] with t = 0 (pins[j]; j = 1 at the
@@ -304,6 +310,10 @@ class StaticSampler(_SamplerBase):
             False: torch.zeros(self.latent_shape, dtype=self.dtype, device=dev),
             True: torch.zeros(*self.action_shape[:2], 1, *self.action_shape[3:], dtype=self.dtype, device=dev),
         }
+        # What the compiled step reads as (timestep, Euler factor, cache mode, pin mask): fixed buffers, so
+        # every call passes the same tensors (distinct ones: aliased inputs would be another graph).
+        self.step_inputs = (torch.zeros((), device=dev), torch.zeros((), device=dev),
+                            torch.zeros((), dtype=torch.long, device=dev), torch.zeros(f, dtype=torch.bool, device=dev))
         self.step = self._step
         if compile_mode == "auto":
             compile_mode = default_compile_mode(dev)
@@ -321,19 +331,22 @@ class StaticSampler(_SamplerBase):
             self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
 
     def _persistent_tensors(self) -> list[Tensor]:
+        """Every tensor the compiled step reads or mutates except `x`: each keeps its address."""
         tensors = list(self.cache.buffers()) + [t for kv in self.text_kv for t in kv]
-        tensors += [self.frame_offset, self.history_t, self.history_dsigma, *self.pins,
-                    self.action_channel_mask, *self.modes.values(), *self.pin_values.values()]
-        tensors += [t for steps in self.schedules.values() for pair in steps for t in pair]
+        tensors += [self.frame_offset, self.action_channel_mask, *self.step_inputs, *self.pin_values.values()]
         tensors += [t for grid in self.grids.values() for t in grid]
         return tensors
 
-    def _run_step(self, *args) -> Tensor:
-        """One compiled step; under CUDA graphs a new replay generation, output copied out of the pool."""
+    def _run_step(self, x: Tensor, t: Tensor, dsigma: Tensor, mode: Tensor, pin: Tensor, action: bool,
+                  rows: int) -> Tensor:
+        """One compiled step on this step's values, copied into the fixed step inputs (four tiny device
+        copies); under CUDA graphs a new replay generation, output copied out of the pool."""
+        for buf, value in zip(self.step_inputs, (t, dsigma, mode, pin), strict=True):
+            buf.copy_(value)
         if not self.cuda_graphs:
-            return self.step(*args)
+            return self.step(x, *self.step_inputs, action, rows)
         torch.compiler.cudagraph_mark_step_begin()
-        return self.step(*args).clone()
+        return self.step(x, *self.step_inputs, action, rows).clone()
 
     def reset(self, text_cond: Tensor, text_uncond: Tensor | None) -> None:
         text = [text_cond] + ([text_uncond] if self.cfg.use_cfg else [])
@@ -374,6 +387,26 @@ class StaticSampler(_SamplerBase):
         forward. Forwards that keep their K/V (PREDICTED, HISTORY) fill every row."""
         guided = self.cfg.action_guidance_scale if action else self.cfg.guidance_scale
         return self.cfg.cfg_batch if guided > 1 else 1
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile (and under CUDA graphs record) every graph on zero inputs: a first chunk, its feedback,
+        a lookahead action pass. Leaves an empty cache; `reset` with the episode's prompt comes next."""
+        text_shape = (1, self.cfg.max_sequence_length, self.model.config.text_dim)
+        text = torch.zeros(text_shape, device=self.device, dtype=self.dtype)
+        latents = torch.zeros(self.latent_shape, device=self.device, dtype=self.dtype)
+        actions = torch.zeros(self.action_shape, device=self.device, dtype=self.dtype)
+        self.reset(text, text)
+        out = self.sample_chunk(latents, actions, latents[:, :, :1])
+        self.feedback(out.latents, out.actions)
+        self.sample_actions(actions, frame_shift=self.cfg.frame_chunk_size)
+        self.reset(text, text)
+
+    def graph_keys(self) -> set[tuple[bool, int]]:
+        """The (action, rows) pairs the step is compiled for over an episode: one graph, and under CUDA
+        graphs one recording, each (3 with video guidance on and action guidance off)."""
+        b = self.cfg.cfg_batch
+        return {(action, rows) for action in (False, True) for rows in (self.transient_rows(action), b)}
 
     def _denoise(self, x: Tensor, action: bool, pin: Tensor) -> Tensor:
         steps = self.schedules[action]

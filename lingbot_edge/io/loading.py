@@ -361,7 +361,8 @@ def load_policy(
         device: see `runtime_defaults` (default: CUDA when available, else the CPU).
         dtype: the DiT's dtype, a torch dtype or a name ("bf16", "fp32", ...); see `runtime_defaults`
             (default bf16).
-        compile: torch.compile the sampler's forward; see `runtime_defaults` (default: on CUDA only).
+        compile: torch.compile the sampler's forward, on the policy's own thread, and warm it up there (every graph
+            compiled before the first episode); see `runtime_defaults` (default: on CUDA only).
         sampler: "static" (fixed shapes, the fast path) or "reference" (the upstream code path).
         seed: the noise generator's seed (`LingBotPolicy.reset` restarts it).
         prompt_cache_dir: the prompt cache's disk tier: None -> `prompt_cache.default_cache_dir()`,
@@ -402,7 +403,11 @@ def load_policy(
         cfg = _set_fields(cfg, overrides, "overrides", "overrides") if overrides else cfg
         log.info("policy: embedded tiny model, settings %r on %s/%s (compile=%s)", cfg.name, device,
                  str(dtype).removeprefix("torch."), compile)
-        return _build_tiny_policy(sampler=sampler, compile=compile, seed=seed, device=str(device), dtype=dtype, cfg=cfg)
+        policy = _build_tiny_policy(sampler=sampler, compile=compile, seed=seed, device=str(device), dtype=dtype,
+                                    cfg=cfg)
+        if compile:  # on the policy's owner thread, which runs every later call
+            policy.warm_up()
+        return policy
 
     source = checkpoint_folder(source)
     # 1. Everything validated from headers and configs: no weight read, no device memory.
@@ -441,4 +446,6 @@ def load_policy(
                            record_predicted_video=record_predicted_video)
     policy.load_report = report
     policy.checkpoint = layout
+    if compile:  # on the policy's owner thread, which runs every later call
+        policy.warm_up()
     return policy
