@@ -128,13 +128,14 @@ def missing_requirements(suite: str, checkpoint: str | Path | None, quantized: M
                 f"`pip install -c constraints.txt {assets}`; nothing is downloaded at run time")
     if checkpoint is None:
         missing.append("a LingBot-VA LIBERO checkpoint: --checkpoint DIR (released layout: transformer/ vae/ "
-                       "text_encoder/ tokenizer/, or a LeRobot lingbot_va policy folder), or --checkpoint tiny")
+                       "text_encoder/ tokenizer/, or a LeRobot lingbot_va policy folder), --checkpoint libero-tiny "
+                       "(the embedded LIBERO-Object policy) or --checkpoint tiny")
     elif str(checkpoint) != "tiny":
         from lingbot_edge.io.layout import CheckpointError, resolve_checkpoint
-        from lingbot_edge.io.loading import policy_config_for
+        from lingbot_edge.io.loading import checkpoint_folder, policy_config_for
 
         try:
-            policy_config_for(resolve_checkpoint(checkpoint, transformer=transformer), preset)
+            policy_config_for(resolve_checkpoint(checkpoint_folder(checkpoint), transformer=transformer), preset)
         except (CheckpointError, ValueError) as e:
             missing.append(f"a usable LIBERO checkpoint at {checkpoint}: {e}")
     for name, folder in (quantized or {}).items():
