@@ -3,7 +3,7 @@
     lingbot-edge train record --out DIR [--episodes 200]
     lingbot-edge train fit --out DIR [--dataset DIR] [--episodes 200] [--steps 2600] [--eval-episodes 20]
     lingbot-edge train fit --out DIR --scene place --episodes 50 --base so100-grasp --lora-rank 32  # post-train
-    lingbot-edge train eval --checkpoint DIR [--episodes 20] [--dtype bfloat16] [--schemes a,b] [--json F]
+    lingbot-edge train eval --checkpoint DIR [--episodes 20] [--dtype bf16] [--schemes a,b] [--json F]
     lingbot-edge train distill --teacher DIR|so100-grasp --data RUN_DIR --action-steps N --out DIR
 
 Registered from this package through the `lingbot_edge.commands` entry point (`train.commands:register`);
@@ -18,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from lingbot_edge.flags import add_dtype_arg, add_policy_args, add_seed_arg, add_threads_arg
 from lingbot_edge.io.files import write_text  # standard library only: the CLI stays light
 
 log = logging.getLogger("train")
@@ -51,7 +52,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--lr", type=float, default=tc.lr, help=f"peak learning rate (default {tc.lr:g})")
     fit.add_argument("--save-every", type=int, default=tc.save_every, help=f"steps between saved states "
                                                                              f"(default {tc.save_every})")
-    fit.add_argument("--seed", type=int, default=tc.seed)
+    add_seed_arg(fit, tc.seed, "seed of the DiT's initial weights and of the batch and noise draws")
     fit.add_argument("--model", default="tiny", choices=("tiny", "tiny-grasp"),
                      help="DiT model preset: tiny (2 blocks x 48) or tiny-grasp (4 blocks x 64)")
     fit.add_argument("--action-weight", type=float, help="weight of the action loss next to the video loss "
@@ -75,7 +76,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                           "default %(default)s)")
     fit.add_argument("--clean-predicted", action="store_true",
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
-    fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    add_threads_arg(fit)
     _scene_arg(fit)
     from train.lora import DEFAULT_TARGETS, AdapterConfig
 
@@ -96,9 +97,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                           "attention and FFN Linears: %(default)s)")
     fit.add_argument("--lora-train-modules", default="",
                      help="comma-separated modules trained in full next to the adapters (e.g. action_proj_out)")
-    fit.add_argument("--base-dtype", choices=("bfloat16", "float32", "int8"), default=ac.base_dtype,
-                     help="the frozen base under the adapters: bf16, fp32 (the tiny DiT's fast path on a CPU) or "
-                          "the runtime's int8 weight-only format (QLoRA-style; default %(default)s)")
+    add_dtype_arg(fit, ac.base_dtype, "the frozen base under the adapters: bf16, fp32 (the tiny DiT's fast path on a "
+                  "CPU) or the runtime's int8 weight-only format (QLoRA-style)", flag="--base-dtype",
+                  allowed=("bf16", "fp32", "int8"), long=True)
     fit.add_argument("--checkpointing", action="store_true",
                      help="per-block activation checkpointing (recompute each block's activations in the backward)")
     fit.add_argument("--latents", help="an earlier run's latents.pt of the same dataset and base (skips encoding)")
@@ -111,10 +112,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     _distill_args(sub)
 
     ev = sub.add_parser("eval", help="task success over held-out seeds: the checkpoint vs random weights")
-    ev.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `train fit`")
+    add_policy_args(ev, default_checkpoint=None, flags=("checkpoint", "transformer", "set", "dtype"),
+                    default_dtype="bf16")
     ev.add_argument("--episodes", "--task-episodes", dest="episodes", type=int, default=20,
                     help="held-out seeds (default 20); --task-episodes is the same flag as in `calibrate plan`")
-    ev.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ev.add_argument("--schemes", default="", help="comma-separated 8-bit schemes to evaluate too "
                                                   "(e.g. int8_weight_only,int8_dynamic,fp8_weight_only)")
     ev.add_argument("--exec-steps", default="checkpoint",
@@ -123,9 +124,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--action-steps", default="checkpoint",
                     help="comma-separated action step counts to evaluate: 'checkpoint' (its "
                          "action_num_inference_steps; the default) or counts (e.g. 10,5,2,1)")
-    ev.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                    help="policy setting override for every row, JSON value (e.g. --set action_noise_scale=1); "
-                         "repeatable")
     _scene_arg(ev)
     ev.add_argument("--seeds", default="held-out", choices=("held-out", "validation"),
                     help="the seed set: held-out (100000.., to report on; default) or validation (200000.., to "
@@ -137,8 +135,6 @@ def register(subparsers) -> argparse.ArgumentParser:
                          "the first (default: sync)")
     ev.add_argument("--delay", type=float, default=None, metavar="TICKS",
                     help="inference delay in control ticks under virtual time (default: half a chunk)")
-    ev.add_argument("--transformer", help="another DiT folder for the trained rows, e.g. the checkpoint after "
-                                          "`lingbot-edge quantize` (a quantized one)")
     ev.add_argument("--no-random", action="store_true", help="skip the random-weight baseline")
     ev.add_argument("--expert", action="store_true", help="add the scripted expert's row (same seeds and filter)")
     ev.add_argument("--video", help="write the first trained episode as an mp4")
@@ -174,8 +170,8 @@ def _distill_args(sub) -> None:
                    help="weight of the term keeping the video velocity at the teacher's (default %(default)s)")
     d.add_argument("--save-every", type=int, default=dc.save_every,
                    help=f"steps between saved states (default {dc.save_every})")
-    d.add_argument("--seed", type=int, default=dc.seed)
-    d.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    add_seed_arg(d, dc.seed, "seed of the draws' noise and the batch order")
+    add_threads_arg(d)
     d.set_defaults(func=_distill)
 
 
@@ -281,6 +277,9 @@ def _distill(args) -> int:
 
 
 def _eval(args) -> int:
+    if args.checkpoint is None:
+        raise SystemExit("lingbot-edge train eval: error: --checkpoint: a checkpoint folder written by `train fit` "
+                         "(or an embedded checkpoint's name) is required")
     from train.evaluate import evaluate_checkpoint, format_table
 
     schemes = [s for s in args.schemes.split(",") if s]

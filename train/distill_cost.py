@@ -24,6 +24,7 @@ import torch
 
 from lingbot_edge.eval.grasp import EVAL_SEED0, held_out_seeds, run_episode
 from lingbot_edge.eval.task_success import checkpoint_loader
+from lingbot_edge.flags import add_dtype_arg, add_threads_arg
 from lingbot_edge.io.files import write_text
 from lingbot_edge.io.loading import checkpoint_folder
 
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="sync,grounded")
     parser.add_argument("--episodes", type=int, default=2, help="held-out seeds per round")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    add_threads_arg(parser, 1)
+    add_dtype_arg(parser, "bf16", allowed=("bf16", "fp32"))
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
