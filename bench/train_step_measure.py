@@ -44,7 +44,7 @@ from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, PolicyConfig, g
 from lingbot_edge.core.model import WanVATransformer
 from lingbot_edge.core.qlinear import QuantizedLinear
 from train.config import TrainConfig
-from train.trainer import EpisodeTensors, FlowMatchingLoss
+from train.trainer import EpisodeTensors, FlowMatchingLoss, LossSettings
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class LiveTensorBytes(TorchDispatchMode):
 def make_objective(cfg: PolicyConfig, chunks: int):
     """The trainer's objective for `chunks`-chunk episodes, its attention backend built (once per run, as in
     `train.trainer.train`)."""
-    objective = FlowMatchingLoss(cfg, chunks, TrainConfig().grounded_weight)
+    objective = FlowMatchingLoss(cfg, chunks, LossSettings.of(TrainConfig()))
     objective.layout.attention  # noqa: B018  (built here, not inside the measured step)
     return objective
 
@@ -268,8 +268,7 @@ def train_step(model: WanVATransformer, params: list[nn.Parameter], objective, e
     tc = TrainConfig()
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(0)
-    loss_v, parts = objective(model, episode.video, episode.action, episode.text, gen, tc.noisy_predicted,
-                              tc.history_action_noise, tc.change_weight, tc.predicted_at_sampler_sigma)
+    loss_v, parts = objective(model, episode.video, episode.action, episode.text, gen)
     loss = loss_v + tc.action_weight * parts.pop("_action")
     loss.backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))

@@ -41,7 +41,7 @@ from lingbot_edge.io.files import check_output_folder, write_folder, write_text
 from lingbot_edge.io.loading import checkpoint_folder
 from train.distill_config import METHODS, DistillConfig
 from train.pipeline import load_checkpoint_policy
-from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
+from train.teacher import EpisodeLayout, SegmentInputs, episode_layout, teacher_forced_forward
 from train.trainer import (
     EpisodeTensors,
     adamw,
@@ -160,9 +160,11 @@ class ActionFlow:
         xa = self.pin(xa)
         if self.grounded:
             xg = xg * self.channel_mask
+        segments = SegmentInputs(video_predicted=inp["xv"], t_predicted=inp["tv"])
+        if self.grounded:
+            segments.action_noisy_async, segments.t_action_async = xg, tg
         return teacher_forced_forward(model, self.layout, inp["video"], inp["history"], inp["xv"], xa, inp["tv"],
-                                      ta, inp["text_kv"], inp["xv"], inp["tv"], xg if self.grounded else None,
-                                      tg if self.grounded else None)
+                                      ta, inp["text_kv"], segments)
 
     def sample(self, model, inp: dict, start: Tensor, steps: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """The sampler's action pass in `steps` Euler steps from `start` (differentiable when grads are on):
