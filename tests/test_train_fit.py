@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lingbot_edge.io.loading import load_policy
-from train.pipeline import fit
+from train.pipeline import DataSettings, fit
 from train.trainer import STATE_NAME, FlowMatchingLoss, LossSettings, TrainConfig
 
 FRAMES = 29  # 4 chunks of the tiny so100 policy (8 k - 3 frames)
@@ -20,7 +20,7 @@ FRAMES = 29  # 4 chunks of the tiny so100 policy (8 k - 3 frames)
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fit")
     tc = TrainConfig(steps=30, batch_size=2, lr=3e-3, warmup=3, save_every=10)
-    report = fit(out, episodes=3, tc=tc, progress=False, episode_frames=FRAMES)
+    report = fit(out, DataSettings(episodes=3, episode_frames=FRAMES), tc=tc, progress=False)
     return out, tc, report
 
 

@@ -28,12 +28,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="train the tiny SO-100 policy on scripted demonstrations (CPU)",
                               description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="train_command", required=True)
+    from lingbot_edge.robot.place import SCENES
+    from train.scenes import TRAIN_SCENES
 
     rec = sub.add_parser("record", help="record scripted-expert episodes as a LeRobot v2.1 dataset")
     rec.add_argument("--out", required=True, help="new dataset folder (refused if it exists)")
     rec.add_argument("--episodes", type=int, default=200)
     rec.add_argument("--first-seed", type=int, default=0)
-    _scene_arg(rec)
+    _scene_arg(rec, TRAIN_SCENES)
     _expert_args(rec)
     rec.add_argument("--camera", action="append", default=[], metavar="NAME",
                      help="camera to record (repeatable; default: all three SO-100 cameras)")
@@ -77,7 +79,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--clean-predicted", action="store_true",
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
     add_threads_arg(fit)
-    _scene_arg(fit)
+    _scene_arg(fit, TRAIN_SCENES)
     from train.lora import DEFAULT_TARGETS, AdapterConfig
 
     ac = AdapterConfig()
@@ -124,7 +126,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--action-steps", default="checkpoint",
                     help="comma-separated action step counts to evaluate: 'checkpoint' (its "
                          "action_num_inference_steps; the default) or counts (e.g. 10,5,2,1)")
-    _scene_arg(ev)
+    _scene_arg(ev, SCENES)
     ev.add_argument("--seeds", default="held-out", choices=("held-out", "validation"),
                     help="the seed set: held-out (100000.., to report on; default) or validation (200000.., to "
                          "choose recipes and settings on)")
@@ -175,10 +177,8 @@ def _distill_args(sub) -> None:
     d.set_defaults(func=_distill)
 
 
-def _scene_arg(parser) -> None:
-    from lingbot_edge.robot.place import SCENES
-
-    parser.add_argument("--scene", choices=sorted(SCENES), default="grasp",
+def _scene_arg(parser, scenes) -> None:
+    parser.add_argument("--scene", choices=sorted(scenes), default="grasp",
                         help="the simulated task: grasp (pick up the red cube) or place (the green cube into the "
                              "paper box); default %(default)s")
 
@@ -196,20 +196,23 @@ def _expert_args(parser) -> None:
                              f"{RECORDING_DETOUR}; 0: the straight path)")
 
 
-def _record(args) -> int:
-    from train.dataset import record_dataset
-    from train.pipeline import SCENE_EPISODE_FRAMES
+def _expert(args):
+    from train.scenes import ExpertSettings
 
-    kwargs = {"cameras": args.camera} if args.camera else {}
-    record_dataset(args.out, list(range(args.first_seed, args.first_seed + args.episodes)),
-                   SCENE_EPISODE_FRAMES[args.scene], expert_gain=args.expert_gain,
-                   expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,
-                   scene=args.scene, **kwargs)
+    return ExpertSettings(args.expert_gain, args.expert_cartesian_speed, args.expert_detour)
+
+
+def _record(args) -> int:
+    from train.scenes import get_train_scene
+
+    scene = get_train_scene(args.scene)
+    scene.record(Path(args.out), list(range(args.first_seed, args.first_seed + args.episodes)), scene.episode_frames,
+                 args.camera or None, True, _expert(args))
     return 0
 
 
 def _fit(args) -> int:
-    from train.pipeline import fit
+    from train.pipeline import DataSettings, ModelSettings, fit
     from train.trainer import TrainConfig
 
     extra = {} if args.action_weight is None else {"action_weight": args.action_weight}
@@ -228,18 +231,18 @@ def _fit(args) -> int:
                                  targets=tuple(t for t in args.lora_targets.split(",") if t),
                                  base_dtype=args.base_dtype,
                                  train_modules=tuple(t for t in args.lora_train_modules.split(",") if t))
-    kwargs = dict(dataset=args.dataset, episodes=args.episodes, model=args.model, expert_gain=args.expert_gain,
-                  expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,
-                  cameras=args.camera or None, height=args.height, width=args.width, scene=args.scene,
-                  base=args.base, adapters=adapters, checkpointing=args.checkpointing, latents=args.latents,
-                  from_scratch=args.from_scratch)
+    data = DataSettings(scene=args.scene, dataset=args.dataset, episodes=args.episodes, expert=_expert(args),
+                        latents=args.latents)
+    model = ModelSettings(model=args.model, cameras=tuple(args.camera) or None, height=args.height, width=args.width,
+                          base=args.base, adapters=adapters, from_scratch=args.from_scratch,
+                          checkpointing=args.checkpointing)
     parallel = None
     if args.distributed:
         from train.distributed import init_from_env
 
         parallel = init_from_env(args.threads)
     try:
-        report = fit(args.out, tc=tc, threads=args.threads, parallel=parallel, **kwargs)
+        report = fit(args.out, data, model, tc, threads=args.threads, parallel=parallel)
     finally:
         if parallel is not None:
             from train.distributed import shutdown
@@ -251,9 +254,10 @@ def _fit(args) -> int:
           f"action {report['first_loss']['action']:.3f} -> {report['final_loss']['action']:.3f}; "
           f"checkpoint {Path(args.out) / 'checkpoint'}; curves {Path(args.out) / 'loss.png'}")
     if args.eval_episodes:
-        from train.evaluate import evaluate_checkpoint, format_table
+        from train.evaluate import EvalEpisodes, evaluate_checkpoint, format_table
 
-        rows = evaluate_checkpoint(Path(args.out) / "checkpoint", args.eval_episodes, scene=args.scene)
+        rows = evaluate_checkpoint(Path(args.out) / "checkpoint",
+                                   episodes=EvalEpisodes(args.eval_episodes, scene=args.scene))
         print(format_table(rows, args.eval_episodes))
         report["evaluation"] = rows
         write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
@@ -280,7 +284,7 @@ def _eval(args) -> int:
     if args.checkpoint is None:
         raise SystemExit("lingbot-edge train eval: error: --checkpoint: a checkpoint folder written by `train fit` "
                          "(or an embedded checkpoint's name) is required")
-    from train.evaluate import evaluate_checkpoint, format_table
+    from train.evaluate import EvalEpisodes, EvalRows, evaluate_checkpoint, format_table
 
     schemes = [s for s in args.schemes.split(",") if s]
     named = {"full": -1, "checkpoint": None}
@@ -308,11 +312,11 @@ def _eval(args) -> int:
         overrides = parse_overrides(args.settings)
         if steps is not None:
             overrides["action_num_inference_steps"] = steps
-        rows += evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
-                                    exec_steps=exec_steps, random_baseline=not args.no_random and i == 0,
-                                    expert=args.expert and i == 0, video=args.video if i == 0 else None,
-                                    overrides=overrides, first_seed=first, modes=modes, delay_ticks=args.delay,
-                                    scene=args.scene, transformer=args.transformer)
+        measured = EvalRows(tuple(exec_steps), tuple(modes), tuple(schemes), not args.no_random and i == 0,
+                            args.expert and i == 0, overrides, args.transformer)
+        rows += evaluate_checkpoint(args.checkpoint, args.dtype, measured,
+                                    EvalEpisodes(args.episodes, first, args.scene, delay_ticks=args.delay),
+                                    video=args.video if i == 0 else None)
     table = format_table(rows, args.episodes, args.seeds)
     print(table)
     if args.json:

@@ -11,7 +11,8 @@ defaults are decided.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +321,19 @@ def read_policy_config(source: str | Path, preset: str | None = None,
     return policy_config_for(resolve_checkpoint(checkpoint_folder(source)), preset, overrides)
 
 
+@dataclass(frozen=True)
+class EncoderSettings:
+    """How `load_policy` builds a checkpoint's frozen encoders (the embedded tiny source builds its own)."""
+
+    prompts: tuple[str, ...] = ()  # encoded now, before the DiT is loaded (later episodes with them never load UMT5)
+    text_encoder_device: str | torch.device = "cpu"  # where UMT5 runs on a prompt cache miss
+    text_encoder_dtype: torch.dtype = torch.bfloat16  # UMT5's dtype (the prompt cache key includes it)
+    vae_dtype: torch.dtype | None = None  # the VAE encoder's dtype (None: the DiT's)
+    vae: str | Path | None = None  # another VAE folder in place of the checkpoint's
+    text_encoder: str | Path | None = None  # another UMT5 folder in place of the checkpoint's
+    tokenizer: str | Path | None = None  # another tokenizer folder in place of the checkpoint's
+
+
 def load_policy(
     source: str | Path,
     *,
@@ -331,13 +345,7 @@ def load_policy(
     sampler: str = "static",
     seed: int = 0,
     prompt_cache_dir: str | Path | None | bool = None,
-    prompts: Sequence[str] = (),
-    text_encoder_device: str | torch.device = "cpu",
-    text_encoder_dtype: torch.dtype = torch.bfloat16,
-    vae_dtype: torch.dtype | None = None,
-    vae: str | Path | None = None,
-    text_encoder: str | Path | None = None,
-    tokenizer: str | Path | None = None,
+    encoders: EncoderSettings = EncoderSettings(),
     record_predicted_video: bool | None = None,
     **overrides: Any,
 ):
@@ -352,7 +360,7 @@ def load_policy(
         source: a checkpoint folder (released layout, LeRobot layout, a user's post-trained checkpoint),
             the name of an embedded checkpoint (`EMBEDDED_CHECKPOINTS`: "so100-grasp"), or "tiny" (the
             embedded tiny model with random weights, built in-process; it takes only `preset`, `device`,
-            `dtype`, `compile`, `sampler`, `seed` and `overrides`).
+            `dtype`, `compile`, `sampler`, `seed` and `overrides`, and refuses the others).
         preset: the default policy settings (`core.config` presets); a checkpoint's own settings come first.
             For "tiny": the preset's robot side on the tiny model (`config.tiny_variant`).
         transformer: another DiT folder in place of the checkpoint's, e.g. a quantized one written by
@@ -365,13 +373,7 @@ def load_policy(
         seed: the noise generator's seed (`LingBotPolicy.reset` restarts it).
         prompt_cache_dir: the prompt cache's disk tier: None -> `prompt_cache.default_cache_dir()`,
             False -> memory only, else that folder.
-        prompts: prompts encoded now, before the DiT is loaded (later episodes with them never load UMT5).
-        text_encoder_device: where UMT5 runs on a cache miss (default the CPU).
-        text_encoder_dtype: UMT5's dtype (default bf16; the cache key includes it).
-        vae_dtype: the VAE encoder's dtype (default `dtype`).
-        vae: another VAE folder in place of the checkpoint's.
-        text_encoder: another UMT5 folder in place of the checkpoint's.
-        tokenizer: another tokenizer folder in place of the checkpoint's.
+        encoders: the frozen encoders' settings and folders (`EncoderSettings`).
         record_predicted_video: keep predicted latents for `io.encoders.save_predicted_video` (default: the
             LeRobot config's `save_predicted_video`, else off).
         **overrides: `PolicyConfig` fields, applied last (`--set key=value` in the CLIs).
@@ -394,9 +396,13 @@ def load_policy(
         from lingbot_edge.core.config import tiny_variant
         from lingbot_edge.io.tiny import _build_tiny_policy
 
-        if transformer is not None:
-            raise ValueError("transformer: the embedded tiny source has no checkpoint folder to replace; save it "
-                             "first (lingbot_edge.testing.checkpoints.save_tiny_checkpoint) and load that folder")
+        ignored = {"transformer": transformer is not None, "encoders": encoders != EncoderSettings(),
+                   "record_predicted_video": record_predicted_video is not None,
+                   "prompt_cache_dir": prompt_cache_dir not in (None, False)}
+        if refused := [name for name, given in ignored.items() if given]:
+            raise ValueError(f"{', '.join(refused)}: the embedded tiny source builds its parts in-process and takes "
+                             "only preset, device, dtype, compile, sampler, seed and policy settings; save it first "
+                             "(lingbot_edge.testing.checkpoints.save_tiny_checkpoint) and load that folder")
         cfg = tiny_variant(get_policy_config(preset or TINY))
         cfg = _set_fields(cfg, overrides, "overrides", "overrides") if overrides else cfg
         log.info("policy: embedded tiny model, settings %r on %s/%s (compile=%s)", cfg.name, device,
@@ -405,10 +411,11 @@ def load_policy(
 
     source = checkpoint_folder(source)
     # 1. Everything validated from headers and configs: no weight read, no device memory.
-    layout = resolve_checkpoint(source, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    layout = resolve_checkpoint(source, vae=encoders.vae, text_encoder=encoders.text_encoder,
+                                tokenizer=encoders.tokenizer,
                                 transformer=transformer)
     cfg = policy_config_for(layout, preset, overrides)
-    vae_dtype = vae_dtype or dtype
+    vae_dtype = encoders.vae_dtype or dtype
     if record_predicted_video is None:
         record_predicted_video = bool(layout.lerobot_config.get("save_predicted_video", False))
     log.info("policy: %s (%s layout%s), settings %r on %s/%s (compile=%s)", layout.root, layout.kind,
@@ -419,10 +426,11 @@ def load_policy(
     # 2. Prompt embeddings first: UMT5 (if it runs at all) is gone before the DiT arrives.
     prompt_cache = build_prompt_cache(
         layout, max_sequence_length=cfg.max_sequence_length, device=device, dtype=dtype,
-        text_encoder_device=text_encoder_device, text_encoder_dtype=text_encoder_dtype, cache_dir=prompt_cache_dir,
+        text_encoder_device=encoders.text_encoder_device, text_encoder_dtype=encoders.text_encoder_dtype,
+        cache_dir=prompt_cache_dir,
     )
-    if prompts:
-        prompt_cache.precompute(prompts, negative=cfg.use_cfg)
+    if encoders.prompts:
+        prompt_cache.precompute(encoders.prompts, negative=cfg.use_cfg)
     report["gpu_allocated_after_prompts"] = gpu_memory(device)["allocated"]
     # 3. The DiT, tensor by tensor.
     if not layout.quantized:
