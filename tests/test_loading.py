@@ -16,9 +16,9 @@ from lingbot_edge.io import checkpoint, loading
 from lingbot_edge.io.checkpoint import build_model
 from lingbot_edge.io.encoders import (
     HFTokenizer,
-    ObservationEncoder,
-    PromptEncoder,
     StreamingVAEEncoder,
+    UMT5PromptEncoder,
+    VAEObservationEncoder,
     save_predicted_video,
 )
 from lingbot_edge.io.layout import CheckpointError, resolve_checkpoint
@@ -42,8 +42,8 @@ def in_process_policy(ckpt_vae_config) -> LingBotPolicy:
     mc = cfg.model_config
     vae = build_tiny_vae(z_dim=16, seed=0, latents_mean=ckpt_vae_config["latents_mean"],
                          latents_std=ckpt_vae_config["latents_std"])
-    obs = ObservationEncoder(StreamingVAEEncoder(vae), list(cfg.obs_cam_keys), cfg.height, cfg.width)
-    prompts = PromptMemo(PromptEncoder(build_tiny_umt5(d_model=mc.text_dim, seed=0),
+    obs = VAEObservationEncoder(StreamingVAEEncoder(vae), list(cfg.obs_cam_keys), cfg.height, cfg.width)
+    prompts = PromptMemo(UMT5PromptEncoder(build_tiny_umt5(d_model=mc.text_dim, seed=0),
                                        HFTokenizer(build_tiny_tokenizer()), cfg.max_sequence_length))
     return LingBotPolicy(cfg, build_model(mc, seed=0), obs, prompts, sampler="static", compile=False)
 

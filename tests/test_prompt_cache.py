@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from lingbot_edge.cli import encode_prompt as cli_encode_prompt
 from lingbot_edge.io import loading
-from lingbot_edge.io.encoders import ByteTokenizer, PromptEncoder, clean_prompt
+from lingbot_edge.io.encoders import ByteTokenizer, UMT5PromptEncoder, clean_prompt
 from lingbot_edge.io.layout import resolve_checkpoint
 from lingbot_edge.io.loading import EncoderSettings, build_prompt_cache, load_policy
 from lingbot_edge.io.prompt_cache import (
@@ -172,7 +172,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 def _tiny_cache(tmp_path, loads, **kw):
     def factory():
         loads.append(1)
-        return PromptEncoder(build_tiny_umt5(d_model=32), ByteTokenizer(), 64, dtype=torch.float32)
+        return UMT5PromptEncoder(build_tiny_umt5(d_model=32), ByteTokenizer(), 64, dtype=torch.float32)
 
     return PromptCache(factory, fingerprint="test", text_dim=32, max_sequence_length=64,
                        encoder_dtype=torch.float32, cache_dir=tmp_path, **kw)
@@ -209,7 +209,7 @@ def test_in_memory_only_and_wrapped_encoder(tmp_path):
     cache = _tiny_cache(None, loads)
     cond, uncond = cache.encode_pair(PROMPT, use_cfg=False)
     assert uncond is None and cond.shape == (1, 64, 32) and cache.path(PROMPT) is None
-    enc = PromptEncoder(build_tiny_umt5(d_model=32), ByteTokenizer(), 64)
+    enc = UMT5PromptEncoder(build_tiny_umt5(d_model=32), ByteTokenizer(), 64)
     wrapped = PromptCache.from_encoder(enc)
     assert torch.equal(wrapped.get(PROMPT), enc.encode(PROMPT)) and torch.equal(wrapped.get(PROMPT), cond)
     assert wrapped._encoder is enc  # an encoder it cannot rebuild is kept, not released

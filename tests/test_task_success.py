@@ -1,7 +1,7 @@
 """Task success per scheme and step setting (`lingbot_edge.eval.task_success`) and the three tables that print it: the
 ladder's column, the drift table's column, the calibration report's section. Every value is checked against
 an independent run: the trained SO-100 grasp checkpoint loaded by `load_policy`, quantized by `quantize_`
-and run by `lingbot_edge.eval.grasp.evaluate` directly. Episodes are shortened (STEPS actions, 2 chunks) to keep
+and run by `lingbot_edge.eval.sim.evaluate` directly. Episodes are shortened (STEPS actions, 2 chunks) to keep
 the default run fast: the closest approach of every episode is compared exactly, success is 0 that early."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from bench import ladder
 from lingbot_edge.core.config import get_policy_config
-from lingbot_edge.eval.grasp import EVAL_SEED0, VALIDATION_SEED0, evaluate, held_out_seeds
+from lingbot_edge.eval.sim import EVAL_SEED0, VALIDATION_SEED0, evaluate, held_out_seeds
 from lingbot_edge.eval.task_success import TASK_CHECKPOINT, TaskSetting, check_task_policy, format_table, measure
 from lingbot_edge.io.loading import load_policy
 from quantize import SCHEMES, QuantPlan, default_plan, quantize_

@@ -59,7 +59,7 @@ def test_checkpoint_loads_and_runs(run):
     seen = encode_dataset(out / "dataset", policy, progress=False).video
     torch.testing.assert_close(seen, trained_on, atol=1e-4, rtol=1e-4)
     assert abs(float(seen.mean())) < 0.2 and 0.7 < float(seen.std()) < 1.3
-    from lingbot_edge.eval.grasp import run_episode
+    from lingbot_edge.eval.sim import run_episode
 
     episode = run_episode(policy, seed=123, steps=12)
     assert episode["steps"] == 12 and np.isfinite(episode["min_distance"])
@@ -116,7 +116,7 @@ def test_committed_checkpoint_loads():
     assert policy.cfg.model == "tiny" and (policy.cfg.height, policy.cfg.width) == (128, 256)
     assert policy.cfg.obs_cam_keys == POLICY_SETTINGS["obs_cam_keys"] == ("observation.images.camera_top",)
     assert policy.cfg.video_exec_step == POLICY_SETTINGS["video_exec_step"] == 1
-    from lingbot_edge.eval.grasp import run_episode
+    from lingbot_edge.eval.sim import run_episode
 
     assert run_episode(policy, seed=7, steps=4)["steps"] == 4
 

@@ -218,7 +218,7 @@ def test_posttrained_checkpoint_loads_runs_and_quantizes(posttrained, tmp_path):
     expected = (deq + delta * report["lora"]["alpha"] / 4).to(torch.bfloat16).float()
     torch.testing.assert_close(policy.model.state_dict()[f"{key}.weight"], expected)
     assert (out / "adapters" / "adapter_model.safetensors").is_file()
-    from lingbot_edge.eval.grasp import run_episode
+    from lingbot_edge.eval.sim import run_episode
 
     episode = run_episode(policy, 100_000, steps=20, scene="place")
     assert episode["steps"] >= 20

@@ -28,7 +28,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="train the tiny SO-100 policy on scripted demonstrations (CPU)",
                               description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="train_command", required=True)
-    from lingbot_edge.robot.place import SCENES
+    from lingbot_edge.robot.scenes import SCENES
     from train.scenes import TRAIN_SCENES
 
     rec = sub.add_parser("record", help="record scripted-expert episodes as a LeRobot v2.1 dataset")
@@ -299,8 +299,8 @@ def _eval(args) -> int:
         raise SystemExit(f"lingbot-edge train eval: error: --action-steps: expected 'checkpoint' or action step "
                          f"counts, comma-separated; got {args.action_steps!r}") from None
     from lingbot_edge.core.config import parse_overrides
-    from lingbot_edge.eval.grasp import MODES, SEED_SETS
-    from lingbot_edge.robot.place import get_scene
+    from lingbot_edge.eval.sim import MODES, SEED_SETS
+    from lingbot_edge.robot.scenes import get_scene
 
     modes = [m for m in args.modes.split(",") if m]
     if not modes or any(m not in MODES for m in modes):

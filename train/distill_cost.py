@@ -4,7 +4,7 @@
         [--modes sync,grounded] [--episodes 2] [--rounds 2] [--threads 1] [--markdown F]
 
 Every variant (the teacher at each step count, each student at its own) drives the same held-out grasp episodes
-through the robot loop (`eval.grasp.run_episode`), in interleaved rounds so a machine's load spreads over all of
+through the robot loop (`eval.sim.run_episode`), in interleaved rounds so a machine's load spreads over all of
 them alike. Per chunk: the forwards the DiT ran (counted on the model) and the CPU time of the thread that ran the
 chunk's job (its feedback, grounding and inference; thread CPU time, not wall time, so other processes on a shared
 machine do not count), from the end of one inference to the end of the next. The table gives the median over the
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lingbot_edge.eval.grasp import EVAL_SEED0, held_out_seeds, run_episode
+from lingbot_edge.eval.sim import EVAL_SEED0, held_out_seeds, run_episode
 from lingbot_edge.eval.task_success import checkpoint_loader
 from lingbot_edge.flags import add_dtype_arg, add_threads_arg
 from lingbot_edge.io.files import write_text

@@ -1,6 +1,6 @@
 """Task success of a trained checkpoint: bf16 / fp32, each 8-bit scheme, and the random-weight baseline.
 
-The episode loop and the held-out seeds are the runtime's (`lingbot_edge.eval.grasp`, which `lingbot-edge
+The episode loop and the held-out seeds are the runtime's (`lingbot_edge.eval.sim`, which `lingbot-edge
 demo` uses too); the settings (scheme x step setting), their measurement and the table are
 `lingbot_edge.eval.task_success`'s, shared with the ladder, the drift table and the calibration report. This module adds
 the rows only training has: the scripted expert and the checkpoint with a random-weight DiT.
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lingbot_edge.eval.grasp import EVAL_SEED0, EVAL_STEPS, held_out_seeds, with_random_transformer
+from lingbot_edge.eval.sim import EVAL_SEED0, EVAL_STEPS, held_out_seeds, with_random_transformer
 from lingbot_edge.eval.task_success import TaskSetting, checkpoint_loader, format_table, measure, row
-from lingbot_edge.robot.place import get_scene
+from lingbot_edge.robot.scenes import get_scene
 from quantize.task import quantize_setting
 from train.dataset import EXPERTS
 from train.expert import run_expert
@@ -42,7 +42,7 @@ class EvalEpisodes:
 
     episodes: int = 20  # seeds, the same for every row
     first_seed: int = EVAL_SEED0  # the first of them (VALIDATION_SEED0 for the validation set)
-    scene: str = "grasp"  # the task (`robot.place.SCENES`)
+    scene: str = "grasp"  # the task (`robot.scenes.SCENES`)
     steps: int | None = None  # actions per episode (None: the scene's `eval_steps`)
     delay_ticks: float | None = None  # inference delay in control ticks of the lookahead loops (None: half a chunk)
 
@@ -53,7 +53,7 @@ class EvalRows:
 
     # video step settings, a set of rows each (`video_exec_step`; -1: full video steps, None: the checkpoint's own)
     exec_steps: tuple[int | None, ...] = (None,)
-    modes: tuple[str, ...] = ("sync",)  # the robot loops of the trained rows (`eval.grasp.MODES`)
+    modes: tuple[str, ...] = ("sync",)  # the robot loops of the trained rows (`eval.sim.MODES`)
     schemes: tuple[str, ...] = ()  # 8-bit schemes (`quantize.SCHEMES`) on the blocks' Linears, a row each
     random_baseline: bool = True  # the same checkpoint with a random-weight DiT
     expert: bool = False  # the scripted expert, as recorded

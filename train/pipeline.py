@@ -8,7 +8,7 @@
     <out>/train_state.pt       resumable training state;  <out>/loss.png  the loss curves
     <out>/report.json          settings, losses, timings (and the evaluation when asked)
 
-The frozen parts (tiny Wan2.2-family VAE, UMT5, tokenizer) are the ones `save_tiny_checkpoint` writes
+The frozen parts (tiny Wan2.2-family VAE, UMT5, tokenizer) are the ones `io.tiny.save_tiny_frozen_parts` writes
 (fixed seed): the latents trained on and the latents seen at inference come from the same files.
 """
 

@@ -42,7 +42,7 @@ class TrainScene:
 
 
 def so100_recorder(scene: str) -> Recorder:
-    """The scripted expert of an SO-100 simulator scene (`robot.place.SCENES`), recorded by `record_dataset`."""
+    """The scripted expert of an SO-100 simulator scene (`robot.scenes.SCENES`), recorded by `record_dataset`."""
 
     def record(root: Path, seeds: Sequence[int], frames: int, cameras: Sequence[str] | None, progress: bool,
                expert: ExpertSettings) -> Path:

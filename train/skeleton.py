@@ -10,8 +10,8 @@ from pathlib import Path
 from lingbot_edge.core.config import PolicyConfig, get_policy_config, tiny_variant
 from lingbot_edge.io.checkpoint import build_model, read_model_config, save_transformer
 from lingbot_edge.io.files import write_text
+from lingbot_edge.io.tiny import save_tiny_frozen_parts
 from lingbot_edge.robot.so100 import camera_keys
-from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 
 # Policy settings of the trained checkpoint, on top of the so100 preset's tiny variant (2-frame chunks, a
 # 2-chunk cache). The top camera only, at 128x256: a DiT token (2x2 latents of the 16x VAE) then spans 3.3 cm
@@ -64,8 +64,9 @@ def write_checkpoint_skeleton(folder: Path, cfg: PolicyConfig, seed: int = 0) ->
     """Released layout with the tiny frozen parts and `policy_config.json`; transformer/ random until
     `export` replaces it. An existing skeleton is kept (its frozen parts made the cached latents)."""
     if not (folder / "vae").is_dir():
-        save_tiny_checkpoint(folder, seed=seed)
-    if read_model_config(folder / "transformer" / "config.json") != cfg.model_config:  # a larger tiny DiT
+        save_tiny_frozen_parts(folder, seed=seed)
+    dit = folder / "transformer" / "config.json"
+    if not dit.is_file() or read_model_config(dit) != cfg.model_config:
         save_transformer(build_model(cfg.model_config, seed=seed), folder / "transformer", replace=True)
     write_json(folder / "policy_config.json", policy_config_json(cfg))
     return folder

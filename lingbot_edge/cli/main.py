@@ -43,7 +43,7 @@ def _register_plugins(sub) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     """The embedded trained tiny policy on the simulated SO-100 grasp task: success over held-out seeds next to
     the same checkpoint with a random-weight DiT, and the first episode as a video."""
-    from lingbot_edge.eval.grasp import (
+    from lingbot_edge.eval.sim import (
         chunk_delay_ticks,
         evaluate,
         held_out_seeds,

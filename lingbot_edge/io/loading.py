@@ -29,7 +29,8 @@ from lingbot_edge.core.config import (
 )
 from lingbot_edge.core.policy import LingBotPolicy
 from lingbot_edge.io import checkpoint
-from lingbot_edge.io.encoders import HFTokenizer, ObservationEncoder, PromptEncoder, StreamingVAEEncoder
+from lingbot_edge.io.device_memory import gpu_memory
+from lingbot_edge.io.encoders import HFTokenizer, StreamingVAEEncoder, UMT5PromptEncoder, VAEObservationEncoder
 from lingbot_edge.io.layout import (
     LEROBOT_POSTPROCESSOR,
     CheckpointError,
@@ -42,7 +43,6 @@ from lingbot_edge.io.layout import (
 from lingbot_edge.io.prompt_cache import (
     PromptCache,
     default_cache_dir,
-    gpu_memory,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
@@ -139,10 +139,10 @@ def build_prompt_cache(
     te_dir, tok_dir = layout.text_encoder, layout.tokenizer
     fingerprint = f"{tokenizer_fingerprint(tok_dir)}:{weights_fingerprint(te_dir)}"
 
-    def factory() -> PromptEncoder:
+    def factory() -> UMT5PromptEncoder:
         # Module-level lookups at call time (tests replace them to prove a warm start loads nothing).
         encoder = load_text_encoder(te_dir, dtype=text_encoder_dtype, device=text_encoder_device)
-        return PromptEncoder(encoder, load_tokenizer(tok_dir), max_sequence_length,
+        return UMT5PromptEncoder(encoder, load_tokenizer(tok_dir), max_sequence_length,
                              device=text_encoder_device, dtype=text_encoder_dtype)
 
     if cache_dir is None or cache_dir is True:
@@ -439,7 +439,7 @@ def load_policy(
     report["gpu_allocated_after_dit"] = gpu_memory(device)["allocated"]
     # 4. The VAE: read on the CPU, only encoder + quant_conv go to the device (one copy for both streams).
     vae_model = load_vae(layout.vae, dtype=vae_dtype, device="cpu")
-    obs_encoder = ObservationEncoder(
+    obs_encoder = VAEObservationEncoder(
         StreamingVAEEncoder(vae_model, device=device, dtype=vae_dtype), list(cfg.obs_cam_keys), cfg.height,
         cfg.width, layout=cfg.camera_layout,
     )
