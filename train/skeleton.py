@@ -14,14 +14,10 @@ from lingbot_edge.io.tiny import save_tiny_frozen_parts
 from lingbot_edge.robot.so100 import camera_keys
 
 # Policy settings of the trained checkpoint, on top of the so100 preset's tiny variant (2-frame chunks, a
-# 2-chunk cache). The top camera only, at 128x256: a DiT token (2x2 latents of the 16x VAE) then spans 3.3 cm
-# of the workspace instead of 6.5 x 10 cm with three cameras at 64x128, for about the same token count; that
-# made the grasp point follow the cube sideways at all (bench/results/task_success/so100_grasp.md).
-# No CFG: one prompt, trained without prompt dropout. The action flow starts from zero noise
-# (`action_noise_scale` 0: 15/20 against 12/20 from N(0, 1) on the same DiT, so100_grasp.md). `video_exec_step` 1:
-# the chunk's PREDICTED video is written at the first video step's input (sigma 1), so the actions act on the
-# observed history alone; chosen on the validation seeds (13/20 against 4/20 with full video steps on the same
-# DiT, so100_grasp.md).
+# 2-chunk cache): the top camera only at 128x256 (finer tokens for about the same count), no CFG (one prompt,
+# trained without prompt dropout), the action flow from zero noise, and the chunk's PREDICTED video written at
+# the first video step's input (`video_exec_step` 1), so the actions act on the observed history alone. Why each:
+# bench/results/train_recipes.md.
 POLICY_SETTINGS = {"obs_cam_keys": ("observation.images.camera_top",), "height": 128, "width": 256,
                    "guidance_scale": 1.0, "action_guidance_scale": 1.0, "num_inference_steps": 4,
                    "video_exec_step": 1, "action_num_inference_steps": 10, "max_sequence_length": 32,
