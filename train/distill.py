@@ -13,7 +13,7 @@ true history in one pass, so replacing the noisy action copies by the current st
 action schedule's Euler factors, `action_num_inference_steps` times, is the sampler's action pass for every chunk
 (the history and the chunk's PREDICTED video are the same in every step, as in the cache). Both copies the
 layout holds are integrated: the synchronous one and the grounded lookahead's (`GROUNDED_SEGMENTS`).
-`tests/test_train_distill.py` checks the endpoint against `ReferenceSampler`, chunk by chunk through its cache.
+`tests/train/test_train_distill.py` checks the endpoint against `ReferenceSampler`, chunk by chunk through its cache.
 
 The video stream is not distilled: under `video_exec_step` 1 it runs one forward already, and the chunk's
 PREDICTED video is that forward's input (noise at t = 1000), drawn per sample here as the policy draws it.

@@ -11,7 +11,7 @@ executed actions (HISTORY inserts), the noisy video, the clean video once more a
 video, and the noisy actions; a boolean attention mask gives every token exactly the keys the same
 token sees at inference. The mask comes from replaying the cache's own bookkeeping (insert order,
 oldest-first eviction, also by TRANSIENT inserts, and the drop of PREDICTED entries) symbolically in
-`cache_visibility`, not from a formula, so the two cannot drift apart; `tests/test_train_teacher.py`
+`cache_visibility`, not from a formula, so the two cannot drift apart; `tests/train/test_train_teacher.py`
 checks the outputs against the model run through `ListKVCache`.
 
 Because a token's K/V depend on what it attended to, this reproduces the cache's K/V layer by layer

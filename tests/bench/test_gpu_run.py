@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # A bare machine: torch (and what torch itself installs), numpy, safetensors; plus this repository.
 # Measured importers of the non-obvious ones: setuptools (+ its vendored jaraco, more_itertools,
 # backports, packaging) by inductor's CPU C++ builder (torch.utils.cpp_extension); tqdm by torch.hub

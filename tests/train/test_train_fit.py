@@ -106,7 +106,7 @@ def test_resume_continues_the_same_run(run, monkeypatch):
 def test_committed_checkpoint_loads():
     from pathlib import Path
 
-    ckpt = Path(__file__).resolve().parents[1] / "lingbot_edge" / "assets" / "so100-grasp-tiny"
+    ckpt = Path(__file__).resolve().parents[2] / "lingbot_edge" / "assets" / "so100-grasp-tiny"
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     assert size <= 5 * 2**20, size
     policy = load_policy(ckpt, preset="so100", device="cpu", dtype="bfloat16", compile=False, prompt_cache_dir=False)
