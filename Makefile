@@ -59,11 +59,11 @@ lint: venv
 # constraints-lerobot.txt), `make test-lerobot-0.3` against LeRobot 0.3.2 (what resolves next to torch 2.13 under
 # constraints.txt). LeRobot goes in before lingbot-edge[robot], which must keep it (and its torch) as they are.
 # gym-pusht (the `pusht` extra) is the env the eval test plays; `async` brings grpcio for LeRobot 0.4's robot client,
-# which tests/lerobot/test_lerobot_async.py drives against our policy server (0.3.2 has no lerobot.async_inference).
+# which tests/lerobot_app/test_lerobot_async.py drives against our policy server (0.3.2 has no lerobot.async_inference).
 # Each target prints the LeRobot and torch versions it runs with; LINGBOT_EXPECT_* make a test fail on others (so a
 # venv where installing lingbot-edge[robot] replaced LeRobot or torch fails). HF_HUB_OFFLINE proves the tests fetch
 # nothing: the env, the datasets and the policy are all local.
-LR_TESTS := tests/lerobot/test_lerobot_adapter.py tests/lerobot/test_lerobot_eval.py tests/robot/test_so100_arm.py
+LR_TESTS := tests/lerobot_app/test_lerobot_adapter.py tests/lerobot_app/test_lerobot_eval.py tests/robot/test_so100_arm.py
 LR_VERSIONS := -c 'import importlib.metadata as m; print("LeRobot", m.version("lerobot"), "| torch", m.version("torch"), \
 	"| torchvision", m.version("torchvision"))'
 
@@ -81,7 +81,7 @@ $(LR_STAMP): pyproject.toml constraints-lerobot.txt
 
 test-lerobot: $(LR_STAMP)
 	$(LR_BIN)/python $(LR_VERSIONS)
-	HF_HUB_OFFLINE=1 LINGBOT_EXPECT_LEROBOT=0.4.4 LINGBOT_EXPECT_TORCH=2.9.1 $(LR_BIN)/python -m pytest -q -m lerobot $(LR_TESTS) tests/lerobot/test_lerobot_async.py
+	HF_HUB_OFFLINE=1 LINGBOT_EXPECT_LEROBOT=0.4.4 LINGBOT_EXPECT_TORCH=2.9.1 $(LR_BIN)/python -m pytest -q -m lerobot $(LR_TESTS) tests/lerobot_app/test_lerobot_async.py
 
 LR03_VENV := .venv-lerobot-0.3
 LR03_BIN := $(LR03_VENV)/bin

@@ -8,7 +8,7 @@ from lingbot_edge.robot.so100 import SO100_ACTION_KEYS
 from lingbot_edge.testing.so100 import FakeCamera, FakeFeetechBus, SO100FollowerStandIn
 
 
-@pytest.mark.lerobot  # LeRobot's own venv: `.venv-lerobot/bin/python -m pytest -m lerobot tests/robot/test_so100_remote.py`
+@pytest.mark.lerobot  # LeRobot's own venv: `.venv-lerobot/bin/python -m pytest -m lerobot tests/robot`
 def test_the_stand_in_has_the_method_surface_of_lerobots_follower():
     import inspect
 
