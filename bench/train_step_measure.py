@@ -43,6 +43,8 @@ from bench.train_memory import model_prediction
 from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, PolicyConfig, get_policy_config
 from lingbot_edge.core.model import WanVATransformer
 from lingbot_edge.core.qlinear import QuantizedLinear
+from lingbot_edge.io.files import write_text
+from quantize import SCHEMES, quantize_
 from train.config import TrainConfig
 from train.trainer import EpisodeTensors, FlowMatchingLoss, LossSettings
 
@@ -162,8 +164,6 @@ def build_random_model(mc: ModelConfig, base: str = "int8", seed: int = 0) -> Wa
         blk.to_empty(device="cpu")
         _init_random_(blk, gen)
         if base == "int8":
-            from quantize import SCHEMES, quantize_
-
             quantize_(model, SCHEMES["int8_weight_only"], filter_fn=functools.partial(_in_block, i), device="cpu")
     return model.eval().requires_grad_(False)
 
@@ -349,8 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:
-        from lingbot_edge.io.files import write_text
-
         write_text(args.json, text + "\n")
     return 0
 

@@ -26,9 +26,11 @@ from lingbot_edge.core.config import (
     PolicyConfig,
     get_policy_config,
     policy_fields_from_upstream,
+    tiny_variant,
 )
 from lingbot_edge.core.policy import LingBotPolicy
 from lingbot_edge.io import checkpoint
+from lingbot_edge.io.checkpoint import build_meta_model
 from lingbot_edge.io.device_memory import gpu_memory
 from lingbot_edge.io.encoders import HFTokenizer, StreamingVAEEncoder, UMT5PromptEncoder, VAEObservationEncoder
 from lingbot_edge.io.layout import (
@@ -46,6 +48,8 @@ from lingbot_edge.io.prompt_cache import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from lingbot_edge.io.quantized import load_quantized
+from lingbot_edge.io.tiny import _build_tiny_policy
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +107,6 @@ def load_tokenizer(folder: str | Path):
 def load_dit(layout: CheckpointLayout, dtype: torch.dtype, device: str | torch.device):
     """The DiT of a validated layout, tensor by tensor straight into `dtype` on `device`."""
     if layout.quantized:
-        from lingbot_edge.io.quantized import load_quantized
-
         return load_quantized(layout.transformer, dtype=dtype, device=device)
     if layout.kind == "released":
         return checkpoint.load_transformer(layout.transformer, dtype=dtype, device=device)
@@ -216,8 +218,6 @@ def policy_config_for(layout: CheckpointLayout, preset: str | None = None,
     cfg = get_policy_config(preset)
     if model is not None and cfg.model != model:
         # e.g. preset "libero" on a tiny checkpoint: the preset's robot side on the checkpoint's DiT.
-        from lingbot_edge.core.config import tiny_variant
-
         if model not in TINY_MODELS:
             raise CheckpointError(
                 f"{layout.transformer or layout.root}: the checkpoint's DiT does not match preset {preset!r} "
@@ -292,8 +292,6 @@ def runtime_defaults(device: str | torch.device | None = None, dtype: torch.dtyp
 def warn_if_float32(cfg: ModelConfig, dtype: torch.dtype) -> None:
     """fp32 only when asked: say what it costs (the released 5B DiT: 20 GB instead of 10)."""
     if dtype == torch.float32:
-        from lingbot_edge.io.checkpoint import build_meta_model
-
         params = sum(p.numel() for p in build_meta_model(cfg).parameters())
         log.warning("DiT in float32 as asked: %.2f GB of weights (%.2f GB in the default bfloat16)",
                     params * 4 / 1e9, params * 2 / 1e9)
@@ -393,9 +391,6 @@ def load_policy(
     """
     device, dtype, compile = runtime_defaults(device, dtype, compile)
     if isinstance(source, str) and source == TINY:
-        from lingbot_edge.core.config import tiny_variant
-        from lingbot_edge.io.tiny import _build_tiny_policy
-
         ignored = {"transformer": transformer is not None, "encoders": encoders != EncoderSettings(),
                    "record_predicted_video": record_predicted_video is not None,
                    "prompt_cache_dir": prompt_cache_dir not in (None, False)}
