@@ -36,6 +36,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     rec.add_argument("--episodes", type=int, default=200)
     rec.add_argument("--first-seed", type=int, default=0)
     _scene_arg(rec, TRAIN_SCENES)
+    _libero_args(rec)
     _expert_args(rec)
     rec.add_argument("--camera", action="append", default=[], metavar="NAME",
                      help="camera to record (repeatable; default: all three SO-100 cameras)")
@@ -80,6 +81,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
     add_threads_arg(fit)
     _scene_arg(fit, TRAIN_SCENES)
+    _libero_args(fit)
     from train.lora import DEFAULT_TARGETS, AdapterConfig
 
     ac = AdapterConfig()
@@ -180,7 +182,44 @@ def _distill_args(sub) -> None:
 def _scene_arg(parser, scenes) -> None:
     parser.add_argument("--scene", choices=sorted(scenes), default="grasp",
                         help="the simulated task: grasp (pick up the red cube) or place (the green cube into the "
-                             "paper box); default %(default)s")
+                             "paper box) on the SO-100, or libero (LIBERO's simulator: --suite, --tasks); default "
+                             "%(default)s")
+
+
+def _libero_args(parser) -> None:
+    from train.libero_data import LiberoTasks
+
+    lt = LiberoTasks()
+    parser.add_argument("--env", choices=("so100", "libero"), default="so100",
+                        help="so100: the simulated SO-100 (--scene); libero: LIBERO's own simulator, the same as "
+                             "--scene libero (--suite, --tasks; the libero extra), demonstrations by the scripted "
+                             "pick-and-place expert (default %(default)s)")
+    parser.add_argument("--suite", default=lt.suite, help="with --env libero: the LIBERO suite (default %(default)s)")
+    parser.add_argument("--tasks", default=",".join(map(str, lt.task_ids)),
+                        help="with --env libero: comma-separated task ids of the suite, one policy for all "
+                             "(default %(default)s)")
+    parser.add_argument("--antialias", action="store_true",
+                        help="with --env libero: LIBERO's 4x multisampled renders (default off: half the CPU time; "
+                             "evaluate with the same setting)")
+
+
+def _scene_name(args) -> str:
+    return "libero" if args.env == "libero" else args.scene
+
+
+def _scene_options(args):
+    """The recording options of the chosen scene: LIBERO's tasks, or the SO-100 scripted expert's settings."""
+    from train.libero_data import LiberoTasks
+    from train.scenes import ExpertSettings
+
+    if _scene_name(args) != "libero":
+        return ExpertSettings(args.expert_gain, args.expert_cartesian_speed, args.expert_detour)
+    try:
+        task_ids = tuple(int(t) for t in args.tasks.split(",") if t)
+    except ValueError:
+        raise SystemExit(f"lingbot-edge train: error: --tasks: expected comma-separated task ids, got "
+                         f"{args.tasks!r}") from None
+    return LiberoTasks(suite=args.suite, task_ids=task_ids, antialias=args.antialias)
 
 
 def _expert_args(parser) -> None:
@@ -196,18 +235,15 @@ def _expert_args(parser) -> None:
                              f"{RECORDING_DETOUR}; 0: the straight path)")
 
 
-def _expert(args):
-    from train.scenes import ExpertSettings
-
-    return ExpertSettings(args.expert_gain, args.expert_cartesian_speed, args.expert_detour)
-
-
 def _record(args) -> int:
     from train.scenes import get_train_scene
 
-    scene = get_train_scene(args.scene)
-    scene.record(Path(args.out), list(range(args.first_seed, args.first_seed + args.episodes)), scene.episode_frames,
-                 args.camera or None, True, _expert(args))
+    scene = get_train_scene(_scene_name(args))
+    try:
+        scene.record(Path(args.out), list(range(args.first_seed, args.first_seed + args.episodes)),
+                     scene.episode_frames, args.camera or None, True, _scene_options(args))
+    except ValueError as e:
+        raise SystemExit(f"lingbot-edge train record: error: {e}") from None
     return 0
 
 
@@ -231,7 +267,11 @@ def _fit(args) -> int:
                                  targets=tuple(t for t in args.lora_targets.split(",") if t),
                                  base_dtype=args.base_dtype,
                                  train_modules=tuple(t for t in args.lora_train_modules.split(",") if t))
-    data = DataSettings(scene=args.scene, dataset=args.dataset, episodes=args.episodes, expert=_expert(args),
+    if args.eval_episodes and _scene_name(args) == "libero":
+        raise SystemExit("lingbot-edge train fit: error: --eval-episodes: LIBERO policies are evaluated by "
+                         "`lingbot-edge eval-libero --checkpoint OUT/checkpoint` (LIBERO's own success check)")
+    data = DataSettings(scene=_scene_name(args), dataset=args.dataset, episodes=args.episodes,
+                        options=_scene_options(args),
                         latents=args.latents)
     model = ModelSettings(model=args.model, cameras=tuple(args.camera) or None, height=args.height, width=args.width,
                           base=args.base, adapters=adapters, from_scratch=args.from_scratch,

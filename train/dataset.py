@@ -19,10 +19,11 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from lingbot_edge.robot.scenes import get_scene
 from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_CAMERAS
@@ -97,17 +98,19 @@ def feature_stats(values: np.ndarray) -> dict[str, list[float]]:
             "q01": np.quantile(v, 0.01, axis=0).tolist(), "q99": np.quantile(v, 0.99, axis=0).tolist()}
 
 
-def _features(height: int, width: int, cameras: Sequence[str]) -> dict:
-    names = list(SO100_ACTION_KEYS)
+def dataset_features(action_names: Sequence[str], state_names: Sequence[str], height: int, width: int,
+                     cameras: Sequence[str], fps: int = FPS) -> dict:
+    """LeRobot v2.1 `features` of a dataset: action, observation.state, one video per camera (`cameras`: names
+    after `observation.images.`), and the index columns."""
     feats: dict = {
-        "action": {"dtype": "float32", "shape": [len(names)], "names": names},
-        "observation.state": {"dtype": "float32", "shape": [len(names)], "names": names},
+        "action": {"dtype": "float32", "shape": [len(action_names)], "names": list(action_names)},
+        "observation.state": {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
     }
     for c in cameras:
         feats[IMAGE_PREFIX + c] = {
             "dtype": "video", "shape": [height, width, 3], "names": ["height", "width", "channels"],
             "info": {"video.height": height, "video.width": width, "video.codec": "h264",
-                     "video.pix_fmt": "yuv444p", "video.is_depth_map": False, "video.fps": FPS,
+                     "video.pix_fmt": "yuv444p", "video.is_depth_map": False, "video.fps": fps,
                      "video.channels": 3, "has_audio": False},
         }
     for name, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
@@ -116,55 +119,52 @@ def _features(height: int, width: int, cameras: Sequence[str]) -> dict:
     return feats
 
 
-def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: int = 96, width: int = 128,
-                   cameras: Sequence[str] = SO100_CAMERAS, task: str | None = None, progress: bool = True,
-                   expert_gain: float = 0.0, expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
-                   expert_detour: float = RECORDING_DETOUR, scene: str = "grasp") -> Path:
-    """Record one expert episode of `scene` per seed into a new LeRobot v2.1 dataset at `root` (written in a
-    temporary folder next to it and moved into place at the end; an existing `root` is refused). `task`: the
-    prompt (default: the scene's)."""
-    task = get_scene(scene).task if task is None else task
-    from tqdm import tqdm
-
+def write_dataset(root: str | Path, episodes: Iterable[dict], features: dict, robot_type: str,
+                  fps: int = FPS) -> Path:
+    """A new LeRobot v2.1 dataset at `root` from `episodes`, each {"task": prompt, "seed", "success", "action":
+    [n, A], "state": [n, S], "frames": {camera: uint8 [n, H, W, 3]}} (frame i: the observation before action i).
+    Written in a temporary folder next to `root` and moved into place at the end; an existing `root` is refused."""
     root = Path(root)
     if root.exists():
-        raise FileExistsError(f"{root}: exists; record_dataset writes a new dataset (pick another folder)")
+        raise FileExistsError(f"{root}: exists; recording writes a new dataset (pick another folder)")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        episodes, all_actions, all_states, index, failed = [], [], [], 0, 0
-        for ep, seed in enumerate(tqdm(seeds, desc="record", unit="episode", disable=not progress)):
-            rec = record_episode(seed, steps, height, width, cameras, expert_gain, expert_cartesian_speed,
-                                 expert_detour, scene)
+        metas, tasks, all_actions, all_states, index, failed = [], {}, [], [], 0, 0
+        for ep, rec in enumerate(episodes):
             failed += not rec["success"]
+            task_index = tasks.setdefault(rec["task"], len(tasks))
             chunk = ep // CHUNKS_SIZE
             n = len(rec["action"])
             _write_parquet(tmp / DATA_PATH.format(episode_chunk=chunk, episode_index=ep), {
                 "action": rec["action"], "observation.state": rec["state"],
-                "timestamp": (np.arange(n) / FPS).astype(np.float32), "frame_index": np.arange(n),
-                "episode_index": np.full(n, ep), "index": np.arange(index, index + n), "task_index": np.zeros(n, int),
+                "timestamp": (np.arange(n) / fps).astype(np.float32), "frame_index": np.arange(n),
+                "episode_index": np.full(n, ep), "index": np.arange(index, index + n),
+                "task_index": np.full(n, task_index),
             })
             for c, frames in rec["frames"].items():
                 _write_video(tmp / VIDEO_PATH.format(episode_chunk=chunk, video_key=IMAGE_PREFIX + c,
-                                                     episode_index=ep), frames, FPS)
-            episodes.append({"episode_index": ep, "tasks": [task], "length": n, "seed": int(seed),
-                             "expert_success": bool(rec["success"])})
+                                                     episode_index=ep), frames, fps)
+            metas.append({"episode_index": ep, "tasks": [rec["task"]], "length": n, "seed": int(rec["seed"]),
+                          "expert_success": bool(rec["success"])})
             all_actions.append(rec["action"])
             all_states.append(rec["state"])
             index += n
         if failed:
             log.warning("the expert failed %d of %d episodes (kept: the dataset records what happened)",
-                        failed, len(seeds))
+                        failed, len(metas))
+        cameras = [k for k, f in features.items() if f["dtype"] == "video"]
         meta = tmp / "meta"
         meta.mkdir()
-        info = {"codebase_version": CODEBASE_VERSION, "robot_type": "so100", "total_episodes": len(episodes),
-                "total_frames": index, "total_tasks": 1, "total_videos": len(episodes) * len(cameras),
-                "total_chunks": len(episodes) // CHUNKS_SIZE + 1, "chunks_size": CHUNKS_SIZE, "fps": FPS,
-                "splits": {"train": f"0:{len(episodes)}"}, "data_path": DATA_PATH, "video_path": VIDEO_PATH,
-                "features": _features(height, width, cameras)}
+        info = {"codebase_version": CODEBASE_VERSION, "robot_type": robot_type, "total_episodes": len(metas),
+                "total_frames": index, "total_tasks": len(tasks), "total_videos": len(metas) * len(cameras),
+                "total_chunks": len(metas) // CHUNKS_SIZE + 1, "chunks_size": CHUNKS_SIZE, "fps": fps,
+                "splits": {"train": f"0:{len(metas)}"}, "data_path": DATA_PATH, "video_path": VIDEO_PATH,
+                "features": features}
         (meta / "info.json").write_text(json.dumps(info, indent=2))
-        (meta / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
-        (meta / "tasks.jsonl").write_text(json.dumps({"task_index": 0, "task": task}) + "\n")
+        (meta / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in metas))
+        (meta / "tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n"
+                                                  for t, i in tasks.items()))
         stats = {"action": feature_stats(np.concatenate(all_actions)),
                  "observation.state": feature_stats(np.concatenate(all_states))}
         (meta / "stats.json").write_text(json.dumps(stats, indent=2))
@@ -173,8 +173,26 @@ def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: i
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("recorded %d episodes (%d frames) into %s", len(episodes), index, root)
+    log.info("recorded %d episodes (%d frames) into %s", len(metas), index, root)
     return root
+
+
+def record_dataset(root: str | Path, seeds: Sequence[int], steps: int, height: int = 96, width: int = 128,
+                   cameras: Sequence[str] = SO100_CAMERAS, task: str | None = None, progress: bool = True,
+                   expert_gain: float = 0.0, expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
+                   expert_detour: float = RECORDING_DETOUR, scene: str = "grasp") -> Path:
+    """Record one expert episode of `scene` per seed into a new LeRobot v2.1 dataset at `root` (`write_dataset`).
+    `task`: the prompt (default: the scene's)."""
+    task = get_scene(scene).task if task is None else task
+
+    def episodes():
+        for seed in tqdm(seeds, desc="record", unit="episode", disable=not progress):
+            rec = record_episode(seed, steps, height, width, cameras, expert_gain, expert_cartesian_speed,
+                                 expert_detour, scene)
+            yield {**rec, "task": task, "seed": seed}
+
+    features = dataset_features(SO100_ACTION_KEYS, SO100_ACTION_KEYS, height, width, cameras)
+    return write_dataset(root, episodes(), features, robot_type="so100")
 
 
 def dataset_seeds(root: str | Path) -> list[int]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,8 +31,8 @@ from lingbot_edge.io.loading import read_policy_config
 from lingbot_edge.robot.so100 import camera_name
 from train import posttrain
 from train.lora import AdapterConfig, checkpoint_blocks
-from train.scenes import ExpertSettings, get_train_scene
-from train.skeleton import base_policy_config, policy_config_json, write_checkpoint_skeleton, write_json
+from train.scenes import get_train_scene
+from train.skeleton import policy_config_json, write_checkpoint_skeleton, write_json
 from train.trainer import (
     EpisodeTensors,
     TrainConfig,
@@ -81,7 +82,9 @@ class DataSettings:
     dataset: str | Path | None = None  # an existing LeRobot dataset (None: record one into <out>/dataset)
     episodes: int = 200  # episodes to record / use
     episode_frames: int | None = None  # recorded frames per episode (None: the scene's)
-    expert: ExpertSettings = ExpertSettings()  # the recorded scripted expert
+    # the scene's recording options (an instance of its `TrainScene.options`: the scripted expert's settings of the
+    # SO-100 scenes, the tasks of LIBERO's); None: their defaults
+    options: Any = None
     latents: str | Path | None = None  # an earlier run's latents.pt of the same dataset and VAE (skips encoding)
 
 
@@ -111,6 +114,9 @@ def fit(out: str | Path, data: DataSettings = DataSettings(), model: ModelSettin
     out = open_run(out, threads)
     timings: dict[str, float] = {}
     scene = get_train_scene(data.scene)
+    options = scene.options() if data.options is None else data.options
+    if model.base is not None and not scene.post_training:
+        raise ValueError(f"base: post-training on scene {scene.name!r} is not supported; train its policy from nothing")
     dataset = Path(data.dataset) if data.dataset is not None else out / "dataset"
     latents = Path(data.latents) if data.latents is not None else out / "latents.pt"
     ckpt = out / "checkpoint"
@@ -119,10 +125,10 @@ def fit(out: str | Path, data: DataSettings = DataSettings(), model: ModelSettin
         t = time.perf_counter()
         if not (dataset / "meta" / "info.json").is_file():
             keys = (read_policy_config(base) if base is not None
-                    else base_policy_config(model.model, model.cameras)).obs_cam_keys
+                    else scene.policy_config(model.model, model.cameras)).obs_cam_keys
             frames = scene.episode_frames if data.episode_frames is None else data.episode_frames
             scene.record(dataset, list(range(data.episodes)), frames, [camera_name(k) for k in keys], progress,
-                         data.expert)
+                         options)
         timings["record_s"] = time.perf_counter() - t
         q01, q99 = load_action_quantiles(dataset, scene.action_names)
         dim = get_policy_config("tiny").model_config.action_dim
@@ -131,8 +137,8 @@ def fit(out: str | Path, data: DataSettings = DataSettings(), model: ModelSettin
         if base is not None:
             posttrain.write_skeleton(ckpt, base, posttrain.base_policy_config(base, q01, q99))
         else:
-            write_checkpoint_skeleton(ckpt, base_policy_config(model.model, model.cameras, action_q01=q01,
-                                                               action_q99=q99, **size))
+            write_checkpoint_skeleton(ckpt, scene.policy_config(model.model, model.cameras, action_q01=q01,
+                                                                action_q99=q99, **size))
         t = time.perf_counter()
         if latents.is_file():
             _, raw, source = read_latents(latents)
@@ -143,8 +149,8 @@ def fit(out: str | Path, data: DataSettings = DataSettings(), model: ModelSettin
                 raise ValueError(f"{latents}: encoded through another VAE normalization than {ckpt / 'vae'}")
         else:
             raw = vae_is_identity(ckpt / "vae")
-            encoded = encode_dataset(dataset, load_checkpoint_policy(ckpt), max_episodes=data.episodes,
-                                     progress=progress)
+            encoded = encode_dataset(dataset, load_checkpoint_policy(ckpt, preset=scene.preset),
+                                     max_episodes=data.episodes, progress=progress)
             atomic_torch_save({**asdict(encoded), "identity_vae": raw, "dataset": str(dataset)}, latents)  # as encoded
         if raw:
             normalize_latents(read_latents(latents)[0], ckpt / "vae")  # writes the statistics once
@@ -175,7 +181,8 @@ def fit(out: str | Path, data: DataSettings = DataSettings(), model: ModelSettin
         dit = posttrain.export(dit, model.adapters, out)
     save_transformer(dit, ckpt / "transformer", replace=True)  # the skeleton's DiT -> the trained one
     report = {"dataset": str(dataset), "episodes": len(episodes), "chunks": int(episodes.video.shape[1]),
-              "scene": scene.name, "base": None if base is None else str(base), "from_scratch": model.from_scratch,
+              "scene": scene.name, "scene_options": asdict(options) if is_dataclass(options) else options,
+              "base": None if base is None else str(base), "from_scratch": model.from_scratch,
               "lora": None if model.adapters is None else asdict(model.adapters),
               "processes": 1 if parallel is None else parallel.world,
               "train_config": asdict(tc), "policy_config": policy_config_json(cfg), "timings": timings,

@@ -24,6 +24,24 @@ POLICY_SETTINGS = {"obs_cam_keys": ("observation.images.camera_top",), "height":
                    "action_noise_scale": 0.0}
 
 
+# The embedded LIBERO policy (libero-tiny): the libero preset's structure (two 128x128 cameras, 4-frame chunks of
+# 4 actions, LeRobot's frame orientation turned into upstream's by hflip) on the tiny DiT, its 7 used channels
+# packed into the tiny model's 8, with the so100 checkpoint's sampler choices above. The cameras keep LeRobot's
+# names (what its LIBERO datasets and env hand over); a 2-chunk cache.
+LIBERO_POLICY_SETTINGS = {"obs_cam_keys": ("observation.images.image", "observation.images.image2"),
+                          "camera_aliases": (("observation.images.agentview_rgb", "observation.images.image"),
+                                             ("observation.images.eye_in_hand_rgb", "observation.images.image2")),
+                          "height": 128, "width": 128, "frame_chunk_size": 4, "attn_window": 8,
+                          "guidance_scale": 1.0, "action_guidance_scale": 1.0, "num_inference_steps": 4,
+                          "video_exec_step": 1, "action_num_inference_steps": 10, "max_sequence_length": 32,
+                          "action_noise_scale": 0.0}
+
+
+def libero_policy_config(model: str = "tiny", **settings) -> PolicyConfig:
+    """The LIBERO checkpoint's policy settings (LIBERO_POLICY_SETTINGS over the libero preset's tiny variant)."""
+    return tiny_variant(get_policy_config("libero"), model).replace(**{**LIBERO_POLICY_SETTINGS, **settings})
+
+
 def base_policy_config(model: str = "tiny", cameras: Sequence[str] | None = None, **settings) -> PolicyConfig:
     """The trained checkpoint's policy settings; `cameras` (robot camera names, e.g. camera_top): POLICY_SETTINGS'
     (the top camera) when None."""
@@ -53,6 +71,9 @@ def policy_config_json(cfg: PolicyConfig) -> dict:
         "norm_stat": {"q01": list(cfg.action_q01), "q99": list(cfg.action_q99)},
         "max_sequence_length": cfg.max_sequence_length, "state_dim": cfg.state_dim,
         "action_noise_scale": cfg.action_noise_scale,
+        # the frames' orientation and the cameras' other names, where there are (e.g. LIBERO's)
+        **({"image_transform": cfg.image_transform} if cfg.image_transform != "none" else {}),
+        **({"camera_aliases": dict(cfg.camera_aliases)} if cfg.camera_aliases else {}),
     }
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from lingbot_edge.core.qlinear import QuantFormat, UnsupportedSchemeError, check_device_support
+from lingbot_edge.eval.libero_expert import PickPlaceExpert, quat_to_axis_angle
 from lingbot_edge.io.files import write_text
 from lingbot_edge.io.quantized import QuantizedCheckpointError, read_manifest
 
@@ -179,38 +180,98 @@ def prepare_libero() -> None:
 
 
 class LiberoEnv:
-    """One LIBERO task in hf-libero's OffScreenRenderEnv: reset to an initial state, settle, step.
+    """One LIBERO task in hf-libero's ControlEnv: reset to a benchmark initial state or a random placement,
+    settle, step.
 
     Observations leave as {LIBERO_CAMERAS name: uint8 [H, W, 3]} in LeRobot's orientation (the raw render
-    rotated 180 degrees); actions enter as 7 floats in [action_low, action_high] (LIBERO's [-1, 1])."""
+    rotated 180 degrees); actions enter as 7 floats in [action_low, action_high] (LIBERO's [-1, 1]).
 
-    def __init__(self, suite: str, task_id: int, render_size: int = 256, seed: int = 0):
+    Args:
+        suite, task_id: the LIBERO task.
+        render_size: square camera size (128: the libero preset's input, no resize).
+        seed: the env's seed (initial-state resets do not depend on it).
+        antialias: LIBERO's 4x multisampled renders; off, the CPU's software renderer takes about half the time
+            (the frames differ at edges: record and evaluate a policy with the same setting).
+        cameras: render the two cameras (False: physics only, e.g. for the scripted expert; frames are {}).
+    """
+
+    def __init__(self, suite: str, task_id: int, render_size: int = 128, seed: int = 0, antialias: bool = False,
+                 cameras: bool = True):
         prepare_libero()
         from libero.libero import benchmark
-        from libero.libero.envs import OffScreenRenderEnv
+        from libero.libero.envs.env_wrapper import ControlEnv
 
         bench = benchmark.get_benchmark_dict()[suite]()
         task = bench.get_task(task_id)
+        self.suite, self.task_id = suite, task_id
         self.prompt, self.name = task.language, task.name
         self.init_states = bench.get_task_init_states(task_id)
-        self.env = OffScreenRenderEnv(bddl_file_name=bench.get_task_bddl_file_path(task_id),
-                                      camera_heights=render_size, camera_widths=render_size)
+        # hard_reset off: one simulation (and render context) for the env's life; every reset still draws a new
+        # placement or loads a whole initial state.
+        self.env = ControlEnv(bddl_file_name=bench.get_task_bddl_file_path(task_id), use_camera_obs=False,
+                              has_offscreen_renderer=cameras, camera_heights=render_size, camera_widths=render_size,
+                              hard_reset=False)
+        self.render_size, self.cameras = render_size, cameras
+        if cameras and not antialias:
+            self._single_sample_renders()
         self.action_low, self.action_high = (np.asarray(a, np.float64) for a in self.env.env.action_spec)
         self.seed = seed
         self.last_raw: Mapping[str, Any] = {}
+
+    @property
+    def problem(self):
+        """The LIBERO problem env (objects, `obj_of_interest`), what a scripted expert reads."""
+        return self.env.env
+
+    def _single_sample_renders(self) -> None:
+        """Remake the render context's MuJoCo buffers without multisampling (robosuite's own way of resizing
+        them: free the MjrContext, make a new one on the same GL context)."""
+        sim = self.env.sim
+        sim.model._model.vis.quality.offsamples = 0
+        context = sim._render_context_offscreen
+        context.gl_ctx.make_current()
+        context.con.free()
+        context._set_mujoco_context_and_buffers()
 
     @staticmethod
     def frames(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return {cam: np.ascontiguousarray(np.asarray(raw[key])[::-1, ::-1]) for key, cam in LIBERO_RAW_CAMERAS.items()}
 
-    def reset(self, episode: int) -> dict[str, np.ndarray]:
-        self.env.seed(self.seed)
-        self.env.reset()
-        raw = self.env.set_init_state(self.init_states[episode % len(self.init_states)])
+    def render(self) -> dict[str, np.ndarray]:
+        """The two cameras now, in LeRobot's orientation ({} without cameras)."""
+        if not self.cameras:
+            return {}
+        sim = self.env.sim
+        raw = {key: sim.render(camera_name=key.removesuffix("_image"), width=self.render_size,
+                               height=self.render_size) for key in LIBERO_RAW_CAMERAS}
+        self.last_raw = {**self.last_raw, **raw}
+        return self.frames(raw)
+
+    def _settle(self, raw) -> dict[str, np.ndarray]:
         for _ in range(LIBERO_NUM_STEPS_WAIT):
             raw, _, _, _ = self.env.step(np.array(LIBERO_DUMMY_ACTION))
         self.last_raw = raw
-        return self.frames(raw)
+        return self.render()
+
+    def reset(self, episode: int) -> dict[str, np.ndarray]:
+        """Benchmark initial state `episode` (of the task's 50), settled."""
+        self.env.seed(self.seed)
+        self.env.reset()
+        return self._settle(self.env.set_init_state(self.init_states[episode % len(self.init_states)]))
+
+    def reset_random(self, seed: int) -> dict[str, np.ndarray]:
+        """A placement drawn by the task's own placement rules (what the benchmark's initial states were drawn
+        from), reproducible by `seed`, settled."""
+        self.env.seed(seed)
+        np.random.seed(seed)  # robosuite's placement samplers draw from numpy's global generator
+        return self._settle(self.env.reset())
+
+    def state(self) -> np.ndarray:
+        """LeRobot's LIBERO `observation.state`: end-effector position (3), orientation as axis-angle (3),
+        gripper finger joints (2)."""
+        raw = self.last_raw
+        return np.concatenate([raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]),
+                               raw["robot0_gripper_qpos"]]).astype(np.float32)
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:
         action = np.asarray(action, np.float64)
@@ -218,7 +279,7 @@ class LiberoEnv:
             raise ValueError(f"action: expected {self.action_low.shape[0]} values, got shape {action.shape}")
         raw, _, _, _ = self.env.step(action)
         self.last_raw = raw
-        return self.frames(raw), bool(self.env.check_success())
+        return self.render(), bool(self.env.check_success())
 
     def close(self) -> None:
         self.env.close()  # frees the GL context now (left to __del__ at exit, EGL raises)
