@@ -19,6 +19,7 @@ from lingbot_edge.core.model import WanVATransformer
 from lingbot_edge.core.qlinear import QuantizedLinear, check_device_support, quantized_linears
 from lingbot_edge.io.checkpoint import build_meta_model, load_transformer
 from lingbot_edge.io.files import stage
+from lingbot_edge.io.loading import checkpoint_folder
 from lingbot_edge.io.quantized import build_quantized_skeleton, check_quantized_output, save_quantized, sha256_file
 
 from .plan import QuantPlan, default_plan
@@ -171,8 +172,9 @@ def calibrate_input_scales(model: nn.Module, names: list[str], calibrate: Calibr
 
 
 def transformer_folder(checkpoint: str | Path) -> Path:
-    """The `transformer/` folder of a checkpoint root, or the folder itself (as load_transformer)."""
-    folder = Path(checkpoint)
+    """The `transformer/` folder of a checkpoint root (or an embedded checkpoint's name), or the folder itself (as
+    load_transformer)."""
+    folder = Path(checkpoint_folder(checkpoint))
     if (folder / "transformer").is_dir() and not (folder / "config.json").is_file():
         folder = folder / "transformer"
     if not (folder / "config.json").is_file():

@@ -39,7 +39,7 @@ LIBERO_CAMERAS = ("observation.images.image", "observation.images.image2")
 LIBERO_RAW_CAMERAS = {"agentview_image": LIBERO_CAMERAS[0], "robot0_eye_in_hand_image": LIBERO_CAMERAS[1]}
 LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 # Steps per episode (LeRobot's TASK_SUITE_MAX_STEPS: a margin over the longest training demo).
-LIBERO_MAX_STEPS = {"libero_spatial": 280, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
+LIBERO_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
                     "libero_90": 400}
 LIBERO_NUM_STEPS_WAIT = 10  # no-op steps after reset while objects settle (LeRobot, openvla)
 LIBERO_DUMMY_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # no motion, gripper open
@@ -288,62 +288,173 @@ class LiberoEnv:
 @dataclass
 class EpisodeOutcome:
     task_id: int
-    episode: int
+    episode: int  # the benchmark initial state it started from
     success: bool
-    steps: int
+    steps: int  # env steps, holds included
     chunks: int
-    infer_ms: float  # mean per chunk
+    infer_ms: float  # mean per chunk (nan for the expert)
     step_ms: float = float("nan")  # mean per env step (simulation + rendering)
+    wall_s: float = float("nan")  # the whole episode, reset included
+    hold_steps: int = 0  # steps the arm held while a chunk was not ready (real-time loop)
 
 
-def run_libero_episode(policy, env, episode: int, max_steps: int, task_id: int = 0) -> EpisodeOutcome:
-    """Closed loop through the episode protocol: infer a chunk, execute it step by step (each action clipped
-    to the env's range and recorded as executed, the cameras recorded at the chunk's keyframe steps), feed
-    the chunk back, until success or `max_steps`. `env`: `prompt`, `action_low` / `action_high`,
-    `reset(episode) -> frames`, `step(action) -> (frames, success)` (see `LiberoEnv`)."""
+# The robot loops of `run_libero_episode` (the SO-100 evaluation's names): sync infers after each chunk while the
+# scene waits; grounded infers each chunk while the previous one executes, requesting it at the last latent-frame
+# boundary the inference delay allows, with the executing chunk's keyframes.
+LIBERO_MODES = ("sync", "grounded")
+
+
+def chunk_delay_steps(cfg) -> int:
+    """The default inference delay of the real-time loop: half a steady-state chunk (a GPU that meets the control
+    rate with room to spare), in env steps."""
+    return max(1, cfg.frame_chunk_size * cfg.action_per_frame // 2)
+
+
+def late_request_step(cfg, delay_steps: int) -> int:
+    """The executed steps of a chunk after which the grounded loop requests the chunk after next: the last
+    latent-frame boundary that leaves the inference delay and one step to spare before the chunk ends (0: at
+    its start)."""
+    steps, frame = cfg.frame_chunk_size * cfg.action_per_frame, cfg.action_per_frame
+    return max((s for s in range(0, steps, frame) if s + delay_steps < steps), default=0)
+
+
+class _Episode:
+    """The env side of one closed-loop episode: steps (each action clipped to the env's range), holds, the clock in
+    env steps, success, timings."""
+
+    def __init__(self, env, max_steps: int, cameras: Callable[[Mapping[str, Any]], Mapping[str, Any]]):
+        self.env, self.max_steps, self.cameras = env, max_steps, cameras
+        self.steps, self.holds, self.success, self.step_s = 0, 0, False, []
+        self.gripper = LIBERO_DUMMY_ACTION[-1]
+
+    @property
+    def over(self) -> bool:
+        return self.success or self.steps >= self.max_steps
+
+    def execute(self, chunk, step: int) -> None:
+        action = np.clip(chunk.actions[step], self.env.action_low, self.env.action_high)
+        t0 = time.perf_counter()
+        obs, self.success = self.env.step(action)
+        self.step_s.append(time.perf_counter() - t0)
+        self.steps += 1
+        self.gripper = float(action[-1])
+        chunk.record(step, action, self.cameras(obs) if chunk.is_keyframe(step) else None)
+
+    def hold(self) -> None:
+        """No chunk ready: keep the pose (zero motion), the gripper as it was."""
+        _, self.success = self.env.step(np.array([*LIBERO_DUMMY_ACTION[:-1], self.gripper]))
+        self.steps += 1
+        self.holds += 1
+
+
+def run_libero_episode(policy, env, episode: int, max_steps: int, task_id: int = 0, mode: str = "sync",
+                       delay_steps: int | None = None) -> EpisodeOutcome:
+    """One closed-loop episode through the episode protocol, until success or `max_steps` env steps.
+
+    sync: infer a chunk, execute it (each action clipped to the env's range and recorded as executed, the cameras
+    at the chunk's keyframe steps), feed it back, infer the next; the scene waits while the policy thinks (LIBERO's
+    own protocol). grounded (a policy loaded with `async_mode="grounded"`): the real-time loop under virtual time,
+    every inference taking `delay_steps` env steps (default `chunk_delay_steps`): chunk k+1 is inferred while chunk
+    k executes, each request going out at `late_request_step` of the executing chunk with its keyframes so far; a
+    chunk not ready when the previous one ends makes the arm hold (counted in the steps).
+    `env`: `prompt`, `action_low` / `action_high`, `reset(episode) -> frames`, `step(action) -> (frames, success)`
+    (see `LiberoEnv`)."""
+    if mode not in LIBERO_MODES:
+        raise ValueError(f"mode: expected one of {list(LIBERO_MODES)}, got {mode!r}")
     cfg = policy.cfg
+    if mode == "grounded" and cfg.async_mode != "grounded":
+        raise ValueError(f"mode 'grounded': the policy's async_mode is {cfg.async_mode!r}; load it with "
+                         "async_mode='grounded'")
+    t_start = time.perf_counter()
     obs = env.reset(episode)
     policy.reset(prompt=env.prompt)
-    steps, chunks, infer_ms, step_s, success = 0, 0, [], [], False
-    while steps < max_steps and not success:
-        chunk = policy.infer(obs if chunks == 0 else {})
+    run, infer_ms, chunks = _Episode(env, max_steps, cfg.canonical_cameras), [], 0
+
+    def infer(frames, ahead: bool = False):
+        chunk = policy.infer(frames, ahead=True) if ahead else policy.infer(frames)
         infer_ms.append(chunk.timing["total_ms"])
-        chunks += 1
-        for step, planned in enumerate(chunk.actions):
-            action = np.clip(planned, env.action_low, env.action_high)
-            t0 = time.perf_counter()
-            obs, success = env.step(action)
-            step_s.append(time.perf_counter() - t0)
-            steps += 1
-            chunk.record(step, action, cfg.canonical_cameras(obs) if chunk.is_keyframe(step) else None)
-            if success or steps >= max_steps:
+        return chunk
+
+    current = infer(obs)
+    if mode == "sync":
+        while True:
+            chunks += 1
+            for step in range(current.steps):
+                run.execute(current, step)
+                if run.over:
+                    break
+            if run.over:  # the episode is over: nothing left to condition on the feedback
                 break
-        if success or steps >= max_steps:  # the episode is over: nothing left to condition on the feedback
-            break
-        policy.feedback(chunk)
-    return EpisodeOutcome(task_id, episode, success, steps, chunks, float(np.mean(infer_ms)),
-                          1e3 * float(np.mean(step_s)))
+            policy.feedback(current)
+            current = infer({})
+    else:
+        delay = chunk_delay_steps(cfg) if delay_steps is None else int(delay_steps)
+        request_at = late_request_step(cfg, delay)
+        pending, ready_at, deferred = infer({}, ahead=True), run.steps + delay, None
+        while True:
+            chunks += 1
+            for step in range(current.steps):
+                if deferred is not None and step == request_at:
+                    policy.feedback(deferred)
+                    pending, deferred = infer(current.recorded_keyframes() if step else {}, ahead=True), None
+                    ready_at = run.steps + delay
+                run.execute(current, step)
+                if run.over:
+                    break
+            while not run.over and run.steps < ready_at:
+                run.hold()
+            if run.over:
+                break
+            current, deferred, pending = pending, current, None
+    return EpisodeOutcome(task_id, episode, run.success, run.steps, chunks, float(np.mean(infer_ms)),
+                          1e3 * float(np.mean(run.step_s)), time.perf_counter() - t_start, run.holds)
 
 
-def evaluate(variants: Mapping[str, Callable[[], Any]], env_factory: Callable[[int], Any], task_ids: Sequence[int],
-             episodes: int, max_steps: int,
+def run_expert_episode(env, episode: int, max_steps: int, task_id: int = 0) -> EpisodeOutcome:
+    """The scripted expert (`libero_expert.PickPlaceExpert`, privileged state) from initial state `episode`."""
+    t_start = time.perf_counter()
+    env.reset(episode)
+    expert = PickPlaceExpert.for_task(env.problem)
+    steps, success, step_s = 0, False, []
+    while steps < max_steps and not success:
+        t0 = time.perf_counter()
+        _, success = env.step(np.clip(expert.act(env.last_raw), env.action_low, env.action_high))
+        step_s.append(time.perf_counter() - t0)
+        steps += 1
+    return EpisodeOutcome(task_id, episode, success, steps, 0, float("nan"), 1e3 * float(np.mean(step_s)),
+                          time.perf_counter() - t_start)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the success table: a policy factory (None: the scripted expert) and the loop it runs in."""
+
+    build: Callable[[], Any] | None
+    mode: str = "sync"
+
+
+def evaluate(rows: Mapping[str, Row], env_factory: Callable[[int, bool], Any], task_ids: Sequence[int],
+             episodes: Sequence[int], max_steps: int, delay_steps: int | None = None,
              progress: Callable[[str], None] | None = None) -> dict[str, list[EpisodeOutcome]]:
-    """Every variant (name -> policy factory; one policy alive at a time) on the same tasks and initial
-    states (episode e of a task starts from its initial state e)."""
+    """Every row (one policy alive at a time) on the same tasks and benchmark initial states `episodes`.
+    `env_factory(task_id, cameras)`: a `LiberoEnv` (the expert's without cameras)."""
     results: dict[str, list[EpisodeOutcome]] = {}
-    for name, build in variants.items():
-        policy = build()
+    for name, row in rows.items():
+        policy = row.build() if row.build is not None else None
         outcomes = results[name] = []
         for task_id in task_ids:
-            env = env_factory(task_id)
+            env = env_factory(task_id, policy is not None)
             try:
-                for e in range(episodes):
-                    o = run_libero_episode(policy, env, e, max_steps, task_id)
+                for e in episodes:
+                    if policy is None:
+                        o = run_expert_episode(env, e, max_steps, task_id)
+                    else:
+                        o = run_libero_episode(policy, env, e, max_steps, task_id, row.mode, delay_steps)
                     outcomes.append(o)
                     if progress:
-                        progress(f"{name} task {task_id} episode {e}: {'success' if o.success else 'failure'} "
+                        progress(f"{name} task {task_id} initial state {e}: {'success' if o.success else 'failure'} "
                                  f"after {o.steps} steps, {o.chunks} chunks ({o.infer_ms:.0f} ms/chunk, "
-                                 f"{o.step_ms:.0f} ms/env step)")
+                                 f"{o.step_ms:.0f} ms/env step, {o.wall_s:.1f} s)")
             finally:
                 env.close()
         del policy
@@ -370,7 +481,10 @@ def success_table(results: Mapping[str, Sequence[EpisodeOutcome]], task_names: M
         return f"{n / len(outs):.0%} ({n}/{len(outs)})" if outs else "-"
 
     def mean(name: str, attr: str) -> str:
-        return f"{np.mean([getattr(o, attr) for o in results[name]]):.0f}" if results[name] else "-"
+        values = [getattr(o, attr) for o in results[name]]
+        if not values or all(np.isnan(v) for v in values):
+            return "-"
+        return f"{np.nanmean(values):.1f}" if attr == "wall_s" else f"{np.nanmean(values):.0f}"
 
     lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for t in sorted({o.task_id for r in results.values() for o in r}):
@@ -380,6 +494,7 @@ def success_table(results: Mapping[str, Sequence[EpisodeOutcome]], task_names: M
     lines.append("| **all** | " + " | ".join(rate(results[n]) for n in names) + " |")
     lines.append("| ms / chunk | " + " | ".join(mean(n, "infer_ms") for n in names) + " |")
     lines.append("| ms / env step | " + " | ".join(mean(n, "step_ms") for n in names) + " |")
+    lines.append("| s / episode (wall) | " + " | ".join(mean(n, "wall_s") for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -304,7 +304,8 @@ _ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # so100-grasp: the trained tiny SO-100 grasp policy; so100-grasp-2step: its student with 2 action steps
 # (`lingbot-edge train distill`, docs/distillation.md).
 EMBEDDED_CHECKPOINTS = {"so100-grasp": _ASSETS / "so100-grasp-tiny",
-                        "so100-grasp-2step": _ASSETS / "so100-grasp-2step-tiny"}
+                        "so100-grasp-2step": _ASSETS / "so100-grasp-2step-tiny",
+                        "libero-tiny": _ASSETS / "libero-tiny"}
 
 
 def checkpoint_folder(source: str | Path) -> str | Path:

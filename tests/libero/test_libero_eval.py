@@ -181,7 +181,7 @@ def test_eval_libero_runs_the_tiny_checkpoints(monkeypatch, tmp_path, data_dir, 
     does; the embedded tiny model with the libero preset has upstream's names and takes LeRobot's as aliases."""
     checkpoint = str(data_dir / fixtures.CHECKPOINT_DIR) if source == "committed" else "tiny"
     monkeypatch.setattr(libero, "missing_requirements", lambda *a, **k: [])
-    monkeypatch.setattr(libero, "LiberoEnv", lambda suite, task_id, size, seed: StandInEnv(succeed_at=None))
+    monkeypatch.setattr(libero, "LiberoEnv", lambda *args, **kwargs: StandInEnv(succeed_at=None))
     args = _eval_args("--checkpoint", checkpoint, "--tasks", "0", "--episodes", "1",
                       "--max-steps", "20", "--set", "num_inference_steps=2", "--set", "action_num_inference_steps=2",
                       "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path))
@@ -196,10 +196,11 @@ def test_eval_libero_runs_the_tiny_checkpoints(monkeypatch, tmp_path, data_dir, 
     cfg = fixtures.tiny_libero_config() if source == "committed" else tiny_variant(get_policy_config("libero"))
     f, apf = cfg.frame_chunk_size, cfg.action_per_frame
     chunks = 1 + -(-(20 - (f - 1) * apf) // (f * apf))  # the first chunk is one latent frame short
-    (outcome,) = json.loads((tmp_path / "eval_libero_10.json").read_text())["fp32"]
+    (outcome,) = json.loads((tmp_path / "eval_libero_10.json").read_text())["fp32 sync"]
     assert (outcome["steps"], outcome["chunks"], outcome["success"]) == (20, chunks, False)
     assert chunks == (2 if source == "committed" else 3)
     assert (tmp_path / "eval_libero_10.md").read_text() in out
+    assert "initial states 0 of each task" in out
 
 
 def test_evaluate_runs_every_variant_on_the_same_tasks_and_tabulates(fast_policy):
@@ -209,8 +210,9 @@ def test_evaluate_runs_every_variant_on_the_same_tasks_and_tabulates(fast_policy
         return lambda: built.append(name) or fast_policy
 
     envs = {0: StandInEnv(succeed_at=5), 1: StandInEnv()}
-    results = libero.evaluate({"bfloat16": variant("bf16"), "int8": variant("int8")}, envs.__getitem__,
-                              task_ids=[0, 1], episodes=2, max_steps=14)
+    rows = {"bfloat16": libero.Row(variant("bf16")), "int8": libero.Row(variant("int8"))}
+    results = libero.evaluate(rows, lambda task_id, cameras: envs[task_id], task_ids=[0, 1], episodes=[0, 1],
+                              max_steps=14)
     assert built == ["bf16", "int8"]
     assert [(o.task_id, o.episode, o.success) for o in results["int8"]] == [
         (0, 0, True), (0, 1, True), (1, 0, False), (1, 1, False)]
@@ -273,3 +275,46 @@ def test_committed_data_is_small_and_regenerates(data_dir, episode):
     assert again.prompt == episode.prompt
     for k in episode.frames:
         np.testing.assert_array_equal(again.frames[k], episode.frames[k])
+
+
+# ------------------------------------------------------------------------------ the real-time loop
+
+
+def test_late_request_step_leaves_the_delay_and_a_step():
+    cfg = fixtures.tiny_libero_config()  # 4-frame chunks of 4 actions: 16 steps, boundaries 0, 4, 8, 12
+    assert [libero.late_request_step(cfg, d) for d in (1, 3, 4, 8, 11, 12, 15, 16, 40)] == [12, 12, 8, 4, 4, 0, 0, 0, 0]
+    assert libero.chunk_delay_steps(cfg) == 8
+
+
+def _frames_given(obs) -> int:
+    """Frames per camera an infer call got: 0, 1 (an observation) or N (keyframes)."""
+    if not obs:
+        return 0
+    first = np.asarray(next(iter(obs.values())))
+    return first.shape[0] if first.ndim == 4 else 1
+
+
+@pytest.mark.parametrize(("delay", "holds"), [(8, 0), (20, 8 + 4 + 4)])
+def test_grounded_loop_requests_late_with_the_executing_keyframes(data_dir, monkeypatch, delay, holds):
+    """Chunk k+2 is requested at the late step of chunk k+1, after chunk k's feedback, with chunk k+1's keyframes so
+    far; a delay longer than a chunk makes the arm hold (zero motion) until the chunk is ready."""
+    policy = fixtures.load_tiny_libero_policy(data_dir / fixtures.CHECKPOINT_DIR, num_inference_steps=2,
+                                              action_num_inference_steps=2, async_mode="grounded")
+    calls = []
+    infer, feedback = policy.infer, policy.feedback
+    monkeypatch.setattr(policy, "infer", lambda obs, ahead=False: calls.append(("infer", ahead, _frames_given(obs)))
+                        or infer(obs, ahead=ahead))
+    monkeypatch.setattr(policy, "feedback", lambda chunk: calls.append(("feedback", chunk.index)) or feedback(chunk))
+    env = StandInEnv()
+    out = libero.run_libero_episode(policy, env, episode=0, max_steps=60, mode="grounded", delay_steps=delay)
+    request = libero.late_request_step(policy.cfg, delay)  # one keyframe per executed step (apf 4)
+    assert calls[:4] == [("infer", False, 1), ("infer", True, 0), ("feedback", 0), ("infer", True, request)]
+    assert (out.steps, out.hold_steps, out.success) == (60, holds, False)
+    held = [a for a in env.actions if not np.any(a[:6])]
+    assert len(held) >= holds
+
+
+def test_grounded_loop_needs_a_grounded_policy(data_dir):
+    naive = fixtures.load_tiny_libero_policy(data_dir / fixtures.CHECKPOINT_DIR, async_mode="naive")
+    with pytest.raises(ValueError, match="async_mode='grounded'"):
+        libero.run_libero_episode(naive, StandInEnv(), episode=0, max_steps=10, mode="grounded")
