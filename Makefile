@@ -30,8 +30,12 @@ test: venv
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
 
+# The sm89 tests (float8 matmuls) only where the GPU has compute capability >= 8.9: elsewhere they would fail.
+SM89 := $(BIN)/python -c 'import torch; print("" if torch.cuda.is_available() and \
+	torch.cuda.get_device_capability() >= (8, 9) else "and not sm89")'
+
 test-gpu: venv
-	$(BIN)/python -m pytest -q -m gpu
+	$(BIN)/python -m pytest -q -m "gpu $$($(SM89))"
 
 SIM_STAMP := $(VENV)/.installed-sim
 $(SIM_STAMP): $(STAMP)
@@ -45,7 +49,7 @@ test-sim: $(SIM_STAMP)
 # lerobot (its own venv: make test-lerobot) and libero (simulator + assets) have their own targets.
 test-all: $(SIM_STAMP)
 	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/python -m pytest -q -m "not lerobot and not libero $$($(BIN)/python -c \
-		'import torch; print("" if torch.cuda.is_available() else "and not gpu")')"
+		'import torch; print("" if torch.cuda.is_available() else "and not gpu")') $$($(SM89))"
 
 lint: venv
 	$(BIN)/ruff check .
@@ -55,11 +59,11 @@ lint: venv
 # constraints-lerobot.txt), `make test-lerobot-0.3` against LeRobot 0.3.2 (what resolves next to torch 2.13 under
 # constraints.txt). LeRobot goes in before lingbot-edge[robot], which must keep it (and its torch) as they are.
 # gym-pusht (the `pusht` extra) is the env the eval test plays; `async` brings grpcio for LeRobot 0.4's robot client,
-# which tests/test_lerobot_async.py drives against our policy server (0.3.2 has no lerobot.async_inference).
+# which tests/lerobot_app/test_lerobot_async.py drives against our policy server (0.3.2 has no lerobot.async_inference).
 # Each target prints the LeRobot and torch versions it runs with; LINGBOT_EXPECT_* make a test fail on others (so a
 # venv where installing lingbot-edge[robot] replaced LeRobot or torch fails). HF_HUB_OFFLINE proves the tests fetch
 # nothing: the env, the datasets and the policy are all local.
-LR_TESTS := tests/test_lerobot_adapter.py tests/test_lerobot_eval.py tests/test_so100_arm.py
+LR_TESTS := tests/lerobot_app/test_lerobot_adapter.py tests/lerobot_app/test_lerobot_eval.py tests/robot/test_so100_arm.py
 LR_VERSIONS := -c 'import importlib.metadata as m; print("LeRobot", m.version("lerobot"), "| torch", m.version("torch"), \
 	"| torchvision", m.version("torchvision"))'
 
@@ -77,7 +81,7 @@ $(LR_STAMP): pyproject.toml constraints-lerobot.txt
 
 test-lerobot: $(LR_STAMP)
 	$(LR_BIN)/python $(LR_VERSIONS)
-	HF_HUB_OFFLINE=1 LINGBOT_EXPECT_LEROBOT=0.4.4 LINGBOT_EXPECT_TORCH=2.9.1 $(LR_BIN)/python -m pytest -q -m lerobot $(LR_TESTS) tests/test_lerobot_async.py
+	HF_HUB_OFFLINE=1 LINGBOT_EXPECT_LEROBOT=0.4.4 LINGBOT_EXPECT_TORCH=2.9.1 $(LR_BIN)/python -m pytest -q -m lerobot $(LR_TESTS) tests/lerobot_app/test_lerobot_async.py
 
 LR03_VENV := .venv-lerobot-0.3
 LR03_BIN := $(LR03_VENV)/bin

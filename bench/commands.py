@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from lingbot_edge.flags import add_threads_arg
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="latency plan per GPU (--plan) or the 8-bit kernel micro-benchmark",
@@ -24,7 +26,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_arguments(p)
     p.add_argument("--tokens", type=int, nargs="+", default=[16, 288], help="--kernels: token counts")
     p.add_argument("--rounds", type=int, default=9, help="--kernels: interleaved rounds")
-    p.add_argument("--threads", type=int, default=None, help="--kernels: intra-op threads")
+    add_threads_arg(p)  # --kernels: intra-op threads
     p.add_argument("--out", help="--train-memory: also write the table to this file (replaced atomically)")
     p.add_argument("--measured", nargs="*", default=[], metavar="JSON",
                    help="--train-memory: measured steps (bench.train_step_measure --json) to set against the model")

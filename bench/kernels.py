@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lingbot_edge.core.qlinear import QuantFormat, QuantizedLinear, fp8_weight_only_limbs, quantize_per_row
+from lingbot_edge.flags import add_threads_arg
 from lingbot_edge.io.files import write_text
 
 IN_FEATURES, OUT_FEATURES = 3072, 14336  # ffn.net.0.proj of the full model
@@ -108,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 288])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads (on a shared CI box 1 avoids OpenMP spin-waits on a stolen core)")
+    add_threads_arg(parser)  # on a shared CI box 1 avoids OpenMP spin-waits on a stolen core
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,7 +20,7 @@ from lingbot_edge.core.actions import action_error
 from lingbot_edge.core.config import MODEL_PRESETS, PolicyConfig, get_policy_config
 from lingbot_edge.core.kv_cache import CacheMode
 from lingbot_edge.core.sampler import ReferenceSampler, StaticSampler
-from lingbot_edge.eval.grasp import EVAL_STEPS, summarize
+from lingbot_edge.eval.sim import EVAL_STEPS, summarize
 from lingbot_edge.eval.task_success import TASK_CHECKPOINT, TaskSetting, checkpoint_loader, measure, steps_cell
 from lingbot_edge.io.checkpoint import build_meta_model, build_model
 from quantize import SCHEMES, QuantPlan, quantize_

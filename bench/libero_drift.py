@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from lingbot_edge.eval.grasp import EVAL_STEPS
+from lingbot_edge.eval.sim import EVAL_STEPS
 from lingbot_edge.eval.task_success import TASK_CHECKPOINT, TaskSetting, checkpoint_loader, success_cell
 from lingbot_edge.eval.task_success import measure as measure_task_success
 from lingbot_edge.testing import libero

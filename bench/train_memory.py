@@ -14,7 +14,7 @@ its states in the parameter's dtype); activations in bf16, with or without per-b
 checkpointing. Sizes are GiB (2**30 bytes).
 
 What it counts, and why (the tensors autograd saves, read off the code and checked against
-`torch.autograd.graph.saved_tensors_hooks` and a live-tensor tracker in tests/test_train_memory.py):
+`torch.autograd.graph.saved_tensors_hooks` and a live-tensor tracker in tests/train/test_train_memory.py):
 - Per block, what the backward pass needs: the fp32 copies LayerNorm / RMSNorm save of their inputs (7 of
   them), the fp32 (1 + scale) factors of the two modulated norms, the whole fp32 [L, 6, dim] modulation
   (the gates are views of it), the bf16 inputs of the adapted Linears, the FFN's two [L, ffn] tensors,

@@ -43,8 +43,10 @@ from bench.train_memory import model_prediction
 from lingbot_edge.core.config import MODEL_PRESETS, ModelConfig, PolicyConfig, get_policy_config
 from lingbot_edge.core.model import WanVATransformer
 from lingbot_edge.core.qlinear import QuantizedLinear
+from lingbot_edge.io.files import write_text
+from quantize import SCHEMES, quantize_
 from train.config import TrainConfig
-from train.trainer import EpisodeTensors, FlowMatchingLoss
+from train.trainer import EpisodeTensors, FlowMatchingLoss, LossSettings
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,6 @@ def build_random_model(mc: ModelConfig, base: str = "int8", seed: int = 0) -> Wa
         blk.to_empty(device="cpu")
         _init_random_(blk, gen)
         if base == "int8":
-            from quantize import SCHEMES, quantize_
-
             quantize_(model, SCHEMES["int8_weight_only"], filter_fn=functools.partial(_in_block, i), device="cpu")
     return model.eval().requires_grad_(False)
 
@@ -256,7 +256,7 @@ class LiveTensorBytes(TorchDispatchMode):
 def make_objective(cfg: PolicyConfig, chunks: int):
     """The trainer's objective for `chunks`-chunk episodes, its attention backend built (once per run, as in
     `train.trainer.train`)."""
-    objective = FlowMatchingLoss(cfg, chunks, TrainConfig().grounded_weight)
+    objective = FlowMatchingLoss(cfg, chunks, LossSettings.of(TrainConfig()))
     objective.layout.attention  # noqa: B018  (built here, not inside the measured step)
     return objective
 
@@ -268,8 +268,7 @@ def train_step(model: WanVATransformer, params: list[nn.Parameter], objective, e
     tc = TrainConfig()
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=tc.weight_decay)
     gen = torch.Generator().manual_seed(0)
-    loss_v, parts = objective(model, episode.video, episode.action, episode.text, gen, tc.noisy_predicted,
-                              tc.history_action_noise, tc.change_weight, tc.predicted_at_sampler_sigma)
+    loss_v, parts = objective(model, episode.video, episode.action, episode.text, gen)
     loss = loss_v + tc.action_weight * parts.pop("_action")
     loss.backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
@@ -350,8 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:
-        from lingbot_edge.io.files import write_text
-
         write_text(args.json, text + "\n")
     return 0
 

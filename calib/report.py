@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lingbot_edge.eval.grasp import EVAL_SEED0
+from lingbot_edge.eval.sim import EVAL_SEED0
 from lingbot_edge.io.files import write_json, write_text
 from quantize import get_scheme
 from quantize.api import needs_calibration

@@ -3,8 +3,9 @@
     lingbot-edge quantize --checkpoint DIR (--scheme NAME | --plan plan.json) --out DIR
     lingbot-edge quantize (--checkpoint DIR|tiny | --arch full|tiny) (--scheme NAME | --plan plan.json) --dry-run
 
---checkpoint, --dtype (bf16|fp16|fp32) and --device mean what they mean in every command
-(lingbot_edge.flags); `--arch` names a model architecture (a MODEL preset), not a policy preset.
+--checkpoint (a checkpoint root or its transformer/ folder; 'tiny' with --dry-run), --dtype (bf16|fp16|fp32, or
+bfloat16, ...) and --device mean what they mean in every command (lingbot_edge.flags); `--arch` names a model
+architecture (a MODEL preset), not a policy preset.
 
 The runtime never imports `quantize/` at import time: the command imports it when it runs.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from lingbot_edge.flags import DTYPES
+from lingbot_edge.flags import add_policy_args
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -29,8 +30,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--scheme", help="a scheme name, applied to the Linears inside the blocks")
     what.add_argument("--plan", help="a plan JSON (per-module / regex schemes or 'keep')")
-    p.add_argument("--checkpoint", help="upstream transformer/ folder (or a checkpoint root containing one); 'tiny' "
-                                        "(the embedded tiny model) with --dry-run")
+    add_policy_args(p, default_checkpoint=None, flags=("checkpoint", "dtype", "device"))
     p.add_argument("--out", help="output folder of the quantized checkpoint: absent or empty, or (with --force) a "
                                  "quantized checkpoint, replaced atomically; never inside or around --checkpoint")
     p.add_argument("--force", action="store_true", help="replace an existing quantized checkpoint at --out "
@@ -41,9 +41,6 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="print the weight-byte table of the plan on the meta device; reads only config.json")
     p.add_argument("--arch", choices=("full", "tiny"), help="model architecture for --dry-run without --checkpoint "
                                                          "(full: the 5B LingBot-VA DiT)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="dtype of the kept modules and of the source weights when loaded (default bf16)")
-    p.add_argument("--device", help="device the quantized model will run on (default: cuda if available, else cpu)")
     p.add_argument("--max-shard-gb", type=float, default=4.0, help="safetensors shard size limit (default 4)")
     p.add_argument("--calibration", help="calibration.json of `lingbot-edge calibrate plan`: its static activation "
                    "scales replace the synthetic calibration episode")
@@ -51,7 +48,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="chunks of the synthetic calibration episode for calibrated activations (default 2)")
     p.add_argument("--calib-preset", help="policy preset of the synthetic calibration episode, as --preset everywhere: "
                                           "the default settings (default: the checkpoint's own, else the preset "
-                                          "matching its DiT: libero for the full model, tiny for the tiny one)")
+                                          "matching its DiT: libero for the full model, tiny for the tiny one); not "
+                                          "--preset, which quantize once took for the model architecture (--arch)")
     p.set_defaults(func=_run)
     return p
 

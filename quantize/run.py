@@ -28,6 +28,7 @@ from .api import (
     quantize_checkpoint,
     transformer_folder,
 )
+from .metrics import synthetic_calibration
 from .plan import QuantPlan
 from .schemes import get_scheme, scheme_name
 
@@ -94,8 +95,6 @@ def _run(args: argparse.Namespace) -> int:
         input_scales = calibration["static_input_scales"]
     check_provenance(records, source_sha, dtype_name, args.allow_mismatch)
     if input_scales is None and any(needs_calibration(s) for s in schemes):
-        from .metrics import synthetic_calibration
-
         policy_cfg = calibration_config(src, args.calib_preset)
         names = ", ".join(scheme_name(s) for s in schemes if needs_calibration(s))
         log.warning("%s: calibrating activation scales on a synthetic %s episode (%d chunks, random prompt and "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lingbot_edge.eval.grasp import EVAL_STEPS, run_episode
+from lingbot_edge.eval.sim import EVAL_STEPS, run_episode
 from lingbot_edge.eval.task_success import TaskSetting
 from quantize import QuantPlan, get_scheme, quantize_
 

@@ -25,6 +25,9 @@ MARKER_NEEDS = {
                                              "make test-lerobot-0.3 (0.3.2)"),
     "libero": (lambda: _modules("libero", "robosuite"), "the LIBERO simulator (hf-libero, robosuite 1.4) and "
                                                         "its assets (see `lingbot-edge eval-libero`)"),
+    "sm89": (lambda: torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9),
+             "a CUDA GPU with compute capability >= 8.9 (float8 matmuls: Ada / Hopper); make test-gpu selects these "
+             "only on one"),
 }
 
 

@@ -221,7 +221,7 @@ def test_the_checker_finds_a_circle():
     ("quantize.api", "from calib import planner\n"),
     ("train.pipeline", "from calib.data import LeRobotEpisodes\n"),
     ("train.commands", "def f():\n    import calib.commands\n"),
-    ("lingbot_edge.eval.grasp", "from lingbot_edge.serve.server import PolicyServer\n"),
+    ("lingbot_edge.eval.sim", "from lingbot_edge.serve.server import PolicyServer\n"),
     ("lingbot_edge.lerobot.async_server", "def main():\n    from lingbot_edge.cli.robot import run_so100\n"),
     ("lingbot_edge.serve.server", "from lingbot_edge.lerobot import adapter\n"),
     ("lingbot_edge.robot.arm", "from lingbot_edge.lerobot import bridge\n"),
@@ -237,7 +237,7 @@ def test_the_checker_allows_the_arrows_we_want():
     assert not violations("from lingbot_edge.core.config import PolicyConfig\n", "lingbot_edge.io.loading")
     assert not violations("from lingbot_edge.io.loading import load_policy\n", "lingbot_edge.robot.so100")
     assert not violations("from lingbot_edge.io import checkpoint\n", "lingbot_edge.testing.checkpoints")
-    assert not violations("from lingbot_edge.robot.control import AsyncController\n", "lingbot_edge.eval.grasp")
+    assert not violations("from lingbot_edge.robot.control import AsyncController\n", "lingbot_edge.eval.sim")
     assert not violations("from lingbot_edge.flags import build_policy\n", "lingbot_edge.lerobot.async_server")
     assert not violations("from lingbot_edge.serve.client import RemotePolicy\n", "lingbot_edge.cli.robot")
 

@@ -19,7 +19,7 @@ def _marker_needs(config) -> dict:
 
 def test_every_marker_is_deselected_by_default_and_enforced(pytestconfig):
     markers = {m.split(":")[0] for m in PYTEST["markers"]}
-    assert markers == {"slow", "gpu", "sim", "lerobot", "libero"}
+    assert markers == {"slow", "gpu", "sm89", "sim", "lerobot", "libero"}
     assert "--strict-markers" in PYTEST["addopts"]  # a typo in a marker is an error, not a new marker
     for name in markers:
         assert f"not {name}" in PYTEST["addopts"], name

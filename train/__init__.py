@@ -1,7 +1,7 @@
 """Offline training of the dual-stream LingBot-VA DiT on scripted SO-100 demonstrations.
 
 The task itself (the kinematic SO-100 with a cube at a seeded random position, a grasp check and a success
-test) is the runtime's `lingbot_edge.robot.grasp`, and its episode loop `lingbot_edge.eval.grasp`: `lingbot-edge
+test) is the runtime's `lingbot_edge.robot.grasp`, and its episode loop `lingbot_edge.eval.sim`: `lingbot-edge
 demo` measures the embedded trained checkpoint on them.
 - `train.expert`: a scripted reach-and-grasp expert (IK + a small state machine).
 - `train.dataset`: episodes recorded in LeRobot's v2.1 dataset layout with `meta/stats.json` quantiles.

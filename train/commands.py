@@ -3,7 +3,7 @@
     lingbot-edge train record --out DIR [--episodes 200]
     lingbot-edge train fit --out DIR [--dataset DIR] [--episodes 200] [--steps 2600] [--eval-episodes 20]
     lingbot-edge train fit --out DIR --scene place --episodes 50 --base so100-grasp --lora-rank 32  # post-train
-    lingbot-edge train eval --checkpoint DIR [--episodes 20] [--dtype bfloat16] [--schemes a,b] [--json F]
+    lingbot-edge train eval --checkpoint DIR [--episodes 20] [--dtype bf16] [--schemes a,b] [--json F]
     lingbot-edge train distill --teacher DIR|so100-grasp --data RUN_DIR --action-steps N --out DIR
 
 Registered from this package through the `lingbot_edge.commands` entry point (`train.commands:register`);
@@ -18,6 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
+from lingbot_edge.flags import add_dtype_arg, add_policy_args, add_seed_arg, add_threads_arg
 from lingbot_edge.io.files import write_text  # standard library only: the CLI stays light
 
 log = logging.getLogger("train")
@@ -27,12 +28,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="train the tiny SO-100 policy on scripted demonstrations (CPU)",
                               description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="train_command", required=True)
+    from lingbot_edge.robot.scenes import SCENES
+    from train.scenes import TRAIN_SCENES
 
     rec = sub.add_parser("record", help="record scripted-expert episodes as a LeRobot v2.1 dataset")
     rec.add_argument("--out", required=True, help="new dataset folder (refused if it exists)")
     rec.add_argument("--episodes", type=int, default=200)
     rec.add_argument("--first-seed", type=int, default=0)
-    _scene_arg(rec)
+    _scene_arg(rec, TRAIN_SCENES)
     _libero_args(rec)
     _expert_args(rec)
     rec.add_argument("--camera", action="append", default=[], metavar="NAME",
@@ -52,7 +55,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     fit.add_argument("--lr", type=float, default=tc.lr, help=f"peak learning rate (default {tc.lr:g})")
     fit.add_argument("--save-every", type=int, default=tc.save_every, help=f"steps between saved states "
                                                                              f"(default {tc.save_every})")
-    fit.add_argument("--seed", type=int, default=tc.seed)
+    add_seed_arg(fit, tc.seed, "seed of the DiT's initial weights and of the batch and noise draws")
     fit.add_argument("--model", default="tiny", choices=("tiny", "tiny-grasp"),
                      help="DiT model preset: tiny (2 blocks x 48) or tiny-grasp (4 blocks x 64)")
     fit.add_argument("--action-weight", type=float, help="weight of the action loss next to the video loss "
@@ -76,8 +79,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                           "default %(default)s)")
     fit.add_argument("--clean-predicted", action="store_true",
                      help="train the actions on the clean future video (no noise on the PREDICTED copy)")
-    fit.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    _scene_arg(fit)
+    add_threads_arg(fit)
+    _scene_arg(fit, TRAIN_SCENES)
     _libero_args(fit)
     from train.lora import DEFAULT_TARGETS, AdapterConfig
 
@@ -98,9 +101,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                           "attention and FFN Linears: %(default)s)")
     fit.add_argument("--lora-train-modules", default="",
                      help="comma-separated modules trained in full next to the adapters (e.g. action_proj_out)")
-    fit.add_argument("--base-dtype", choices=("bfloat16", "float32", "int8"), default=ac.base_dtype,
-                     help="the frozen base under the adapters: bf16, fp32 (the tiny DiT's fast path on a CPU) or "
-                          "the runtime's int8 weight-only format (QLoRA-style; default %(default)s)")
+    add_dtype_arg(fit, ac.base_dtype, "the frozen base under the adapters: bf16, fp32 (the tiny DiT's fast path on a "
+                  "CPU) or the runtime's int8 weight-only format (QLoRA-style)", flag="--base-dtype",
+                  allowed=("bf16", "fp32", "int8"), long=True)
     fit.add_argument("--checkpointing", action="store_true",
                      help="per-block activation checkpointing (recompute each block's activations in the backward)")
     fit.add_argument("--latents", help="an earlier run's latents.pt of the same dataset and base (skips encoding)")
@@ -113,10 +116,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     _distill_args(sub)
 
     ev = sub.add_parser("eval", help="task success over held-out seeds: the checkpoint vs random weights")
-    ev.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `train fit`")
+    add_policy_args(ev, default_checkpoint=None, flags=("checkpoint", "transformer", "set", "dtype"),
+                    default_dtype="bf16")
     ev.add_argument("--episodes", "--task-episodes", dest="episodes", type=int, default=20,
                     help="held-out seeds (default 20); --task-episodes is the same flag as in `calibrate plan`")
-    ev.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ev.add_argument("--schemes", default="", help="comma-separated 8-bit schemes to evaluate too "
                                                   "(e.g. int8_weight_only,int8_dynamic,fp8_weight_only)")
     ev.add_argument("--exec-steps", default="checkpoint",
@@ -125,10 +128,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--action-steps", default="checkpoint",
                     help="comma-separated action step counts to evaluate: 'checkpoint' (its "
                          "action_num_inference_steps; the default) or counts (e.g. 10,5,2,1)")
-    ev.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                    help="policy setting override for every row, JSON value (e.g. --set action_noise_scale=1); "
-                         "repeatable")
-    _scene_arg(ev)
+    _scene_arg(ev, SCENES)
     ev.add_argument("--seeds", default="held-out", choices=("held-out", "validation"),
                     help="the seed set: held-out (100000.., to report on; default) or validation (200000.., to "
                          "choose recipes and settings on)")
@@ -139,8 +139,6 @@ def register(subparsers) -> argparse.ArgumentParser:
                          "the first (default: sync)")
     ev.add_argument("--delay", type=float, default=None, metavar="TICKS",
                     help="inference delay in control ticks under virtual time (default: half a chunk)")
-    ev.add_argument("--transformer", help="another DiT folder for the trained rows, e.g. the checkpoint after "
-                                          "`lingbot-edge quantize` (a quantized one)")
     ev.add_argument("--no-random", action="store_true", help="skip the random-weight baseline")
     ev.add_argument("--expert", action="store_true", help="add the scripted expert's row (same seeds and filter)")
     ev.add_argument("--video", help="write the first trained episode as an mp4")
@@ -176,17 +174,16 @@ def _distill_args(sub) -> None:
                    help="weight of the term keeping the video velocity at the teacher's (default %(default)s)")
     d.add_argument("--save-every", type=int, default=dc.save_every,
                    help=f"steps between saved states (default {dc.save_every})")
-    d.add_argument("--seed", type=int, default=dc.seed)
-    d.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    add_seed_arg(d, dc.seed, "seed of the draws' noise and the batch order")
+    add_threads_arg(d)
     d.set_defaults(func=_distill)
 
 
-def _scene_arg(parser) -> None:
-    from lingbot_edge.robot.place import SCENES
-
-    parser.add_argument("--scene", choices=sorted(SCENES), default="grasp",
+def _scene_arg(parser, scenes) -> None:
+    parser.add_argument("--scene", choices=sorted(scenes), default="grasp",
                         help="the simulated task: grasp (pick up the red cube) or place (the green cube into the "
-                             "paper box); default %(default)s")
+                             "paper box) on the SO-100, or libero (LIBERO's simulator: --suite, --tasks); default "
+                             "%(default)s")
 
 
 def _libero_args(parser) -> None:
@@ -194,9 +191,9 @@ def _libero_args(parser) -> None:
 
     lt = LiberoTasks()
     parser.add_argument("--env", choices=("so100", "libero"), default="so100",
-                        help="so100: the simulated SO-100 (--scene); libero: LIBERO's own simulator (--suite, "
-                             "--tasks; the libero extra), demonstrations by the scripted pick-and-place expert "
-                             "(default %(default)s)")
+                        help="so100: the simulated SO-100 (--scene); libero: LIBERO's own simulator, the same as "
+                             "--scene libero (--suite, --tasks; the libero extra), demonstrations by the scripted "
+                             "pick-and-place expert (default %(default)s)")
     parser.add_argument("--suite", default=lt.suite, help="with --env libero: the LIBERO suite (default %(default)s)")
     parser.add_argument("--tasks", default=",".join(map(str, lt.task_ids)),
                         help="with --env libero: comma-separated task ids of the suite, one policy for all "
@@ -206,12 +203,17 @@ def _libero_args(parser) -> None:
                              "evaluate with the same setting)")
 
 
-def libero_tasks(args):
-    """The LiberoTasks of `--env libero` (None for so100)."""
-    from train.libero_data import LiberoTasks
+def _scene_name(args) -> str:
+    return "libero" if args.env == "libero" else args.scene
 
-    if args.env != "libero":
-        return None
+
+def _scene_options(args):
+    """The recording options of the chosen scene: LIBERO's tasks, or the SO-100 scripted expert's settings."""
+    from train.libero_data import LiberoTasks
+    from train.scenes import ExpertSettings
+
+    if _scene_name(args) != "libero":
+        return ExpertSettings(args.expert_gain, args.expert_cartesian_speed, args.expert_detour)
     try:
         task_ids = tuple(int(t) for t in args.tasks.split(",") if t)
     except ValueError:
@@ -234,28 +236,19 @@ def _expert_args(parser) -> None:
 
 
 def _record(args) -> int:
-    from train.dataset import record_dataset
-    from train.pipeline import SCENE_EPISODE_FRAMES
+    from train.scenes import get_train_scene
 
-    libero = libero_tasks(args)
-    if libero is not None:
-        from train.libero_data import record_libero_dataset
-
-        if args.episodes % len(libero.task_ids):
-            raise SystemExit(f"lingbot-edge train record: error: --episodes: {args.episodes} do not split evenly over "
-                             f"the tasks {list(libero.task_ids)}")
-        record_libero_dataset(args.out, libero, args.episodes // len(libero.task_ids), first_seed=args.first_seed)
-        return 0
-    kwargs = {"cameras": args.camera} if args.camera else {}
-    record_dataset(args.out, list(range(args.first_seed, args.first_seed + args.episodes)),
-                   SCENE_EPISODE_FRAMES[args.scene], expert_gain=args.expert_gain,
-                   expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,
-                   scene=args.scene, **kwargs)
+    scene = get_train_scene(_scene_name(args))
+    try:
+        scene.record(Path(args.out), list(range(args.first_seed, args.first_seed + args.episodes)),
+                     scene.episode_frames, args.camera or None, True, _scene_options(args))
+    except ValueError as e:
+        raise SystemExit(f"lingbot-edge train record: error: {e}") from None
     return 0
 
 
 def _fit(args) -> int:
-    from train.pipeline import fit
+    from train.pipeline import DataSettings, ModelSettings, fit
     from train.trainer import TrainConfig
 
     extra = {} if args.action_weight is None else {"action_weight": args.action_weight}
@@ -274,22 +267,22 @@ def _fit(args) -> int:
                                  targets=tuple(t for t in args.lora_targets.split(",") if t),
                                  base_dtype=args.base_dtype,
                                  train_modules=tuple(t for t in args.lora_train_modules.split(",") if t))
-    kwargs = dict(dataset=args.dataset, episodes=args.episodes, model=args.model, expert_gain=args.expert_gain,
-                  expert_cartesian_speed=args.expert_cartesian_speed, expert_detour=args.expert_detour,
-                  cameras=args.camera or None, height=args.height, width=args.width, scene=args.scene,
-                  libero=libero_tasks(args),
-                  base=args.base, adapters=adapters, checkpointing=args.checkpointing, latents=args.latents,
-                  from_scratch=args.from_scratch)
-    if args.eval_episodes and args.env == "libero":
+    if args.eval_episodes and _scene_name(args) == "libero":
         raise SystemExit("lingbot-edge train fit: error: --eval-episodes: LIBERO policies are evaluated by "
                          "`lingbot-edge eval-libero --checkpoint OUT/checkpoint` (LIBERO's own success check)")
+    data = DataSettings(scene=_scene_name(args), dataset=args.dataset, episodes=args.episodes,
+                        options=_scene_options(args),
+                        latents=args.latents)
+    model = ModelSettings(model=args.model, cameras=tuple(args.camera) or None, height=args.height, width=args.width,
+                          base=args.base, adapters=adapters, from_scratch=args.from_scratch,
+                          checkpointing=args.checkpointing)
     parallel = None
     if args.distributed:
         from train.distributed import init_from_env
 
         parallel = init_from_env(args.threads)
     try:
-        report = fit(args.out, tc=tc, threads=args.threads, parallel=parallel, **kwargs)
+        report = fit(args.out, data, model, tc, threads=args.threads, parallel=parallel)
     finally:
         if parallel is not None:
             from train.distributed import shutdown
@@ -301,9 +294,10 @@ def _fit(args) -> int:
           f"action {report['first_loss']['action']:.3f} -> {report['final_loss']['action']:.3f}; "
           f"checkpoint {Path(args.out) / 'checkpoint'}; curves {Path(args.out) / 'loss.png'}")
     if args.eval_episodes:
-        from train.evaluate import evaluate_checkpoint, format_table
+        from train.evaluate import EvalEpisodes, evaluate_checkpoint, format_table
 
-        rows = evaluate_checkpoint(Path(args.out) / "checkpoint", args.eval_episodes, scene=args.scene)
+        rows = evaluate_checkpoint(Path(args.out) / "checkpoint",
+                                   episodes=EvalEpisodes(args.eval_episodes, scene=args.scene))
         print(format_table(rows, args.eval_episodes))
         report["evaluation"] = rows
         write_text(Path(args.out) / "report.json", json.dumps(report, indent=2))
@@ -327,7 +321,10 @@ def _distill(args) -> int:
 
 
 def _eval(args) -> int:
-    from train.evaluate import evaluate_checkpoint, format_table
+    if args.checkpoint is None:
+        raise SystemExit("lingbot-edge train eval: error: --checkpoint: a checkpoint folder written by `train fit` "
+                         "(or an embedded checkpoint's name) is required")
+    from train.evaluate import EvalEpisodes, EvalRows, evaluate_checkpoint, format_table
 
     schemes = [s for s in args.schemes.split(",") if s]
     named = {"full": -1, "checkpoint": None}
@@ -342,8 +339,8 @@ def _eval(args) -> int:
         raise SystemExit(f"lingbot-edge train eval: error: --action-steps: expected 'checkpoint' or action step "
                          f"counts, comma-separated; got {args.action_steps!r}") from None
     from lingbot_edge.core.config import parse_overrides
-    from lingbot_edge.eval.grasp import MODES, SEED_SETS
-    from lingbot_edge.robot.place import get_scene
+    from lingbot_edge.eval.sim import MODES, SEED_SETS
+    from lingbot_edge.robot.scenes import get_scene
 
     modes = [m for m in args.modes.split(",") if m]
     if not modes or any(m not in MODES for m in modes):
@@ -355,11 +352,11 @@ def _eval(args) -> int:
         overrides = parse_overrides(args.settings)
         if steps is not None:
             overrides["action_num_inference_steps"] = steps
-        rows += evaluate_checkpoint(args.checkpoint, args.episodes, dtype=args.dtype, schemes=schemes,
-                                    exec_steps=exec_steps, random_baseline=not args.no_random and i == 0,
-                                    expert=args.expert and i == 0, video=args.video if i == 0 else None,
-                                    overrides=overrides, first_seed=first, modes=modes, delay_ticks=args.delay,
-                                    scene=args.scene, transformer=args.transformer)
+        measured = EvalRows(tuple(exec_steps), tuple(modes), tuple(schemes), not args.no_random and i == 0,
+                            args.expert and i == 0, overrides, args.transformer)
+        rows += evaluate_checkpoint(args.checkpoint, args.dtype, measured,
+                                    EvalEpisodes(args.episodes, first, args.scene, delay_ticks=args.delay),
+                                    video=args.video if i == 0 else None)
     table = format_table(rows, args.episodes, args.seeds)
     print(table)
     if args.json:

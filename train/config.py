@@ -19,10 +19,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # the gradients' global norm is clipped to this
 
     # --- the action loss and what the actions learn from
-    # The action loss's weight next to the video loss. The video loss is ~9x the action loss and the gradient is
-    # clipped, so at weight 1 the video stream takes most of each step. Weight 4 (with
-    # `predicted_at_sampler_sigma`) gives 17/20 on the validation seeds where weight 1 gives 14/20
-    # (bench/results/task_success/so100_grasp.md).
+    # The action loss's weight next to the video loss: the video loss is the larger and the gradient is clipped, so
+    # at weight 1 the video stream takes most of each step (the figures: bench/results/train_recipes.md).
     action_weight: float = 4.0
     # Noise on the chunk's PREDICTED video (what its actions attend to), sigma from the video training grid.
     # Without it the actions learn to read the ground-truth future frames, which the sampler never has.

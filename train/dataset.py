@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lingbot_edge.robot.place import get_scene
+from lingbot_edge.robot.scenes import get_scene
 from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_CAMERAS
 from train.expert import RECORDING_CARTESIAN_SPEED, RECORDING_DETOUR, recording_expert, run_expert
 from train.expert_place import place_expert
@@ -46,7 +46,7 @@ def record_episode(seed: int, steps: int, height: int = 96, width: int = 128,
                    cameras: Sequence[str] = SO100_CAMERAS, expert_gain: float = 0.0,
                    expert_cartesian_speed: float = RECORDING_CARTESIAN_SPEED,
                    expert_detour: float = RECORDING_DETOUR, scene: str = "grasp") -> dict:
-    """One expert episode of `scene` (`robot.place.SCENES`): {"state", "action": [steps, 6] float32, "frames":
+    """One expert episode of `scene` (`robot.scenes.SCENES`): {"state", "action": [steps, 6] float32, "frames":
     {camera: [steps, H, W, 3]}, "success"}; the actions are what the safety filter let through (what the motors
     got). The expert flags shape the grasp expert; the place expert takes `expert_cartesian_speed` only."""
     sim = get_scene(scene).cls(seed, cameras=cameras, height=height, width=width)

@@ -13,7 +13,7 @@ true history in one pass, so replacing the noisy action copies by the current st
 action schedule's Euler factors, `action_num_inference_steps` times, is the sampler's action pass for every chunk
 (the history and the chunk's PREDICTED video are the same in every step, as in the cache). Both copies the
 layout holds are integrated: the synchronous one and the grounded lookahead's (`GROUNDED_SEGMENTS`).
-`tests/test_train_distill.py` checks the endpoint against `ReferenceSampler`, chunk by chunk through its cache.
+`tests/train/test_train_distill.py` checks the endpoint against `ReferenceSampler`, chunk by chunk through its cache.
 
 The video stream is not distilled: under `video_exec_step` 1 it runs one forward already, and the chunk's
 PREDICTED video is that forward's input (noise at t = 1000), drawn per sample here as the policy draws it.
@@ -41,7 +41,7 @@ from lingbot_edge.io.files import check_output_folder, write_folder, write_text
 from lingbot_edge.io.loading import checkpoint_folder
 from train.distill_config import METHODS, DistillConfig
 from train.pipeline import load_checkpoint_policy
-from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
+from train.teacher import EpisodeLayout, SegmentInputs, episode_layout, teacher_forced_forward
 from train.trainer import (
     EpisodeTensors,
     adamw,
@@ -160,9 +160,11 @@ class ActionFlow:
         xa = self.pin(xa)
         if self.grounded:
             xg = xg * self.channel_mask
+        segments = SegmentInputs(video_predicted=inp["xv"], t_predicted=inp["tv"])
+        if self.grounded:
+            segments.action_noisy_async, segments.t_action_async = xg, tg
         return teacher_forced_forward(model, self.layout, inp["video"], inp["history"], inp["xv"], xa, inp["tv"],
-                                      ta, inp["text_kv"], inp["xv"], inp["tv"], xg if self.grounded else None,
-                                      tg if self.grounded else None)
+                                      ta, inp["text_kv"], segments)
 
     def sample(self, model, inp: dict, start: Tensor, steps: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """The sampler's action pass in `steps` Euler steps from `start` (differentiable when grads are on):

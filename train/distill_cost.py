@@ -4,7 +4,7 @@
         [--modes sync,grounded] [--episodes 2] [--rounds 2] [--threads 1] [--markdown F]
 
 Every variant (the teacher at each step count, each student at its own) drives the same held-out grasp episodes
-through the robot loop (`eval.grasp.run_episode`), in interleaved rounds so a machine's load spreads over all of
+through the robot loop (`eval.sim.run_episode`), in interleaved rounds so a machine's load spreads over all of
 them alike. Per chunk: the forwards the DiT ran (counted on the model) and the CPU time of the thread that ran the
 chunk's job (its feedback, grounding and inference; thread CPU time, not wall time, so other processes on a shared
 machine do not count), from the end of one inference to the end of the next. The table gives the median over the
@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lingbot_edge.eval.grasp import EVAL_SEED0, held_out_seeds, run_episode
+from lingbot_edge.eval.sim import EVAL_SEED0, held_out_seeds, run_episode
 from lingbot_edge.eval.task_success import checkpoint_loader
+from lingbot_edge.flags import add_dtype_arg, add_threads_arg
 from lingbot_edge.io.files import write_text
 from lingbot_edge.io.loading import checkpoint_folder
 
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="sync,grounded")
     parser.add_argument("--episodes", type=int, default=2, help="held-out seeds per round")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    add_threads_arg(parser, 1)
+    add_dtype_arg(parser, "bf16", allowed=("bf16", "fp32"))
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)

@@ -23,8 +23,8 @@ HOVER = 0.06  # m above the table: the pre-grasp and lift height of the tip
 # Joint-space moves at constant speed let a policy copy its past actions and ignore the cube (bench/results/
 # task_success/so100_grasp.md); `train record` / `train fit` default to this.
 RECORDING_CARTESIAN_SPEED = 0.004
-RECORDING_DETOUR = 0.0  # m: the largest approach detour of a recorded episode (`ScriptedExpert.detour`; 0.04 was
-# tried: 3/20 against 7/20 without, and more clipped targets)
+# m: the largest approach detour of a recorded episode (`ScriptedExpert.detour`; bench/results/train_recipes.md)
+RECORDING_DETOUR = 0.0
 
 
 def episode_detour(seed: int, largest: float) -> tuple[float, float]:

@@ -46,8 +46,8 @@ class AdapterConfig:
     alpha: float = 32.0  # the update is scaled by alpha / rank
     targets: tuple[str, ...] = DEFAULT_TARGETS  # module names (or name suffixes) that get adapters
     dropout: float = 0.0  # dropout on the adapters' input
-    # The frozen base: bfloat16 Linears, float32 ones (the fast path of the tiny DiT on a CPU, where bf16 matmuls
-    # this small are ~1.5x slower per step), or the runtime's int8 weight-only format.
+    # The frozen base: bfloat16 Linears, float32 ones (the fast path of the tiny DiT on a CPU:
+    # bench/results/train_recipes.md), or the runtime's int8 weight-only format.
     base_dtype: str = "bfloat16"
     # Modules trained in full next to the adapters (e.g. action_proj_out, action_embedder); empty: none
     train_modules: tuple[str, ...] = ()

@@ -23,6 +23,7 @@ import torch
 from lingbot_edge.core.config import PolicyConfig
 from lingbot_edge.io.checkpoint import build_model, load_transformer, read_model_config
 from lingbot_edge.io.loading import checkpoint_folder, read_policy_config
+from quantize import SCHEMES, quantize_
 from train.lora import AdapterConfig, add_adapters, is_trainable, merge, save_adapters
 from train.skeleton import policy_config_json, write_json
 
@@ -68,8 +69,6 @@ def prepare_model(base: Path, adapters: AdapterConfig | None, seed: int = 0, fro
         return load_transformer(base, dtype=torch.float32), None, {"base": str(base)}
     model = load_transformer(base, dtype=torch.float32 if adapters.base_dtype == "float32" else torch.bfloat16)
     if adapters.base_dtype == "int8":
-        from quantize import SCHEMES, quantize_
-
         quantize_(model, SCHEMES["int8_weight_only"])  # the block Linears, as `lingbot-edge quantize` does
     add_adapters(model, adapters, seed=seed)
     return model, is_trainable(adapters), {"base": str(base), "lora": asdict(adapters)}

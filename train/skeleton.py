@@ -10,18 +10,14 @@ from pathlib import Path
 from lingbot_edge.core.config import PolicyConfig, get_policy_config, tiny_variant
 from lingbot_edge.io.checkpoint import build_model, read_model_config, save_transformer
 from lingbot_edge.io.files import write_text
+from lingbot_edge.io.tiny import save_tiny_frozen_parts
 from lingbot_edge.robot.so100 import camera_keys
-from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 
 # Policy settings of the trained checkpoint, on top of the so100 preset's tiny variant (2-frame chunks, a
-# 2-chunk cache). The top camera only, at 128x256: a DiT token (2x2 latents of the 16x VAE) then spans 3.3 cm
-# of the workspace instead of 6.5 x 10 cm with three cameras at 64x128, for about the same token count; that
-# made the grasp point follow the cube sideways at all (bench/results/task_success/so100_grasp.md).
-# No CFG: one prompt, trained without prompt dropout. The action flow starts from zero noise
-# (`action_noise_scale` 0: 15/20 against 12/20 from N(0, 1) on the same DiT, so100_grasp.md). `video_exec_step` 1:
-# the chunk's PREDICTED video is written at the first video step's input (sigma 1), so the actions act on the
-# observed history alone; chosen on the validation seeds (13/20 against 4/20 with full video steps on the same
-# DiT, so100_grasp.md).
+# 2-chunk cache): the top camera only at 128x256 (finer tokens for about the same count), no CFG (one prompt,
+# trained without prompt dropout), the action flow from zero noise, and the chunk's PREDICTED video written at
+# the first video step's input (`video_exec_step` 1), so the actions act on the observed history alone. Why each:
+# bench/results/train_recipes.md.
 POLICY_SETTINGS = {"obs_cam_keys": ("observation.images.camera_top",), "height": 128, "width": 256,
                    "guidance_scale": 1.0, "action_guidance_scale": 1.0, "num_inference_steps": 4,
                    "video_exec_step": 1, "action_num_inference_steps": 10, "max_sequence_length": 32,
@@ -85,8 +81,9 @@ def write_checkpoint_skeleton(folder: Path, cfg: PolicyConfig, seed: int = 0) ->
     """Released layout with the tiny frozen parts and `policy_config.json`; transformer/ random until
     `export` replaces it. An existing skeleton is kept (its frozen parts made the cached latents)."""
     if not (folder / "vae").is_dir():
-        save_tiny_checkpoint(folder, seed=seed)
-    if read_model_config(folder / "transformer" / "config.json") != cfg.model_config:  # a larger tiny DiT
+        save_tiny_frozen_parts(folder, seed=seed)
+    dit = folder / "transformer" / "config.json"
+    if not dit.is_file() or read_model_config(dit) != cfg.model_config:
         save_transformer(build_model(cfg.model_config, seed=seed), folder / "transformer", replace=True)
     write_json(folder / "policy_config.json", policy_config_json(cfg))
     return folder

@@ -11,7 +11,7 @@ executed actions (HISTORY inserts), the noisy video, the clean video once more a
 video, and the noisy actions; a boolean attention mask gives every token exactly the keys the same
 token sees at inference. The mask comes from replaying the cache's own bookkeeping (insert order,
 oldest-first eviction, also by TRANSIENT inserts, and the drop of PREDICTED entries) symbolically in
-`cache_visibility`, not from a formula, so the two cannot drift apart; `tests/test_train_teacher.py`
+`cache_visibility`, not from a formula, so the two cannot drift apart; `tests/train/test_train_teacher.py`
 checks the outputs against the model run through `ListKVCache`.
 
 Because a token's K/V depend on what it attended to, this reproduces the cache's K/V layer by layer
@@ -260,6 +260,22 @@ def _embed_time(embedder, t: Tensor, tokens_per_frame: int, dtype: torch.dtype) 
     return temb, mod.reshape(b, k, f * tokens_per_frame, 6, -1)
 
 
+@dataclass
+class SegmentInputs:
+    """What a layout's optional segments hold, where `teacher_forced_forward` does not derive it itself."""
+
+    # [B, K, C, F, h, w] what the chunk's PREDICTED entries hold (default: the clean video at t = 0, the full-step
+    # sampler's last write; under `video_exec_step` the sampler writes a partly denoised latent there instead)
+    video_predicted: Tensor | None = None
+    t_predicted: Tensor | None = None  # [B, K, F] their timesteps
+    # [B, K, A, F, apf, 1] the grounded lookahead's noisy action copy (layouts with `GROUNDED_SEGMENTS`: required)
+    action_noisy_async: Tensor | None = None
+    t_action_async: Tensor | None = None  # [B, K, F] its timesteps
+    # [B, K, C, F, h, w] the executing chunk's grounded video (grounded layouts; default: what video_predicted holds)
+    video_grounded: Tensor | None = None
+    t_grounded: Tensor | None = None  # [B, K, F] its timesteps
+
+
 def teacher_forced_forward(
     model: WanVATransformer,
     layout: EpisodeLayout,
@@ -270,28 +286,22 @@ def teacher_forced_forward(
     t_video: Tensor,
     t_action: Tensor,
     text_kv: list[tuple[Tensor, Tensor]],
-    video_predicted: Tensor | None = None,
-    t_predicted: Tensor | None = None,
-    action_noisy_async: Tensor | None = None,
-    t_action_async: Tensor | None = None,
-    video_grounded: Tensor | None = None,
-    t_grounded: Tensor | None = None,
+    segments: SegmentInputs | None = None,
 ) -> tuple[Tensor, ...]:
     """Velocities of the noisy tokens of every chunk.
 
     video_*: [B, K, C, F, h, w]; action_*: [B, K, A, F, apf, 1] (normalized, unused channels zero);
     t_video / t_action: [B, K, F] timesteps of the noisy copies (the clean ones are at t = 0);
     text_kv: the prompt's cross-attention K/V per block ([B, Lt, H, D] each).
-    video_predicted / t_predicted: what the chunk's PREDICTED entries hold and their timesteps [B, K, F]
-    (default: the clean video at t = 0, the full-step sampler's last write). Under `video_exec_step` the
-    sampler writes a partly denoised latent at its own timestep there instead.
-    action_noisy_async / t_action_async: the noisy actions of the grounded lookahead's copy (layouts with
-    `GROUNDED_SEGMENTS` only; its executing-chunk copy holds `action_clean` at t = 0).
-    video_grounded / t_grounded: the executing chunk's grounded video and its timesteps [B, K, F] (grounded
-    layouts; default: what `video_predicted` holds).
+    segments: the PREDICTED entries, the grounded lookahead's action copy (its executing-chunk copy holds
+    `action_clean` at t = 0) and grounded video (`SegmentInputs`; default: none of them given).
     Returns (video velocity [B, K, C, F, h, w], action velocity [B, K, A, F, apf, 1]), plus the grounded
     copy's action velocity for a grounded layout.
     """
+    s = segments or SegmentInputs()
+    video_predicted, t_predicted, video_grounded, t_grounded = s.video_predicted, s.t_predicted, s.video_grounded, \
+        s.t_grounded
+    action_noisy_async, t_action_async = s.action_noisy_async, s.t_action_async
     dtype = model.dtype
     b, k, c, f, h, w = video_clean.shape
     a_shape = action_clean.shape

@@ -30,7 +30,7 @@ from lingbot_edge.core.scheduler import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
 from lingbot_edge.io.episodes import LeRobotEpisodes
 from lingbot_edge.io.files import write_file
 from train.config import TrainConfig
-from train.teacher import EpisodeLayout, episode_layout, teacher_forced_forward
+from train.teacher import EpisodeLayout, SegmentInputs, episode_layout, teacher_forced_forward
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +110,32 @@ class FlowNoise:
         return FlowNoise(*(None if v is None else v[index] for v in (getattr(self, f.name) for f in fields(self))))
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """What `FlowMatchingLoss` trains on besides the episodes (the loss fields of `TrainConfig`, which says why)."""
+
+    # > 0: the grounded lookahead's copy of every chunk's actions trains too, its loss times this added to the
+    # action loss
+    grounded_weight: float = 0.0
+    noisy_predicted: bool = False  # the PREDICTED video copy noised (else the clean future video)
+    predicted_at_sampler_sigma: bool = False  # with noisy_predicted: at the sampler's sigma (else a random one)
+    history_action_noise: float = 0.0  # Gaussian noise std (normalized units) on the action history
+    change_weight: float = 0.0  # extra action-loss weight on chunks where the expert's motion changes
+
+    @classmethod
+    def of(cls, tc: TrainConfig) -> LossSettings:
+        return cls(tc.grounded_weight, tc.noisy_predicted, tc.predicted_at_sampler_sigma, tc.history_action_noise,
+                   tc.change_weight)
+
+
 class FlowMatchingLoss:
     """Noising, pinning and masking of one batch, and the two streams' losses."""
 
-    def __init__(self, cfg: PolicyConfig, chunks: int, grounded_weight: float = 0.0):
+    def __init__(self, cfg: PolicyConfig, chunks: int, settings: LossSettings = LossSettings()):
         self.cfg = cfg
-        # grounded_weight > 0: the grounded lookahead's copy of every chunk's actions trains too (its loss
-        # times grounded_weight is added to the action loss).
-        self.grounded_weight = grounded_weight
-        self.layout: EpisodeLayout = episode_layout(cfg, chunks, grounded=grounded_weight > 0)
+        self.settings = settings
+        self.grounded_weight = settings.grounded_weight
+        self.layout: EpisodeLayout = episode_layout(cfg, chunks, grounded=settings.grounded_weight > 0)
         self.video_sigmas = FlowMatchSchedule(NUM_TRAIN_TIMESTEPS, cfg.snr_shift).sigmas()
         self.action_sigmas = FlowMatchSchedule(NUM_TRAIN_TIMESTEPS, cfg.action_snr_shift).sigmas()
         # The sigma of the sampler's PREDICTED write: the input of its video_exec_step-th forward (0: full steps).
@@ -128,37 +145,35 @@ class FlowMatchingLoss:
         mask[list(cfg.used_action_channel_ids)] = True
         self.channel_mask = mask
 
-    def draw(self, video_shape: torch.Size, action: Tensor, generator: torch.Generator, noisy_predicted: bool = False,
-             history_action_noise: float = 0.0, change_weight: float = 0.0) -> FlowNoise:
+    def draw(self, video_shape: torch.Size, action: Tensor, generator: torch.Generator) -> FlowNoise:
         """Every random draw of a batch of episodes (`video_shape` [B, K, C, F, h, w], `action` the batch's actions),
         in the order the training has always made them, so a run's generator stream is the same whoever draws."""
         b, k, _, f = video_shape[:4]
-        g = generator
+        g, s = generator, self.settings
         sv = self.video_sigmas[torch.randint(len(self.video_sigmas), (b, k), generator=g)]
         sa = self.action_sigmas[torch.randint(len(self.action_sigmas), (b, k), generator=g)]
         noise_v = torch.randn(video_shape, generator=g)
         noise_a = torch.randn(action.shape, generator=g)
         sp = noise_p = history = sg = noise_g = noise_gv = observed = None
-        if noisy_predicted:
+        if s.noisy_predicted:
             sp = self.video_sigmas[torch.randint(len(self.video_sigmas), (b, k), generator=g)]
             noise_p = torch.randn(video_shape, generator=g)
-        if history_action_noise:
+        if s.history_action_noise:
             history = torch.randn(action.shape, generator=g)
         if self.grounded_weight:
             sg = self.action_sigmas[torch.randint(len(self.action_sigmas), (b, k), generator=g)]
             noise_g = torch.randn(action.shape, generator=g)
             noise_gv = torch.randn(video_shape, generator=g)
             observed = torch.randint(f, (b, k, 1), generator=g)
-        change = action_change(action * self.channel_mask.view(1, 1, -1, 1, 1, 1)) if change_weight else None
+        change = action_change(action * self.channel_mask.view(1, 1, -1, 1, 1, 1)) if s.change_weight else None
         return FlowNoise(sv, sa, noise_v, noise_a, sp, noise_p, history, sg, noise_g, noise_gv, observed, change)
 
-    def __call__(self, model, video: Tensor, action: Tensor, text: Tensor, noise: torch.Generator | FlowNoise,
-                 noisy_predicted: bool = False, history_action_noise: float = 0.0,
-                 change_weight: float = 0.0,
-                 predicted_at_sampler_sigma: bool = False) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, model, video: Tensor, action: Tensor, text: Tensor,
+                 noise: torch.Generator | FlowNoise) -> tuple[Tensor, dict[str, float]]:
         """The batch's losses; `noise`: a generator to draw from, or the batch's draws (`draw`)."""
         if isinstance(noise, torch.Generator):
-            noise = self.draw(video.shape, action, noise, noisy_predicted, history_action_noise, change_weight)
+            noise = self.draw(video.shape, action, noise)
+        s = self.settings
         b, k, _, f = video.shape[:4]
         sv, sa = noise.video_sigma, noise.action_sigma
         cmask = self.channel_mask.view(1, 1, -1, 1, 1, 1).to(action.dtype)
@@ -177,17 +192,17 @@ class FlowMatchingLoss:
         frame_w = torch.ones(k, f)
         frame_w[0, 0] = 0
         xp = tp = None
-        if noisy_predicted:  # as the sampler's PREDICTED write under video_exec_step: x at sigma, t = 1000 sigma
+        if s.noisy_predicted:  # as the sampler's PREDICTED write under video_exec_step: x at sigma, t = 1000 sigma
             sp = noise.predicted_sigma
-            if predicted_at_sampler_sigma:  # drawn anyway: the RNG stream stays that of a random-sigma run
+            if s.predicted_at_sampler_sigma:  # drawn anyway: the RNG stream stays that of a random-sigma run
                 sp = torch.full_like(sp, self.sampler_predicted_sigma)
             xp = (1 - sp.view(b, k, 1, 1, 1, 1)) * video + sp.view(b, k, 1, 1, 1, 1) * noise.predicted
             tp = (sp * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
             xp[:, 0, :, 0] = video[:, 0, :, 0]  # the first chunk's pinned frame stays the observation
             tp[:, 0, 0] = 0
         history = action
-        if history_action_noise:
-            history = action + history_action_noise * noise.history * cmask
+        if s.history_action_noise:
+            history = action + s.history_action_noise * noise.history * cmask
         xg = tg = xgv = tgv = None
         if self.grounded_weight:  # the lookahead's copy: its own sigma and noise
             sg = noise.grounded_sigma
@@ -196,12 +211,12 @@ class FlowMatchingLoss:
             tg = (sg * NUM_TRAIN_TIMESTEPS)[..., None].expand(b, k, f).clone()
             xgv, tgv = self._grounded_video(video, noise.grounded_video, noise.grounded_observed)
         text_kv = model.text_kv(text)
-        pv, pa, *pg = teacher_forced_forward(model, self.layout, video, history, xv, xa, tv, ta, text_kv, xp, tp,
-                                             xg, tg, xgv, tgv)
+        pv, pa, *pg = teacher_forced_forward(model, self.layout, video, history, xv, xa, tv, ta, text_kv,
+                                             SegmentInputs(xp, tp, xg, tg, xgv, tgv))
         wv = frame_w.view(1, k, 1, f, 1, 1)
         wa = frame_w.view(1, k, 1, f, 1, 1) * cmask
-        if change_weight:
-            wa = wa * (1 + change_weight * noise.change).view(b, k, 1, 1, 1, 1)
+        if s.change_weight:
+            wa = wa * (1 + s.change_weight * noise.change).view(b, k, 1, 1, 1, 1)
         err_v = (pv.float() - (noise_v - video)).pow(2)
         err_a = (pa.float() - (noise_a - action)).pow(2)
         loss_v = (err_v * wv).sum() / (wv.expand_as(err_v)).sum()
@@ -401,7 +416,7 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
     model.train()
     for name, param in model.named_parameters():
         param.requires_grad_(trainable is None or trainable(name))
-    objective = FlowMatchingLoss(cfg, data.video.shape[1], tc.grounded_weight)
+    objective = FlowMatchingLoss(cfg, data.video.shape[1], LossSettings.of(tc))
     step_loss = objective if parallel is None else parallel.wrap(model, objective)
     opt = adamw([p for p in model.parameters() if p.requires_grad], tc.lr, tc.weight_decay)
     gen = torch.Generator().manual_seed(tc.seed)
@@ -409,14 +424,11 @@ def train(model, cfg: PolicyConfig, data: EpisodeTensors, out: str | Path, tc: T
 
     def batch_loss(step: int) -> tuple[Tensor, dict[str, float]]:
         idx = torch.randint(len(data), (tc.batch_size,), generator=gen)
-        noise = objective.draw(torch.Size((len(idx), *data.video.shape[1:])), data.action[idx], gen, tc.noisy_predicted,
-                               tc.history_action_noise, tc.change_weight)
+        noise = objective.draw(torch.Size((len(idx), *data.video.shape[1:])), data.action[idx], gen)
         if parallel is not None:
             share = parallel.local_share(len(idx))
             idx, noise = idx[share], noise.rows(share)
-        loss_v, parts = step_loss(model, data.video[idx], data.action[idx], data.text[idx], noise,
-                                  tc.noisy_predicted, tc.history_action_noise, tc.change_weight,
-                                  tc.predicted_at_sampler_sigma)
+        loss_v, parts = step_loss(model, data.video[idx], data.action[idx], data.text[idx], noise)
         return loss_v + tc.action_weight * parts.pop("_action"), parts
 
     losses = run_steps(model, opt, gen, batch_loss, tc, out, identity, "train", progress, parallel)

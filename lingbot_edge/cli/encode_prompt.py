@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from lingbot_edge.flags import DTYPES
+from lingbot_edge.flags import add_device_arg, add_dtype_arg
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="a task prompt (repeat for several)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="prompt cache folder (default: $LINGBOT_EDGE_CACHE/prompts or ~/.cache/lingbot_edge/prompts)")
-    p.add_argument("--device", default=None, help="where UMT5 runs: cpu / cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16",
-                   help="UMT5 dtype, part of the cache key: use the policy's text_encoder_dtype (default bf16)")
+    add_device_arg(p, "where UMT5 runs")
+    add_dtype_arg(p, "bf16", "UMT5 dtype, part of the cache key: use the policy's text_encoder_dtype")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder (default: <checkpoint>/tokenizer)")
     p.add_argument("--text-encoder", default=None, metavar="DIR",

@@ -109,7 +109,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def _rows(args, kwargs: dict) -> dict[str, libero.Row]:
     """The table's rows, in order: the checkpoint's DiT per mode, few-step, quantized, random, expert."""
-    from lingbot_edge.eval.grasp import with_random_transformer
+    from lingbot_edge.eval.sim import with_random_transformer
     from lingbot_edge.io.loading import load_policy
 
     def build(mode: str = "sync", **more):

@@ -43,7 +43,7 @@ def _register_plugins(sub) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     """The embedded trained tiny policy on the simulated SO-100 grasp task: success over held-out seeds next to
     the same checkpoint with a random-weight DiT, and the first episode as a video."""
-    from lingbot_edge.eval.grasp import (
+    from lingbot_edge.eval.sim import (
         chunk_delay_ticks,
         evaluate,
         held_out_seeds,
@@ -86,7 +86,8 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: the runtime's commands and the offline tools' (entry points)."""
     parser = argparse.ArgumentParser(prog="lingbot-edge", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     for module in _COMMAND_MODULES:
         import_module(f"lingbot_edge.cli.{module}").register(sub)
     _register_plugins(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
         stream=sys.stderr,

@@ -67,7 +67,7 @@ def _robot(args, cams: tuple[str, ...], cameras):
     names = [camera_name(k) for k in cams]
     if args.robot == "sim":
         if args.scene != "plain":
-            from lingbot_edge.robot.place import get_scene
+            from lingbot_edge.robot.scenes import get_scene
 
             return get_scene(args.scene).cls(args.scene_seed, cameras=names, height=h, width=w, fps=args.fps)
         from lingbot_edge.robot.sim import KinematicSO100
@@ -127,7 +127,7 @@ def run_so100(args: argparse.Namespace) -> int:
     safety = SafetyFilter(SafetyLimits(max_step=args.max_step))
     recorder = VideoRecorder([camera_name(k) for k in cams]) if args.video else None
     if args.prompt is None:
-        from lingbot_edge.robot.place import get_scene
+        from lingbot_edge.robot.scenes import get_scene
 
         args.prompt = get_scene("grasp" if args.scene == "plain" else args.scene).task
     controller = AsyncController(robot, policy, args.prompt, fps=args.fps, safety=safety,

@@ -33,6 +33,12 @@ def chunk_keyframes(cfg, index: int) -> int:
     return chunk_steps(cfg, index) // cfg.keyframe_stride
 
 
+def frame_boundaries(cfg, index: int) -> list[int]:
+    """The executed steps of chunk `index` after which whole latent frames of its keyframes are recorded (0,
+    apf, 2 apf, ...): where a lookahead request can take the executing chunk's keyframes so far."""
+    return list(range(0, chunk_steps(cfg, index), cfg.action_per_frame))
+
+
 def episode_steps(cfg, chunks: int) -> int:
     """Executed steps of the first `chunks` chunks of an episode."""
     return sum(chunk_steps(cfg, i) for i in range(chunks))
@@ -69,6 +75,11 @@ class Chunk(dict):
     @property
     def timing(self) -> dict[str, float]:
         return self["timing"]
+
+    @property
+    def frame_start(self) -> int:
+        """The episode's latent frame index of the chunk's first frame."""
+        return self["frame_start"]
 
     @property
     def steps(self) -> int:

@@ -91,10 +91,10 @@ def on_owner_thread(method):
 
 class PromptMemo:
     """A `PromptEncoder` that keeps each prompt's embeddings: wraps an encoder that runs its text model at
-    every call (an `io.encoders.PromptEncoder`), so a policy's next episode with the same prompt costs nothing.
+    every call (an `io.encoders.UMT5PromptEncoder`), so a policy's next episode with the same prompt costs nothing.
 
     Example:
-        policy = LingBotPolicy(cfg, model, obs_encoder, PromptMemo(encoders.PromptEncoder(umt5, tokenizer)))
+        policy = LingBotPolicy(cfg, model, obs_encoder, PromptMemo(encoders.UMT5PromptEncoder(umt5, tokenizer)))
     """
 
     memory_report = None  # nothing measured: the wrapped encoder stays loaded
@@ -118,11 +118,11 @@ class LingBotPolicy:
     Args:
         cfg: the preset (`core.config.PolicyConfig`); `model.config` must be its `model_config`.
         model: the DiT (`WanVATransformer`), already on its device and in its dtype.
-        obs_encoder: a `core.protocols.ObservationEncoder` (the streaming VAE, `io.encoders.ObservationEncoder`);
+        obs_encoder: a `core.protocols.ObservationEncoder` (the streaming VAE, `io.encoders.VAEObservationEncoder`);
             its `latent_hw` must equal `cfg.latent_hw`.
         prompt_encoder: a `core.protocols.PromptEncoder`, called at every `reset`: an `io.prompt_cache.PromptCache`
             (UMT5 loaded on a miss only, released after; `loading.load_policy` builds one over the checkpoint's
-            files), or a `PromptMemo` over an `io.encoders.PromptEncoder`.
+            files), or a `PromptMemo` over an `io.encoders.UMT5PromptEncoder`.
         sampler: "static" (`StaticSampler`, fixed shapes, CUDA graphs / torch.compile) or "reference"
             (`ReferenceSampler`, the upstream code path, for parity checks).
         compile: torch.compile the static sampler's forward.

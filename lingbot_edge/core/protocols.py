@@ -5,9 +5,9 @@
   `serve.client.RemotePolicy` (a policy behind `lingbot-edge serve`).
 - `PromptEncoder`: prompt -> text embeddings for `LingBotPolicy`. Implementations:
   `io.prompt_cache.PromptCache` (memory and disk tiers, UMT5 loaded on a miss) and
-  `core.policy.PromptMemo` over an `io.encoders.PromptEncoder` (UMT5 kept loaded, results kept per prompt).
+  `core.policy.PromptMemo` over an `io.encoders.UMT5PromptEncoder` (UMT5 kept loaded, results kept per prompt).
 - `ObservationEncoder`: camera frames -> video latents for `LingBotPolicy`. Implementations:
-  `io.encoders.ObservationEncoder` (the streaming VAE) and `testing.libero.RecordedObservations`.
+  `io.encoders.VAEObservationEncoder` (the streaming VAE) and `testing.libero.RecordedObservations`.
 
 Every implementation has every member (no `getattr` / `hasattr` probes at the call sites): a policy
 without lookahead says `supports_lookahead = False` (and `takes_executing_keyframes = False`), one with

@@ -1,6 +1,6 @@
 """Task success per precision and step setting, on the simulated SO-100 tasks.
 
-The episode loop, the held-out seeds and the summary are `lingbot_edge.eval.grasp`'s (which `lingbot-edge demo`
+The episode loop, the held-out seeds and the summary are `lingbot_edge.eval.sim`'s (which `lingbot-edge demo`
 uses too); this module measures rows of settings: each `TaskSetting` loads a fresh policy with its step axes
 (`video_exec_step`, action steps), has its DiT quantized in memory by the caller's `quantize` hook when it names
 a scheme or a plan (`quantize.task.quantize_setting`: the runtime never imports the offline tools) and runs the
@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from lingbot_edge.eval.grasp import (
+from lingbot_edge.eval.sim import (
     EVAL_SEED0,
     EVAL_STEPS,
     chunk_delay_ticks,
@@ -55,8 +55,8 @@ class TaskSetting:
     transformer: str | Path | None = None
     input_scales: Mapping[str, float] | None = None
     check_hardware: bool = True  # False: float8 W8A8 emulated on a CPU, as the drift table runs it
-    mode: str = "sync"  # the robot loop (`eval.grasp.MODES`): sync, or a lookahead (naive, grounded, grounded-at-start)
-    delay_ticks: float | None = None  # inference delay in control ticks (None: `eval.grasp.chunk_delay_ticks`)
+    mode: str = "sync"  # the robot loop (`eval.sim.MODES`): sync, or a lookahead (naive, grounded, grounded-at-start)
+    delay_ticks: float | None = None  # inference delay in control ticks (None: `eval.sim.chunk_delay_ticks`)
 
 
 def checkpoint_loader(checkpoint: str | Path = TASK_CHECKPOINT, dtype: str = "bfloat16", device: str = "cpu",
@@ -108,7 +108,7 @@ def measure(load: LoadFn, settings: Sequence[TaskSetting], episodes: int, steps:
             scene: str = "grasp", quantize: QuantizeFn | None = None) -> list[dict]:
     """Success of each setting over the same `episodes` held-out seeds (`steps` actions each; from
     `first_seed`, e.g. `VALIDATION_SEED0`); rows for `format_table`. `video`: the first setting's first
-    episode as an mp4. `scene`: the task (`robot.place.SCENES`). `quantize`: applies a setting's `quant`."""
+    episode as an mp4. `scene`: the task (`robot.scenes.SCENES`). `quantize`: applies a setting's `quant`."""
     if episodes < 1:
         raise ValueError(f"task episodes: expected >= 1, got {episodes}")
     seeds = held_out_seeds(episodes, first_seed)

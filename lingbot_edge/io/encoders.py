@@ -40,8 +40,8 @@ __all__ = [
     "LAYOUTS",
     "ByteTokenizer",
     "HFTokenizer",
-    "ObservationEncoder",
-    "PromptEncoder",
+    "VAEObservationEncoder",
+    "UMT5PromptEncoder",
     "StreamingVAEEncoder",
     "Tokenizer",
     "clean_prompt",
@@ -66,7 +66,7 @@ __all__ = [
 
 
 class Tokenizer(Protocol):
-    """What `PromptEncoder` needs: prompts -> (input_ids, attention_mask), both LongTensor [B, max_length]."""
+    """What `UMT5PromptEncoder` needs: prompts -> (input_ids, attention_mask), both LongTensor [B, max_length]."""
 
     def __call__(self, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -135,7 +135,7 @@ def clean_prompt(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
-class PromptEncoder:
+class UMT5PromptEncoder:
     """Prompt -> UMT5 `last_hidden_state` [1, max_sequence_length, d_model], zeros past the real length.
 
     Computed once per prompt (the policy caches the result); the text encoder is not needed afterwards,
@@ -176,7 +176,7 @@ class PromptEncoder:
     def _run(self, prompt: str) -> tuple[torch.Tensor, int]:
         """(last_hidden_state [1, max_sequence_length, d_model] in the encoder's dtype, real length)."""
         if self.text_encoder is None:
-            raise RuntimeError("PromptEncoder: the text encoder was released; build a new PromptEncoder")
+            raise RuntimeError("UMT5PromptEncoder: the text encoder was released; build a new UMT5PromptEncoder")
         ids, mask = self.tokenize(prompt)
         hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return hidden, int(mask[0].sum())
@@ -343,7 +343,7 @@ class StreamingVAEEncoder:
 LAYOUTS = ("width_concat", "robotwin_tshape")
 
 
-class ObservationEncoder:
+class VAEObservationEncoder:
     """Camera frames -> one latent observation [1, z_dim, T', h, w] in the configured camera layout.
 
     Every camera is resized (bilinear) and scaled to [-1, 1], then encoded as one batch row of a
@@ -546,6 +546,6 @@ def save_predicted_video(policy, path: str | Path, fps: int = 10, device: str | 
     vae = getattr(policy.obs_encoder, "vae", None)
     if vae is None:
         raise RuntimeError("save_predicted_video: the observation encoder has no VAE "
-                           "(expected an encoders.ObservationEncoder)")
+                           "(expected an encoders.VAEObservationEncoder)")
     frames = decode_latents(vae, torch.cat(policy.predicted_latents, dim=2), device=device)
     return write_mp4(frames, path, fps=fps)

@@ -123,7 +123,7 @@ def encode_episode(rec: RecordedEpisode, policy, seed: int, max_chunks: int | No
 def encode_episodes(recs: Sequence[RecordedEpisode], policy, seeds: Sequence[int],
                     max_chunks: int | None = None) -> list[Episode]:
     """`encode_episode` of several recordings at once: each recording is its own stream of the VAE (its own batch
-    rows, `ObservationEncoder.encode_batch`; one batch per episode length), so the numbers are those of one at a
+    rows, `VAEObservationEncoder.encode_batch`; one batch per episode length), so the numbers are those of one at a
     time, several times faster on a CPU. Layouts other than width_concat encode one recording after the other."""
     cfg = policy.cfg
     if len(recs) != len(seeds):

@@ -43,6 +43,7 @@ from lingbot_edge.core.config import (
 from lingbot_edge.io.checkpoint import build_meta_model, open_safetensors, tensor_files, weight_files
 from lingbot_edge.io.files import read_json
 from lingbot_edge.io.quantized import MANIFEST_NAME as QUANT_MANIFEST
+from lingbot_edge.io.quantized import read_manifest, verify_files
 from lingbot_edge.io.torchvision_compat import ensure_torchvision_importable
 
 # transformers / diffusers import torchvision when it is installed; a LeRobot venv has a broken
@@ -363,8 +364,6 @@ def resolve_checkpoint(
 
     # Validate in the order of the cheapest failure first; nothing below reads a weight.
     if "transformer" in parts and quantized:
-        from lingbot_edge.io.quantized import read_manifest, verify_files
-
         verify_files(tdir, read_manifest(tdir), checksums=False)  # sizes now; sha256 when loading
     elif "transformer" in parts:
         validate_transformer(files, model_cfg, tdir, prefix)

@@ -11,7 +11,8 @@ defaults are decided.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,13 @@ from lingbot_edge.core.config import (
     PolicyConfig,
     get_policy_config,
     policy_fields_from_upstream,
+    tiny_variant,
 )
 from lingbot_edge.core.policy import LingBotPolicy
 from lingbot_edge.io import checkpoint
-from lingbot_edge.io.encoders import HFTokenizer, ObservationEncoder, PromptEncoder, StreamingVAEEncoder
+from lingbot_edge.io.checkpoint import build_meta_model
+from lingbot_edge.io.device_memory import gpu_memory
+from lingbot_edge.io.encoders import HFTokenizer, StreamingVAEEncoder, UMT5PromptEncoder, VAEObservationEncoder
 from lingbot_edge.io.layout import (
     LEROBOT_POSTPROCESSOR,
     CheckpointError,
@@ -41,10 +45,11 @@ from lingbot_edge.io.layout import (
 from lingbot_edge.io.prompt_cache import (
     PromptCache,
     default_cache_dir,
-    gpu_memory,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from lingbot_edge.io.quantized import load_quantized
+from lingbot_edge.io.tiny import _build_tiny_policy
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +107,6 @@ def load_tokenizer(folder: str | Path):
 def load_dit(layout: CheckpointLayout, dtype: torch.dtype, device: str | torch.device):
     """The DiT of a validated layout, tensor by tensor straight into `dtype` on `device`."""
     if layout.quantized:
-        from lingbot_edge.io.quantized import load_quantized
-
         return load_quantized(layout.transformer, dtype=dtype, device=device)
     if layout.kind == "released":
         return checkpoint.load_transformer(layout.transformer, dtype=dtype, device=device)
@@ -138,10 +141,10 @@ def build_prompt_cache(
     te_dir, tok_dir = layout.text_encoder, layout.tokenizer
     fingerprint = f"{tokenizer_fingerprint(tok_dir)}:{weights_fingerprint(te_dir)}"
 
-    def factory() -> PromptEncoder:
+    def factory() -> UMT5PromptEncoder:
         # Module-level lookups at call time (tests replace them to prove a warm start loads nothing).
         encoder = load_text_encoder(te_dir, dtype=text_encoder_dtype, device=text_encoder_device)
-        return PromptEncoder(encoder, load_tokenizer(tok_dir), max_sequence_length,
+        return UMT5PromptEncoder(encoder, load_tokenizer(tok_dir), max_sequence_length,
                              device=text_encoder_device, dtype=text_encoder_dtype)
 
     if cache_dir is None or cache_dir is True:
@@ -215,8 +218,6 @@ def policy_config_for(layout: CheckpointLayout, preset: str | None = None,
     cfg = get_policy_config(preset)
     if model is not None and cfg.model != model:
         # e.g. preset "libero" on a tiny checkpoint: the preset's robot side on the checkpoint's DiT.
-        from lingbot_edge.core.config import tiny_variant
-
         if model not in TINY_MODELS:
             raise CheckpointError(
                 f"{layout.transformer or layout.root}: the checkpoint's DiT does not match preset {preset!r} "
@@ -291,8 +292,6 @@ def runtime_defaults(device: str | torch.device | None = None, dtype: torch.dtyp
 def warn_if_float32(cfg: ModelConfig, dtype: torch.dtype) -> None:
     """fp32 only when asked: say what it costs (the released 5B DiT: 20 GB instead of 10)."""
     if dtype == torch.float32:
-        from lingbot_edge.io.checkpoint import build_meta_model
-
         params = sum(p.numel() for p in build_meta_model(cfg).parameters())
         log.warning("DiT in float32 as asked: %.2f GB of weights (%.2f GB in the default bfloat16)",
                     params * 4 / 1e9, params * 2 / 1e9)
@@ -321,6 +320,19 @@ def read_policy_config(source: str | Path, preset: str | None = None,
     return policy_config_for(resolve_checkpoint(checkpoint_folder(source)), preset, overrides)
 
 
+@dataclass(frozen=True)
+class EncoderSettings:
+    """How `load_policy` builds a checkpoint's frozen encoders (the embedded tiny source builds its own)."""
+
+    prompts: tuple[str, ...] = ()  # encoded now, before the DiT is loaded (later episodes with them never load UMT5)
+    text_encoder_device: str | torch.device = "cpu"  # where UMT5 runs on a prompt cache miss
+    text_encoder_dtype: torch.dtype = torch.bfloat16  # UMT5's dtype (the prompt cache key includes it)
+    vae_dtype: torch.dtype | None = None  # the VAE encoder's dtype (None: the DiT's)
+    vae: str | Path | None = None  # another VAE folder in place of the checkpoint's
+    text_encoder: str | Path | None = None  # another UMT5 folder in place of the checkpoint's
+    tokenizer: str | Path | None = None  # another tokenizer folder in place of the checkpoint's
+
+
 def load_policy(
     source: str | Path,
     *,
@@ -332,13 +344,7 @@ def load_policy(
     sampler: str = "static",
     seed: int = 0,
     prompt_cache_dir: str | Path | None | bool = None,
-    prompts: Sequence[str] = (),
-    text_encoder_device: str | torch.device = "cpu",
-    text_encoder_dtype: torch.dtype = torch.bfloat16,
-    vae_dtype: torch.dtype | None = None,
-    vae: str | Path | None = None,
-    text_encoder: str | Path | None = None,
-    tokenizer: str | Path | None = None,
+    encoders: EncoderSettings = EncoderSettings(),
     record_predicted_video: bool | None = None,
     **overrides: Any,
 ):
@@ -353,7 +359,7 @@ def load_policy(
         source: a checkpoint folder (released layout, LeRobot layout, a user's post-trained checkpoint),
             the name of an embedded checkpoint (`EMBEDDED_CHECKPOINTS`: "so100-grasp"), or "tiny" (the
             embedded tiny model with random weights, built in-process; it takes only `preset`, `device`,
-            `dtype`, `compile`, `sampler`, `seed` and `overrides`).
+            `dtype`, `compile`, `sampler`, `seed` and `overrides`, and refuses the others).
         preset: the default policy settings (`core.config` presets); a checkpoint's own settings come first.
             For "tiny": the preset's robot side on the tiny model (`config.tiny_variant`).
         transformer: another DiT folder in place of the checkpoint's, e.g. a quantized one written by
@@ -367,13 +373,7 @@ def load_policy(
         seed: the noise generator's seed (`LingBotPolicy.reset` restarts it).
         prompt_cache_dir: the prompt cache's disk tier: None -> `prompt_cache.default_cache_dir()`,
             False -> memory only, else that folder.
-        prompts: prompts encoded now, before the DiT is loaded (later episodes with them never load UMT5).
-        text_encoder_device: where UMT5 runs on a cache miss (default the CPU).
-        text_encoder_dtype: UMT5's dtype (default bf16; the cache key includes it).
-        vae_dtype: the VAE encoder's dtype (default `dtype`).
-        vae: another VAE folder in place of the checkpoint's.
-        text_encoder: another UMT5 folder in place of the checkpoint's.
-        tokenizer: another tokenizer folder in place of the checkpoint's.
+        encoders: the frozen encoders' settings and folders (`EncoderSettings`).
         record_predicted_video: keep predicted latents for `io.encoders.save_predicted_video` (default: the
             LeRobot config's `save_predicted_video`, else off).
         **overrides: `PolicyConfig` fields, applied last (`--set key=value` in the CLIs).
@@ -393,12 +393,13 @@ def load_policy(
     """
     device, dtype, compile = runtime_defaults(device, dtype, compile)
     if isinstance(source, str) and source == TINY:
-        from lingbot_edge.core.config import tiny_variant
-        from lingbot_edge.io.tiny import _build_tiny_policy
-
-        if transformer is not None:
-            raise ValueError("transformer: the embedded tiny source has no checkpoint folder to replace; save it "
-                             "first (lingbot_edge.testing.checkpoints.save_tiny_checkpoint) and load that folder")
+        ignored = {"transformer": transformer is not None, "encoders": encoders != EncoderSettings(),
+                   "record_predicted_video": record_predicted_video is not None,
+                   "prompt_cache_dir": prompt_cache_dir not in (None, False)}
+        if refused := [name for name, given in ignored.items() if given]:
+            raise ValueError(f"{', '.join(refused)}: the embedded tiny source builds its parts in-process and takes "
+                             "only preset, device, dtype, compile, sampler, seed and policy settings; save it first "
+                             "(lingbot_edge.testing.checkpoints.save_tiny_checkpoint) and load that folder")
         cfg = tiny_variant(get_policy_config(preset or TINY))
         cfg = _set_fields(cfg, overrides, "overrides", "overrides") if overrides else cfg
         log.info("policy: embedded tiny model, settings %r on %s/%s (compile=%s)", cfg.name, device,
@@ -411,10 +412,11 @@ def load_policy(
 
     source = checkpoint_folder(source)
     # 1. Everything validated from headers and configs: no weight read, no device memory.
-    layout = resolve_checkpoint(source, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    layout = resolve_checkpoint(source, vae=encoders.vae, text_encoder=encoders.text_encoder,
+                                tokenizer=encoders.tokenizer,
                                 transformer=transformer)
     cfg = policy_config_for(layout, preset, overrides)
-    vae_dtype = vae_dtype or dtype
+    vae_dtype = encoders.vae_dtype or dtype
     if record_predicted_video is None:
         record_predicted_video = bool(layout.lerobot_config.get("save_predicted_video", False))
     log.info("policy: %s (%s layout%s), settings %r on %s/%s (compile=%s)", layout.root, layout.kind,
@@ -425,10 +427,11 @@ def load_policy(
     # 2. Prompt embeddings first: UMT5 (if it runs at all) is gone before the DiT arrives.
     prompt_cache = build_prompt_cache(
         layout, max_sequence_length=cfg.max_sequence_length, device=device, dtype=dtype,
-        text_encoder_device=text_encoder_device, text_encoder_dtype=text_encoder_dtype, cache_dir=prompt_cache_dir,
+        text_encoder_device=encoders.text_encoder_device, text_encoder_dtype=encoders.text_encoder_dtype,
+        cache_dir=prompt_cache_dir,
     )
-    if prompts:
-        prompt_cache.precompute(prompts, negative=cfg.use_cfg)
+    if encoders.prompts:
+        prompt_cache.precompute(encoders.prompts, negative=cfg.use_cfg)
     report["gpu_allocated_after_prompts"] = gpu_memory(device)["allocated"]
     # 3. The DiT, tensor by tensor.
     if not layout.quantized:
@@ -437,7 +440,7 @@ def load_policy(
     report["gpu_allocated_after_dit"] = gpu_memory(device)["allocated"]
     # 4. The VAE: read on the CPU, only encoder + quant_conv go to the device (one copy for both streams).
     vae_model = load_vae(layout.vae, dtype=vae_dtype, device="cpu")
-    obs_encoder = ObservationEncoder(
+    obs_encoder = VAEObservationEncoder(
         StreamingVAEEncoder(vae_model, device=device, dtype=vae_dtype), list(cfg.obs_cam_keys), cfg.height,
         cfg.width, layout=cfg.camera_layout,
     )

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lingbot_edge.io.encoders import PromptEncoder, clean_prompt
+from lingbot_edge.io.device_memory import gpu_memory
+from lingbot_edge.io.encoders import UMT5PromptEncoder, clean_prompt
 from lingbot_edge.io.files import is_temp_path, write_file
 
 log = logging.getLogger(__name__)
@@ -126,19 +127,6 @@ def weights_fingerprint(folder: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Memory measurement
-# --------------------------------------------------------------------------------------------------
-
-
-def gpu_memory(device: torch.device | str | None) -> dict[str, int | None]:
-    """`torch.cuda.memory_allocated` / `memory_reserved` of `device` in bytes; None off CUDA."""
-    device = torch.device(device) if device is not None else None
-    if device is None or device.type != "cuda" or not torch.cuda.is_available():
-        return {"allocated": None, "reserved": None}
-    return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)}
-
-
-# --------------------------------------------------------------------------------------------------
 # The cache
 # --------------------------------------------------------------------------------------------------
 
@@ -147,7 +135,7 @@ class PromptCache:
     """Prompt -> embedding [1, max_sequence_length, text_dim] with a memory and a disk tier: the
     `core.protocols.PromptEncoder` that `loading.load_policy` gives the policy.
 
-    `encoder_factory()` returns a `PromptEncoder` (tokenizer + UMT5 on its device, output dtype
+    `encoder_factory()` returns a `UMT5PromptEncoder` (tokenizer + UMT5 on its device, output dtype
     `encoder_dtype`); it is called only on a miss, and the encoder is released after the texts that
     missed are encoded (`release_after_encode`). `fingerprint` identifies tokenizer + weights (see
     `tokenizer_fingerprint` / `weights_fingerprint`); `cache_dir=None` keeps the memory tier only.
@@ -163,7 +151,7 @@ class PromptCache:
 
     def __init__(
         self,
-        encoder_factory: Callable[[], PromptEncoder],
+        encoder_factory: Callable[[], UMT5PromptEncoder],
         *,
         fingerprint: str,
         text_dim: int,
@@ -190,7 +178,7 @@ class PromptCache:
         self.negative_prompt = negative_prompt
         self.release_after_encode = release_after_encode
         self._memory: dict[str, Tensor] = {}
-        self._encoder: PromptEncoder | None = None
+        self._encoder: UMT5PromptEncoder | None = None
         self.stats = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "disk_writes": 0, "disk_rejects": 0}
         self.memory_report: dict[str, Any] = {
             "text_encoder_loads": 0,
@@ -203,7 +191,7 @@ class PromptCache:
         }
 
     @classmethod
-    def from_encoder(cls, encoder: PromptEncoder, device: str | torch.device | None = None,
+    def from_encoder(cls, encoder: UMT5PromptEncoder, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None) -> PromptCache:
         """Memory-only cache around an already-built encoder, which is kept (it cannot be rebuilt)."""
         cache = cls(
@@ -284,7 +272,7 @@ class PromptCache:
 
     # ------------------------------------------------------------------ encoder lifetime
 
-    def _get_encoder(self) -> PromptEncoder:
+    def _get_encoder(self) -> UMT5PromptEncoder:
         if self._encoder is None:
             log.info("prompt cache miss: loading the text encoder")
             self._encoder = self.encoder_factory()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from lingbot_edge.core.config import PolicyConfig, get_policy_config
 from lingbot_edge.core.policy import LingBotPolicy
 from lingbot_edge.io.checkpoint import build_model
-from lingbot_edge.io.encoders import ByteTokenizer, ObservationEncoder, PromptEncoder, StreamingVAEEncoder
+from lingbot_edge.io.encoders import ByteTokenizer, StreamingVAEEncoder, UMT5PromptEncoder, VAEObservationEncoder
 from lingbot_edge.io.prompt_cache import PromptCache
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,19 @@ def build_tiny_tokenizer(vocab_size: int = 128) -> Any:
 
 
 
+def save_tiny_frozen_parts(root: str | Path, seed: int = 0, latents_mean: Sequence[float] | None = None,
+                           latents_std: Sequence[float] | None = None) -> Path:
+    """The tiny frozen parts in the released layout: `vae/` (a Wan2.2-family VAE, z_dim 16, patch 2), `text_encoder/`
+    (UMT5, d_model 32) and `tokenizer/`, sized for the tiny DiT; what the embedded checkpoints ship."""
+    root = Path(root)
+    mc = get_policy_config("tiny").model_config
+    build_tiny_vae(z_dim=mc.in_channels, seed=seed, latents_mean=latents_mean,
+                   latents_std=latents_std).save_pretrained(str(root / "vae"))
+    build_tiny_umt5(d_model=mc.text_dim, seed=seed).save_pretrained(str(root / "text_encoder"))
+    build_tiny_tokenizer().save_pretrained(str(root / "tokenizer"))
+    return root
+
+
 def _build_tiny_policy(sampler: str = "static", compile: bool = True, seed: int = 0,
                       device: str = "cpu", dtype: torch.dtype = torch.float32,
                       cfg: PolicyConfig | None = None) -> LingBotPolicy:
@@ -166,11 +180,11 @@ def _build_tiny_policy(sampler: str = "static", compile: bool = True, seed: int 
     mc = cfg.model_config
     model = build_model(mc, dtype=dtype, device=device, seed=seed)
     vae = StreamingVAEEncoder(build_tiny_vae(z_dim=mc.in_channels, seed=seed), device=device, dtype=torch.float32)
-    obs_encoder = ObservationEncoder(vae, list(cfg.obs_cam_keys), cfg.height, cfg.width, layout=cfg.camera_layout)
+    obs_encoder = VAEObservationEncoder(vae, list(cfg.obs_cam_keys), cfg.height, cfg.width, layout=cfg.camera_layout)
 
-    def umt5_factory() -> PromptEncoder:  # built on a miss, released after: same lifetime as a real UMT5
+    def umt5_factory() -> UMT5PromptEncoder:  # built on a miss, released after: same lifetime as a real UMT5
         umt5 = build_tiny_umt5(d_model=mc.text_dim, seed=seed)
-        return PromptEncoder(umt5, ByteTokenizer(), cfg.max_sequence_length, device=device, dtype=dtype)
+        return UMT5PromptEncoder(umt5, ByteTokenizer(), cfg.max_sequence_length, device=device, dtype=dtype)
 
     prompts = PromptCache(umt5_factory, fingerprint=f"tiny-byte-umt5-seed{seed}", text_dim=mc.text_dim,
                           max_sequence_length=cfg.max_sequence_length, encoder_dtype=dtype, device=device,

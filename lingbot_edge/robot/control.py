@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from lingbot_edge.core.episode import Chunk
+from lingbot_edge.core.episode import Chunk, chunk_steps, frame_boundaries
 from lingbot_edge.core.protocols import Policy
 from lingbot_edge.robot.safety import SafetyFilter
 from lingbot_edge.robot.so100 import Robot, action_dict, camera_images, joints_of
@@ -250,9 +250,8 @@ class AsyncController:
         if self.request_late and not takes_frames:
             raise ValueError("request_late: needs lookahead and a policy that takes the executing chunk's keyframes "
                              "(takes_executing_keyframes)")
-        cfg = policy.cfg
-        self.frame_steps = int(cfg.action_per_frame)  # executed steps per latent frame
-        self.chunk_steps = int(cfg.frame_chunk_size) * self.frame_steps  # steps of a chunk after the first
+        self.chunk_steps = chunk_steps(policy.cfg, 1)  # steps of a chunk after the first
+        self.frame_boundaries = frame_boundaries(policy.cfg, 1)  # where a late request can go out
         self.on_tick = on_tick
         self.clock, self.sleep, self.executor = clock, sleep, executor
         self.cam_keys = tuple(policy.cfg.obs_cam_keys)
@@ -473,7 +472,7 @@ class AsyncController:
             return 0
         latency = max(state.latencies)
         last = self.chunk_steps - latency
-        return max((s for s in range(0, self.chunk_steps, self.frame_steps) if s <= last), default=0)
+        return max((s for s in self.frame_boundaries if s <= last), default=0)
 
     def _request_late(self, state: _RunState, chunk: Chunk) -> None:
         """The deferred feedback and the next infer, with the executing chunk's keyframes recorded so far."""

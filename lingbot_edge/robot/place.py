@@ -13,16 +13,12 @@ with another layout per seed and another success test:
   walls do not stop a cube carried low through them).
 
 The wrist camera draws the cube green as well; it does not draw the box.
-
-`SCENES` names every simulated task for the commands' `--scene` flag: its scene class, its prompt and the
-actions an evaluation episode runs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -89,22 +85,3 @@ class PlaceScene(GraspScene):
         if view != "side":
             img[np.all(img == GRASP_CUBE_COLOR, axis=-1)] = CUBE_COLOR
         return img
-
-
-@dataclass(frozen=True)
-class Scene:
-    """A simulated task the commands select with `--scene`."""
-
-    cls: type  # the scene: cls(seed, cameras=, height=, width=, **kwargs)
-    task: str  # the prompt its demonstrations are recorded with and its episodes run with
-    eval_steps: int  # actions per evaluation episode (whole chunks of the tiny so100 policy)
-
-
-# grasp: 124 = 4 + 8 * 15 actions, twice what its expert needs; place: 164 = 4 + 8 * 20, its expert needs ~125
-SCENES = {"grasp": Scene(GraspScene, grasp.TASK, 124), "place": Scene(PlaceScene, TASK, 164)}
-
-
-def get_scene(name: str) -> Scene:
-    if name not in SCENES:
-        raise ValueError(f"scene: expected one of {sorted(SCENES)}, got {name!r}")
-    return SCENES[name]

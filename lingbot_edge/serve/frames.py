@@ -1,7 +1,7 @@
 """Camera frames to the policy's size, the same way on the arm side (before sending) and on the server.
 
 Bilinear with `align_corners=False` and no antialiasing, i.e. `torch.nn.functional.interpolate(...,
-mode="bilinear")` as `io.encoders.ObservationEncoder` does it, so a frame resized here is not resized again
+mode="bilinear")` as `io.encoders.VAEObservationEncoder` does it, so a frame resized here is not resized again
 by the encoder (the only difference is the rounding back to uint8). Computed with numpy gathers of the
 2 x 2 source pixels each output pixel needs: no float copy of the input ever exists, so a request's
 memory stays within its size whatever T and the camera resolution are, and the arm side needs no torch.

@@ -333,13 +333,13 @@ class EpisodeServer:
     def _infer(self, ep: _Episode, obs: dict, ahead: bool, timing: dict, t_start: float) -> dict[str, Any]:
         t = time.perf_counter()
         try:
-            out = self.policy.infer(obs, ahead=True) if ahead else self.policy.infer(obs)
+            inferred: Chunk = self.policy.infer(obs, ahead=True) if ahead else self.policy.infer(obs)
         except Exception:
             self.episode = None
             raise
         timing["infer_ms"] = (time.perf_counter() - t) * 1e3
-        timing.update({f"infer_{k}": v for k, v in out.get("timing", {}).items()})
-        actions = np.ascontiguousarray(out["actions"], dtype=np.float32)
+        timing.update({f"infer_{k}": v for k, v in inferred.timing.items()})
+        actions = np.ascontiguousarray(inferred.actions, dtype=np.float32)
         if self.limits is not None:
             actions = np.clip(actions, *self.limits)
         index = ep.next_index
@@ -350,7 +350,7 @@ class EpisodeServer:
             "action": actions,
             "chunk": index,
             "first": index == 0,
-            "frame_start": int(out.get("frame_start", 0)),
+            "frame_start": int(inferred.frame_start),
             "keyframes_next": ep.pending[0].num_keyframes,
             "server_timing": {k: float(v) for k, v in timing.items()},
         }

@@ -17,7 +17,7 @@ from lingbot_edge.io.layout import (
     LEROBOT_PREFIX,
     LEROBOT_WEIGHTS,
 )
-from lingbot_edge.io.tiny import build_tiny_tokenizer, build_tiny_umt5, build_tiny_vae
+from lingbot_edge.io.tiny import save_tiny_frozen_parts
 
 
 def save_tiny_checkpoint(
@@ -61,9 +61,5 @@ def save_tiny_checkpoint(
         (root / LEROBOT_POSTPROCESSOR).write_text(json.dumps(pipeline, indent=2))
         if frozen_from is not None:
             return root
-    build_tiny_vae(z_dim=mc.in_channels, seed=seed, latents_mean=latents_mean,
-                   latents_std=latents_std).save_pretrained(str(root / "vae"))
-    build_tiny_umt5(d_model=mc.text_dim, seed=seed).save_pretrained(str(root / "text_encoder"))
-    build_tiny_tokenizer().save_pretrained(str(root / "tokenizer"))
-    return root
+    return save_tiny_frozen_parts(root, seed, latents_mean, latents_std)
 

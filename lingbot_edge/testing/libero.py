@@ -42,7 +42,7 @@ from lingbot_edge.core.policy import LingBotPolicy, orient_frames
 from lingbot_edge.core.protocols import ObservationEncoder
 from lingbot_edge.eval.libero import LIBERO_CAMERAS
 from lingbot_edge.io.encoders import StreamingVAEEncoder
-from lingbot_edge.io.loading import load_policy, load_vae
+from lingbot_edge.io.loading import EncoderSettings, load_policy, load_vae
 from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 from lingbot_edge.testing.libero_scene import draw_frame, scene_layout
 
@@ -88,8 +88,8 @@ def load_tiny_libero_policy(checkpoint: str | Path, sampler: str = "static", dty
     import torch
 
     return load_policy(checkpoint, device="cpu", dtype=dtype or torch.float32,
-                       vae_dtype=torch.float32, text_encoder_dtype=torch.float32, compile=False,
-                       prompt_cache_dir=False, sampler=sampler, **overrides)
+                       encoders=EncoderSettings(vae_dtype=torch.float32, text_encoder_dtype=torch.float32),
+                       compile=False, prompt_cache_dir=False, sampler=sampler, **overrides)
 
 
 # --------------------------------------------------------------------------------------------------

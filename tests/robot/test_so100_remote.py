@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-from test_so100_arm import SO100FollowerStandIn  # tests/ is on sys.path (no __init__.py)
 
 from lingbot_edge.core.episode import Chunk
 from lingbot_edge.io.loading import load_policy
@@ -16,6 +15,7 @@ from lingbot_edge.robot.so100 import SO100_ACTION_KEYS, SO100_LOWER, SO100_UPPER
 from lingbot_edge.serve.client import RemotePolicy
 from lingbot_edge.serve.server import EpisodeServer, PolicyServer
 from lingbot_edge.testing.clocks import SlowClock
+from lingbot_edge.testing.so100 import SO100FollowerStandIn
 
 
 class FreezablePolicy:

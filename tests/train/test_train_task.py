@@ -118,7 +118,7 @@ def test_the_table_texture_says_where_a_pixel_is():
 
 
 def test_cube_tracking_is_the_least_squares_slope():
-    from lingbot_edge.eval.grasp import cube_tracking
+    from lingbot_edge.eval.sim import cube_tracking
 
     rng = np.random.default_rng(0)
     cube = rng.uniform(0.1, 0.2, (12, 2))

@@ -2,8 +2,8 @@
 
 The lazy-import error, the step <-> chunk bookkeeping (a fake policy returning real `Chunk`s, and the real
 tiny policy against the direct loop), the env/dataset -> channel and camera mapping, image / prompt
-conversion, the torchvision fallback kernel. With LeRobot: tests/test_lerobot_adapter.py and
-tests/test_lerobot_eval.py (`make test-lerobot`).
+conversion, the torchvision fallback kernel. With LeRobot: tests/lerobot_app/test_lerobot_adapter.py and
+tests/lerobot_app/test_lerobot_eval.py (`make test-lerobot`).
 """
 
 import importlib

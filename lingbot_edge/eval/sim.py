@@ -1,6 +1,6 @@
-"""Task success on the SO-100 reach-and-grasp task (`robot.grasp.GraspScene`), through the episode protocol.
+"""Task success on the simulated SO-100 tasks (`robot.scenes.SCENES`: grasp, place), through the episode protocol.
 
-Each episode runs the robot loop itself (`robot.control.AsyncController`) on a `GraspScene(seed)` under
+Each episode runs the robot loop itself (`robot.control.AsyncController`) on the scene of a seed under
 virtual time (`robot.virtual`): the same hand-off as `run-so100`, synchronous or lookahead, with every
 inference taking a fixed number of control ticks instead of wall time, so results do not depend on the
 machine. Held-out seeds start at
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from lingbot_edge.core.episode import chunk_steps
 from lingbot_edge.io.checkpoint import build_model, read_model_config, save_transformer
 from lingbot_edge.io.loading import checkpoint_folder
 from lingbot_edge.robot.control import AsyncController
-from lingbot_edge.robot.place import get_scene
 from lingbot_edge.robot.safety import SafetyFilter
+from lingbot_edge.robot.scenes import get_scene
 from lingbot_edge.robot.sim import VideoRecorder
 from lingbot_edge.robot.so100 import camera_name
 from lingbot_edge.robot.virtual import DelayedExecutor, VirtualClock
@@ -65,7 +66,7 @@ def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str | None =
     takes `delay_ticks` control ticks (default `chunk_delay_ticks`), the synchronous loop holds the arm while it
     waits, the lookahead loop (`mode` naive / grounded: the policy's `async_mode`) infers the next chunk while
     the current one executes. The episode runs the chunks of `steps` actions, however many ticks that takes.
-    `scene`: the task (`robot.place.SCENES`: grasp, place); `prompt`: default the scene's.
+    `scene`: the task (`robot.scenes.SCENES`: grasp, place); `prompt`: default the scene's.
 
     Returns {"seed", "success", "clipped", "steps", "ticks", "completion_tick" (first tick with the cube held,
     None if never), "hold_ticks", "min_distance", "chunk_ms" (median CPU ms of a chunk's feedback + infer),
@@ -104,19 +105,32 @@ def run_episode(policy, seed: int, steps: int = EVAL_STEPS, prompt: str | None =
                                  on_tick=on_tick, clock=clock, sleep=clock.sleep,
                                  executor=DelayedExecutor(clock, delay, EVAL_FPS),
                                  request_late=False if mode.endswith("-at-start") else None)
+    # A synchronous loop holds at every boundary: expected here, not news. Only this thread's records below ERROR
+    # are dropped while the episode runs; the logger's level and every other thread's records stay as they are.
+    quiet = _ThisThreadBelow(logging.ERROR)
     control_log = logging.getLogger(AsyncController.__module__)
-    level = control_log.level
-    control_log.setLevel(logging.ERROR)  # a synchronous loop holds at every boundary: expected here, not news
+    control_log.addFilter(quiet)
     try:
         logbook = controller.run(max_chunks=chunks)
     finally:
-        control_log.setLevel(level)
+        control_log.removeFilter(quiet)
     summary = logbook.summary()
     job_ms = [c["job_ms"] for c in logbook.chunks]
     return {"seed": seed, "success": bool(scene.success), "clipped": safety.clipped, "steps": summary["exec_ticks"],
             "ticks": summary["ticks"], "completion_tick": track["completion"], "hold_ticks": summary["hold_ticks"],
             "min_distance": track["min_dist"], "chunk_ms": float(np.median(job_ms)), "cube_xy": cube_xy.tolist(),
             "grasp_xy": track["lowest"][1]}
+
+
+class _ThisThreadBelow(logging.Filter):
+    """Drops the records below `level` that the creating thread emits."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level, self.thread = level, threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or record.thread != self.thread
 
 
 class _Seeded:

@@ -62,7 +62,7 @@ def test_two_gloo_ranks_fit_as_one_process(dataset, tmp_path, recipe):
     single, parallel = tmp_path / "single", tmp_path / "parallel"
     assert main([*flags, "--out", str(single)]) == 0
     _torchrun([*flags, "--out", str(parallel), "--latents", str(single / "latents.pt"), "--distributed"],
-              Path(__file__).resolve().parents[1])
+              Path(__file__).resolve().parents[2])
 
     one = torch.load(single / STATE_NAME, weights_only=False)
     two = torch.load(parallel / STATE_NAME, weights_only=False)

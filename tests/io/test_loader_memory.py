@@ -18,7 +18,7 @@ from lingbot_edge.core.model import WanVATransformer
 from lingbot_edge.io import loading
 from lingbot_edge.io.checkpoint import build_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # ~155M parameters: 0.31 GB in bf16 (dim 1024, 8 blocks, ffn 4096).
 MID = dict(num_attention_heads=8, attention_head_dim=128, in_channels=16, out_channels=16, action_dim=8,
            text_dim=1024, ffn_dim=4096, num_layers=8)

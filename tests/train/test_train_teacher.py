@@ -10,7 +10,7 @@ from lingbot_edge.core.config import get_policy_config
 from lingbot_edge.core.kv_cache import CacheMode, ListKVCache
 from lingbot_edge.core.model import action_grid_ids, video_grid_ids
 from lingbot_edge.io.checkpoint import build_model
-from train.teacher import episode_layout, teacher_forced_forward
+from train.teacher import SegmentInputs, episode_layout, teacher_forced_forward
 
 
 def _inputs(cfg, b, k, seed=0):
@@ -150,8 +150,8 @@ def _grounded_case(cfg):
     x_grounded = torch.randn(x["video_clean"].shape, generator=g)
     t_grounded = torch.full((2, 4, f), 1000.0)
     t_grounded[:, 1::2, 0] = 0.0
-    grounded = dict(action_noisy_async=x_async, t_action_async=t_async, video_grounded=x_grounded,
-                    t_grounded=t_grounded)
+    grounded = SegmentInputs(action_noisy_async=x_async, t_action_async=t_async, video_grounded=x_grounded,
+                             t_grounded=t_grounded)
     return model, x, grounded, _reference_grounded(model, cfg, x, x_async, t_async, x_grounded, t_grounded)
 
 
@@ -163,7 +163,7 @@ def test_grounded_layout_matches_the_grounded_lookahead_order():
     args = (x["video_clean"], x["action_clean"], x["video_noisy"], x["action_noisy"], x["t_video"], x["t_action"],
             model.text_kv(x["text"]))
     with torch.no_grad():
-        v, a, a_async = teacher_forced_forward(model, episode_layout(cfg, 4, grounded=True), *args, **grounded)
+        v, a, a_async = teacher_forced_forward(model, episode_layout(cfg, 4, grounded=True), *args, grounded)
         v_sync, a_sync = teacher_forced_forward(model, episode_layout(cfg, 4), *args)
     torch.testing.assert_close(a_async[:, 1:], ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(v, v_sync, atol=2e-5, rtol=1e-4)
@@ -180,7 +180,7 @@ def test_grounded_layout_under_eviction_stays_close():
     with torch.no_grad():
         _, _, a_async = teacher_forced_forward(
             model, episode_layout(cfg, 4, grounded=True), x["video_clean"], x["action_clean"], x["video_noisy"],
-            x["action_noisy"], x["t_video"], x["t_action"], model.text_kv(x["text"]), **grounded)
+            x["action_noisy"], x["t_video"], x["t_action"], model.text_kv(x["text"]), grounded)
     torch.testing.assert_close(a_async[:, 1], ref[:, 0], atol=2e-5, rtol=1e-4)
     rel = (a_async[:, 1:] - ref).norm() / ref.norm()
     print(f"grounded copy under eviction: relative error {rel:.2e}")

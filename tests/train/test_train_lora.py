@@ -181,13 +181,14 @@ def test_trainer_trains_only_the_adapters(tmp_path):
 
 @pytest.fixture(scope="module")
 def posttrained(tmp_path_factory):
-    from train.pipeline import fit
+    from train.pipeline import DataSettings, ModelSettings, fit
     from train.trainer import TrainConfig
 
     out = tmp_path_factory.mktemp("posttrain")
     tc = TrainConfig(steps=3, batch_size=2, warmup=1, save_every=3)
-    report = fit(out, episodes=2, tc=tc, progress=False, episode_frames=21, scene="place", base="so100-grasp",
-                 adapters=AdapterConfig(rank=4, base_dtype="int8"))
+    report = fit(out, DataSettings(scene="place", episodes=2, episode_frames=21),
+                 ModelSettings(base="so100-grasp", adapters=AdapterConfig(rank=4, base_dtype="int8")), tc,
+                 progress=False)
     return out, report
 
 
@@ -217,7 +218,7 @@ def test_posttrained_checkpoint_loads_runs_and_quantizes(posttrained, tmp_path):
     expected = (deq + delta * report["lora"]["alpha"] / 4).to(torch.bfloat16).float()
     torch.testing.assert_close(policy.model.state_dict()[f"{key}.weight"], expected)
     assert (out / "adapters" / "adapter_model.safetensors").is_file()
-    from lingbot_edge.eval.grasp import run_episode
+    from lingbot_edge.eval.sim import run_episode
 
     episode = run_episode(policy, 100_000, steps=20, scene="place")
     assert episode["steps"] >= 20

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from lingbot_edge.robot import grasp
-from lingbot_edge.robot.place import BOX_INNER, BOX_WALL, CUBE_COLOR, TASK, PlaceScene, get_scene, layout_for_seed
+from lingbot_edge.robot.place import BOX_INNER, BOX_WALL, CUBE_COLOR, TASK, PlaceScene, layout_for_seed
+from lingbot_edge.robot.scenes import get_scene
 from train.expert import run_expert
 from train.expert_place import PlaceExpert, place_expert
 

@@ -16,18 +16,19 @@ from lingbot_edge.io import checkpoint, loading
 from lingbot_edge.io.checkpoint import build_model
 from lingbot_edge.io.encoders import (
     HFTokenizer,
-    ObservationEncoder,
-    PromptEncoder,
     StreamingVAEEncoder,
+    UMT5PromptEncoder,
+    VAEObservationEncoder,
     save_predicted_video,
 )
 from lingbot_edge.io.layout import CheckpointError, resolve_checkpoint
-from lingbot_edge.io.loading import load_policy
+from lingbot_edge.io.loading import EncoderSettings, load_policy
 from lingbot_edge.io.tiny import build_tiny_tokenizer, build_tiny_umt5, build_tiny_vae
 from lingbot_edge.testing.checkpoints import save_tiny_checkpoint
 from lingbot_edge.testing.toy import toy_episode
 
-F32 = {"device": "cpu", "dtype": torch.float32, "text_encoder_dtype": torch.float32, "compile": False}
+F32 = {"device": "cpu", "dtype": torch.float32, "encoders": EncoderSettings(text_encoder_dtype=torch.float32),
+       "compile": False}
 
 
 def run_episode(policy, chunks, seed=0, prompt="pick up the red block"):
@@ -41,8 +42,8 @@ def in_process_policy(ckpt_vae_config) -> LingBotPolicy:
     mc = cfg.model_config
     vae = build_tiny_vae(z_dim=16, seed=0, latents_mean=ckpt_vae_config["latents_mean"],
                          latents_std=ckpt_vae_config["latents_std"])
-    obs = ObservationEncoder(StreamingVAEEncoder(vae), list(cfg.obs_cam_keys), cfg.height, cfg.width)
-    prompts = PromptMemo(PromptEncoder(build_tiny_umt5(d_model=mc.text_dim, seed=0),
+    obs = VAEObservationEncoder(StreamingVAEEncoder(vae), list(cfg.obs_cam_keys), cfg.height, cfg.width)
+    prompts = PromptMemo(UMT5PromptEncoder(build_tiny_umt5(d_model=mc.text_dim, seed=0),
                                        HFTokenizer(build_tiny_tokenizer()), cfg.max_sequence_length))
     return LingBotPolicy(cfg, build_model(mc, seed=0), obs, prompts, sampler="static", compile=False)
 
@@ -354,3 +355,12 @@ def test_bad_folder_takes_no_gpu_memory(tiny_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="unreadable safetensors"):
         load_policy(root, preset="tiny", device="cuda", prompt_cache_dir=False)
     assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.parametrize("kwargs", [{"transformer": "dit"}, {"encoders": EncoderSettings(vae_dtype=torch.float32)},
+                                    {"record_predicted_video": True}, {"prompt_cache_dir": "prompts"}],
+                         ids=["transformer", "encoders", "record_predicted_video", "prompt_cache_dir"])
+def test_the_tiny_source_refuses_what_it_would_ignore(kwargs):
+    with pytest.raises(ValueError, match=f"^{next(iter(kwargs))}: the embedded tiny source builds its parts"):
+        load_policy("tiny", device="cpu", compile=False, **kwargs)
+    assert load_policy("tiny", device="cpu", compile=False, prompt_cache_dir=False).cfg.name.startswith("tiny")

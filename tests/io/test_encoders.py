@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from lingbot_edge.io.encoders import (
     ByteTokenizer,
     HFTokenizer,
-    ObservationEncoder,
-    PromptEncoder,
     StreamingVAEEncoder,
+    UMT5PromptEncoder,
+    VAEObservationEncoder,
     clean_prompt,
     decode_latents,
     write_mp4,
@@ -152,7 +152,7 @@ def test_observation_encoder_matches_reference(vae):
     cam0 = [rand_frames(1, 40, 56, seed=0)[0], rand_frames(4, 40, 56, seed=1)]  # single frame as [H, W, 3]
     cam1 = [rand_frames(1, h, w, seed=2), rand_frames(4, h, w, seed=3)]
 
-    obs = ObservationEncoder(StreamingVAEEncoder(vae), keys, h, w)
+    obs = VAEObservationEncoder(StreamingVAEEncoder(vae), keys, h, w)
     out = torch.cat(
         [obs.encode({"image": a, "image2": b, "state": None}) for a, b in zip(cam0, cam1, strict=True)], dim=2
     )
@@ -170,7 +170,7 @@ def test_observation_encoder_matches_reference(vae):
     assert (out - ref).abs().max().item() <= ATOL
 
     # Batch rows are independent in the VAE: camera 0 alone through a fresh encoder = the left half.
-    single = ObservationEncoder(StreamingVAEEncoder(vae), ["image"], h, w)
+    single = VAEObservationEncoder(StreamingVAEEncoder(vae), ["image"], h, w)
     alone = torch.cat([single.encode({"image": f}) for f in cam0], dim=2)
     assert alone.shape[-1] * 2 == out.shape[-1]
     assert (out[..., : alone.shape[-1]] - alone).abs().max().item() <= ATOL
@@ -182,7 +182,7 @@ def test_observation_encoder_matches_reference(vae):
 
 
 def test_observation_encoder_rejects_bad_input(vae):
-    obs = ObservationEncoder(StreamingVAEEncoder(vae), ["image", "image2"], 32, 32)
+    obs = VAEObservationEncoder(StreamingVAEEncoder(vae), ["image", "image2"], 32, 32)
     good = rand_frames(1, 32, 32, seed=0)
     with pytest.raises(ValueError, match=r"'image2'.*expected keys \['image', 'image2'\]"):
         obs.encode({"image": good})
@@ -195,7 +195,7 @@ def test_observation_encoder_rejects_bad_input(vae):
     with pytest.raises(ValueError, match="same number of frames"):
         obs.encode({"image": good, "image2": rand_frames(2, 32, 32, seed=1)})
     with pytest.raises(ValueError, match="multiples of 16"):
-        ObservationEncoder(StreamingVAEEncoder(vae), ["image"], 24, 32)
+        VAEObservationEncoder(StreamingVAEEncoder(vae), ["image"], 24, 32)
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -221,7 +221,7 @@ def test_byte_tokenizer():
 
 
 def test_prompt_encoder_matches_direct_umt5(umt5):
-    enc = PromptEncoder(umt5, ByteTokenizer(), max_sequence_length=512)
+    enc = UMT5PromptEncoder(umt5, ByteTokenizer(), max_sequence_length=512)
     prompt = "  put the &amp; bowl\non the plate "
     out = enc.encode(prompt)
     assert out.shape == (1, 512, 32) and out.dtype == torch.float32
@@ -242,7 +242,7 @@ def test_prompt_encoder_matches_direct_umt5(umt5):
 
 
 def test_prompt_encoder_pair_and_dtype(umt5):
-    enc = PromptEncoder(umt5, ByteTokenizer(), max_sequence_length=64, dtype=torch.bfloat16)
+    enc = UMT5PromptEncoder(umt5, ByteTokenizer(), max_sequence_length=64, dtype=torch.bfloat16)
     cond, uncond = enc.encode_pair("open the drawer", use_cfg=False)
     assert uncond is None and cond.shape == (1, 64, 32) and cond.dtype == torch.bfloat16
 
@@ -260,10 +260,10 @@ def test_hf_tokenizer_adapter(umt5):
     n = int(mask[0].sum())
     assert ids[0, n - 1] == 1 and (ids[0, n:] == 0).all() and ids[1, 0] == 1 and mask[1].sum() == 1
 
-    out = PromptEncoder(umt5, HFTokenizer(hf), max_sequence_length=12).encode("pick up the block")
+    out = UMT5PromptEncoder(umt5, HFTokenizer(hf), max_sequence_length=12).encode("pick up the block")
     assert torch.count_nonzero(out[:, n:]) == 0 and out[:, :n].abs().amin(dim=-1).gt(0).all()
     # encode_trimmed = the real positions of encode, nothing else.
-    trimmed = PromptEncoder(umt5, HFTokenizer(hf), max_sequence_length=12).encode_trimmed("pick up the block")
+    trimmed = UMT5PromptEncoder(umt5, HFTokenizer(hf), max_sequence_length=12).encode_trimmed("pick up the block")
     assert trimmed.shape == (n, 32) and torch.equal(trimmed, out[0, :n])
 
 
@@ -290,7 +290,7 @@ def test_tiny_tokenizer_offline_round_trip(tmp_path):
 def test_tshape_matches_reference(vae):
     keys = ["head", "left", "right"]
     h, w = 64, 96
-    enc = ObservationEncoder(StreamingVAEEncoder(vae), keys, h, w, layout="robotwin_tshape")
+    enc = VAEObservationEncoder(StreamingVAEEncoder(vae), keys, h, w, layout="robotwin_tshape")
     assert enc.latent_hw == (6, 6)
     assert enc.wrist_encoder is not None and enc.wrist_encoder.vae is vae
     # Inputs at other sizes than the targets (every camera is resized), 1 + 4 + 4 frames.
@@ -318,11 +318,11 @@ def test_tshape_matches_reference(vae):
 
 def test_tshape_rejects_bad_setup(vae):
     with pytest.raises(ValueError, match="robotwin_tshape expects 3 keys"):
-        ObservationEncoder(StreamingVAEEncoder(vae), ["a", "b"], 64, 64, layout="robotwin_tshape")
+        VAEObservationEncoder(StreamingVAEEncoder(vae), ["a", "b"], 64, 64, layout="robotwin_tshape")
     with pytest.raises(ValueError, match="multiples of 32 for robotwin_tshape"):
-        ObservationEncoder(StreamingVAEEncoder(vae), ["a", "b", "c"], 48, 64, layout="robotwin_tshape")
+        VAEObservationEncoder(StreamingVAEEncoder(vae), ["a", "b", "c"], 48, 64, layout="robotwin_tshape")
     with pytest.raises(ValueError, match="layout: expected one of"):
-        ObservationEncoder(StreamingVAEEncoder(vae), ["a"], 64, 64, layout="stacked")
+        VAEObservationEncoder(StreamingVAEEncoder(vae), ["a"], 64, 64, layout="stacked")
 
 
 def test_streaming_encoder_moves_only_the_encoder():

@@ -287,10 +287,12 @@ def test_cli_errors(tiny, tmp_path, capsys, argv, error):
 
 
 def test_cli_flags_mean_what_they_mean_everywhere(tmp_path, capsys):
-    """--dtype takes the shared values only; --checkpoint tiny has no weights folder to quantize."""
+    """--dtype takes the shared values only (short or long names); --checkpoint tiny has no weights folder to
+    quantize."""
     with pytest.raises(SystemExit):
-        _cli(["--checkpoint", "tiny", "--scheme", "int8_weight_only", "--dtype", "bfloat16", "--dry-run"])
-    assert "invalid choice: 'bfloat16'" in capsys.readouterr().err
+        _cli(["--checkpoint", "tiny", "--scheme", "int8_weight_only", "--dtype", "float64", "--dry-run"])
+    assert "expected one of bf16 (bfloat16)" in capsys.readouterr().err
+    assert _cli(["--checkpoint", "tiny", "--scheme", "int8_weight_only", "--dtype", "bfloat16", "--dry-run"]) == 0
     with pytest.raises(SystemExit):
         _cli(["--preset", "full", "--scheme", "int8_weight_only", "--dry-run"])  # the old model-preset flag
     assert "unrecognized arguments: --preset" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def test_cpu_bf16_int8_weight_only_uses_the_int8_gemm(monkeypatch):
 
 def test_int8_weight_only_sqnr_within_the_scheme_floor():
     """Same numbers the micro-benchmark reports, on a smaller shape: the runtime kernel keeps the
-    int8 weight-only scheme's tested SQNR (42 dB floor in tests/test_quantize_schemes.py) and
+    int8 weight-only scheme's tested SQNR (42 dB floor in tests/quantize/test_quantize_schemes.py) and
     matches the library's weight-only kernel (`_weight_int8pack_mm`) to within 0.5 dB."""
     rows = kernel_bench.run([16], rounds=1, in_features=256, out_features=512)
     by_name = {r["kernel"]: r for r in rows}

@@ -3,7 +3,7 @@ import re
 import imageio.v2 as imageio
 
 from lingbot_edge.cli.main import main
-from lingbot_edge.eval.grasp import EVAL_STEPS, chunk_delay_ticks
+from lingbot_edge.eval.sim import EVAL_STEPS, chunk_delay_ticks
 from lingbot_edge.io.loading import load_policy
 
 

@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from test_so100_arm import FakeCamera, FakeFeetechBus  # tests/ is on sys.path (no __init__.py)
+
+from lingbot_edge.testing.so100 import FakeCamera, FakeFeetechBus
 
 pytestmark = [pytest.mark.lerobot]
 

@@ -222,7 +222,7 @@ def _loadable(folder: Path) -> bool:
 def test_kill_leaves_old_or_new(tmp_path, source, quantized, stages):
     """The stages at once (one subprocess each, run side by side: ~5 s of imports apiece)."""
     runs = {}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]),
                                                         os.environ.get("PYTHONPATH", "")])}
     for stage in stages:
         base = tmp_path / stage

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lingbot_edge.io.loading import load_policy
-from train.pipeline import fit
-from train.trainer import STATE_NAME, FlowMatchingLoss, TrainConfig
+from train.pipeline import DataSettings, fit
+from train.trainer import STATE_NAME, FlowMatchingLoss, LossSettings, TrainConfig
 
 FRAMES = 29  # 4 chunks of the tiny so100 policy (8 k - 3 frames)
 
@@ -20,7 +20,7 @@ FRAMES = 29  # 4 chunks of the tiny so100 policy (8 k - 3 frames)
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fit")
     tc = TrainConfig(steps=30, batch_size=2, lr=3e-3, warmup=3, save_every=10)
-    report = fit(out, episodes=3, tc=tc, progress=False, episode_frames=FRAMES)
+    report = fit(out, DataSettings(episodes=3, episode_frames=FRAMES), tc=tc, progress=False)
     return out, tc, report
 
 
@@ -59,7 +59,7 @@ def test_checkpoint_loads_and_runs(run):
     seen = encode_dataset(out / "dataset", policy, progress=False).video
     torch.testing.assert_close(seen, trained_on, atol=1e-4, rtol=1e-4)
     assert abs(float(seen.mean())) < 0.2 and 0.7 < float(seen.std()) < 1.3
-    from lingbot_edge.eval.grasp import run_episode
+    from lingbot_edge.eval.sim import run_episode
 
     episode = run_episode(policy, seed=123, steps=12)
     assert episode["steps"] == 12 and np.isfinite(episode["min_distance"])
@@ -106,7 +106,7 @@ def test_resume_continues_the_same_run(run, monkeypatch):
 def test_committed_checkpoint_loads():
     from pathlib import Path
 
-    ckpt = Path(__file__).resolve().parents[1] / "lingbot_edge" / "assets" / "so100-grasp-tiny"
+    ckpt = Path(__file__).resolve().parents[2] / "lingbot_edge" / "assets" / "so100-grasp-tiny"
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     assert size <= 5 * 2**20, size
     policy = load_policy(ckpt, preset="so100", device="cpu", dtype="bfloat16", compile=False, prompt_cache_dir=False)
@@ -116,7 +116,7 @@ def test_committed_checkpoint_loads():
     assert policy.cfg.model == "tiny" and (policy.cfg.height, policy.cfg.width) == (128, 256)
     assert policy.cfg.obs_cam_keys == POLICY_SETTINGS["obs_cam_keys"] == ("observation.images.camera_top",)
     assert policy.cfg.video_exec_step == POLICY_SETTINGS["video_exec_step"] == 1
-    from lingbot_edge.eval.grasp import run_episode
+    from lingbot_edge.eval.sim import run_episode
 
     assert run_episode(policy, seed=7, steps=4)["steps"] == 4
 
@@ -136,15 +136,15 @@ def test_augmentations_touch_only_the_model_inputs(monkeypatch):
     action = torch.randn(b, k, a_dim, f, apf, 1)
     seen = {}
 
-    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, *grounded):
-        seen.update(action=action_clean, xp=xp, tp=tp, xv=xv)
+    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, segments):
+        seen.update(action=action_clean, xp=segments.video_predicted, tp=segments.t_predicted, xv=xv)
         return torch.zeros_like(video_clean), torch.zeros_like(action_clean)
 
     monkeypatch.setattr(trainer, "teacher_forced_forward", capture)
     model = build_model(cfg.model_config)
-    objective = FlowMatchingLoss(cfg, k)
+    objective = FlowMatchingLoss(cfg, k, LossSettings(noisy_predicted=True, history_action_noise=0.5))
     text = torch.zeros(b, 4, cfg.model_config.text_dim)
-    _, parts = objective(model, video, action, text, torch.Generator().manual_seed(0), True, 0.5)
+    _, parts = objective(model, video, action, text, torch.Generator().manual_seed(0))
     used = list(cfg.used_action_channel_ids)
     unused = [c for c in range(a_dim) if c not in used]
     delta = seen["action"] - action
@@ -173,18 +173,18 @@ def test_predicted_copy_at_the_samplers_sigma(monkeypatch, exec_step):
     b, k, f, h, w = 2, 3, cfg.frame_chunk_size, *cfg.latent_hw
     seen = []
 
-    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, *grounded):
-        seen.append((xp, tp))
+    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, segments):
+        seen.append((segments.video_predicted, segments.t_predicted))
         return torch.zeros_like(video_clean), torch.zeros_like(action_clean)
 
     monkeypatch.setattr(trainer, "teacher_forced_forward", capture)
     model = build_model(cfg.model_config)
-    objective = FlowMatchingLoss(cfg, k)
+    objective = FlowMatchingLoss(cfg, k, LossSettings(noisy_predicted=True, predicted_at_sampler_sigma=True))
     text = torch.zeros(b, 4, cfg.model_config.text_dim)
     action = torch.randn(b, k, cfg.model_config.action_dim, f, cfg.action_per_frame, 1)
     for scale in (1.0, 3.0):
         video = scale * torch.ones(b, k, cfg.model_config.in_channels, f, h, w)
-        objective(model, video, action, text, torch.Generator().manual_seed(0), True, 0.0, 0.0, True)
+        objective(model, video, action, text, torch.Generator().manual_seed(0))
     s = 1 - (exec_step - 1) / cfg.num_inference_steps
     sigma = cfg.snr_shift * s / (1 + (cfg.snr_shift - 1) * s)
     (xp1, tp), (xp3, _) = seen
@@ -207,15 +207,16 @@ def test_grounded_copy_is_noised_like_the_actions_and_skips_the_first_chunk(monk
     action = torch.zeros(b, k, cfg.model_config.action_dim, f, cfg.action_per_frame, 1)
     seen = {}
 
-    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, xp, tp, *grounded):
-        seen.update(layout=layout, xg=grounded[0], tg=grounded[1], xa=xa, xgv=grounded[2], tgv=grounded[3])
+    def capture(model, layout, video_clean, action_clean, xv, xa, tv, ta, text_kv, segments):
+        seen.update(layout=layout, xg=segments.action_noisy_async, tg=segments.t_action_async, xa=xa,
+                    xgv=segments.video_grounded, tgv=segments.t_grounded)
         return torch.zeros_like(video_clean), torch.zeros_like(action_clean), torch.zeros_like(action_clean)
 
     monkeypatch.setattr(trainer, "teacher_forced_forward", capture)
     model = build_model(cfg.model_config)
     text = torch.zeros(b, 4, cfg.model_config.text_dim)
-    _, parts = FlowMatchingLoss(cfg, k, grounded_weight=2.0)(model, video, action, text,
-                                                              torch.Generator().manual_seed(0))
+    _, parts = FlowMatchingLoss(cfg, k, LossSettings(grounded_weight=2.0))(model, video, action, text,
+                                                                           torch.Generator().manual_seed(0))
     assert "action_noisy_async" in seen["layout"].segments
     sigma = seen["tg"][..., 0] / 1000  # [B, K]
     assert ((sigma > 0) & (sigma <= 1)).all() and (seen["tg"] == seen["tg"][..., :1]).all()
@@ -238,7 +239,8 @@ def test_grounded_video_holds_the_observed_frames_clean_and_the_rest_as_the_samp
     assert cfg.video_exec_step == 1 and cfg.frame_chunk_size == 2
     b, k, f, h, w = 64, 5, cfg.frame_chunk_size, *cfg.latent_hw
     video = torch.randn(b, k, cfg.model_config.in_channels, f, h, w) + 10.0  # far from the noise
-    x, t = FlowMatchingLoss(cfg, k, grounded_weight=1.0).grounded_video(video, torch.Generator().manual_seed(0))
+    objective = FlowMatchingLoss(cfg, k, LossSettings(grounded_weight=1.0))
+    x, t = objective.grounded_video(video, torch.Generator().manual_seed(0))
     observed = t == 0  # [B, K, F]
     assert ((t == 0) | (t == 1000)).all() and not observed[..., -1].any()  # the last frame is never observed
     assert (observed[..., 1:] <= observed[..., :-1]).all()  # observed frames come first

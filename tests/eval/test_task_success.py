@@ -1,7 +1,7 @@
 """Task success per scheme and step setting (`lingbot_edge.eval.task_success`) and the three tables that print it: the
 ladder's column, the drift table's column, the calibration report's section. Every value is checked against
 an independent run: the trained SO-100 grasp checkpoint loaded by `load_policy`, quantized by `quantize_`
-and run by `lingbot_edge.eval.grasp.evaluate` directly. Episodes are shortened (STEPS actions, 2 chunks) to keep
+and run by `lingbot_edge.eval.sim.evaluate` directly. Episodes are shortened (STEPS actions, 2 chunks) to keep
 the default run fast: the closest approach of every episode is compared exactly, success is 0 that early."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from bench import ladder
 from lingbot_edge.core.config import get_policy_config
-from lingbot_edge.eval.grasp import EVAL_SEED0, VALIDATION_SEED0, evaluate, held_out_seeds
+from lingbot_edge.eval.sim import EVAL_SEED0, VALIDATION_SEED0, evaluate, held_out_seeds
 from lingbot_edge.eval.task_success import TASK_CHECKPOINT, TaskSetting, check_task_policy, format_table, measure
 from lingbot_edge.io.loading import load_policy
 from quantize import SCHEMES, QuantPlan, default_plan, quantize_
@@ -66,10 +66,11 @@ def test_measure_is_load_quantize_evaluate():
 def test_train_eval_set_applies_to_every_row(tmp_path):
     """`train eval --set KEY=VALUE`: every policy row (trained, 8-bit, random) runs with the setting, named in its
     label; the trained and int8 rows equal direct runs with it."""
-    from train.evaluate import evaluate_checkpoint
+    from train.evaluate import EvalEpisodes, EvalRows, evaluate_checkpoint
 
-    rows = evaluate_checkpoint(TASK_CHECKPOINT, EPISODES, schemes=["int8_weight_only"], steps=STEPS, progress=False,
-                               overrides={"action_noise_scale": 0.5})
+    rows = evaluate_checkpoint(TASK_CHECKPOINT, rows=EvalRows(schemes=("int8_weight_only",),
+                                                              overrides={"action_noise_scale": 0.5}),
+                               episodes=EvalEpisodes(EPISODES, steps=STEPS), progress=False)
     assert [r["policy"] for r in rows] == ["trained (action_noise_scale=0.5)",
                                            "trained + int8_weight_only (action_noise_scale=0.5)",
                                            "random weights (action_noise_scale=0.5)"]
@@ -84,10 +85,10 @@ def test_train_eval_set_applies_to_every_row(tmp_path):
 def test_train_eval_validation_seeds(tmp_path):
     """`train eval --seeds validation`: every row (expert too) on the seeds from VALIDATION_SEED0, the trained row
     equal to a direct run there; the table and the Markdown header name the set."""
-    from train.evaluate import evaluate_checkpoint
+    from train.evaluate import EvalEpisodes, EvalRows, evaluate_checkpoint
 
-    rows = evaluate_checkpoint(TASK_CHECKPOINT, EPISODES, steps=STEPS, progress=False, random_baseline=False,
-                               expert=True, first_seed=VALIDATION_SEED0)
+    rows = evaluate_checkpoint(TASK_CHECKPOINT, rows=EvalRows(random_baseline=False, expert=True),
+                               episodes=EvalEpisodes(EPISODES, VALIDATION_SEED0, steps=STEPS), progress=False)
     validation = held_out_seeds(EPISODES, VALIDATION_SEED0)
     assert [[e["seed"] for e in r["per_episode"]] for r in rows] == [validation, validation]
     assert _closest(rows[1]["per_episode"]) == _closest(direct(first_seed=VALIDATION_SEED0))
