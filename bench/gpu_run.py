@@ -2,7 +2,7 @@
 
     bench/gpu_run.sh --out "$OUT"        # on the GPU machine (default --out: $OUT when set)
     bench/gpu_run.sh --out /tmp/x        # the same on a CPU: the rehearsal (libero rows skipped by the budget)
-    bench/gpu_run.sh --eager --out DIR   # nothing compiled: the bookkeeping in seconds (tests/bench/)
+    bench/gpu_run.sh --eager --budget-s 120 --out DIR   # nothing compiled, libero skipped: seconds (tests/bench/)
 
 Needs only what a bare machine has: Python 3.12, torch, numpy, safetensors and this repository (nothing from
 quantize/, calib/ or their libraries: the 8-bit rows quantize random weights with the runtime's own

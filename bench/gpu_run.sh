@@ -5,7 +5,7 @@
 #   bench/gpu_run.sh                 # results in $OUT when set (the device machine), else bench/results/<gpu>/
 #   bench/gpu_run.sh --out DIR       # results folder
 #   bench/gpu_run.sh --budget-s 300  # start no row that would not end within 300 s (default 470)
-#   bench/gpu_run.sh --eager         # compile nothing: the bookkeeping in seconds (tests/bench/)
+#   bench/gpu_run.sh --eager --budget-s 120  # compile nothing, skip libero: the bookkeeping in seconds (tests/bench/)
 #
 # Target machine: bare H100 / H200, Python 3.12 + torch + numpy + safetensors preinstalled, no package
 # index; nothing else is needed (no wheels carried). On a CPU the same script is the rehearsal: the smoke
