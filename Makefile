@@ -112,7 +112,7 @@ $(LB_STAMP): pyproject.toml constraints.txt
 	test -x $(LB_BIN)/python || $(PYTHON) -m venv $(LB_VENV)
 	$(LB_BIN)/pip install -q --upgrade pip
 	$(LB_BIN)/pip install -q torch==2.13.0
-	$(LB_BIN)/pip install -q -c constraints.txt -e ".[frozen,libero,dev]"
+	$(LB_BIN)/pip install -q -c constraints.txt -e ".[frozen,libero,quant,dev]"
 	$(LB_BIN)/pip uninstall -q -y torchvision
 	touch $(LB_STAMP)
 
