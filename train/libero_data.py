@@ -12,7 +12,6 @@ from the benchmark's 50 initial states, which stay for evaluation. Each episode 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,12 +80,3 @@ def record_libero_dataset(root, tasks: LiberoTasks, episodes_per_task: int, fram
         for env in envs.values():
             env.close()
 
-
-def task_prompts(tasks: LiberoTasks) -> Sequence[str]:
-    """The prompts of the run's tasks (LIBERO's language instructions)."""
-    envs = [LiberoEnv(tasks.suite, t, cameras=False) for t in tasks.task_ids]
-    try:
-        return [e.prompt for e in envs]
-    finally:
-        for e in envs:
-            e.close()

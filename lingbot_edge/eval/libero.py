@@ -28,6 +28,7 @@ import numpy as np
 
 from lingbot_edge.core.qlinear import QuantFormat, UnsupportedSchemeError, check_device_support
 from lingbot_edge.eval.libero_expert import PickPlaceExpert, quat_to_axis_angle
+from lingbot_edge.eval.sim import chunk_delay_ticks
 from lingbot_edge.io.files import write_text
 from lingbot_edge.io.quantized import QuantizedCheckpointError, read_manifest
 
@@ -305,12 +306,6 @@ class EpisodeOutcome:
 LIBERO_MODES = ("sync", "grounded")
 
 
-def chunk_delay_steps(cfg) -> int:
-    """The default inference delay of the real-time loop: half a steady-state chunk (a GPU that meets the control
-    rate with room to spare), in env steps."""
-    return max(1, cfg.frame_chunk_size * cfg.action_per_frame // 2)
-
-
 def late_request_step(cfg, delay_steps: int) -> int:
     """The executed steps of a chunk after which the grounded loop requests the chunk after next: the last
     latent-frame boundary that leaves the inference delay and one step to spare before the chunk ends (0: at
@@ -355,7 +350,7 @@ def run_libero_episode(policy, env, episode: int, max_steps: int, task_id: int =
     sync: infer a chunk, execute it (each action clipped to the env's range and recorded as executed, the cameras
     at the chunk's keyframe steps), feed it back, infer the next; the scene waits while the policy thinks (LIBERO's
     own protocol). grounded (a policy loaded with `async_mode="grounded"`): the real-time loop under virtual time,
-    every inference taking `delay_steps` env steps (default `chunk_delay_steps`): chunk k+1 is inferred while chunk
+    every inference taking `delay_steps` env steps (default: half a chunk): chunk k+1 is inferred while chunk
     k executes, each request going out at `late_request_step` of the executing chunk with its keyframes so far; a
     chunk not ready when the previous one ends makes the arm hold (counted in the steps).
     `env`: `prompt`, `action_low` / `action_high`, `reset(episode) -> frames`, `step(action) -> (frames, success)`
@@ -389,7 +384,7 @@ def run_libero_episode(policy, env, episode: int, max_steps: int, task_id: int =
             policy.feedback(current)
             current = infer({})
     else:
-        delay = chunk_delay_steps(cfg) if delay_steps is None else int(delay_steps)
+        delay = chunk_delay_ticks(cfg) if delay_steps is None else int(delay_steps)
         request_at = late_request_step(cfg, delay)
         pending, ready_at, deferred = infer({}, ahead=True), run.steps + delay, None
         while True:

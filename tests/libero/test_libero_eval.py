@@ -283,7 +283,7 @@ def test_committed_data_is_small_and_regenerates(data_dir, episode):
 def test_late_request_step_leaves_the_delay_and_a_step():
     cfg = fixtures.tiny_libero_config()  # 4-frame chunks of 4 actions: 16 steps, boundaries 0, 4, 8, 12
     assert [libero.late_request_step(cfg, d) for d in (1, 3, 4, 8, 11, 12, 15, 16, 40)] == [12, 12, 8, 4, 4, 0, 0, 0, 0]
-    assert libero.chunk_delay_steps(cfg) == 8
+    assert libero.chunk_delay_ticks(cfg) == 8
 
 
 def _frames_given(obs) -> int:
